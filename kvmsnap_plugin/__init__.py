@@ -1,0 +1,27 @@
+"""kvmsnap: fully consistent backups of running QEMU/KVM guests.
+
+The pipeline: fork -> clone -> shutdown -> expose -> archive -> verify -> cleanup.
+"""
+
+from kvmsnap_plugin.errors import (
+    ArchiveError,
+    HostError,
+    KvmsnapError,
+    ProcessError,
+    StepTimeout,
+    UsageError,
+    VMError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchiveError",
+    "HostError",
+    "KvmsnapError",
+    "ProcessError",
+    "StepTimeout",
+    "UsageError",
+    "VMError",
+    "__version__",
+]

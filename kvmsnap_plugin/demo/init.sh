@@ -1,0 +1,109 @@
+#!/bin/sh
+# PID 1 of the kvmsnap demo guest (busybox, no systemd).
+#
+# It makes the difference between a crash-consistent copy and a clean shutdown visible:
+# ext4 with commit=600 and no periodic writeback keeps the workload's lines in the page
+# cache, so a copy of the disk taken while the guest runs lacks them and needs journal
+# recovery, while an orderly shutdown (power button) writes them out and unmounts.
+#
+# Kernel command line knobs:
+#   kvmsnap.disks=N          data disks /dev/vda.. to mount and write to (default 1)
+#   kvmsnap.power=ignore     see the power button but do not shut down
+#   kvmsnap.interval=SECONDS pause between workload lines (default 0.1)
+#   kvmsnap.probe=1          print a marker and power off at once (accelerator probe)
+#
+# Console markers: KVMSNAP-READY, KVMSNAP-COUNT n, KVMSNAP-POWER-BUTTON,
+# KVMSNAP-WORKLOAD-STOPPED n, KVMSNAP-UNMOUNTED, KVMSNAP-POWER-BUTTON-IGNORED.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /run
+
+DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        kvmsnap.disks=*) DISKS=${arg#*=} ;;
+        kvmsnap.power=*) POWER=${arg#*=} ;;
+        kvmsnap.interval=*) INTERVAL=${arg#*=} ;;
+        kvmsnap.probe=*) PROBE=${arg#*=} ;;
+    esac
+done
+
+if [ "$PROBE" = 1 ]; then
+    echo KVMSNAP-PROBE-OK
+    poweroff -f
+fi
+
+# Order matters: the cloud kernel has no modules.dep in its package.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
+         virtio_blk button evdev failover net_failover virtio_net; do
+    insmod /lib/modules/$m.ko 2>/dev/null || echo "KVMSNAP-WARN insmod $m failed"
+done
+
+echo 0 > /proc/sys/vm/dirty_writeback_centisecs
+echo 360000 > /proc/sys/vm/dirty_expire_centisecs
+
+# Disks appear asynchronously after virtio_blk loads.
+NAMES=""
+for letter in a b c d e f g h; do
+    [ "$(echo $NAMES | wc -w)" -ge "$DISKS" ] && break
+    NAMES="$NAMES vd$letter"
+done
+for name in $NAMES; do
+    tries=0
+    while [ ! -b /dev/$name ] && [ $tries -lt 100 ]; do sleep 0.1; tries=$((tries + 1)); done
+    mkdir -p /mnt/$name
+    mount -t ext4 -o commit=600 /dev/$name /mnt/$name || echo "KVMSNAP-ERROR mount $name"
+done
+
+ip link set lo up 2>/dev/null
+ip link set eth0 up 2>/dev/null
+
+workload() {
+    i=0
+    while [ ! -e /run/stop ]; do
+        i=$((i + 1))
+        for name in $NAMES; do echo "line $i" >> /mnt/$name/workload.log; done
+        echo "KVMSNAP-COUNT $i"
+        sleep "$INTERVAL"
+    done
+    echo "$i" > /run/last
+    echo "KVMSNAP-WORKLOAD-STOPPED $i"
+}
+workload &
+WORKLOAD=$!
+
+POWER_EVENT=""
+for dev in /sys/class/input/event*; do
+    [ "$(cat "$dev/device/name" 2>/dev/null)" = "Power Button" ] && POWER_EVENT=/dev/input/${dev##*/}
+done
+echo "KVMSNAP-READY disks=$NAMES power=$POWER power_event=$POWER_EVENT"
+
+wait_for_power_button() {
+    # One input_event (24 bytes on x86_64) is enough: the press itself.
+    dd if="$POWER_EVENT" of=/dev/null bs=24 count=1 2>/dev/null
+}
+
+if [ -z "$POWER_EVENT" ]; then
+    echo "KVMSNAP-ERROR no power button input device"
+    while true; do sleep 3600; done
+fi
+
+if [ "$POWER" = ignore ]; then
+    while true; do
+        wait_for_power_button
+        echo KVMSNAP-POWER-BUTTON-IGNORED
+    done
+fi
+
+wait_for_power_button
+echo KVMSNAP-POWER-BUTTON
+touch /run/stop
+wait $WORKLOAD
+last=$(cat /run/last)
+for name in $NAMES; do echo "clean shutdown after line $last" > /mnt/$name/clean-shutdown; done
+sync
+for name in $NAMES; do umount /mnt/$name || echo "KVMSNAP-ERROR umount $name"; done
+echo KVMSNAP-UNMOUNTED
+poweroff -f

@@ -1,0 +1,121 @@
+"""Launch demo guests: the command line and a context manager that always cleans up."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from kvmsnap_plugin import process
+from kvmsnap_plugin.demo.builder import DemoGuest, make_data_disk
+from kvmsnap_plugin.host import QEMU
+from kvmsnap_plugin.machine import Machine
+
+READY = r"KVMSNAP-READY"
+UNMOUNTED = r"KVMSNAP-UNMOUNTED"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """Variants of the demo guest; all are launch options, no rebuild needed."""
+
+    memory_mib: int = 256
+    disks: int = 1
+    disk_size_mib: int = 64
+    power_button: Literal["handle", "ignore"] = "handle"
+    interval: float = 0.1
+    nic: bool = True
+    #: "blockdev" (modern, like libvirt) or "drive" (legacy) disk options; per disk
+    disk_syntax: tuple[str, ...] = ("blockdev", "drive")
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    workdir: Path
+    disks: tuple[Path, ...]
+    qmp: Path
+    console: Path
+
+
+def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions) -> list[str]:
+    append = (f"console=ttyS0 quiet panic=-1 kvmsnap.disks={len(paths.disks)} "
+              f"kvmsnap.power={opts.power_button} kvmsnap.interval={opts.interval}")
+    argv = [
+        process.find_program(QEMU, "qemu-system-x86"),
+        "-name", "kvmsnap-demo",
+        "-machine", f"pc,accel={accel}",
+        "-m", str(opts.memory_mib), "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", append,
+        "-chardev", f"file,id=console0,path={paths.console}", "-serial", "chardev:console0",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+    ]
+    for index, disk in enumerate(paths.disks):
+        syntax = opts.disk_syntax[index % len(opts.disk_syntax)]
+        if syntax == "blockdev":
+            argv += ["-blockdev", f"driver=file,filename={disk},node-name=disk{index}-file",
+                     "-blockdev", f"driver=qcow2,file=disk{index}-file,node-name=disk{index}"]
+        else:
+            argv += ["-drive", f"file={disk},format=qcow2,if=none,id=disk{index}"]
+        argv += ["-device", f"virtio-blk-pci,drive=disk{index},id=vdisk{index}"]
+    if opts.nic:
+        argv += ["-netdev", "user,id=net0,restrict=on",
+                 "-device", "virtio-net-pci,netdev=net0,id=nic0"]
+    return argv + list(opts.extra_args)
+
+
+class DemoVM(Machine):
+    """A running demo guest, with helpers to read its workload."""
+
+    def __init__(self, argv: list[str], paths: DemoPaths, opts: DemoOptions) -> None:
+        super().__init__(argv, qmp_path=paths.qmp, name="demo", console_log=paths.console)
+        self.paths = paths
+        self.opts = opts
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        self.wait_console(READY, timeout)
+
+    def counter(self) -> int:
+        """The workload's latest line number, as echoed on the console."""
+        counts = re.findall(r"KVMSNAP-COUNT (\d+)", self.console())
+        return int(counts[-1]) if counts else 0
+
+    def wait_counter(self, at_least: int, timeout: float = 30.0) -> int:
+        self.wait_console(rf"KVMSNAP-COUNT {at_least}\b", timeout)
+        return self.counter()
+
+    def power_off_cleanly(self, timeout: float = 30.0) -> None:
+        """Press the power button and wait until the guest has unmounted and QEMU exited."""
+        self.qmp.execute("system_powerdown")
+        self.wait_console(UNMOUNTED, timeout)
+        if not self.wait_exit(timeout):
+            raise TimeoutError("the demo guest unmounted but QEMU did not exit")
+        self.ended_by = "guest"
+        self.shutdown()
+
+
+@contextlib.contextmanager
+def demo_vm(guest: DemoGuest, accel: str, opts: DemoOptions = DemoOptions(),
+            workdir: Path | None = None) -> Iterator[DemoVM]:
+    """Start a demo guest on fresh data disks; always stop it and remove its files.
+
+    With ``workdir`` the disks are kept there (the caller owns that directory).
+    """
+    own_dir = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="kvmsnap-demo-")) if own_dir else workdir
+    try:
+        disks = tuple(make_data_disk(base / f"data{i}.qcow2", opts.disk_size_mib, f"data{i}")
+                      for i in range(opts.disks))
+        paths = DemoPaths(base, disks, base / "qmp.sock", base / "console.log")
+        vm = DemoVM(demo_argv(guest, accel, paths, opts), paths, opts)
+        with vm:
+            yield vm
+    finally:
+        if own_dir:
+            shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,180 @@
+"""The one place that starts programs.
+
+Rules, as in borgmatic's execute.py: argv lists only (never a shell), every call has a
+timeout, secrets travel only in the environment and are masked wherever a command line or
+its output is logged. Long-lived programs (QEMU, qemu-storage-daemon) are started with
+:func:`spawn` and owned by a context manager elsewhere; kvmsnap only ever signals PIDs it
+started itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmsnap_plugin.errors import HostError, ProcessError
+
+log = logging.getLogger(__name__)
+
+#: Environment variables whose values must never be shown.
+SECRET_ENV = frozenset({
+    "BORG_PASSPHRASE",
+    "BORG_PASSCOMMAND",
+    "BORG_NEW_PASSPHRASE",
+    "RESTIC_PASSWORD",
+    "RESTIC_PASSWORD_COMMAND",
+    "AWS_SECRET_ACCESS_KEY",
+    "B2_ACCOUNT_KEY",
+    "AZURE_ACCOUNT_KEY",
+})
+
+MASK = "***"
+
+#: Every PID spawned by this process, so tests can prove nothing survives.
+SPAWNED_PIDS: list[int] = []
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def secret_values(env: Mapping[str, str] | None) -> list[str]:
+    """The secret values in ``env`` (and in our own environment), longest first."""
+    merged = dict(os.environ)
+    merged.update(env or {})
+    values = {v for k, v in merged.items() if k in SECRET_ENV and v}
+    return sorted(values, key=len, reverse=True)
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
+def describe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """A loggable, masked rendering of a command line."""
+    return mask(shlex.join(str(a) for a in argv), secret_values(env))
+
+
+def find_program(name: str, package: str | None = None) -> str:
+    """Absolute path of ``name``: our venv's bin dir first (borg, borgmatic), then PATH."""
+    venv_bin = Path(sys.executable).parent
+    candidate = venv_bin / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if found:
+        return found
+    fix = f"apt-get install {package}" if package else f"install {name}"
+    raise HostError(f"program not found: {name}", fix)
+
+
+def child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(os.environ)
+    merged.update(env or {})
+    # Programs we parse must speak plain C-locale English.
+    merged.setdefault("LC_ALL", "C.UTF-8")
+    return merged
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    input: bytes | None = None,
+    ok_codes: Iterable[int] = (0,),
+    pass_fds: Sequence[int] = (),
+    stdout: int | None = subprocess.PIPE,
+    cwd: os.PathLike[str] | str | None = None,
+) -> Result:
+    """Run a program to completion; raise :class:`ProcessError` on failure or timeout."""
+    args = tuple(str(a) for a in argv)
+    secrets = secret_values(env)
+    shown = mask(shlex.join(args), secrets)
+    log.debug("run: %s", shown)
+    try:
+        proc = subprocess.run(
+            args,
+            input=input,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=child_env(env),
+            timeout=timeout,
+            pass_fds=tuple(pass_fds),
+            cwd=cwd,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise HostError(f"program not found: {args[0]}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ProcessError(
+            f"{args[0]} did not finish within {timeout:g} s: {shown}",
+            "raise the timeout, or check why the program hangs",
+        ) from exc
+    out = proc.stdout.decode(errors="replace") if proc.stdout is not None else ""
+    err = proc.stderr.decode(errors="replace")
+    result = Result(args, proc.returncode, out, mask(err, secrets))
+    if check and proc.returncode not in set(ok_codes):
+        last = result.stderr.strip().splitlines()[-1:] or ["(no error output)"]
+        raise ProcessError(
+            f"{Path(args[0]).name} failed with exit code {proc.returncode}: {last[0]}",
+            f"run it by hand to see more: {shown}",
+            returncode=proc.returncode,
+            stderr=result.stderr,
+        )
+    return result
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    stdout: int | object = subprocess.DEVNULL,
+    stderr: int | object = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived program; the caller owns it and must reap it."""
+    args = [str(a) for a in argv]
+    log.debug("spawn: %s", describe(args, env))
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,  # type: ignore[arg-type]
+            stderr=stderr,  # type: ignore[arg-type]
+            env=child_env(env),
+            pass_fds=tuple(pass_fds),
+            # Own session: a Ctrl-C at the terminal reaches kvmsnap, which then shuts
+            # its children down in order, instead of killing QEMU mid-write.
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise HostError(f"program not found: {args[0]}") from exc
+    SPAWNED_PIDS.append(proc.pid)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> int:
+    """Hard end of a program we spawned: SIGTERM, then SIGKILL. Returns its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+    return proc.returncode

@@ -1,0 +1,182 @@
+"""A small synchronous session over :mod:`qemu.qmp`.
+
+kvmsnap is a synchronous program; qemu.qmp is asyncio. :class:`QmpSession` owns a private
+event loop and turns each call into a bounded ``run_until_complete``. Events are kept in
+arrival order with QEMU's own timestamps, so the fork can measure STOP -> RESUME exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from kvmsnap_plugin.errors import StepTimeout, VMError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    data: dict[str, Any]
+    timestamp: float  # seconds since the epoch, as QEMU stamped it
+
+    @classmethod
+    def from_message(cls, msg: Any) -> Event:
+        stamp = msg.get("timestamp", {})
+        when = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+        return cls(msg["event"], dict(msg.get("data", {})), when)
+
+
+def peer_pid(path: Path, timeout: float = 5.0) -> int:
+    """PID of the process serving a QMP unix socket, checking that it speaks QMP.
+
+    A QMP socket serves one client at a time; this short connection is closed before the
+    real session starts.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise VMError(f"no such QMP socket: {path}",
+                          "start QEMU with -qmp unix:PATH,server=on,wait=off") from None
+        except OSError as exc:
+            raise VMError(f"cannot connect to {path}: {exc.strerror}",
+                          "is the VM running, and is the path its QMP socket?") from None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        try:
+            greeting = sock.recv(4096)
+        except TimeoutError:
+            raise VMError(f"{path} sent no QMP greeting within {timeout:g} s",
+                          "the socket is busy (another QMP client?) or is not QMP") from None
+    if not greeting.startswith(b'{"QMP"'):
+        raise VMError(f"{path} is not a QMP socket (it said {greeting[:40]!r})",
+                      "pass the VM's QMP socket (-qmp unix:PATH,server=on), not its monitor "
+                      "or serial socket")
+    return pid
+
+
+class QmpSession:
+    """A QMP connection, as a context manager. Commands raise :class:`VMError`."""
+
+    def __init__(self, path: Path | str, *, name: str = "kvmsnap",
+                 command_timeout: float = 30.0) -> None:
+        self.path = str(path)
+        self.command_timeout = command_timeout
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(name)
+        self._pending: list[Event] = []
+
+    # -- connection -------------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> QmpSession:
+        """Connect, retrying while the socket does not exist yet (QEMU still starting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sync(self._client.connect(self.path), max(0.1, deadline - time.monotonic()))
+                return self
+            except (ConnectError, OSError, asyncio.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise VMError(f"cannot open a QMP session on {self.path}: {exc}",
+                                  "check that QEMU runs and that no other client holds "
+                                  "the socket") from None
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        try:
+            self._sync(self._client.disconnect(), 5.0)
+        except Exception as exc:  # closing must never mask the real error
+            log.debug("QMP disconnect: %s", exc)
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> QmpSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands ---------------------------------------------------------------------
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                *, timeout: float | None = None) -> Any:
+        log.debug("qmp %s %s", command, json.dumps(arguments or {}))
+        try:
+            return self._sync(self._client.execute(command, arguments),
+                              timeout or self.command_timeout)
+        except ExecuteError as exc:
+            raise VMError(f"QMP {command} failed: {exc.error.desc}",
+                          "the VM refused the command; see the message") from None
+        except asyncio.TimeoutError:
+            raise StepTimeout(f"QMP {command} got no answer within "
+                              f"{timeout or self.command_timeout:g} s") from None
+        except (QMPError, OSError, EOFError) as exc:
+            raise VMError(f"QMP connection lost during {command}: {exc}",
+                          "the VM may have exited; check that it is still running") from None
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand an open file descriptor to QEMU under ``name`` (QMP ``getfd``)."""
+        self._client.send_fd_scm(fd)
+        self.execute("getfd", {"fdname": name})
+
+    def hmp(self, command_line: str) -> str:
+        return self.execute("human-monitor-command", {"command-line": command_line})
+
+    def runstate(self) -> str:
+        return self.execute("query-status")["status"]
+
+    # -- events -----------------------------------------------------------------------
+    def events(self) -> list[Event]:
+        """All events received so far and not yet consumed, oldest first."""
+        self._pump(0)
+        taken, self._pending = self._pending, []
+        return taken
+
+    def wait_event(self, names: str | Iterable[str], timeout: float,
+                   match: Callable[[Event], bool] = lambda e: True) -> Event:
+        """Wait for the first event named in ``names`` that ``match`` accepts.
+
+        Events that do not match stay queued for later waits.
+        """
+        wanted = {names} if isinstance(names, str) else set(names)
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self._pending):
+                if event.name in wanted and match(event):
+                    del self._pending[i]
+                    return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StepTimeout(f"no {'/'.join(sorted(wanted))} event within {timeout:g} s")
+            self._pump(remaining)
+
+    def _pump(self, timeout: float) -> None:
+        """Move events from qemu.qmp's queue to ours, waiting up to ``timeout`` for one."""
+        listener = self._client.events
+        if listener.empty() and timeout > 0:
+            try:
+                msg = self._sync(listener.get(), timeout)
+                self._pending.append(Event.from_message(msg))
+            except asyncio.TimeoutError:
+                return
+            except (QMPError, OSError, EOFError):
+                raise VMError("QMP connection lost while waiting for an event",
+                              "the VM may have exited") from None
+        else:
+            self._sync(asyncio.sleep(0), 1.0)
+        for msg in listener.clear():
+            self._pending.append(Event.from_message(msg))
+
+    def _sync(self, awaitable: Any, timeout: float) -> Any:
+        return self._loop.run_until_complete(asyncio.wait_for(awaitable, timeout))
