@@ -87,7 +87,7 @@ class QmpSession:
             try:
                 self._sync(self._client.connect(self.path), max(0.1, deadline - time.monotonic()))
                 return self
-            except (ConnectError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ConnectError, OSError) as exc:
                 if time.monotonic() >= deadline:
                     raise VMError(f"cannot open a QMP session on {self.path}: {exc}",
                                   "check that QEMU runs and that no other client holds "
@@ -118,7 +118,7 @@ class QmpSession:
         except ExecuteError as exc:
             raise VMError(f"QMP {command} failed: {exc.error.desc}",
                           "the VM refused the command; see the message") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StepTimeout(f"QMP {command} got no answer within "
                               f"{timeout or self.command_timeout:g} s") from None
         except (QMPError, OSError, EOFError) as exc:
@@ -168,7 +168,7 @@ class QmpSession:
             try:
                 msg = self._sync(listener.get(), timeout)
                 self._pending.append(Event.from_message(msg))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
             except (QMPError, OSError, EOFError):
                 raise VMError("QMP connection lost while waiting for an event",

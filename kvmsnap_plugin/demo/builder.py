@@ -52,18 +52,39 @@ def build_guest(cache: Path | None = None) -> DemoGuest:
     cache = cache or cache_root()
     cache.mkdir(parents=True, exist_ok=True)
     package = kernel_package()
-    version = package.removeprefix("linux-image-")
-    kernel_dir = cache / f"kernel-{version}"
-    if not (kernel_dir / "vmlinuz").exists():
-        fetch_kernel(package, version, kernel_dir)
-    init = resources.files("kvmsnap_plugin.demo").joinpath("init.sh").read_bytes()
-    busybox = find_busybox().read_bytes()
-    key = hashlib.sha256(init + busybox + version.encode()).hexdigest()[:12]
-    initrd = cache / f"initrd-{key}.gz"
-    if not initrd.exists():
-        log.info("building the demo initramfs (%s)", initrd.name)
-        write_atomically(initrd, make_initramfs(init, busybox, kernel_dir / "modules"))
-    return DemoGuest(kernel_dir / "vmlinuz", initrd, version)
+    guest = _expected_guest(cache, package.removeprefix("linux-image-"))
+    kernel_dir = guest.kernel.parent
+    if not guest.kernel.exists():
+        fetch_kernel(package, guest.kernel_version, kernel_dir)
+    if not guest.initrd.exists():
+        log.info("building the demo initramfs (%s)", guest.initrd.name)
+        write_atomically(guest.initrd, make_initramfs(
+            _init_script(), find_busybox().read_bytes(), kernel_dir / "modules"))
+    return guest
+
+
+def cached_guest(cache: Path | None = None) -> DemoGuest | None:
+    """The demo guest if it is already built (no downloads, no apt)."""
+    cache = cache or cache_root()
+    for kernel in sorted(cache.glob("kernel-*/vmlinuz"), reverse=True):
+        guest = _expected_guest(cache, kernel.parent.name.removeprefix("kernel-"))
+        if guest.initrd.exists():
+            return guest
+    return None
+
+
+def _init_script() -> bytes:
+    return resources.files("kvmsnap_plugin.demo").joinpath("init.sh").read_bytes()
+
+
+def _expected_guest(cache: Path, version: str) -> DemoGuest:
+    try:
+        busybox = find_busybox().read_bytes()
+    except HostError:
+        busybox = b""
+    key = hashlib.sha256(_init_script() + busybox + version.encode()).hexdigest()[:12]
+    return DemoGuest(cache / f"kernel-{version}" / "vmlinuz", cache / f"initrd-{key}.gz",
+                     version)
 
 
 def kernel_package() -> str:

@@ -15,6 +15,7 @@ from kvmsnap_plugin import process
 from kvmsnap_plugin.demo.builder import DemoGuest, make_data_disk
 from kvmsnap_plugin.host import QEMU
 from kvmsnap_plugin.machine import Machine
+from kvmsnap_plugin.verify import raw_copy
 
 READY = r"KVMSNAP-READY"
 UNMOUNTED = r"KVMSNAP-UNMOUNTED"
@@ -89,6 +90,18 @@ class DemoVM(Machine):
     def wait_counter(self, at_least: int, timeout: float = 30.0) -> int:
         self.wait_console(rf"KVMSNAP-COUNT {at_least}\b", timeout)
         return self.counter()
+
+    def crash_copy(self, index: int, dest: Path) -> Path:
+        """A raw copy of data disk ``index`` as a power cut would leave it.
+
+        The guest is paused for the copy; ``stop`` makes QEMU flush its own caches, so the
+        file holds exactly what the guest had written to its disk, and no more.
+        """
+        self.qmp.execute("stop")
+        try:
+            return raw_copy(self.paths.disks[index], dest)
+        finally:
+            self.qmp.execute("cont")
 
     def power_off_cleanly(self, timeout: float = 30.0) -> None:
         """Press the power button and wait until the guest has unmounted and QEMU exited."""

@@ -1,0 +1,61 @@
+# kvmsnap: `make demo` and `make test` do all their own set-up, as root, on Debian 12.
+# Both are idempotent: a second run installs nothing and reuses the cached demo guest.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Debian packages: QEMU and its tools, what the demo guest is built from, the filesystem
+# checkers, restic, FUSE (disk exports without nbd), and borgbackup's build dependencies.
+APT_PACKAGES := python3 python3-venv python3-dev build-essential \
+	qemu-system-x86 qemu-system-common qemu-utils \
+	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk \
+	restic fuse3 \
+	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config
+
+.PHONY: help deps venv guest demo test lint bench clean
+
+help:
+	@echo "make demo   - back up the running demo guest (sets everything up first)"
+	@echo "make test   - run the test suite with real QEMU, borg, restic, borgmatic"
+	@echo "make lint   - ruff"
+	@echo "make bench  - benchmarks (results in bench/out)"
+	@echo "make clean  - remove the venv (the demo guest cache stays in ~/.cache/kvmsnap)"
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run as root)"; exit 2; fi; \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[tools,dev]'
+	touch $@
+
+venv: $(STAMP)
+
+guest: venv
+	$(BIN)/kvmsnap guest
+
+demo: guest
+	$(BIN)/kvmsnap demo
+
+lint: venv
+	$(BIN)/ruff check kvmsnap_plugin tests bench
+
+test: guest lint
+	$(BIN)/pytest -q
+
+bench: guest
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

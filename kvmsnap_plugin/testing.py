@@ -1,0 +1,125 @@
+"""pytest fixtures for testing against real demo guests (a pytest plugin).
+
+Load with ``pytest_plugins = ["kvmsnap_plugin.testing"]``. Third-party kvmsnap plugins can
+use it to test their hooks against a real guest. Every fixture owns what it starts and
+cleans it up, also when the test fails; a session-level check fails the run if a QEMU
+process, mount or loop device started by the tests survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvmsnap_plugin import host, process, verify
+from kvmsnap_plugin.demo.builder import DemoGuest, build_guest
+from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
+
+
+@dataclass(frozen=True)
+class DiskContents:
+    """What an ext4 data disk of the demo guest holds, read without mounting it."""
+
+    state: verify.State
+    lines: list[str]
+    marker: str | None
+
+    @property
+    def numbers(self) -> list[int]:
+        return [int(line.split()[1]) for line in self.lines]
+
+    @property
+    def continuous(self) -> bool:
+        return self.numbers == list(range(1, len(self.numbers) + 1))
+
+
+def read_disk(image: Path, scratch: Path) -> DiskContents:
+    """Contents of a demo data disk (qcow2 or raw); ``scratch`` is a free file path."""
+    raw = image if image.suffix == ".raw" else verify.raw_copy(image, scratch)
+    try:
+        state, _ = verify.ext4_state(raw)
+        log_text = (verify.read_file(raw, "/workload.log") or b"").decode()
+        marker = verify.read_file(raw, "/clean-shutdown")
+        return DiskContents(state, log_text.splitlines(),
+                            marker.decode().strip() if marker is not None else None)
+    finally:
+        if raw != image:
+            raw.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def demo_guest() -> DemoGuest:
+    """The cached demo guest (built on first use). Fails, never skips, without QEMU."""
+    return build_guest()
+
+
+@pytest.fixture(scope="session")
+def accel(demo_guest: DemoGuest) -> str:
+    return host.choose_accelerator(demo_guest.kernel, demo_guest.initrd)[0]
+
+
+@pytest.fixture
+def start_demo(demo_guest: DemoGuest, accel: str,
+               tmp_path: Path) -> Iterator[Callable[..., DemoVM]]:
+    """Factory: ``start_demo(disks=2, power_button="ignore", ...)`` -> a ready DemoVM."""
+    counter = itertools.count()
+    with contextlib.ExitStack() as stack:
+        def start(**options: object) -> DemoVM:
+            workdir = tmp_path / f"vm{next(counter)}"
+            workdir.mkdir()
+            vm = stack.enter_context(
+                demo_vm(demo_guest, accel, DemoOptions(**options), workdir=workdir))  # type: ignore[arg-type]
+            vm.wait_ready()
+            return vm
+
+        yield start
+
+
+@pytest.fixture
+def crash_consistent_copy(tmp_path: Path) -> Callable[[DemoVM, int], DiskContents]:
+    """``copy(vm, disk_index)``: the disk as a power cut would leave it, read back."""
+    counter = itertools.count()
+
+    def copy(vm: DemoVM, index: int = 0) -> DiskContents:
+        raw = vm.crash_copy(index, tmp_path / f"crash{next(counter)}.raw")
+        try:
+            return read_disk(raw, raw)
+        finally:
+            raw.unlink(missing_ok=True)
+
+    return copy
+
+
+def leftovers(pids: list[int]) -> list[str]:
+    """QEMU processes, mounts and loop devices the tests started and did not clean up."""
+    found = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            continue
+        if state != "Z":
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            found.append(f"process {pid}: {cmdline.decode(errors='replace')[:120]}")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        if "kvmsnap" in line:
+            found.append(f"mount: {line}")
+    loops = process.run(["losetup", "-a"], timeout=30, check=False).stdout
+    found += [f"loop device: {line}" for line in loops.splitlines() if "kvmsnap" in line]
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kvmsnap_nothing_left_behind() -> Iterator[None]:
+    """Fail the session if anything the tests started survives it."""
+    before = len(process.SPAWNED_PIDS)
+    yield
+    left = leftovers(process.SPAWNED_PIDS[before:])
+    if left and not os.environ.get("KVMSNAP_ALLOW_LEFTOVERS"):
+        pytest.fail("left behind by the tests:\n" + "\n".join(left), pytrace=False)

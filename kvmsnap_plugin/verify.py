@@ -1,0 +1,91 @@
+"""Filesystem verdicts: is a disk image cleanly shut down?
+
+A verdict is taken per filesystem, from its on-disk state alone, without mounting it:
+ext2/3/4 are clean when the superblock has no ``needs_recovery`` feature (the journal was
+emptied by a clean unmount); xfs when ``xfs_logprint -t`` finds a clean log (``xfs_db``
+reports the log as clean); anything else is "unknown".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from kvmsnap_plugin import process
+
+
+class State(StrEnum):
+    CLEAN = "clean"
+    NEEDS_RECOVERY = "needs-recovery"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    disk: str  # the VM's device name (e.g. "vdisk0")
+    partition: str  # "" for a whole-disk filesystem, else "p1", "p2", ...
+    fstype: str
+    state: State
+    detail: str
+
+    @property
+    def clean(self) -> bool:
+        return self.state is State.CLEAN
+
+
+def probe_fstype(device: Path | str) -> str:
+    """Filesystem type of a block device or image file ("" when none is recognised)."""
+    result = process.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30,
+                         check=False)
+    return result.stdout.strip()
+
+
+def ext4_superblock(device: Path | str) -> dict[str, str]:
+    out = process.run(["dumpe2fs", "-h", device], timeout=60).stdout
+    fields = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def ext4_state(device: Path | str) -> tuple[State, str]:
+    features = ext4_superblock(device).get("Filesystem features", "").split()
+    if "needs_recovery" in features:
+        return State.NEEDS_RECOVERY, "ext4 journal needs recovery (not cleanly unmounted)"
+    return State.CLEAN, "ext4 cleanly unmounted (no needs_recovery)"
+
+
+def xfs_state(device: Path | str) -> tuple[State, str]:
+    result = process.run(["xfs_logprint", "-t", device], timeout=120, check=False)
+    text = result.stdout + result.stderr
+    if re.search(r"log tail:.*head:", text) and "<CLEAN>" in text:
+        return State.CLEAN, "xfs log is clean"
+    if "<DIRTY>" in text:
+        return State.NEEDS_RECOVERY, "xfs log is dirty (needs replay)"
+    return State.UNKNOWN, "xfs log state could not be read"
+
+
+def filesystem_state(device: Path | str, fstype: str) -> tuple[State, str]:
+    if fstype in ("ext2", "ext3", "ext4"):
+        return ext4_state(device)
+    if fstype == "xfs":
+        return xfs_state(device)
+    return State.UNKNOWN, f"no clean-shutdown check for {fstype or 'this filesystem'}"
+
+
+def read_file(device: Path | str, path: str) -> bytes | None:
+    """A file's content from an ext2/3/4 filesystem without mounting it (None if absent)."""
+    result = process.run(["debugfs", "-R", f"cat {path}", device], timeout=120, check=False)
+    if "File not found" in result.stderr or result.returncode != 0:
+        return None
+    return result.stdout.encode()
+
+
+def raw_copy(image: Path, dest: Path) -> Path:
+    """A raw copy of a disk image, readable while a VM holds it (``-U``)."""
+    process.run(["qemu-img", "convert", "-U", "-O", "raw", image, dest], timeout=600)
+    return dest
