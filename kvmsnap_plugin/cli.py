@@ -40,6 +40,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def fork_options(args: argparse.Namespace):
+    from pathlib import Path
+
+    from kvmsnap_plugin.pipeline import DEFAULT_WORKDIR, ForkOptions
+    from kvmsnap_plugin.shutdown import ShutdownPolicy
+
+    return ForkOptions(
+        method=args.method,
+        shutdown=ShutdownPolicy(timeout=args.shutdown_timeout,
+                                repress_after=min(args.repress_after, args.shutdown_timeout),
+                                on_unclean=args.on_unclean),
+        keep_dir=Path(args.keep) if args.keep else None,
+        workdir=Path(args.workdir) if args.workdir else DEFAULT_WORKDIR,
+        overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None,
+        clone_console=Path(args.clone_console) if args.clone_console else None,
+        pid=args.pid,
+    )
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    from kvmsnap_plugin.parent import find_parent_socket
+    from kvmsnap_plugin.pipeline import fork_vm
+
+    result = fork_vm(find_parent_socket(args.qmp), fork_options(args))
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+    else:
+        print(render_fork(result))
+    return EXIT_OK if result.clean else EXIT_WARNING
+
+
+def render_fork(result) -> str:
+    lines = [f"{result.vm}: {result.label} ({result.method}); parent paused "
+             f"{result.pause_ms:.1f} ms; clone restored in {result.clone_restore_s:.1f} s, "
+             f"shut down in {result.shutdown.seconds:.1f} s ({result.shutdown.reason})"]
+    for verdict in result.verdicts:
+        where = verdict.disk + (f"/{verdict.partition}" if verdict.partition else "")
+        lines.append(f"  {where:20} {verdict.fstype:6} {verdict.state.value:15} "
+                     f"{verdict.detail}")
+    lines += [f"  kept: {path}" for path in result.kept]
+    return "\n".join(lines)
+
+
+def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--qmp", required=True, metavar="SOCKET",
+                     help="the running VM's QMP unix socket")
+    cmd.add_argument("--pid", type=int, help="the QEMU process (default: from the socket)")
+    cmd.add_argument("--method", choices=("auto", "background-snapshot", "stop-and-copy"),
+                     default="auto", help="how to snapshot RAM (default: background if the "
+                     "host supports it)")
+    cmd.add_argument("--shutdown-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="power button to a stopped clone, at most (default 300)")
+    cmd.add_argument("--repress-after", type=float, default=60.0, metavar="SECONDS",
+                     help="press the power button again after this long (default 60)")
+    cmd.add_argument("--on-unclean", choices=("fail", "crash-consistent"), default="fail",
+                     help="when the clone does not shut down: fail (default), or use the "
+                     "crash-consistent images, labelled as such (exit code 1)")
+    cmd.add_argument("--workdir", help="private work directory (default /var/tmp/kvmsnap)")
+    cmd.add_argument("--overlay-dir", help="where the parent's temporary overlays go "
+                     "(default: beside each disk image)")
+    cmd.add_argument("--keep", metavar="DIR", help="keep the clone's disks as standalone "
+                     "qcow2 images in DIR")
+    cmd.add_argument("--clone-console", metavar="FILE",
+                     help="capture the clone's first serial port to FILE (debugging)")
+
+
 def cmd_guest(args: argparse.Namespace) -> int:
     from kvmsnap_plugin import host
     from kvmsnap_plugin.demo.builder import build_guest
@@ -72,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("doctor", cmd_doctor, "check what this host can do and what to install")
     add("demo", cmd_demo, "run the main job on the bundled demo guest")
+    add_fork_arguments(add("fork", cmd_fork, "fork a running VM, shut the clone down "
+                           "cleanly and report its disks' verdicts"))
     add("guest", cmd_guest, "build (or find) the cached demo guest and the accelerator")
     return parser
 

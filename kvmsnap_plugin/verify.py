@@ -9,11 +9,16 @@ reports the log as clean); anything else is "unknown".
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmsnap_plugin import process
+
+if TYPE_CHECKING:
+    from kvmsnap_plugin.expose import ExposedFilesystem
 
 
 class State(StrEnum):
@@ -89,3 +94,12 @@ def raw_copy(image: Path, dest: Path) -> Path:
     """A raw copy of a disk image, readable while a VM holds it (``-U``)."""
     process.run(["qemu-img", "convert", "-U", "-O", "raw", image, dest], timeout=600)
     return dest
+
+
+def verdicts(filesystems: Iterable[ExposedFilesystem]) -> list[Verdict]:
+    """One verdict per filesystem the exposure found."""
+    found = []
+    for fs in filesystems:
+        state, detail = filesystem_state(fs.device, fs.fstype)
+        found.append(Verdict(fs.disk, fs.partition, fs.fstype or "none", state, detail))
+    return found

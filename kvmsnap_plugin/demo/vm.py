@@ -14,7 +14,7 @@ from typing import Literal
 from kvmsnap_plugin import process
 from kvmsnap_plugin.demo.builder import DemoGuest, make_data_disk
 from kvmsnap_plugin.host import QEMU
-from kvmsnap_plugin.machine import Machine
+from kvmsnap_plugin.machine import Machine, socket_dir
 from kvmsnap_plugin.verify import raw_copy
 
 READY = r"KVMSNAP-READY"
@@ -40,7 +40,8 @@ class DemoOptions:
 class DemoPaths:
     workdir: Path
     disks: tuple[Path, ...]
-    qmp: Path
+    qmp: Path  # the launcher's own QMP socket
+    backup_qmp: Path  # a second one, for kvmsnap (a QMP socket serves one client at a time)
     console: Path
 
 
@@ -56,6 +57,7 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
         "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", append,
         "-chardev", f"file,id=console0,path={paths.console}", "-serial", "chardev:console0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-qmp", f"unix:{paths.backup_qmp},server=on,wait=off",
     ]
     for index, disk in enumerate(paths.disks):
         syntax = opts.disk_syntax[index % len(opts.disk_syntax)]
@@ -125,10 +127,12 @@ def demo_vm(guest: DemoGuest, accel: str, opts: DemoOptions = DemoOptions(),
     try:
         disks = tuple(make_data_disk(base / f"data{i}.qcow2", opts.disk_size_mib, f"data{i}")
                       for i in range(opts.disks))
-        paths = DemoPaths(base, disks, base / "qmp.sock", base / "console.log")
-        vm = DemoVM(demo_argv(guest, accel, paths, opts), paths, opts)
-        with vm:
-            yield vm
+        with socket_dir() as sockets:
+            paths = DemoPaths(base, disks, sockets / "qmp.sock", sockets / "backup-qmp.sock",
+                              base / "console.log")
+            vm = DemoVM(demo_argv(guest, accel, paths, opts), paths, opts)
+            with vm:
+                yield vm
     finally:
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,177 @@
+"""Expose the clone's disks read-only: raw image files, block devices, mounted filesystems.
+
+No nbd module is needed: ``qemu-storage-daemon`` exports each qcow2 as a raw file through
+FUSE (read-only), ``losetup -r -P`` turns that file into a block device with its partitions,
+and each filesystem found is mounted read-only without journal replay (ext4 ``noload``, xfs
+``norecovery``) under one mount root: ``ROOT/<disk>`` for a whole-disk filesystem,
+``ROOT/<disk>/p<N>`` for partitions. Leaving the context always unmounts, detaches and
+stops the daemon, in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmsnap_plugin import process, verify
+from kvmsnap_plugin.errors import HostError, KvmsnapError
+
+log = logging.getLogger("kvmsnap")
+
+MOUNT_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "ext2": "ro", "xfs": "ro,norecovery",
+                 "vfat": "ro", "btrfs": "ro,nologreplay"}
+
+
+@dataclass(frozen=True)
+class ExposedFilesystem:
+    disk: str
+    partition: str  # "" for a whole-disk filesystem, else "p1", ...
+    device: Path  # the read-only block device
+    fstype: str
+    mountpoint: Path | None  # None when the type cannot be mounted
+
+
+@dataclass(frozen=True)
+class ExposedDisk:
+    name: str
+    image: Path  # a raw, read-only view of the whole disk (a FUSE export)
+    loop: Path
+    filesystems: tuple[ExposedFilesystem, ...]
+
+
+@dataclass
+class Exposure:
+    root: Path  # the mount root
+    disks: list[ExposedDisk] = field(default_factory=list)
+
+    @property
+    def filesystems(self) -> list[ExposedFilesystem]:
+        return [fs for disk in self.disks for fs in disk.filesystems]
+
+
+@contextlib.contextmanager
+def exposed(images: Sequence[tuple[str, Path]], workdir: Path, *, mount: bool = True,
+            timeout: float = 60.0) -> Iterator[Exposure]:
+    """Expose ``(name, qcow2-or-raw image)`` pairs under ``workdir``; undo everything on exit."""
+    root = workdir / "mnt"
+    root.mkdir(mode=0o700, exist_ok=True)
+    exposure = Exposure(root)
+    with contextlib.ExitStack() as undo:
+        exports = undo.enter_context(_fuse_exports(images, workdir, timeout))
+        for (name, _), export in zip(images, exports, strict=True):
+            loop = _attach_loop(export)
+            undo.callback(_detach_loop, loop)
+            filesystems = []
+            for partition, device in _block_devices(loop, timeout):
+                fstype = verify.probe_fstype(device)
+                mountpoint = None
+                if mount and fstype in MOUNT_OPTIONS:
+                    mountpoint = root / name / partition if partition else root / name
+                    mountpoint.mkdir(parents=True, exist_ok=True)
+                    _mount(device, mountpoint, fstype)
+                    undo.callback(_unmount, mountpoint)
+                filesystems.append(ExposedFilesystem(name, partition, device, fstype,
+                                                     mountpoint))
+            exposure.disks.append(ExposedDisk(name, export, loop, tuple(filesystems)))
+        yield exposure
+
+
+@contextlib.contextmanager
+def _fuse_exports(images: Sequence[tuple[str, Path]], workdir: Path,
+                  timeout: float) -> Iterator[list[Path]]:
+    argv = [process.find_program("qemu-storage-daemon", "qemu-system-common")]
+    exports = []
+    for index, (name, image) in enumerate(images):
+        export = workdir / f"export-{index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.raw"
+        export.touch(mode=0o600)
+        exports.append(export)
+        fmt = _image_format(image)
+        argv += ["--blockdev", f"driver=file,node-name=f{index},filename={image},read-only=on",
+                 "--blockdev", f"driver={fmt},node-name=d{index},file=f{index},read-only=on",
+                 "--export", f"type=fuse,id=e{index},node-name=d{index},"
+                             f"mountpoint={export},writable=off"]
+    stderr_path = workdir / "qsd.stderr"
+    with open(stderr_path, "wb") as err:
+        daemon = process.spawn(argv, stderr=err)
+    try:
+        _wait_mounted(exports, daemon, stderr_path, timeout)
+        yield exports
+    finally:
+        # SIGTERM makes qemu-storage-daemon unmount its FUSE exports and exit cleanly.
+        process.stop(daemon, grace=10)
+        for export in exports:
+            if _is_mountpoint(export):
+                process.run(["umount", "-l", export], timeout=30, check=False)
+            export.unlink(missing_ok=True)
+
+
+def _image_format(image: Path) -> str:
+    with open(image, "rb") as handle:
+        return "qcow2" if handle.read(4) == b"QFI\xfb" else "raw"
+
+
+def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(_is_mountpoint(e) for e in exports):
+        if daemon.poll() is not None:
+            message = stderr_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise HostError(f"qemu-storage-daemon could not export the disks: "
+                            f"{message[0] if message else daemon.returncode}",
+                            "check /dev/fuse (modprobe fuse) and that kvmsnap runs as root")
+        if time.monotonic() > deadline:
+            raise HostError(f"the FUSE exports did not appear within {timeout:g} s")
+        time.sleep(0.02)
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = str(path).replace(" ", "\\040")
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == target for line in mounts)
+
+
+def _attach_loop(image: Path) -> Path:
+    out = process.run(["losetup", "--read-only", "--partscan", "--find", "--show", image],
+                      timeout=60).stdout.strip()
+    return Path(out)
+
+
+def _detach_loop(loop: Path) -> None:
+    process.run(["losetup", "-d", loop], timeout=60, check=False)
+
+
+def _block_devices(loop: Path, timeout: float) -> list[tuple[str, Path]]:
+    """The loop device's partitions ("p1", ...), or the whole device ("")."""
+    pttype = process.run(["blkid", "-p", "-o", "value", "-s", "PTTYPE", loop], timeout=30,
+                         check=False).stdout.strip()
+    if not pttype:
+        return [("", loop)]
+    sysfs = Path("/sys/block") / loop.name
+    deadline = time.monotonic() + timeout
+    while True:
+        parts = sorted(sysfs.glob(f"{loop.name}p*"), key=lambda p: int(p.name.rsplit("p", 1)[1]))
+        devices = [(f"p{p.name.rsplit('p', 1)[1]}", Path("/dev") / p.name) for p in parts]
+        if devices and all(d.exists() for _, d in devices):
+            return devices
+        if time.monotonic() > deadline:
+            raise HostError(f"partitions of {loop} did not appear", "check udev/devtmpfs")
+        time.sleep(0.05)
+
+
+def _mount(device: Path, mountpoint: Path, fstype: str) -> None:
+    process.run(["mount", "-t", fstype, "-o", MOUNT_OPTIONS[fstype], device, mountpoint],
+                timeout=120)
+
+
+def _unmount(mountpoint: Path) -> None:
+    try:
+        process.run(["umount", mountpoint], timeout=120)
+    except KvmsnapError:
+        # Someone still reads it (an archiver that was killed?): detach lazily, never leave it.
+        process.run(["umount", "-l", mountpoint], timeout=60, check=False)
+    with contextlib.suppress(OSError):
+        mountpoint.rmdir()

@@ -1,0 +1,265 @@
+"""The fork point: one instant of the parent's disks and RAM, with the parent paused briefly.
+
+Everything that can be prepared runs before the pause: overlay files are created and
+attached (``blockdev-add``), migration capabilities set, the RAM state file opened and its
+descriptor handed to QEMU. The pause itself holds only ``stop``, one ``transaction`` of
+``blockdev-snapshot`` actions (the parent continues on the new overlays, the old images are
+frozen) and the start of the RAM snapshot.
+
+With ``background-snapshot`` QEMU's migration thread captures the CPU and device state and
+write-protects RAM, then resumes the VM itself (QEMU 7.2) and streams RAM copy-on-write
+while the guest runs. Newer QEMU restores the previous runstate instead, leaving a VM we
+paused paused. We never assume either: we watch for RESUME and for the migration's end,
+and send ``cont`` only if QEMU did not resume the VM after the capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmsnap_plugin import host, process
+from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
+from kvmsnap_plugin.parent import Parent, ParentDisk
+from kvmsnap_plugin.qmp import QmpSession
+
+log = logging.getLogger("kvmsnap")
+
+BACKGROUND = "background-snapshot"
+STOP_AND_COPY = "stop-and-copy"
+STATE_FD_NAME = "kvmsnap-state"
+MIGRATION_DONE = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class ForkedDisk:
+    disk: ParentDisk
+    parent_overlay: Path  # the parent writes here until the commit
+    overlay_node: str
+
+    @property
+    def frozen(self) -> Path:
+        return Path(self.disk.filename)
+
+
+@dataclass(frozen=True)
+class ForkPoint:
+    parent: Parent
+    disks: tuple[ForkedDisk, ...]
+    state_file: Path
+    method: str
+    pause_ms: float  # STOP to RESUME, by QEMU's event timestamps
+    disk_snapshot_ms: float
+    ram_save_s: float
+    ram_bytes: int
+    qemu_downtime_ms: int | None
+
+
+def parent_overlay_path(disk: ParentDisk, run_id: str, overlay_dir: Path | None) -> Path:
+    """Where the parent writes during the backup: next to its image unless told otherwise.
+
+    Next to the image means the same filesystem and the same persistence as the image, so
+    a host crash mid-backup leaves a chain that ``kvmsnap recover`` can commit.
+    """
+    frozen = Path(disk.filename)
+    directory = overlay_dir or frozen.parent
+    return directory / f"{frozen.name}.kvmsnap-{run_id}.qcow2"
+
+
+def create_overlay(path: Path, backing: str, backing_format: str, size: int) -> None:
+    """A qcow2 overlay on ``backing`` without opening it (the VM holds its lock)."""
+    process.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing,
+                 "-F", backing_format, path, str(size)], timeout=60)
+    path.chmod(0o600)
+
+
+def take_fork(session: QmpSession, parent: Parent, state_file: Path, *, run_id: str,
+              method: str = "auto", overlay_dir: Path | None = None,
+              timeout: float = 600.0) -> ForkPoint:
+    """Fork the parent's disks and RAM at one instant. The parent runs again on return.
+
+    On failure the parent is resumed and its chain restored before the error propagates.
+    """
+    forked = _attach_overlays(session, parent, run_id, overlay_dir)
+    applied = False
+    saved_caps = _migration_capabilities(session)
+    try:
+        method = _configure_migration(session, method)
+        _open_state_fd(session, state_file)
+        log.info("pausing %s for the fork (%s)", parent.name, method)
+        point = _pause_and_snapshot(session, parent, forked, state_file, method, timeout)
+        applied = True
+        return point
+    except BaseException:
+        applied = applied or _snapshot_applied(session, forked)
+        _recover_parent(session, forked, applied)
+        state_file.unlink(missing_ok=True)
+        raise
+    finally:
+        _restore_capabilities(session, saved_caps)
+
+
+# -- before the pause ------------------------------------------------------------------------
+def _attach_overlays(session: QmpSession, parent: Parent, run_id: str,
+                     overlay_dir: Path | None) -> tuple[ForkedDisk, ...]:
+    forked: list[ForkedDisk] = []
+    try:
+        for index, disk in enumerate(parent.writable_disks):
+            path = parent_overlay_path(disk, run_id, overlay_dir)
+            create_overlay(path, disk.filename, disk.format, disk.virtual_size)
+            node = f"kvmsnap-{run_id}-{index}"
+            forked.append(ForkedDisk(disk, path, node))
+            session.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": node, "backing": None,
+                "file": {"driver": "file", "filename": str(path)}})
+    except BaseException:
+        _detach_overlays(session, forked)
+        raise
+    return tuple(forked)
+
+
+def _detach_overlays(session: QmpSession, forked: Sequence[ForkedDisk]) -> None:
+    for disk in forked:
+        try:
+            session.execute("blockdev-del", {"node-name": disk.overlay_node})
+        except KvmsnapError as exc:
+            log.debug("blockdev-del %s: %s", disk.overlay_node, exc)
+        disk.parent_overlay.unlink(missing_ok=True)
+
+
+def _migration_capabilities(session: QmpSession) -> dict[str, bool]:
+    return {c["capability"]: c["state"] for c in session.execute("query-migrate-capabilities")}
+
+
+def _configure_migration(session: QmpSession, method: str) -> str:
+    """Set up the RAM snapshot; returns the method that will run."""
+    # Unthrottled: the default cap (32 MiB/s) would stretch a stop-and-copy pause to seconds.
+    session.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    if method in ("auto", BACKGROUND):
+        supported, why = host.uffd_wp_supported()
+        if supported:
+            try:
+                session.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": BACKGROUND, "state": True}]})
+                return BACKGROUND
+            except VMError as exc:
+                why = str(exc)
+        if method == BACKGROUND:
+            raise VMError(f"background snapshot unavailable: {why}",
+                          "use --method stop-and-copy (longer pause) or run as root")
+        log.warning("background snapshot unavailable (%s); falling back to stop-and-copy, "
+                    "the VM will pause for the whole RAM save", why)
+    session.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": BACKGROUND, "state": False}]})
+    return STOP_AND_COPY
+
+
+def _restore_capabilities(session: QmpSession, saved: dict[str, bool]) -> None:
+    try:
+        session.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": BACKGROUND, "state": saved.get(BACKGROUND, False)}]})
+    except KvmsnapError as exc:
+        log.debug("restoring migration capabilities: %s", exc)
+
+
+def _open_state_fd(session: QmpSession, state_file: Path) -> None:
+    """Create the RAM state file 0600 (its directory is 0700) and give QEMU its fd."""
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        session.send_fd(fd, STATE_FD_NAME)
+    finally:
+        os.close(fd)
+
+
+# -- the pause ---------------------------------------------------------------------------------
+def _pause_and_snapshot(session: QmpSession, parent: Parent, forked: Sequence[ForkedDisk],
+                        state_file: Path, method: str, timeout: float) -> ForkPoint:
+    session.events()  # forget older events: STOP/RESUME below must be ours
+    session.execute("stop")
+    stop = session.wait_event("STOP", 10)
+    started = time.monotonic()
+    session.execute("transaction", {"actions": [
+        {"type": "blockdev-snapshot", "data": {"node": d.disk.node, "overlay": d.overlay_node}}
+        for d in forked]})
+    disk_ms = (time.monotonic() - started) * 1000
+    session.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
+    resume = _wait_for_resume(session, method, timeout)
+    pause_ms = (resume.timestamp - stop.timestamp) * 1000
+    log.info("%s ran again after %.1f ms; saving its RAM", parent.name, pause_ms)
+    info = _wait_migration(session, timeout)
+    ram = info.get("ram", {})
+    return ForkPoint(parent, tuple(forked), state_file, method, pause_ms, disk_ms,
+                     info.get("total-time", 0) / 1000, int(ram.get("total", 0)),
+                     info.get("downtime"))
+
+
+def _wait_for_resume(session: QmpSession, method: str, timeout: float):
+    """The RESUME that ends the pause, sending ``cont`` only where QEMU will not."""
+    if method == STOP_AND_COPY:
+        _wait_migration(session, timeout)
+        session.execute("cont")
+        return session.wait_event("RESUME", 10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return session.wait_event("RESUME", 0.02)
+        except StepTimeout:
+            pass
+        status = session.execute("query-migrate").get("status")
+        if status == "completed":
+            # QEMU kept the VM paused after the capture (QEMU 8.2+ behaviour).
+            session.execute("cont")
+            return session.wait_event("RESUME", 10)
+        if status in ("failed", "cancelled"):
+            raise VMError(f"the RAM snapshot {status}", "see the VM's QEMU log")
+    raise StepTimeout(f"the RAM snapshot did not capture the VM within {timeout:g} s")
+
+
+def _wait_migration(session: QmpSession, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = session.execute("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise VMError(f"saving the VM's RAM {status}: {info.get('error-desc', '')}",
+                          "check free space in the work directory")
+        if time.monotonic() > deadline:
+            raise StepTimeout(f"saving the VM's RAM took more than {timeout:g} s")
+        time.sleep(0.02)
+
+
+# -- undo ---------------------------------------------------------------------------------------
+def _snapshot_applied(session: QmpSession, forked: Sequence[ForkedDisk]) -> bool:
+    """Is any overlay already the active layer of a parent disk?"""
+    try:
+        tops = {b["inserted"]["node-name"] for b in session.execute("query-block")
+                if b.get("inserted")}
+    except KvmsnapError:
+        return False
+    return any(d.overlay_node in tops for d in forked)
+
+
+def _recover_parent(session: QmpSession, forked: Sequence[ForkedDisk], applied: bool) -> None:
+    """After a failed fork: the parent runs, on its original chain, holding every write."""
+    from kvmsnap_plugin.chain import commit_back
+
+    try:
+        if session.execute("query-migrate").get("status") in ("active", "setup"):
+            session.execute("migrate_cancel")
+        if session.runstate() != "running":
+            session.execute("cont")
+    except KvmsnapError as exc:
+        log.error("could not resume the parent after a failed fork: %s", exc)
+    try:
+        if applied:
+            commit_back(session, forked)
+        else:
+            _detach_overlays(session, forked)
+    except KvmsnapError as exc:
+        log.error("could not restore the parent's disk chain: %s (run `kvmsnap recover`)", exc)

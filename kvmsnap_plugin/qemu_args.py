@@ -1,0 +1,145 @@
+"""QEMU command lines as data: options with values, and QEMU's key=value syntax.
+
+``-drive file=a,,b.img,format=raw`` is QEMU's "QemuOpts" syntax: comma-separated key=value
+pairs, a doubled comma stands for a literal comma, and an implied first key (``-netdev
+user,...`` means ``type=user``). ``-blockdev`` also accepts JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+#: QEMU 7.2 options that take no value.
+FLAGS = frozenset({
+    "S", "snapshot", "nographic", "daemonize", "no-reboot", "no-shutdown", "nodefaults",
+    "no-user-config", "nouserconfig", "enable-kvm", "no-hpet", "no-acpi", "no-fd-bootchk",
+    "full-screen", "win2k-hack", "usb", "enable-fips", "only-migratable", "xen-attach",
+    "preconfig", "s", "semihosting", "alt-grab", "ctrl-grab", "rtc-td-hack", "no-frame",
+    "sdl", "curses", "portrait", "enable-sync-profile", "no-quit", "h", "help", "version",
+})
+
+
+@dataclass
+class Option:
+    """One option: ``name`` without dashes (``""`` for a positional image), ``value``."""
+
+    name: str
+    value: str | None = None
+
+    def argv(self) -> list[str]:
+        if not self.name:
+            return [self.value or ""]
+        return [f"-{self.name}"] if self.value is None else [f"-{self.name}", self.value]
+
+
+def parse_argv(argv: list[str]) -> tuple[str, list[Option]]:
+    """Split a QEMU command line into its program and options."""
+    program, rest = argv[0], argv[1:]
+    options: list[Option] = []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if token.startswith("-") and len(token) > 1:
+            name = token.lstrip("-")
+            if name in FLAGS or i + 1 >= len(rest):
+                options.append(Option(name))
+                i += 1
+            else:
+                options.append(Option(name, rest[i + 1]))
+                i += 2
+        else:
+            options.append(Option("", token))
+            i += 1
+    return program, options
+
+
+def build_argv(program: str, options: list[Option]) -> list[str]:
+    argv = [program]
+    for option in options:
+        argv += option.argv()
+    return argv
+
+
+@dataclass
+class KeyVal:
+    """A parsed QemuOpts string; keeps key order so rewriting changes only what it must."""
+
+    pairs: list[tuple[str, str | None]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str, implied: str | None = None) -> KeyVal:
+        parts, current, i = [], "", 0
+        while i < len(text):
+            char = text[i]
+            if char == ",":
+                if text[i + 1:i + 2] == ",":
+                    current += ","
+                    i += 2
+                    continue
+                parts.append(current)
+                current = ""
+            else:
+                current += char
+            i += 1
+        parts.append(current)
+        pairs: list[tuple[str, str | None]] = []
+        for index, part in enumerate(parts):
+            key, sep, value = part.partition("=")
+            if not sep:
+                if index == 0 and implied:
+                    pairs.append((implied, part))
+                else:
+                    pairs.append((part, None))
+            else:
+                pairs.append((key, value))
+        return cls(pairs)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        for k, v in self.pairs:
+            if k == key:
+                return v
+        return default
+
+    def set(self, key: str, value: str) -> None:
+        for index, (k, _) in enumerate(self.pairs):
+            if k == key:
+                self.pairs[index] = (key, value)
+                return
+        self.pairs.append((key, value))
+
+    def drop(self, *keys: str) -> None:
+        self.pairs = [(k, v) for k, v in self.pairs if k not in keys]
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.pairs]
+
+    def render(self, implied: str | None = None) -> str:
+        out = []
+        for index, (k, v) in enumerate(self.pairs):
+            if v is None:
+                out.append(k)
+            elif index == 0 and implied == k:
+                out.append(v.replace(",", ",,"))
+            else:
+                out.append(f"{k}={v.replace(',', ',,')}")
+        return ",".join(out)
+
+
+def parse_blockdev(text: str) -> dict[str, Any]:
+    """A -blockdev value as a dict, from JSON or dotted key=value syntax."""
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    result: dict[str, Any] = {}
+    for key, value in KeyVal.parse(text).pairs:
+        target = result
+        *parents, last = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return result
+
+
+def render_blockdev(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, separators=(",", ":"))

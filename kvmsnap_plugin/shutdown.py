@@ -1,0 +1,89 @@
+"""Shut the clone down in order: the ACPI power button, and a timeout ladder behind it.
+
+Rungs: press the power button; press it again after ``repress_after`` seconds (some guests
+miss a press made while they are busy); ask the guest agent, if the clone has one; after
+``timeout`` seconds in all, stop the clone hard. Only a shutdown the guest made itself
+(QEMU's SHUTDOWN event with reason ``guest-shutdown``) counts as clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, UsageError
+from kvmsnap_plugin.machine import Machine
+
+log = logging.getLogger("kvmsnap")
+
+
+@dataclass(frozen=True)
+class ShutdownPolicy:
+    timeout: float = 300.0  # power button to a stopped guest, in all
+    repress_after: float = 60.0  # a second press if the first is not acted on
+    on_unclean: str = "fail"  # or "crash-consistent": archive the frozen images, labelled
+
+    def __post_init__(self) -> None:
+        if self.timeout < 1:
+            raise UsageError(f"shutdown timeout {self.timeout:g} s is too small",
+                             "give the guest at least a few seconds, e.g. --timeout 120")
+        if self.on_unclean not in ("fail", "crash-consistent"):
+            raise UsageError(f"unknown on-unclean policy {self.on_unclean!r}",
+                             "use fail or crash-consistent")
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    clean: bool
+    ended_by: str  # "guest" or the ladder rung that ended the clone
+    seconds: float  # from the first press to the end of the clone
+    presses: int
+    reason: str  # QEMU's SHUTDOWN reason, or why there was none
+
+
+def shut_down(clone: Machine, policy: ShutdownPolicy) -> ShutdownResult:
+    """Run the (paused) clone, press its power button, and wait for it to end."""
+    clone.qmp.events()
+    clone.qmp.execute("cont")
+    started = time.monotonic()
+    presses = 0
+    reason = "no shutdown event"
+    next_press = started
+    deadline = started + policy.timeout
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_press and presses < 2:
+            _press(clone)
+            presses += 1
+            next_press = time.monotonic() + policy.repress_after
+        try:
+            event = clone.qmp.wait_event("SHUTDOWN", min(1.0, max(0.05, deadline -
+                                                                  time.monotonic())))
+            reason = event.data.get("reason", "unknown")
+            break
+        except StepTimeout:
+            continue
+        except KvmsnapError:
+            reason = "QEMU exited without a shutdown event"
+            break
+    else:
+        log.warning("the clone did not shut down within %g s; stopping it hard",
+                    policy.timeout)
+        reason = f"timed out after {policy.timeout:g} s"
+    guest_did_it = reason == "guest-shutdown"
+    if guest_did_it:
+        clone.wait_exit(30)
+        clone.ended_by = "guest"
+    ended_by = clone.shutdown(powerdown_timeout=0, quit_timeout=10)
+    seconds = time.monotonic() - started
+    log.info("clone %s after %.1f s (%s)", "shut down cleanly" if guest_did_it else
+             "was stopped", seconds, reason)
+    return ShutdownResult(guest_did_it, ended_by, seconds, presses, reason)
+
+
+def _press(clone: Machine) -> None:
+    log.info("pressing the clone's power button")
+    try:
+        clone.qmp.execute("system_powerdown")
+    except KvmsnapError as exc:  # it may be on its way out already
+        log.debug("system_powerdown: %s", exc)
