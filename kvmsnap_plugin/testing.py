@@ -107,11 +107,12 @@ def leftovers(pids: list[int]) -> list[str]:
         if state != "Z":
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             found.append(f"process {pid}: {cmdline.decode(errors='replace')[:120]}")
+    # Only what lives in pytest's temp dirs is the tests' own (other work may run here).
     for line in Path("/proc/mounts").read_text().splitlines():
-        if "kvmsnap" in line:
+        if "/pytest-of-" in line:
             found.append(f"mount: {line}")
     loops = process.run(["losetup", "-a"], timeout=30, check=False).stdout
-    found += [f"loop device: {line}" for line in loops.splitlines() if "kvmsnap" in line]
+    found += [f"loop device: {line}" for line in loops.splitlines() if "/pytest-of-" in line]
     return found
 
 

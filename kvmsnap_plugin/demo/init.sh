@@ -11,6 +11,9 @@
 #   kvmsnap.power=ignore     see the power button but do not shut down
 #   kvmsnap.interval=SECONDS pause between workload lines (default 0.1)
 #   kvmsnap.probe=1          print a marker and power off at once (accelerator probe)
+#   kvmsnap.fill=MIB         fill a tmpfs with MIB of random data first (RAM really in use)
+#   kvmsnap.ticker=1         print "T" every 10 ms on the second serial port (ttyS1), so the
+#                            host can time the gaps the guest's outside world sees
 #
 # Console markers: KVMSNAP-READY, KVMSNAP-COUNT n, KVMSNAP-POWER-BUTTON,
 # KVMSNAP-WORKLOAD-STOPPED n, KVMSNAP-UNMOUNTED, KVMSNAP-POWER-BUTTON-IGNORED.
@@ -20,13 +23,15 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
 
-DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0
+DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmsnap.disks=*) DISKS=${arg#*=} ;;
         kvmsnap.power=*) POWER=${arg#*=} ;;
         kvmsnap.interval=*) INTERVAL=${arg#*=} ;;
         kvmsnap.probe=*) PROBE=${arg#*=} ;;
+        kvmsnap.fill=*) FILL=${arg#*=} ;;
+        kvmsnap.ticker=*) TICKER=${arg#*=} ;;
     esac
 done
 
@@ -56,6 +61,17 @@ for name in $NAMES; do
     mkdir -p /mnt/$name
     mount -t ext4 -o commit=600 /dev/$name /mnt/$name || echo "KVMSNAP-ERROR mount $name"
 done
+
+if [ "$FILL" -gt 0 ]; then
+    mkdir -p /fill
+    mount -t tmpfs -o size=$((FILL + 16))m tmpfs /fill
+    dd if=/dev/urandom of=/fill/random bs=1M count="$FILL" 2>/dev/null
+    echo "KVMSNAP-FILLED $FILL MiB"
+fi
+
+if [ "$TICKER" = 1 ]; then
+    (while true; do echo T; usleep 10000; done > /dev/ttyS1) &
+fi
 
 ip link set lo up 2>/dev/null
 ip link set eth0 up 2>/dev/null

@@ -31,6 +31,8 @@ class DemoOptions:
     power_button: Literal["handle", "ignore"] = "handle"
     interval: float = 0.1
     nic: bool = True
+    fill_mib: int = 0  # random data held in a guest tmpfs, so its RAM is really in use
+    ticker: bool = False  # "T" every 10 ms on ttyS1 (give it a second -serial in extra_args)
     #: "blockdev" (modern, like libvirt) or "drive" (legacy) disk options; per disk
     disk_syntax: tuple[str, ...] = ("blockdev", "drive")
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -47,7 +49,8 @@ class DemoPaths:
 
 def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions) -> list[str]:
     append = (f"console=ttyS0 quiet panic=-1 kvmsnap.disks={len(paths.disks)} "
-              f"kvmsnap.power={opts.power_button} kvmsnap.interval={opts.interval}")
+              f"kvmsnap.power={opts.power_button} kvmsnap.interval={opts.interval} "
+              f"kvmsnap.fill={opts.fill_mib} kvmsnap.ticker={int(opts.ticker)}")
     argv = [
         process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-demo",
