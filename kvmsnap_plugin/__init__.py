@@ -8,10 +8,12 @@ from kvmsnap_plugin.errors import (
     HostError,
     KvmsnapError,
     ProcessError,
+    SkipBackup,
     StepTimeout,
     UsageError,
     VMError,
 )
+from kvmsnap_plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -20,8 +22,10 @@ __all__ = [
     "HostError",
     "KvmsnapError",
     "ProcessError",
+    "SkipBackup",
     "StepTimeout",
     "UsageError",
     "VMError",
     "__version__",
+    "hookimpl",
 ]

@@ -12,9 +12,15 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmsnap_plugin import __version__
-from kvmsnap_plugin.errors import KvmsnapError
+from kvmsnap_plugin.errors import KvmsnapError, UsageError
+
+if TYPE_CHECKING:
+    from kvmsnap_plugin.config import BackupJob
 
 EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
@@ -40,52 +46,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def fork_options(args: argparse.Namespace):
-    from pathlib import Path
+def _job_from_args(args: argparse.Namespace, targets=()) -> BackupJob:
+    from kvmsnap_plugin.config import BackupJob, fork_options
+    from kvmsnap_plugin.parent import find_parent_socket
 
-    from kvmsnap_plugin.pipeline import DEFAULT_WORKDIR, ForkOptions
-    from kvmsnap_plugin.shutdown import ShutdownPolicy
-
-    return ForkOptions(
-        method=args.method,
-        shutdown=ShutdownPolicy(timeout=args.shutdown_timeout,
-                                repress_after=min(args.repress_after, args.shutdown_timeout),
-                                on_unclean=args.on_unclean),
-        keep_dir=Path(args.keep) if args.keep else None,
-        workdir=Path(args.workdir) if args.workdir else DEFAULT_WORKDIR,
-        overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None,
-        clone_console=Path(args.clone_console) if args.clone_console else None,
-        pid=args.pid,
-    )
+    socket = find_parent_socket(args.qmp)
+    settings = {key: getattr(args, key) for key in (
+        "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
+        "overlay_dir", "clone_console", "pid", "mount_root") if getattr(args, key, None)}
+    return BackupJob(args.name or socket.stem, socket, fork_options(settings), tuple(targets),
+                     dry_run=getattr(args, "dry_run", False))
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.parent import find_parent_socket
-    from kvmsnap_plugin.pipeline import fork_vm
+    return run_jobs([_job_from_args(args)], args)
 
-    result = fork_vm(find_parent_socket(args.qmp), fork_options(args))
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2, default=str))
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from kvmsnap_plugin.config import command_line_targets, load_config
+    from kvmsnap_plugin.plugins import Hooks
+
+    hooks = Hooks()
+    types = hooks.archiver_types()
+    if args.config:
+        if args.qmp or args.borg or args.restic:
+            raise UsageError("--config cannot be combined with --qmp, --borg or --restic",
+                             "put the VM and its archivers in the config file")
+        jobs = load_config(Path(args.config), types)
+        if args.vm:
+            jobs = [j for j in jobs if j.name in args.vm]
+            if not jobs:
+                raise UsageError(f"no [[vm]] named {', '.join(args.vm)} in {args.config}")
+        if args.dry_run:
+            jobs = [replace(j, dry_run=True) for j in jobs]
     else:
-        print(render_fork(result))
-    return EXIT_OK if result.clean else EXIT_WARNING
+        if not args.qmp:
+            raise UsageError("no VM given", "pass --qmp SOCKET, or --config FILE")
+        targets = command_line_targets(args.borg or [], args.restic or [], args.mode, types)
+        if not targets:
+            raise UsageError("no archive target given",
+                             "pass --borg REPO and/or --restic REPO (or use `kvmsnap fork`)")
+        jobs = [_job_from_args(args, targets)]
+    return run_jobs(jobs, args, hooks)
 
 
-def render_fork(result) -> str:
-    lines = [f"{result.vm}: {result.label} ({result.method}); parent paused "
-             f"{result.pause_ms:.1f} ms; clone restored in {result.clone_restore_s:.1f} s, "
-             f"shut down in {result.shutdown.seconds:.1f} s ({result.shutdown.reason})"]
-    for verdict in result.verdicts:
-        where = verdict.disk + (f"/{verdict.partition}" if verdict.partition else "")
-        lines.append(f"  {where:20} {verdict.fstype:6} {verdict.state.value:15} "
-                     f"{verdict.detail}")
-    lines += [f"  kept: {path}" for path in result.kept]
-    return "\n".join(lines)
+def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks=None) -> int:
+    """Back up each VM in turn; one VM's failure does not stop the others."""
+    from kvmsnap_plugin.pipeline import backup, plan
+
+    outputs, codes = [], []
+    for job in jobs:
+        try:
+            if job.dry_run:
+                result = plan(job)
+                codes.append(EXIT_OK)
+            else:
+                result = backup(job, hooks)
+                codes.append(EXIT_OK if result.clean and not result.warnings else EXIT_WARNING)
+            outputs.append({"vm": job.name, "status": "ok", **result.as_dict()} if args.json
+                           else result.render())
+        except KvmsnapError as exc:
+            if len(jobs) == 1:
+                raise
+            print(f"kvmsnap: error: {job.name}: {exc.one_line()}", file=sys.stderr)
+            codes.append(exc.exit_code)
+            outputs.append({"vm": job.name, "status": "error", "error": str(exc),
+                            "fix": exc.hint} if args.json else f"{job.name}: FAILED")
+    if args.json:
+        print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2, default=str))
+    else:
+        print("\n".join(outputs))
+    return worst(codes)
 
 
-def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--qmp", required=True, metavar="SOCKET",
+def worst(codes: list[int]) -> int:
+    """Error beats warning beats skip beats success."""
+    for code in (EXIT_ERROR, EXIT_WARNING, EXIT_SKIP):
+        if code in codes:
+            return code
+    return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_ERROR
+
+
+def add_fork_arguments(cmd: argparse.ArgumentParser, qmp_required: bool = True) -> None:
+    cmd.add_argument("--qmp", required=qmp_required, metavar="SOCKET",
                      help="the running VM's QMP unix socket")
+    cmd.add_argument("--name", help="the VM's name in archives (default: the socket's name)")
     cmd.add_argument("--pid", type=int, help="the QEMU process (default: from the socket)")
     cmd.add_argument("--method", choices=("auto", "background-snapshot", "stop-and-copy"),
                      default="auto", help="how to snapshot RAM (default: background if the "
@@ -104,6 +149,8 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      "qcow2 images in DIR")
     cmd.add_argument("--clone-console", metavar="FILE",
                      help="capture the clone's first serial port to FILE (debugging)")
+    cmd.add_argument("--mount-root", metavar="DIR", help="where the clone's filesystems are "
+                     "mounted (default WORKDIR/mnt/NAME)")
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
@@ -140,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo", cmd_demo, "run the main job on the bundled demo guest")
     add_fork_arguments(add("fork", cmd_fork, "fork a running VM, shut the clone down "
                            "cleanly and report its disks' verdicts"))
+    backup = add("backup", cmd_backup, "back up running VMs consistently into borg/restic")
+    add_fork_arguments(backup, qmp_required=False)
+    backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and archivers")
+    backup.add_argument("--vm", action="append", metavar="NAME",
+                        help="with --config: only this [[vm]] (repeatable)")
+    backup.add_argument("--borg", action="append", metavar="REPO", help="a borg repository")
+    backup.add_argument("--restic", action="append", metavar="REPO",
+                        help="a restic repository")
+    backup.add_argument("--mode", choices=("files", "image", "both"), default="files",
+                        help="archive the mounted filesystems, raw disk images, or both")
+    backup.add_argument("--dry-run", action="store_true",
+                        help="show what would be done, touching nothing")
     add("guest", cmd_guest, "build (or find) the cached demo guest and the accelerator")
     return parser
 

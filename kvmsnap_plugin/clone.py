@@ -25,6 +25,7 @@ from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.fork import create_overlay
 from kvmsnap_plugin.machine import Machine
 from kvmsnap_plugin.parent import Parent, ParentDisk
+from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.qemu_args import (
     KeyVal,
     Option,
@@ -65,7 +66,7 @@ class ClonePlan:
 def plan_clone(parent: Parent, workdir: Path, sockets: Path,
                console_log: Path | None = None) -> ClonePlan:
     """The clone's command line and disks (pure: nothing is created)."""
-    disks = tuple(CloneDisk(d.device, workdir / f"clone-{_safe(d.device)}.qcow2",
+    disks = tuple(CloneDisk(d.device, workdir / f"clone-{safe_name(d.device)}.qcow2",
                             Path(d.filename), d.format) for d in parent.writable_disks)
     qmp_path = sockets / "clone-qmp.sock"
     argv = rewrite_argv(list(parent.argv), parent.writable_disks, disks, qmp_path, console_log)
@@ -76,10 +77,6 @@ def prepare_overlays(plan: ClonePlan, disks: Sequence[ParentDisk]) -> None:
     """Create the clone's overlays; the frozen images need not be frozen yet (``-u``)."""
     for clone_disk, disk in zip(plan.disks, disks, strict=True):
         create_overlay(clone_disk.overlay, disk.filename, disk.format, disk.virtual_size)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "disk"
 
 
 # -- command line rewriting --------------------------------------------------------------------

@@ -62,3 +62,10 @@ class ArchiveError(KvmsnapError):
     """An archiver (borg, restic, a plugin) failed."""
 
     default_hint = "check the repository and its passphrase; run the archiver by hand"
+
+
+class SkipBackup(KvmsnapError):
+    """A deliberate skip (a plugin vetoed, or nothing to do): borgmatic's soft failure."""
+
+    default_hint = "nothing to fix if the skip was intended"
+    exit_code = 75

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from kvmsnap_plugin import process, verify
 from kvmsnap_plugin.errors import HostError, KvmsnapError
+from kvmsnap_plugin.paths import safe_name
 
 log = logging.getLogger("kvmsnap")
 
@@ -55,11 +55,14 @@ class Exposure:
 
 
 @contextlib.contextmanager
-def exposed(images: Sequence[tuple[str, Path]], workdir: Path, *, mount: bool = True,
-            timeout: float = 60.0) -> Iterator[Exposure]:
-    """Expose ``(name, qcow2-or-raw image)`` pairs under ``workdir``; undo everything on exit."""
-    root = workdir / "mnt"
-    root.mkdir(mode=0o700, exist_ok=True)
+def exposed(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
+            mount: bool = True, timeout: float = 60.0) -> Iterator[Exposure]:
+    """Expose ``(name, qcow2-or-raw image)`` pairs: raw views in ``workdir/images``,
+    filesystems under ``root``. Everything is undone on exit."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if any(root.iterdir()):
+        raise HostError(f"the mount root {root} is not empty",
+                        "an interrupted run? run `kvmsnap recover`, or pick another mount root")
     exposure = Exposure(root)
     with contextlib.ExitStack() as undo:
         exports = undo.enter_context(_fuse_exports(images, workdir, timeout))
@@ -71,7 +74,8 @@ def exposed(images: Sequence[tuple[str, Path]], workdir: Path, *, mount: bool = 
                 fstype = verify.probe_fstype(device)
                 mountpoint = None
                 if mount and fstype in MOUNT_OPTIONS:
-                    mountpoint = root / name / partition if partition else root / name
+                    top = root / safe_name(name)
+                    mountpoint = top / partition if partition else top
                     mountpoint.mkdir(parents=True, exist_ok=True)
                     _mount(device, mountpoint, fstype)
                     undo.callback(_unmount, mountpoint)
@@ -86,8 +90,9 @@ def _fuse_exports(images: Sequence[tuple[str, Path]], workdir: Path,
                   timeout: float) -> Iterator[list[Path]]:
     argv = [process.find_program("qemu-storage-daemon", "qemu-system-common")]
     exports = []
+    (workdir / "images").mkdir(mode=0o700, exist_ok=True)
     for index, (name, image) in enumerate(images):
-        export = workdir / f"export-{index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.raw"
+        export = workdir / "images" / f"{safe_name(name)}.raw"
         export.touch(mode=0o600)
         exports.append(export)
         fmt = _image_format(image)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kvmsnap_plugin import process
+from kvmsnap_plugin.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,6 @@ def choose_accelerator(kernel: Path, initrd: Path) -> tuple[str, str]:
     if cache:
         cache.write_text(f"{accel} {why}\n")
     return accel, why
-
-
-def cache_root() -> Path:
-    """Where kvmsnap caches what it builds or learns (the demo guest, the probe)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvmsnap"
 
 
 def _probe_cache() -> Path | None:

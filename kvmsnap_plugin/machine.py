@@ -8,15 +8,11 @@ clones run in one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvmsnap_plugin import process
@@ -24,26 +20,6 @@ from kvmsnap_plugin.errors import StepTimeout, VMError
 from kvmsnap_plugin.qmp import QmpSession
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def socket_dir() -> Iterator[Path]:
-    """A short, private (0700) directory for unix sockets, removed afterwards.
-
-    Unix socket paths are limited to 107 bytes, which deep work directories exceed.
-    """
-    base = Path("/run/kvmsnap")
-    try:
-        base.mkdir(mode=0o700, exist_ok=True)
-        if not os.access(base, os.W_OK):
-            raise PermissionError(base)
-    except OSError:
-        base = Path(tempfile.gettempdir())
-    path = Path(tempfile.mkdtemp(prefix="s-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class Machine:

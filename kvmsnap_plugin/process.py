@@ -178,3 +178,79 @@ def stop(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> int:
             proc.kill()
             proc.wait(grace)
     return proc.returncode
+
+
+class ShProgram:
+    """A program driven through the ``sh`` library (the product owner's choice for restic).
+
+    The same rules as :func:`run`: arguments as a list, secrets only in the environment and
+    masked in logs and errors, a timeout on every call.
+    """
+
+    def __init__(self, name: str, package: str, *, env: Mapping[str, str] | None = None,
+                 timeout: float) -> None:
+        import sh
+
+        self.path = find_program(name, package)
+        self.env = child_env(env)
+        self.secrets = secret_values(env)
+        self.timeout = timeout
+        self._command = sh.Command(self.path).bake(_env=self.env, _tty_out=False,
+                                                   _truncate_exc=False)
+
+    def run(self, args: Sequence[str], *, cwd: Path | None = None,
+            ok_codes: Iterable[int] = (0,)) -> Result:
+        import sh
+
+        argv = (self.path, *map(str, args))
+        log.debug("run (sh): %s", mask(shlex.join(argv), self.secrets))
+        try:
+            done = self._command(*argv[1:], _cwd=str(cwd) if cwd else None,
+                                 _timeout=self.timeout, _ok_code=list(ok_codes),
+                                 _return_cmd=True, _in=None)
+        except sh.ErrorReturnCode as exc:
+            raise self._failure(argv, exc.exit_code, exc.stderr) from None
+        except sh.TimeoutException:
+            raise ProcessError(f"{Path(self.path).name} did not finish within "
+                               f"{self.timeout:g} s", "raise the timeout") from None
+        return Result(argv, done.exit_code, str(done), mask(done.stderr.decode(errors="replace"),
+                                                             self.secrets))
+
+    def start(self, args: Sequence[str], *, stdin_fd: int, cwd: Path | None = None,
+              ok_codes: Iterable[int] = (0,)):
+        """Start in the background reading ``stdin_fd``; returns sh's RunningCommand.
+
+        The child gets a duplicate of ``stdin_fd`` as its stdin (no copying thread); the
+        caller closes its own copy.
+        """
+        argv = (self.path, *map(str, args))
+        log.debug("start (sh): %s", mask(shlex.join(argv), self.secrets))
+        running = self._command(*argv[1:], _cwd=str(cwd) if cwd else None,
+                                _timeout=self.timeout, _ok_code=list(ok_codes), _bg=True,
+                                _bg_exc=False, _in=stdin_fd)
+        SPAWNED_PIDS.append(running.pid)
+        return running
+
+    def finish(self, running) -> Result:
+        """Wait for a started program; raise :class:`ProcessError` if it failed."""
+        import sh
+
+        argv = tuple(str(a) for a in running.cmd)
+        try:
+            running.wait()
+        except sh.ErrorReturnCode as exc:
+            raise self._failure(argv, exc.exit_code, exc.stderr) from None
+        except sh.SignalException as exc:
+            raise self._failure(argv, exc.exit_code, exc.stderr) from None
+        except sh.TimeoutException:
+            raise ProcessError(f"{Path(self.path).name} did not finish within "
+                               f"{self.timeout:g} s", "raise the timeout") from None
+        return Result(argv, running.exit_code, str(running),
+                      mask(running.stderr.decode(errors="replace"), self.secrets))
+
+    def _failure(self, argv: Sequence[str], code: int, stderr: bytes) -> ProcessError:
+        text = mask(stderr.decode(errors="replace"), self.secrets)
+        last = text.strip().splitlines()[-1:] or ["(no error output)"]
+        return ProcessError(f"{Path(self.path).name} failed with exit code {code}: {last[0]}",
+                            f"run it by hand to see more: {mask(shlex.join(argv), self.secrets)}",
+                            returncode=code, stderr=text)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kvmsnap_plugin import process
 from kvmsnap_plugin.errors import HostError
-from kvmsnap_plugin.host import cache_root
+from kvmsnap_plugin.paths import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from typing import Literal
 from kvmsnap_plugin import process
 from kvmsnap_plugin.demo.builder import DemoGuest, make_data_disk
 from kvmsnap_plugin.host import QEMU
-from kvmsnap_plugin.machine import Machine, socket_dir
+from kvmsnap_plugin.machine import Machine
+from kvmsnap_plugin.paths import socket_dir
 from kvmsnap_plugin.verify import raw_copy
 
 READY = r"KVMSNAP-READY"

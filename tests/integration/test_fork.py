@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from kvmsnap_plugin import hookimpl
+from kvmsnap_plugin.config import BackupJob, ForkOptions
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.pipeline import CRASH_CONSISTENT, ForkOptions, fork_vm
+from kvmsnap_plugin.pipeline import backup
+from kvmsnap_plugin.plugins import Hooks, plugin_manager
+from kvmsnap_plugin.report import CRASH_CONSISTENT
 from kvmsnap_plugin.shutdown import ShutdownPolicy
 from kvmsnap_plugin.testing import read_disk
 from kvmsnap_plugin.verify import State
@@ -27,20 +31,28 @@ def chain_of(image: Path) -> list[tuple[str, str]]:
     return [(i["filename"], i["format"]) for i in json.loads(out)]
 
 
-def fork(vm, tmp_path: Path, *, capture_frozen: bool = False, **options):
-    """Fork a demo VM; optionally read the frozen (crash-consistent) images on the way."""
-    frozen_views = []
+class FrozenReader:
+    """A plugin reading the frozen (crash-consistent) images while they are still frozen."""
 
-    def on_exposed(parent, point, exposure, label):
-        if capture_frozen:
-            for index, disk in enumerate(point.disks):
-                frozen_views.append(read_disk(disk.frozen, tmp_path / f"frozen{index}.raw"))
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.views = []
 
+    @hookimpl
+    def kvmsnap_post_shutdown(self, fork):
+        for index, disk in enumerate(fork.disks):
+            self.views.append(read_disk(disk.frozen, self.scratch / f"frozen{index}.raw"))
+
+
+def fork(vm, tmp_path: Path, **options):
+    """Fork a demo VM (no archive targets); also return the frozen images' contents."""
+    reader = FrozenReader(tmp_path)
     options.setdefault("workdir", tmp_path / "work")
     options.setdefault("keep_dir", tmp_path / "keep")
     options.setdefault("clone_console", tmp_path / "clone.log")
-    result = fork_vm(vm.paths.backup_qmp, ForkOptions(**options), on_exposed)
-    return result, frozen_views
+    job = BackupJob("demo", vm.paths.backup_qmp, ForkOptions(**options))
+    result = backup(job, Hooks(plugin_manager([reader], entry_points=False)))
+    return result, reader.views
 
 
 def stopped_at(text: str) -> int:
@@ -52,7 +64,7 @@ def test_clone_is_clean_and_complete_while_the_crash_view_is_not(start_demo, tmp
                                                                   method):
     vm = start_demo()
     before = vm.wait_counter(10)
-    result, frozen = fork(vm, tmp_path, capture_frozen=True, method=method)
+    result, frozen = fork(vm, tmp_path, method=method)
     assert result.method == method
     assert result.label == "clean" and result.clean
     assert [(v.disk, v.state) for v in result.verdicts] == [("vdisk0", State.CLEAN)]
@@ -88,7 +100,7 @@ def test_parent_keeps_running_and_gets_its_chain_back(start_demo, tmp_path):
 def test_two_disks_are_forked_at_one_instant(start_demo, tmp_path):
     vm = start_demo(disks=2)  # one -blockdev disk, one -drive disk
     before = vm.wait_counter(8)
-    result, frozen = fork(vm, tmp_path, capture_frozen=True)
+    result, frozen = fork(vm, tmp_path)
     assert sorted(v.disk for v in result.verdicts) == ["vdisk0", "vdisk1"]
     assert all(v.state is State.CLEAN for v in result.verdicts)
     views = [read_disk(Path(p), tmp_path / f"k{i}.raw") for i, p in enumerate(result.kept)]
@@ -107,7 +119,8 @@ def test_guest_ignoring_the_power_button_times_out_and_leaves_nothing(start_demo
         fork(vm, tmp_path, shutdown=policy)
     assert vm.qmp.runstate() == "running"
     assert chain_of(disk) == chain_before
-    assert not any((tmp_path / "work").iterdir())  # RAM state, overlays, mounts: all gone
+    work = tmp_path / "work"  # RAM state, overlays, raw views, mounts: all gone
+    assert [p for p in work.rglob("*") if not p.is_dir()] == []
     assert not (tmp_path / "keep").exists()
 
 
@@ -167,6 +180,6 @@ def test_refuses_a_socket_that_is_not_qmp(tmp_path):
     thread.start()
     try:
         with pytest.raises(VMError, match="not a QMP socket"):
-            fork_vm(path, ForkOptions(workdir=tmp_path / "work"))
+            backup(BackupJob("x", path, ForkOptions(workdir=tmp_path / "work")))
     finally:
         server.close()

@@ -1,0 +1,175 @@
+"""Configuration: a TOML file (many VMs) or command-line options (one VM) -> BackupJobs.
+
+Example (contrib/kvmsnap.toml has a commented one)::
+
+    [defaults]
+    mode = "files"              # files | image | both
+    shutdown_timeout = 300
+
+    [[vm]]
+    name = "web"
+    qmp = "/run/qemu/web.qmp"
+    archivers = ["local-borg"]
+
+    [archiver.local-borg]
+    type = "borg"
+    repository = "/srv/backup/borg"
+
+Unknown keys are rejected with their place and the keys that are allowed. Secrets never
+live in this file: borg and restic read theirs from the environment (BORG_PASSPHRASE,
+BORG_PASSCOMMAND, RESTIC_PASSWORD, RESTIC_PASSWORD_FILE), or from an archiver's ``env``
+table that points at a command or file holding them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kvmsnap_plugin.archive import MODES, ArchiveTarget
+from kvmsnap_plugin.errors import UsageError
+from kvmsnap_plugin.paths import DEFAULT_WORKDIR
+from kvmsnap_plugin.shutdown import ShutdownPolicy
+
+METHODS = ("auto", "background-snapshot", "stop-and-copy")
+
+#: keys allowed in [defaults] and, as overrides, in each [[vm]]
+RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
+                      "repress_after", "on_unclean", "keep", "mount_root"})
+VM_KEYS = RUN_KEYS | {"name", "qmp", "pid", "archivers"}
+#: keys every archiver table has, whatever its type
+COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
+
+
+@dataclass(frozen=True)
+class ForkOptions:
+    method: str = "auto"  # "auto", "background-snapshot" or "stop-and-copy"
+    shutdown: ShutdownPolicy = field(default_factory=ShutdownPolicy)
+    keep_dir: Path | None = None  # write the clone's disks out as standalone images here
+    workdir: Path = DEFAULT_WORKDIR  # RAM state, clone overlays, mounts (0700)
+    overlay_dir: Path | None = None  # the parent's temporary overlays (default: beside images)
+    clone_console: Path | None = None  # capture the clone's first serial port (debugging)
+    pid: int | None = None  # the QEMU process, if peer credentials cannot tell
+    mount_root: Path | None = None  # where the clone's filesystems appear (default: workdir)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown RAM snapshot method {self.method!r}",
+                             f"use one of: {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class BackupJob:
+    """Everything needed to back up one VM."""
+
+    name: str
+    qmp: Path
+    fork: ForkOptions = field(default_factory=ForkOptions)
+    targets: tuple[ArchiveTarget, ...] = ()
+    dry_run: bool = False
+
+
+def load_config(path: Path, archiver_types: Mapping[str, frozenset[str]]) -> list[BackupJob]:
+    """Read a TOML configuration into one job per [[vm]]."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no such config file: {path}", "pass an existing --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path} is not valid TOML: {exc}", "fix the syntax") from None
+    _check_keys(data, {"defaults", "vm", "archiver"}, f"{path}")
+    defaults = data.get("defaults", {})
+    _check_keys(defaults, RUN_KEYS, f"[defaults] of {path}")
+    archivers = {name: _archiver(name, table, archiver_types, path)
+                 for name, table in data.get("archiver", {}).items()}
+    vms = data.get("vm", [])
+    if not vms:
+        raise UsageError(f"{path} lists no [[vm]]", "add a [[vm]] table with qmp = SOCKET")
+    jobs = []
+    for index, vm in enumerate(vms):
+        where = f"[[vm]] #{index + 1} of {path}"
+        _check_keys(vm, VM_KEYS, where)
+        if "qmp" not in vm:
+            raise UsageError(f"{where} has no qmp", "add qmp = \"/path/to/qmp.sock\"")
+        settings = {**defaults, **vm}
+        mode = _mode(settings.get("mode", "files"), where)
+        targets = []
+        for name in vm.get("archivers", []):
+            if name not in archivers:
+                raise UsageError(f"{where} names archiver {name!r}, which is not defined",
+                                 f"define [archiver.{name}] (defined: "
+                                 f"{', '.join(archivers) or 'none'})")
+            targets.append(replace(archivers[name], mode=mode))
+        jobs.append(BackupJob(vm.get("name") or Path(vm["qmp"]).stem, Path(vm["qmp"]),
+                              fork_options(settings, where), tuple(targets)))
+    return jobs
+
+
+def fork_options(settings: Mapping[str, Any], where: str = "the command line") -> ForkOptions:
+    """ForkOptions from config keys (or command-line options under the same names)."""
+    def path(key: str) -> Path | None:
+        return Path(settings[key]) if settings.get(key) else None
+
+    try:
+        timeout = float(settings.get("shutdown_timeout", 300.0))
+        repress = float(settings.get("repress_after", 60.0))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad timeout in {where}: {exc}", "give seconds as a number") from None
+    return ForkOptions(
+        method=settings.get("method", "auto"),
+        shutdown=ShutdownPolicy(timeout=timeout, repress_after=min(repress, timeout),
+                                on_unclean=settings.get("on_unclean", "fail")),
+        keep_dir=path("keep"),
+        workdir=path("workdir") or DEFAULT_WORKDIR,
+        overlay_dir=path("overlay_dir"),
+        clone_console=path("clone_console"),
+        pid=settings.get("pid"),
+        mount_root=path("mount_root"),
+    )
+
+
+def _archiver(name: str, table: Mapping[str, Any],
+              archiver_types: Mapping[str, frozenset[str]], path: Path) -> ArchiveTarget:
+    where = f"[archiver.{name}] of {path}"
+    kind = table.get("type")
+    if kind not in archiver_types:
+        raise UsageError(f"{where}: unknown archiver type {kind!r}",
+                         f"use one of: {', '.join(sorted(archiver_types))} (or install the "
+                         "plugin that provides it)")
+    _check_keys(table, COMMON_ARCHIVER_KEYS | archiver_types[kind], where)
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise UsageError(f"{where}: env must be a table of strings",
+                         'e.g. env = { BORG_PASSCOMMAND = "cat /root/.borg-pass" }')
+    options = {k: v for k, v in table.items() if k != "type"}
+    return ArchiveTarget(name, kind, "files", options)
+
+
+def _mode(value: Any, where: str) -> str:
+    if value not in MODES:
+        raise UsageError(f"unknown mode {value!r} in {where}", f"use one of: {', '.join(MODES)}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: frozenset[str] | set[str], where: str):
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise UsageError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(repr(k) for k in unknown)} in {where}",
+                         f"allowed: {', '.join(sorted(allowed))}")
+
+
+def command_line_targets(borg: list[str], restic: list[str], mode: str,
+                         archiver_types: Mapping[str, frozenset[str]]) -> tuple[ArchiveTarget, ...]:
+    """``--borg REPO`` / ``--restic REPO`` as archive targets."""
+    mode = _mode(mode, "--mode")
+    targets = []
+    for kind, repos in (("borg", borg), ("restic", restic)):
+        if repos and kind not in archiver_types:
+            raise UsageError(f"the {kind} archiver is not available", "reinstall kvmsnap")
+        targets += [ArchiveTarget(kind if len(repos) == 1 else f"{kind}{i}", kind, mode,
+                                  {"repository": repo}) for i, repo in enumerate(repos)]
+    return tuple(targets)

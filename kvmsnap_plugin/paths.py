@@ -1,0 +1,47 @@
+"""Where kvmsnap keeps things, and names that are safe as path components."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+#: RAM state, clone overlays, raw views, default mount roots (per run: 0700)
+DEFAULT_WORKDIR = Path("/var/tmp/kvmsnap")
+#: journals and per-VM locks (0700): what `kvmsnap recover` reads
+STATE_DIR = Path(os.environ.get("KVMSNAP_STATE_DIR", "/var/lib/kvmsnap"))
+
+
+def cache_root() -> Path:
+    """Where kvmsnap caches what it builds or learns (the demo guest, the KVM probe)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvmsnap"
+
+
+def safe_name(name: str) -> str:
+    """``name`` as one path component: no slashes, spaces or leading dots."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "vm"
+
+
+@contextlib.contextmanager
+def socket_dir() -> Iterator[Path]:
+    """A short, private (0700) directory for unix sockets, removed afterwards.
+
+    Unix socket paths are limited to 107 bytes, which deep work directories exceed.
+    """
+    base = Path("/run/kvmsnap")
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        if not os.access(base, os.W_OK):
+            raise PermissionError(base)
+    except OSError:
+        base = Path(tempfile.gettempdir())
+    path = Path(tempfile.mkdtemp(prefix="s-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
