@@ -124,3 +124,28 @@ def kvmsnap_nothing_left_behind() -> Iterator[None]:
     left = leftovers(process.SPAWNED_PIDS[before:])
     if left and not os.environ.get("KVMSNAP_ALLOW_LEFTOVERS"):
         pytest.fail("left behind by the tests:\n" + "\n".join(left), pytrace=False)
+
+
+BORG_PASSPHRASE = "correct horse battery staple kvmsnap-test"
+RESTIC_PASSWORD = "restic secret kvmsnap-test"
+
+
+@pytest.fixture
+def borg_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty, encrypted borg repository; its passphrase is in the environment only."""
+    monkeypatch.setenv("BORG_PASSPHRASE", BORG_PASSPHRASE)
+    monkeypatch.setenv("BORG_BASE_DIR", str(tmp_path / "borg-base"))
+    repo = tmp_path / "borg-repo"
+    process.run([process.find_program("borg", "borgbackup"), "init", "--encryption=repokey",
+                 repo], timeout=120)
+    return repo
+
+
+@pytest.fixture
+def restic_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty restic repository; its password is in the environment only."""
+    monkeypatch.setenv("RESTIC_PASSWORD", RESTIC_PASSWORD)
+    monkeypatch.setenv("RESTIC_CACHE_DIR", str(tmp_path / "restic-cache"))
+    repo = tmp_path / "restic-repo"
+    process.run(["restic", "init", "-r", repo], timeout=120)
+    return repo

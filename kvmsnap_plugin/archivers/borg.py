@@ -56,6 +56,7 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
 def _create(job: BackupJob, target: ArchiveTarget, kind: str, name: str, cwd: Path,
             paths: list[str], extra: list[str]) -> ArchiveResult:
     repository = _repository(target)
+    name = name.replace("/", "_").replace("::", "_")  # borg forbids both in archive names
     argv = [process.find_program("borg", "borgbackup (pip install borgbackup)"), "create",
             "--json", "--numeric-ids", "--compression", target.option("compression", "lz4"),
             *extra, *map(str, target.option("extra_args", [])),

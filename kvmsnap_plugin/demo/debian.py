@@ -290,7 +290,7 @@ def _build_image(staging: Path, debs: Path, mirror: str, key: str) -> dict[str, 
     with loop_device(raw) as loop:
         partitions = _make_filesystems(loop)
         root = staging / "root"
-        with mounted(loop.partition(1), root, "ext4", "commit=600"):
+        with mounted(loop.partition(1), root, "ext4"):
             _debootstrap(root, debs, mirror)
             _configure(root, partitions, key)
             with chroot_mounts(root, debs):
@@ -298,7 +298,8 @@ def _build_image(staging: Path, debs: Path, mirror: str, key: str) -> dict[str, 
                                KERNEL_PACKAGE], timeout=1200)
             version = _export_kernel(root, staging)
             _tidy(root)
-            process.run(["fstrim", root], timeout=300)
+            _trim(root)
+        root.rmdir()
     process.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw,
                  staging / "base.qcow2"], timeout=900)
     raw.unlink()
@@ -402,6 +403,16 @@ def _tidy(root: Path) -> None:
     for item in lists.glob("*"):
         if item.is_file():
             item.unlink()
+
+
+def _trim(root: Path) -> None:
+    """Give freed blocks (debootstrap's .debs, apt lists) back to the sparse raw file.
+
+    Blocks freed by a transaction that is not committed yet cannot be trimmed: sync first.
+    The loop device turns the discards into holes, which qemu-img convert skips.
+    """
+    process.run(["sync", "--file-system", root], timeout=300)
+    process.run(["fstrim", root], timeout=300)
 
 
 def _chroot(root: Path, argv: Sequence[str], *, timeout: float) -> process.Result:

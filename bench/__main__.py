@@ -1,0 +1,93 @@
+"""``python -m bench``: kvmsnap's benchmarks (``make bench``).
+
+P1  the parent's pause as the guest sees it (background-snapshot vs stop-and-copy)
+P3  the clone's cost: restore time and peak RSS against guest RAM
+P4  block-commit time against what the parent wrote during the backup
+
+P1 and P3 come from the same forks. Results go to OUT/results.json (every sample, the
+machine, the settings), OUT/RESULTS.md (tables for the README) and OUT/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import commit_bench, fork_bench, report
+from bench.common import Settings, machine_info, machine_line, progress, write_json
+from kvmsnap_plugin.demo.builder import build_guest
+from kvmsnap_plugin.host import choose_accelerator
+
+BENCHMARKS = ("P1", "P3", "P4")
+DEFAULT_OUT = Path("bench/out")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 256 MiB guest, small writes, 1 repetition (~2 min)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output directory (default: %(default)s)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS),
+                        help="comma-separated subset of %(default)s")
+    parser.add_argument("--reps", type=int, help="repetitions per method and size "
+                        "(default: 7, or 1 with --quick)")
+    parser.add_argument("--ram", help="P1/P3 guest RAM sizes in MiB, comma-separated "
+                        "(default: 256,1024,2048, or 256 with --quick)")
+    args = parser.parse_args(argv)
+    only = {p.strip().upper() for p in args.only.split(",") if p.strip()}
+    unknown = only - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(BENCHMARKS)} (P2 needs `kvmsnap backup` with archive "
+                     "targets and is not in this suite yet)")
+    if args.reps is not None and args.reps < 1:
+        parser.error("--reps must be at least 1")
+    try:
+        args.ram_mib = tuple(int(x) for x in args.ram.split(",")) if args.ram else None
+    except ValueError:
+        parser.error("--ram takes MiB numbers, e.g. 256,1024")
+    args.only_set = only
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    settings = Settings.make(args.quick, args.out, args.only_set, args.reps, args.ram_mib)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    guest = build_guest()
+    accel, why = choose_accelerator(guest.kernel, guest.initrd)
+    results: dict[str, Any] = {"machine": machine_info(accel, why),
+                               "settings": settings.as_dict(),
+                               "benchmarks": sorted(settings.only), "duration_s": 0.0}
+    progress(machine_line(results["machine"]))
+    json_path = settings.out / "results.json"
+    if settings.only & {"P1", "P3"}:
+        results["forks"] = fork_bench.run(settings, guest, accel)
+        results["duration_s"] = time.monotonic() - started
+        write_json(json_path, results)  # keep what we have if a later benchmark fails
+    if "P4" in settings.only:
+        results["P4"] = commit_bench.run(settings, guest, accel)
+    results["duration_s"] = time.monotonic() - started
+    plots = report.plots(results, settings.out)
+    results["plots"] = plots
+    write_json(json_path, results)
+    (settings.out / "RESULTS.md").write_text(report.markdown(results, plots))
+    progress(f"done in {results['duration_s'] / 60:.1f} min: {settings.out / 'RESULTS.md'}, "
+             f"{json_path.name}, {', '.join(plots) or 'no plots (matplotlib missing)'}")
+    failures = sum(1 for key in ("forks", "P4") if key in results
+                   for r in results[key]["records"] if "error" in r)
+    if failures:
+        progress(f"{failures} sample(s) failed; see 'error' in {json_path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Round trips through real borg and restic repositories, and failures that clean up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmsnap_plugin import hookimpl, process
+from kvmsnap_plugin.archive import ArchiveTarget
+from kvmsnap_plugin.archivers import restic as restic_archiver
+from kvmsnap_plugin.config import BackupJob, ForkOptions
+from kvmsnap_plugin.errors import ArchiveError
+from kvmsnap_plugin.pipeline import backup
+from kvmsnap_plugin.plugins import Hooks, plugin_manager
+from kvmsnap_plugin.testing import BORG_PASSPHRASE, RESTIC_PASSWORD, read_disk
+from kvmsnap_plugin.verify import State
+
+pytestmark = pytest.mark.qemu
+
+
+def run_backup(vm, tmp_path, *targets, plugins=()):
+    job = BackupJob("demo", vm.paths.backup_qmp,
+                    ForkOptions(workdir=tmp_path / "work", clone_console=tmp_path / "clone.log"),
+                    tuple(targets))
+    return backup(job, Hooks(plugin_manager(plugins, entry_points=False)))
+
+
+def borg(*args, cwd=None):
+    return process.run([process.find_program("borg", "borgbackup"), *args], timeout=300,
+                       cwd=cwd).stdout
+
+
+def restic(*args, cwd=None):
+    return process.run(["restic", *args], timeout=300, cwd=cwd).stdout
+
+
+def assert_clean_workload(root: Path, at_least: int):
+    lines = (root / "workload.log").read_text().splitlines()
+    assert lines == [f"line {i}" for i in range(1, len(lines) + 1)]
+    assert len(lines) >= at_least
+    assert (root / "clean-shutdown").read_text().strip() == f"clean shutdown after line {len(lines)}"
+
+
+def test_borg_files_and_image_round_trip(start_demo, tmp_path, borg_repo):
+    vm = start_demo()
+    before = vm.wait_counter(10)
+    report = run_backup(vm, tmp_path, ArchiveTarget("borg", "borg", "both",
+                                                    {"repository": str(borg_repo)}))
+    assert report.clean
+    names = [a["name"] for a in json.loads(borg("list", "--json", borg_repo))["archives"]]
+    assert sorted(names) == sorted(a.name for a in report.archives)
+    files = next(a for a in report.archives if a.kind == "files")
+    image = next(a for a in report.archives if a.kind == "image")
+    assert files.name.startswith("demo-") and files.name.endswith("-files")
+    out = tmp_path / "extract"
+    out.mkdir()
+    borg("extract", f"{borg_repo}::{files.name}", cwd=out)
+    assert_clean_workload(out / "vdisk0", before)
+    borg("extract", "--sparse", f"{borg_repo}::{image.name}", cwd=out)
+    disk = read_disk(out / "vdisk0.raw", out / "vdisk0.raw")
+    assert disk.state is State.CLEAN and disk.continuous and len(disk.lines) >= before
+    assert image.bytes == 64 << 20  # the whole disk was read
+    assert image.stored_bytes < image.bytes  # zeros dedup away
+
+
+def test_restic_files_and_image_round_trip(start_demo, tmp_path, restic_repo):
+    vm = start_demo()
+    before = vm.wait_counter(10)
+    report = run_backup(vm, tmp_path, ArchiveTarget("restic", "restic", "both",
+                                                    {"repository": str(restic_repo),
+                                                     "tags": ["nightly"]}))
+    snapshots = json.loads(restic("-r", restic_repo, "snapshots", "--json"))
+    assert len(snapshots) == 2  # the files, and the one disk
+    assert all({"kvmsnap", "vm:demo", "nightly", "state:clean"} <= set(s["tags"])
+               for s in snapshots)
+    files = next(a for a in report.archives if a.kind == "files")
+    out = tmp_path / "restore"
+    restic("-r", restic_repo, "restore", files.name, "--target", out)
+    assert_clean_workload(next(out.rglob("vdisk0")), before)
+    image = next(a for a in report.archives if a.kind == "image")
+    raw = tmp_path / "vdisk0.raw"
+    with open(raw, "wb") as handle:
+        subprocess.run(["restic", "-r", str(restic_repo), "dump", image.name, "/vdisk0.raw"],
+                       stdout=handle, check=True, timeout=300)
+    disk = read_disk(raw, raw)
+    assert disk.state is State.CLEAN and len(disk.lines) >= before
+
+
+def test_restic_leaves_no_snapshot_when_the_image_stream_breaks(tmp_path, restic_repo,
+                                                                monkeypatch):
+    def broken_feed(image, write_end):
+        process_written = 0
+        while process_written < 8 << 20:  # restic has read 8 MiB when the source fails
+            process_written += __import__("os").write(write_end, b"\1" * (1 << 20))
+        raise ArchiveError("reading disk image failed after 8 MiB")
+
+    monkeypatch.setattr(restic_archiver, "_feed", broken_feed)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\0" * 1024)
+    target = ArchiveTarget("restic", "restic", "image", {"repository": str(restic_repo)})
+    job = BackupJob("demo", tmp_path / "unused.sock")
+    program = restic_archiver._restic(target)
+    with pytest.raises(ArchiveError, match="failed after 8 MiB"):
+        restic_archiver.backup_image(program, target, job, "vdisk0", image, ["kvmsnap"])
+    assert json.loads(restic("-r", restic_repo, "snapshots", "--json")) == []
+
+
+class CleanupSpy:
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def kvmsnap_cleanup(self, report, error):
+        self.calls.append((report, error))
+
+
+def test_a_failing_archiver_still_cleans_up_everything(start_demo, tmp_path):
+    vm = start_demo()
+    vm.wait_counter(5)
+    spy = CleanupSpy()
+    missing = tmp_path / "no-such-repo"
+    with pytest.raises(ArchiveError, match="no repository") as info:
+        run_backup(vm, tmp_path, ArchiveTarget("borg", "borg", "files",
+                                               {"repository": str(missing)}), plugins=[spy])
+    assert "borg init" in info.value.hint
+    assert spy.calls == [(None, info.value)]  # the plugins' cleanup ran, with the error
+    assert vm.qmp.runstate() == "running"
+    assert [b["inserted"]["file"] for b in vm.qmp.execute("query-block")] == \
+        [str(vm.paths.disks[0])]  # the parent is back on its own image
+    assert [p for p in (tmp_path / "work").rglob("*") if not p.is_dir()] == []
+    mounts = Path("/proc/mounts").read_text()
+    assert str(tmp_path) not in mounts
+    assert str(tmp_path) not in process.run(["losetup", "-a"], timeout=30).stdout
+
+
+def test_cli_backup_keeps_secrets_out_of_output(start_demo, tmp_path, borg_repo,
+                                                restic_repo):
+    vm = start_demo()
+    vm.wait_counter(5)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvmsnap_plugin.cli", "--debug", "backup", "--qmp",
+         str(vm.paths.backup_qmp), "--name", "demo vm; rm -rf /", "--workdir",
+         str(tmp_path / "work"), "--borg", str(borg_repo), "--restic", str(restic_repo),
+         "--mode", "files", "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["clean"] and len(report["archives"]) == 2
+    assert report["archives"][0]["name"].startswith("demo vm; rm -rf _-")  # "/" is borg's
+    for secret in (BORG_PASSPHRASE, RESTIC_PASSWORD):
+        assert secret not in out.stdout and secret not in out.stderr
+    assert "borg" in out.stderr and "create" in out.stderr  # --debug logged the commands
