@@ -54,13 +54,19 @@ def commit_back(session: QmpSession, disks: Sequence[ForkedDisk],
 def _commit_one(session: QmpSession, disk: ForkedDisk, job: str, timeout: float) -> Commit:
     started = time.monotonic()
     written = 0
-    if disk.overlay_node not in _top_nodes(session):
+    running = {j["device"] for j in session.execute("query-block-jobs")}
+    if disk.overlay_node not in _top_nodes(session) and job not in running:
         log.debug("%s is not active; nothing to commit", disk.overlay_node)
     else:
         log.info("committing the parent's writes on %s back into %s", disk.disk.device,
                  disk.frozen.name)
-        session.execute("block-commit", {"job-id": job, "device": disk.overlay_node,
-                                         "base-node": disk.disk.node})
+        if job in running:  # left by an interrupted run: finish it rather than start anew
+            if any(j["device"] == job and j.get("ready") for j in
+                   session.execute("query-block-jobs")):
+                session.execute("block-job-complete", {"device": job})
+        else:
+            session.execute("block-commit", {"job-id": job, "device": disk.overlay_node,
+                                             "base-node": disk.disk.node})
         ready = _wait_job(session, job, ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"), timeout)
         if ready.name == "BLOCK_JOB_READY":
             session.execute("block-job-complete", {"device": job})

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,44 @@ def _job_from_args(args: argparse.Namespace, targets=()) -> BackupJob:
 
 def cmd_fork(args: argparse.Namespace) -> int:
     return run_jobs([_job_from_args(args)], args)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from kvmsnap_plugin.errors import SkipBackup
+    from kvmsnap_plugin.pipeline import mount
+
+    if args.skip_missing and not Path(args.qmp).exists():
+        raise SkipBackup(f"{args.qmp} does not exist: the VM is not running; skipping")
+    report = mount(_job_from_args(args))
+    print(json.dumps(report.as_dict(), indent=2, default=str) if args.json else report.render())
+    return EXIT_OK if report.clean and not report.warnings else EXIT_WARNING
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from kvmsnap_plugin.config import BackupJob
+    from kvmsnap_plugin.pipeline import release
+
+    done = release(BackupJob(args.qmp, Path(args.qmp)))
+    print(json.dumps(asdict(done), indent=2) if args.json else
+          "\n".join(f"{done.vm}: {action}" for action in done.actions))
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from kvmsnap_plugin.pipeline import recover_all
+
+    results = recover_all()
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        for r in results:
+            for line in r.actions:
+                print(f"{r.vm}: {line}")
+            for line in r.problems:
+                print(f"{r.vm}: PROBLEM: {line}")
+        if not results:
+            print("nothing to recover")
+    return EXIT_ERROR if any(r.problems for r in results) else EXIT_OK
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -187,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo", cmd_demo, "run the main job on the bundled demo guest")
     add_fork_arguments(add("fork", cmd_fork, "fork a running VM, shut the clone down "
                            "cleanly and report its disks' verdicts"))
+    mount = add("mount", cmd_mount, "fork a VM and leave its clone's filesystems mounted "
+                "read-only for another tool (borgmatic, a restic script); undo with release")
+    add_fork_arguments(mount)
+    mount.add_argument("--skip-missing", action="store_true",
+                       help="exit 75 (skip softly) when the QMP socket does not exist")
+    release = add("release", cmd_release, "unmount what `kvmsnap mount` left and give the "
+                  "parent its disk chain back")
+    release.add_argument("--qmp", required=True, metavar="SOCKET",
+                         help="the VM's QMP socket, as given to mount")
+    add("recover", cmd_recover, "finish or undo every interrupted kvmsnap run on this host")
     backup = add("backup", cmd_backup, "back up running VMs consistently into borg/restic")
     add_fork_arguments(backup, qmp_required=False)
     backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and archivers")

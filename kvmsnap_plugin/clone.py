@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,22 +241,23 @@ def _isolate_network(name: str, value: str) -> str:
 class Clone(Machine):
     """A running clone: loaded from the RAM state, NICs unplugged, still paused."""
 
-    def __init__(self, plan: ClonePlan) -> None:
+    def __init__(self, plan: ClonePlan, on_start: Callable[[int], None] | None) -> None:
         super().__init__(plan.argv, qmp_path=plan.qmp_path, name="clone",
                          console_log=plan.console_log,
-                         stderr_log=plan.workdir / "clone.stderr")
+                         stderr_log=plan.workdir / "clone.stderr", on_start=on_start)
         self.plan = plan
         self.restore_s = 0.0
 
 
 @contextlib.contextmanager
-def running_clone(plan: ClonePlan, state_file: Path, timeout: float = 300.0) -> Iterator[Clone]:
+def running_clone(plan: ClonePlan, state_file: Path, timeout: float = 300.0,
+                  on_start: Callable[[int], None] | None = None) -> Iterator[Clone]:
     """Start the clone from the RAM state file; the file is deleted once loaded.
 
     The clone is paused on entry (``-S``): the caller runs it and presses its power button.
-    On exit it is always ended (soft, then hard).
+    On exit it is always ended (soft, then hard). ``on_start`` learns its PID at once.
     """
-    clone = Clone(plan)
+    clone = Clone(plan, on_start)
     try:
         with clone:
             started = time.monotonic()

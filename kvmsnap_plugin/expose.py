@@ -4,14 +4,15 @@ No nbd module is needed: ``qemu-storage-daemon`` exports each qcow2 as a raw fil
 FUSE (read-only), ``losetup -r -P`` turns that file into a block device with its partitions,
 and each filesystem found is mounted read-only without journal replay (ext4 ``noload``, xfs
 ``norecovery``) under one mount root: ``ROOT/<disk>`` for a whole-disk filesystem,
-``ROOT/<disk>/p<N>`` for partitions. Leaving the context always unmounts, detaches and
-stops the daemon, in that order.
+``ROOT/<disk>/p<N>`` for partitions. :func:`unexpose` unmounts, detaches and stops the
+daemon, in that order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from kvmsnap_plugin import process, verify
 from kvmsnap_plugin.errors import HostError, KvmsnapError
+from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.paths import safe_name
 
 log = logging.getLogger("kvmsnap")
@@ -48,6 +50,11 @@ class ExposedDisk:
 class Exposure:
     root: Path  # the mount root
     disks: list[ExposedDisk] = field(default_factory=list)
+    # what :func:`unexpose` must undo, in reverse
+    _daemon: subprocess.Popen[bytes] | None = None
+    _exports: list[Path] = field(default_factory=list)
+    _loops: list[Path] = field(default_factory=list)
+    _mounts: list[Path] = field(default_factory=list)
 
     @property
     def filesystems(self) -> list[ExposedFilesystem]:
@@ -56,63 +63,107 @@ class Exposure:
 
 @contextlib.contextmanager
 def exposed(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
-            mount: bool = True, timeout: float = 60.0) -> Iterator[Exposure]:
+            mount: bool = True, timeout: float = 60.0,
+            journal: Journal | None = None) -> Iterator[Exposure]:
+    """:func:`expose`, undone on exit."""
+    exposure = expose(images, workdir, root, mount=mount, timeout=timeout, journal=journal)
+    try:
+        yield exposure
+    finally:
+        unexpose(exposure)
+
+
+def expose(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
+           mount: bool = True, timeout: float = 60.0,
+           journal: Journal | None = None) -> Exposure:
     """Expose ``(name, qcow2-or-raw image)`` pairs: raw views in ``workdir/images``,
-    filesystems under ``root``. Everything is undone on exit."""
+    filesystems under ``root``. Undo with :func:`unexpose` (done here on failure).
+
+    With a journal, each export, loop device and mount is recorded before it is made, so
+    :func:`kvmsnap_plugin.cleanup.recover` can undo them after a crash, and a split backup
+    (``kvmsnap mount``) can leave them for ``kvmsnap release``.
+    """
+    record = journal or _NoJournal()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if any(root.iterdir()):
         raise HostError(f"the mount root {root} is not empty",
                         "an interrupted run? run `kvmsnap recover`, or pick another mount root")
     exposure = Exposure(root)
-    with contextlib.ExitStack() as undo:
-        exports = undo.enter_context(_fuse_exports(images, workdir, timeout))
-        for (name, _), export in zip(images, exports, strict=True):
+    try:
+        _start_exports(exposure, images, workdir, timeout, record)
+        for (name, _), export in zip(images, exposure._exports, strict=True):
+            record.append("loop_files", str(export))
             loop = _attach_loop(export)
-            undo.callback(_detach_loop, loop)
-            filesystems = []
-            for partition, device in _block_devices(loop, timeout):
-                fstype = verify.probe_fstype(device)
-                mountpoint = None
-                if mount and fstype in MOUNT_OPTIONS:
-                    top = root / safe_name(name)
-                    mountpoint = top / partition if partition else top
-                    mountpoint.mkdir(parents=True, exist_ok=True)
-                    _mount(device, mountpoint, fstype)
-                    undo.callback(_unmount, mountpoint)
-                filesystems.append(ExposedFilesystem(name, partition, device, fstype,
-                                                     mountpoint))
+            exposure._loops.append(loop)
+            filesystems = [_filesystem(exposure, name, partition, device, mount, record)
+                           for partition, device in _block_devices(loop, timeout)]
             exposure.disks.append(ExposedDisk(name, export, loop, tuple(filesystems)))
-        yield exposure
+    except BaseException:
+        unexpose(exposure)
+        raise
+    return exposure
 
 
-@contextlib.contextmanager
-def _fuse_exports(images: Sequence[tuple[str, Path]], workdir: Path,
-                  timeout: float) -> Iterator[list[Path]]:
+def unexpose(exposure: Exposure) -> None:
+    """Unmount, detach the loop devices, stop the export daemon, remove the raw views."""
+    for mountpoint in reversed(exposure._mounts):
+        unmount(mountpoint)
+    for loop in reversed(exposure._loops):
+        _detach_loop(loop)
+    if exposure._daemon is not None:
+        # SIGTERM makes qemu-storage-daemon unmount its FUSE exports and exit cleanly.
+        process.stop(exposure._daemon, grace=10)
+    for export in exposure._exports:
+        if is_mountpoint(export):
+            process.run(["umount", "-l", export], timeout=30, check=False)
+        export.unlink(missing_ok=True)
+    exposure._mounts, exposure._loops, exposure._exports = [], [], []
+    exposure._daemon = None
+
+
+def _filesystem(exposure: Exposure, name: str, partition: str, device: Path, mount: bool,
+                record: Journal | _NoJournal) -> ExposedFilesystem:
+    fstype = verify.probe_fstype(device)
+    mountpoint = None
+    if mount and fstype in MOUNT_OPTIONS:
+        top = exposure.root / safe_name(name)
+        mountpoint = top / partition if partition else top
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        record.append("mounts", str(mountpoint))
+        _mount(device, mountpoint, fstype)
+        exposure._mounts.append(mountpoint)
+    return ExposedFilesystem(name, partition, device, fstype, mountpoint)
+
+
+def _start_exports(exposure: Exposure, images: Sequence[tuple[str, Path]], workdir: Path,
+                   timeout: float, record: Journal | _NoJournal) -> None:
     argv = [process.find_program("qemu-storage-daemon", "qemu-system-common")]
-    exports = []
     (workdir / "images").mkdir(mode=0o700, exist_ok=True)
     for index, (name, image) in enumerate(images):
         export = workdir / "images" / f"{safe_name(name)}.raw"
         export.touch(mode=0o600)
-        exports.append(export)
+        exposure._exports.append(export)
         fmt = _image_format(image)
         argv += ["--blockdev", f"driver=file,node-name=f{index},filename={image},read-only=on",
                  "--blockdev", f"driver={fmt},node-name=d{index},file=f{index},read-only=on",
                  "--export", f"type=fuse,id=e{index},node-name=d{index},"
                              f"mountpoint={export},writable=off"]
     stderr_path = workdir / "qsd.stderr"
+    record.record(exports=[str(e) for e in exposure._exports])
     with open(stderr_path, "wb") as err:
-        daemon = process.spawn(argv, stderr=err)
-    try:
-        _wait_mounted(exports, daemon, stderr_path, timeout)
-        yield exports
-    finally:
-        # SIGTERM makes qemu-storage-daemon unmount its FUSE exports and exit cleanly.
-        process.stop(daemon, grace=10)
-        for export in exports:
-            if _is_mountpoint(export):
-                process.run(["umount", "-l", export], timeout=30, check=False)
-            export.unlink(missing_ok=True)
+        exposure._daemon = process.spawn(argv, stderr=err)
+    record.record(qsd=process.identity(exposure._daemon.pid))
+    _wait_mounted(exposure._exports, exposure._daemon, stderr_path, timeout)
+
+
+class _NoJournal:
+    """Stands in for a journal when nothing needs to survive a crash."""
+
+    def record(self, **fields: object) -> None:
+        pass
+
+    def append(self, key: str, value: object) -> None:
+        pass
 
 
 def _image_format(image: Path) -> str:
@@ -122,7 +173,7 @@ def _image_format(image: Path) -> str:
 
 def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not all(_is_mountpoint(e) for e in exports):
+    while not all(is_mountpoint(e) for e in exports):
         if daemon.poll() is not None:
             message = stderr_path.read_text(errors="replace").strip().splitlines()[-1:]
             raise HostError(f"qemu-storage-daemon could not export the disks: "
@@ -133,7 +184,7 @@ def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float
         time.sleep(0.02)
 
 
-def _is_mountpoint(path: Path) -> bool:
+def is_mountpoint(path: Path) -> bool:
     target = str(path).replace(" ", "\\040")
     with open("/proc/self/mounts") as mounts:
         return any(line.split()[1] == target for line in mounts)
@@ -147,6 +198,13 @@ def _attach_loop(image: Path) -> Path:
 
 def _detach_loop(loop: Path) -> None:
     process.run(["losetup", "-d", loop], timeout=60, check=False)
+
+
+def detach_loops_of(backing: Path) -> None:
+    """Detach every loop device backed by ``backing`` (recovery knows files, not devices)."""
+    out = process.run(["losetup", "-j", backing], timeout=30, check=False).stdout
+    for line in out.splitlines():
+        _detach_loop(Path(line.split(":", 1)[0]))
 
 
 def _block_devices(loop: Path, timeout: float) -> list[tuple[str, Path]]:
@@ -172,7 +230,12 @@ def _mount(device: Path, mountpoint: Path, fstype: str) -> None:
                 timeout=120)
 
 
-def _unmount(mountpoint: Path) -> None:
+def unmount(mountpoint: Path) -> None:
+    """Unmount (lazily if busy) and remove the mount point; a no-op if not mounted."""
+    if not is_mountpoint(mountpoint):
+        with contextlib.suppress(OSError):
+            mountpoint.rmdir()
+        return
     try:
         process.run(["umount", mountpoint], timeout=120)
     except KvmsnapError:

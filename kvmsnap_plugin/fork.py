@@ -77,14 +77,20 @@ def create_overlay(path: Path, backing: str, backing_format: str, size: int) -> 
     path.chmod(0o600)
 
 
-def take_fork(session: QmpSession, parent: Parent, state_file: Path, *, run_id: str,
-              method: str = "auto", overlay_dir: Path | None = None,
-              timeout: float = 600.0) -> ForkPoint:
+def plan_fork(parent: Parent, run_id: str, overlay_dir: Path | None) -> tuple[ForkedDisk, ...]:
+    """The parent's overlays-to-be: recorded in the journal before they exist."""
+    return tuple(ForkedDisk(disk, parent_overlay_path(disk, run_id, overlay_dir),
+                            f"kvmsnap-{run_id}-{index}")
+                 for index, disk in enumerate(parent.writable_disks))
+
+
+def take_fork(session: QmpSession, parent: Parent, planned: tuple[ForkedDisk, ...],
+              state_file: Path, *, method: str = "auto", timeout: float = 600.0) -> ForkPoint:
     """Fork the parent's disks and RAM at one instant. The parent runs again on return.
 
     On failure the parent is resumed and its chain restored before the error propagates.
     """
-    forked = _attach_overlays(session, parent, run_id, overlay_dir)
+    forked = _attach_overlays(session, planned)
     applied = False
     saved_caps = _migration_capabilities(session)
     try:
@@ -104,22 +110,19 @@ def take_fork(session: QmpSession, parent: Parent, state_file: Path, *, run_id: 
 
 
 # -- before the pause ------------------------------------------------------------------------
-def _attach_overlays(session: QmpSession, parent: Parent, run_id: str,
-                     overlay_dir: Path | None) -> tuple[ForkedDisk, ...]:
-    forked: list[ForkedDisk] = []
+def _attach_overlays(session: QmpSession,
+                     planned: tuple[ForkedDisk, ...]) -> tuple[ForkedDisk, ...]:
     try:
-        for index, disk in enumerate(parent.writable_disks):
-            path = parent_overlay_path(disk, run_id, overlay_dir)
-            create_overlay(path, disk.filename, disk.format, disk.virtual_size)
-            node = f"kvmsnap-{run_id}-{index}"
-            forked.append(ForkedDisk(disk, path, node))
+        for forked in planned:
+            disk = forked.disk
+            create_overlay(forked.parent_overlay, disk.filename, disk.format, disk.virtual_size)
             session.execute("blockdev-add", {
-                "driver": "qcow2", "node-name": node, "backing": None,
-                "file": {"driver": "file", "filename": str(path)}})
+                "driver": "qcow2", "node-name": forked.overlay_node, "backing": None,
+                "file": {"driver": "file", "filename": str(forked.parent_overlay)}})
     except BaseException:
-        _detach_overlays(session, forked)
+        _detach_overlays(session, planned)
         raise
-    return tuple(forked)
+    return planned
 
 
 def _detach_overlays(session: QmpSession, forked: Sequence[ForkedDisk]) -> None:

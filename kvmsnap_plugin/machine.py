@@ -12,7 +12,7 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvmsnap_plugin import process
@@ -27,13 +27,15 @@ class Machine:
 
     def __init__(self, argv: Sequence[str], *, qmp_path: Path, name: str = "vm",
                  console_log: Path | None = None, stderr_log: Path | None = None,
-                 pass_fds: Sequence[int] = ()) -> None:
+                 pass_fds: Sequence[int] = (),
+                 on_start: Callable[[int], None] | None = None) -> None:
         self.argv = [str(a) for a in argv]
         self.qmp_path = qmp_path
         self.name = name
         self.console_log = console_log
         self.stderr_log = stderr_log or qmp_path.with_name(f"{name}.stderr")
         self.pass_fds = tuple(pass_fds)
+        self.on_start = on_start  # told the PID at once (the journal records it)
         self.proc: subprocess.Popen[bytes] | None = None
         self._qmp: QmpSession | None = None
         #: how the VM ended: "guest", "powerdown", "quit", "terminate", "kill"
@@ -50,6 +52,8 @@ class Machine:
     def start(self, connect_timeout: float = 30.0) -> None:
         with open(self.stderr_log, "wb") as err:
             self.proc = process.spawn(self.argv, stderr=err, pass_fds=self.pass_fds)
+        if self.on_start:
+            self.on_start(self.proc.pid)
         deadline = time.monotonic() + connect_timeout
         while not self.qmp_path.exists():
             self._check_alive("while starting")

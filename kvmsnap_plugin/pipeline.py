@@ -9,22 +9,26 @@ back into the frozen images those disks are built on.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvmsnap_plugin import verify
+from kvmsnap_plugin import process, verify
 from kvmsnap_plugin.archive import ArchiveResult, archive_all
 from kvmsnap_plugin.chain import Commit, commit_back, keep_images
+from kvmsnap_plugin.cleanup import Recovery, recover
 from kvmsnap_plugin.clone import ClonePlan, plan_clone, prepare_overlays, running_clone
 from kvmsnap_plugin.config import BackupJob
-from kvmsnap_plugin.errors import HostError, SkipBackup, VMError
-from kvmsnap_plugin.expose import exposed
-from kvmsnap_plugin.fork import parent_overlay_path, take_fork
+from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
+from kvmsnap_plugin.expose import expose, unexpose
+from kvmsnap_plugin.fork import parent_overlay_path, plan_fork, take_fork
+from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.parent import Parent, discover
 from kvmsnap_plugin.paths import safe_name, socket_dir
 from kvmsnap_plugin.plugins import Hooks
@@ -33,6 +37,8 @@ from kvmsnap_plugin.report import CLEAN, CRASH_CONSISTENT, BackupReport
 from kvmsnap_plugin.shutdown import ShutdownPolicy, ShutdownResult, shut_down
 
 log = logging.getLogger("kvmsnap")
+
+MOUNTED = "mounted"  # the journal phase of a split backup waiting for `kvmsnap release`
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,78 @@ class Plan:
 
 def backup(job: BackupJob, hooks: Hooks | None = None) -> BackupReport:
     """Back up one VM. Plugins' cleanup hooks run whatever happens."""
-    hooks = hooks or Hooks()
+    return _with_cleanup_hooks(job, hooks or Hooks(), detach=False)
+
+
+def mount(job: BackupJob, hooks: Hooks | None = None) -> BackupReport:
+    """The first half of a split backup: fork, shut the clone down, mount its filesystems
+    under the mount root and leave them there (for borgmatic or a wrapper script to
+    archive). :func:`release` undoes it all and gives the parent its chain back."""
+    return _with_cleanup_hooks(job, hooks or Hooks(), detach=True)
+
+
+def release(job: BackupJob) -> Recovery:
+    """The second half of a split backup: unmount, stop the exports, commit the parent."""
+    with Journal.acquire(job.qmp) as journal:
+        if not journal.pending:
+            return Recovery(job.name, ["nothing to release"])
+        return _recover_or_fail(journal)
+
+
+def recover_all() -> list[Recovery]:
+    """Finish or undo every interrupted run this host has a journal of."""
+    results = []
+    for path in Journal.all_pending():
+        data = json.loads(path.read_text())
+        try:
+            with Journal.acquire(Path(data["qmp"])) as journal:
+                if journal.pending:
+                    results.append(recover(journal))
+        except KvmsnapError as exc:
+            results.append(Recovery(data.get("vm", path.stem), problems=[str(exc)]))
+    return results
+
+
+def _with_cleanup_hooks(job: BackupJob, hooks: Hooks, detach: bool) -> BackupReport:
     report, error = None, None
     try:
-        report = _backup(job, hooks)
+        report = _locked(job, hooks, detach)
         return report
     except BaseException as exc:
         error = exc
         raise
     finally:
         hooks.cleanup(job, report, error)
+
+
+def _locked(job: BackupJob, hooks: Hooks, detach: bool) -> BackupReport:
+    with Journal.acquire(job.qmp) as journal:
+        if journal.pending:
+            log.warning("%s: a previous run did not finish; cleaning up after it first",
+                        job.name)
+            _recover_or_fail(journal)
+        try:
+            report = _backup(job, hooks, journal, detach)
+        finally:
+            if not (detach and journal.data.get("phase") == MOUNTED):
+                _final_sweep(journal)
+        return report
+
+
+def _final_sweep(journal: Journal) -> None:
+    """Whatever the run's own cleanup could not undo, the journal still knows."""
+    if journal.pending:
+        done = recover(journal)
+        for action in done.actions:
+            log.warning("cleaned up: %s", action)
+
+
+def _recover_or_fail(journal: Journal) -> Recovery:
+    done = recover(journal)
+    if done.problems:
+        raise VMError(f"{done.vm}: recovery left problems: {'; '.join(done.problems)}",
+                      "fix them (see the messages) and run `kvmsnap recover` again")
+    return done
 
 
 def plan(job: BackupJob) -> Plan:
@@ -91,10 +159,11 @@ def mount_root(job: BackupJob) -> Path:
     return job.fork.mount_root or job.fork.workdir / "mnt" / safe_name(job.name)
 
 
-def _backup(job: BackupJob, hooks: Hooks) -> BackupReport:
+def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> BackupReport:
     started = time.monotonic()
     pid = job.fork.pid or peer_pid(job.qmp)
     options = job.fork
+    root = mount_root(job)
     commits: list[Commit] = []
     with contextlib.ExitStack() as cleanup:
         session = cleanup.enter_context(QmpSession(job.qmp, name="parent"))
@@ -103,37 +172,57 @@ def _backup(job: BackupJob, hooks: Hooks) -> BackupReport:
         reason = hooks.pre_backup(job, parent)
         if reason:
             raise SkipBackup(f"{job.name}: skipped by a plugin: {reason}")
+        journal.start(vm=job.name, qmp=str(job.qmp), parent=process.identity(pid),
+                      phase="preparing", mount_root=str(root))
         workdir = _make_workdir(options.workdir, parent)
+        journal.record(workdir=str(workdir))
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
         sockets = cleanup.enter_context(socket_dir())
+        journal.record(sockets=str(sockets))
         clone_plan = plan_clone(parent, workdir, sockets, options.clone_console)
         prepare_overlays(clone_plan, parent.writable_disks)
-        point = take_fork(session, parent, workdir / "ram.state",
-                          run_id=f"{os.getpid()}-{int(time.time())}",
-                          method=options.method, overlay_dir=options.overlay_dir)
-        cleanup.callback(lambda: commits.extend(commit_back(session, point.disks)))
+        planned = plan_fork(parent, f"{os.getpid()}-{int(time.time())}", options.overlay_dir)
+        journal.record(phase="forking", overlays=[asdict(d) for d in planned])
+        point = take_fork(session, parent, planned, workdir / "ram.state",
+                          method=options.method)
+        journal.record(phase="forked")
+
+        def give_back() -> None:
+            commits.extend(commit_back(session, point.disks))
+            journal.record(overlays=[])
+
+        cleanup.callback(give_back)
         hooks.snapshot(job, point)
-        stopped, restore_s = _run_clone(clone_plan, point.state_file, options.shutdown)
+        stopped, restore_s = _run_clone(clone_plan, point.state_file, options.shutdown,
+                                        lambda pid: journal.record(clone=process.identity(pid)))
+        journal.record(clone=None, phase="shut-down")
         label = _label(stopped, options.shutdown)
         images = _images(clone_plan, label)
-        with exposed(images, workdir, mount_root(job)) as exposure:
-            hooks.post_shutdown(job, point, exposure, label)
-            archives: list[ArchiveResult] = archive_all(hooks, job, exposure, label)
-            verdicts = verify.verdicts(exposure.filesystems)
+        exposure = expose(images, workdir, root, journal=journal)
+        cleanup.callback(unexpose, exposure)
+        journal.record(phase="exposed")
+        hooks.post_shutdown(job, point, exposure, label)
+        archives: list[ArchiveResult] = archive_all(hooks, job, exposure, label)
+        verdicts = verify.verdicts(exposure.filesystems)
         kept = ([str(p) for p in keep_images(images, options.keep_dir)]
                 if options.keep_dir else [])
+        if detach:
+            journal.record(phase=MOUNTED)
+            cleanup.pop_all()  # everything stays, for `kvmsnap release`
+            session.close()
     report = BackupReport(parent.name, label, point.method, point.pause_ms,
                           point.disk_snapshot_ms, point.ram_bytes, point.ram_save_s,
                           point.qemu_downtime_ms, restore_s, stopped, verdicts, archives, kept,
                           commits, time.monotonic() - started, _warnings(label, verdicts,
                                                                          archives))
-    log.info("%s: done in %.1f s", job.name, report.total_s)
+    log.info("%s: %s in %.1f s", job.name, f"mounted at {root}" if detach else "done",
+             report.total_s)
     return report
 
 
-def _run_clone(clone_plan: ClonePlan, state_file: Path,
-               policy: ShutdownPolicy) -> tuple[ShutdownResult, float]:
-    with running_clone(clone_plan, state_file) as clone:
+def _run_clone(clone_plan: ClonePlan, state_file: Path, policy: ShutdownPolicy,
+               on_start: Callable[[int], None]) -> tuple[ShutdownResult, float]:
+    with running_clone(clone_plan, state_file, on_start=on_start) as clone:
         return shut_down(clone, policy), clone.restore_s
 
 

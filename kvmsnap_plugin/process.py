@@ -254,3 +254,24 @@ class ShProgram:
         return ProcessError(f"{Path(self.path).name} failed with exit code {code}: {last[0]}",
                             f"run it by hand to see more: {mask(shlex.join(argv), self.secrets)}",
                             returncode=code, stderr=text)
+
+
+def identity(pid: int) -> str:
+    """``PID:START`` - a process, told apart from a later one that reuses its PID."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return f"{pid}:gone"
+    return f"{pid}:{fields[19]}"  # field 22 of stat: start time in clock ticks
+
+
+def same_process(recorded: str | None) -> int | None:
+    """The PID of the recorded process if it is still alive (and not a zombie), else None."""
+    if not recorded or recorded.endswith(":gone"):
+        return None
+    pid = int(recorded.split(":", 1)[0])
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+    return pid if state != "Z" and identity(pid) == recorded else None

@@ -53,6 +53,19 @@ def read_disk(image: Path, scratch: Path) -> DiskContents:
             raw.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kvmsnap_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Journals and locks of the tests' runs, kept away from the host's /var/lib/kvmsnap."""
+    directory = tmp_path_factory.mktemp("kvmsnap-state")
+    saved = os.environ.get("KVMSNAP_STATE_DIR")
+    os.environ["KVMSNAP_STATE_DIR"] = str(directory)
+    yield directory
+    if saved is None:
+        os.environ.pop("KVMSNAP_STATE_DIR", None)
+    else:
+        os.environ["KVMSNAP_STATE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def demo_guest() -> DemoGuest:
     """The cached demo guest (built on first use). Fails, never skips, without QEMU."""

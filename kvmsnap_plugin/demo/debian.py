@@ -41,7 +41,7 @@ from kvmsnap_plugin.paths import cache_root, socket_dir
 log = logging.getLogger(__name__)
 
 #: Bump when the build procedure changes in a way the hashed inputs do not show.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "initramfs-tools", "dbus",
             "xfsprogs", "e2fsprogs")
@@ -56,12 +56,16 @@ ROOT_WORKLOAD_DIR = "/var/lib/kvmsnap-workload"
 
 #: fsck.mode=skip and rw: no fsck pass and no remount under slow TCG; panic=-1 with
 #: QEMU's -no-reboot turns a kernel panic into a quick QEMU exit instead of a hang.
+#: systemd.status_unit_format=name keeps status lines short and greppable
+#: ("Stopped kvmsnap-workload.service.") instead of ellipsized descriptions.
 APPEND = ("root=/dev/vda1 rootfstype=ext4 rw rootflags=commit=600 console=ttyS0 "
-          "systemd.show_status=1 fsck.mode=skip panic=-1")
+          "systemd.show_status=1 systemd.status_unit_format=name fsck.mode=skip panic=-1")
 
 READY = r"KVMSNAP-READY"
+BUTTON_WATCHED = r"systemd-logind\[\d+\]: Watching system buttons on \S+ \(Power Button\)"
 STOPPED = r"KVMSNAP-WORKLOAD-STOPPED (\d+)"
 POWERED_DOWN = r"reboot: Power down"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 #: Units that only cost boot time under TCG, write to the disk behind the workload's back,
 #: or would wait for things this guest does not have. No getty: nobody logs in.
@@ -104,12 +108,19 @@ GUEST_FILES: dict[str, str] = {
     "etc/initramfs-tools/modules": "# kvmsnap: the root disk is virtio-blk\n"
                                    "virtio_pci\nvirtio_blk\next4\n",
     "etc/initramfs-tools/conf.d/kvmsnap": "RESUME=none\nCOMPRESS=gzip\n",
-    # Buffered writes stay in the page cache until a sync or an unmount.
+    # Buffered writes stay in the page cache until a sync or an unmount. xfs forces its
+    # log every second instead of every 30: its metadata changes reach the on-disk log at
+    # once, so a crash-consistent copy shows a dirty log, not an idle one that looks clean.
     "etc/sysctl.d/90-kvmsnap.conf": "vm.dirty_writeback_centisecs = 0\n"
-                                    "vm.dirty_expire_centisecs = 360000\n",
+                                    "vm.dirty_expire_centisecs = 360000\n"
+                                    "fs.xfs.xfssyncd_centisecs = 100\n",
     # button: the ACPI "Power Button" input device; evdev: its /dev/input/event node,
-    # through which systemd-logind sees it.
-    "etc/modules-load.d/kvmsnap.conf": "button\nevdev\n",
+    # through which systemd-logind sees it; xfs: loaded before systemd-sysctl runs, so
+    # its fs.xfs.* setting exists by then.
+    "etc/modules-load.d/kvmsnap.conf": "button\nevdev\nxfs\n",
+    # Nothing to gain from these under TCG, only boot time.
+    "etc/modprobe.d/kvmsnap-blacklist.conf": "blacklist kvm_amd\nblacklist kvm_intel\n"
+                                             "blacklist powernow_k8\n",
     # logind's own messages ("Watching system buttons", "Power key pressed") on the
     # console, so the host sees who handled the button.
     "etc/systemd/system/systemd-logind.service.d/kvmsnap-console.conf":
@@ -119,8 +130,10 @@ GUEST_FILES: dict[str, str] = {
     "etc/systemd/system.conf.d/kvmsnap.conf": "[Manager]\nDefaultTimeoutStopSec=20s\n",
     "etc/systemd/system/kvmsnap-workload.service": """\
 [Unit]
-Description=kvmsnap test workload (buffered writes to / and /data)
+Description=kvmsnap test workload
 RequiresMountsFor=/var/lib /data
+# READY must mean the power button works: logind watches the buttons before it is started.
+After=systemd-logind.service
 
 [Service]
 Type=exec
@@ -151,7 +164,10 @@ class DebianGuest:
 
 # -- the public entry points -----------------------------------------------------------------
 def build_debian_guest(cache: Path | None = None) -> DebianGuest:
-    """Return the cached Debian guest, building it first (several minutes) if missing."""
+    """Return the cached Debian guest, building it first if missing (about a minute).
+
+    Safe to call from parallel test sessions: they wait for one another's build.
+    """
     cache = cache or cache_root()
     cache.mkdir(parents=True, exist_ok=True)
     mirror = apt_mirror()
@@ -248,6 +264,7 @@ def _build_into(final: Path, cache: Path, mirror: str, key: str) -> None:
         info = _build_image(staging, cache / "debian-debs", mirror, key)
         info["build_seconds"] = round(time.monotonic() - started, 1)
         (staging / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+        staging.chmod(0o755)  # mkdtemp made it 0700; a QEMU run as another user reads it
         staging.rename(final)
     finally:
         _remove_build_dir(staging)
@@ -276,10 +293,16 @@ def ensure_debootstrap() -> None:
     """debootstrap is a Debian package the builder installs itself when missing."""
     try:
         process.find_program("debootstrap")
+        return
     except HostError:
         log.info("installing debootstrap")
-        process.run(["apt-get", "install", "-y", "-q", "debootstrap"], timeout=600,
-                    env={"DEBIAN_FRONTEND": "noninteractive"})
+    install = ["apt-get", "install", "-y", "-q", "debootstrap"]
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        process.run(install, timeout=600, env=env)
+    except ProcessError:  # a fresh machine may have no package lists yet
+        process.run(["apt-get", "update", "-q"], timeout=600, env=env)
+        process.run(install, timeout=600, env=env)
 
 
 def _build_image(staging: Path, debs: Path, mirror: str, key: str) -> dict[str, object]:
@@ -353,7 +376,7 @@ def _configure(root: Path, partitions: Sequence[Partition], key: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     (root / "etc/fstab").write_text(fstab(partitions))
-    (root / "etc/machine-id").write_text(hashlib.md5(key.encode()).hexdigest() + "\n")
+    (root / "etc/machine-id").write_text(hashlib.sha256(key.encode()).hexdigest()[:32] + "\n")
     workload = root / "usr/local/sbin/kvmsnap-workload"
     workload.write_bytes(_workload_script())
     workload.chmod(0o755)
@@ -363,7 +386,8 @@ def _configure(root: Path, partitions: Sequence[Partition], key: str) -> None:
     policy = root / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
-    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    if Path("/etc/resolv.conf").exists():  # apt inside the chroot downloads the kernel
+        shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
     _chroot(root, ["systemctl", "set-default", "multi-user.target"], timeout=60)
     _chroot(root, ["systemctl", "enable", "kvmsnap-workload.service"], timeout=60)
     _chroot(root, ["systemctl", "mask", *MASKED_UNITS], timeout=60)
@@ -431,34 +455,35 @@ class LoopDevice:
 
 
 @contextlib.contextmanager
-def loop_device(image: Path, *, read_only: bool = False,
+def loop_device(image: Path, *, read_only: bool = False, partitions: int = len(LAYOUT),
                 timeout: float = 10.0) -> Iterator[LoopDevice]:
-    """Attach a raw image with its partitions (``losetup -P``); always detach it."""
+    """Attach a raw disk image with its ``partitions`` partitions; always detach it."""
     argv = ["losetup", "--find", "--show", "--partscan", *(["--read-only"] if read_only else []),
             image]
     loop = LoopDevice(process.run(argv, timeout=60).stdout.strip())
     try:
-        _wait_for_partitions(loop, timeout)
+        _wait_for_partitions(loop, partitions, timeout)
         yield loop
     finally:
         process.run(["losetup", "--detach", loop.device], timeout=60, check=False)
 
 
-def _wait_for_partitions(loop: LoopDevice, timeout: float) -> None:
+def _wait_for_partitions(loop: LoopDevice, count: int, timeout: float) -> None:
     """Wait for the partition nodes; ask for them with ``partx --add`` if the scan is late.
 
     On some kernels (this project's 6.18 sandbox host) ``losetup --partscan`` attaches the
     device but never scans it; partx adds the partitions through BLKPG instead, and
     detaching the loop device still removes them.
     """
-    expected = [Path(loop.partition(p.number)) for p in LAYOUT]
-    deadline = time.monotonic() + timeout
+    expected = [Path(loop.partition(number)) for number in range(1, count + 1)]
+    started = time.monotonic()
     asked = False
     while not all(path.exists() for path in expected):
-        if not asked and time.monotonic() > deadline - timeout + 1.0:
+        waited = time.monotonic() - started
+        if not asked and waited > 1.0:
             process.run(["partx", "--add", loop.device], timeout=30, check=False)
             asked = True
-        if time.monotonic() > deadline:
+        if waited > timeout:
             raise HostError(f"{loop.device}: partitions did not appear in {timeout:g} s",
                             "is this a GPT disk image? (losetup -P, /dev must be devtmpfs)")
         time.sleep(0.05)
@@ -610,8 +635,18 @@ class DebianVM(Machine):
         self.guest = guest
 
     def wait_ready(self, timeout: float = 240.0) -> None:
-        """Wait for the workload's first line (systemd under TCG boots in tens of seconds)."""
+        """Wait for the workload, and for logind to watch the power button.
+
+        systemd under TCG boots in about 20 s; a button press before logind watches the
+        button would be lost silently.
+        """
+        started = time.monotonic()
         self.wait_console(READY, timeout)
+        self.wait_console(BUTTON_WATCHED, max(5.0, timeout - (time.monotonic() - started)))
+
+    def plain_console(self) -> str:
+        """The console log without systemd's colour escapes, for matching status lines."""
+        return ANSI_ESCAPE.sub("", self.console())
 
     def counter(self) -> int:
         """The workload's latest line number, as echoed on the console."""
@@ -622,7 +657,7 @@ class DebianVM(Machine):
         self.wait_console(rf"KVMSNAP-COUNT {at_least}\b", timeout)
         return self.counter()
 
-    def crash_copy(self, dest: Path, index: int = 0) -> Path:
+    def crash_copy(self, index: int, dest: Path) -> Path:
         """A raw copy of disk ``index`` as a power cut would leave it (guest paused meanwhile)."""
         self.qmp.execute("stop")
         try:
