@@ -138,7 +138,7 @@ def _filesystem(exposure: Exposure, name: str, partition: str, device: Path, mou
 def _start_exports(exposure: Exposure, images: Sequence[tuple[str, Path]], workdir: Path,
                    timeout: float, record: Journal | _NoJournal) -> None:
     argv = [process.find_program("qemu-storage-daemon", "qemu-system-common")]
-    (workdir / "images").mkdir(mode=0o700, exist_ok=True)
+    (workdir / "images").mkdir(mode=0o700, parents=True, exist_ok=True)
     for index, (name, image) in enumerate(images):
         export = workdir / "images" / f"{safe_name(name)}.raw"
         export.touch(mode=0o600)
@@ -208,21 +208,29 @@ def detach_loops_of(backing: Path) -> None:
 
 
 def _block_devices(loop: Path, timeout: float) -> list[tuple[str, Path]]:
-    """The loop device's partitions ("p1", ...), or the whole device ("")."""
-    pttype = process.run(["blkid", "-p", "-o", "value", "-s", "PTTYPE", loop], timeout=30,
-                         check=False).stdout.strip()
-    if not pttype:
+    """The loop device's partitions ("p1", ...), or the whole device ("").
+
+    On some kernels ``losetup --partscan`` attaches the device but never scans it; then
+    ``partx --add`` creates the partition devices (detaching still removes them).
+    """
+    table = process.run(["partx", "--show", "--noheadings", "--output", "NR", loop],
+                        timeout=30, check=False)
+    numbers = [int(n) for n in table.stdout.split()] if table.returncode == 0 else []
+    if not numbers:
         return [("", loop)]
-    sysfs = Path("/sys/block") / loop.name
-    deadline = time.monotonic() + timeout
-    while True:
-        parts = sorted(sysfs.glob(f"{loop.name}p*"), key=lambda p: int(p.name.rsplit("p", 1)[1]))
-        devices = [(f"p{p.name.rsplit('p', 1)[1]}", Path("/dev") / p.name) for p in parts]
-        if devices and all(d.exists() for _, d in devices):
-            return devices
-        if time.monotonic() > deadline:
-            raise HostError(f"partitions of {loop} did not appear", "check udev/devtmpfs")
+    devices = [(f"p{n}", Path(f"{loop}p{n}")) for n in numbers]
+    started = time.monotonic()
+    asked = False
+    while not all(device.exists() for _, device in devices):
+        waited = time.monotonic() - started
+        if not asked and waited > 0.2:
+            process.run(["partx", "--add", loop], timeout=30, check=False)
+            asked = True
+        if waited > timeout:
+            raise HostError(f"partitions of {loop} did not appear in {timeout:g} s",
+                            "check that /dev is a devtmpfs and partx works")
         time.sleep(0.05)
+    return devices
 
 
 def _mount(device: Path, mountpoint: Path, fstype: str) -> None:

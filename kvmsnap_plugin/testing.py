@@ -19,6 +19,7 @@ import pytest
 
 from kvmsnap_plugin import host, process, verify
 from kvmsnap_plugin.demo.builder import DemoGuest, build_guest
+from kvmsnap_plugin.demo.debian import DebianGuest, DebianVM, build_debian_guest, debian_vm
 from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
 
 
@@ -70,6 +71,29 @@ def kvmsnap_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 def demo_guest() -> DemoGuest:
     """The cached demo guest (built on first use). Fails, never skips, without QEMU."""
     return build_guest()
+
+
+@pytest.fixture(scope="session")
+def debian_guest() -> DebianGuest:
+    """The cached Debian guest (systemd, GPT: ext4 root + xfs data; built once, ~1 min).
+
+    Fails, never skips, without QEMU or debootstrap's prerequisites."""
+    return build_debian_guest()
+
+
+@pytest.fixture
+def start_debian(debian_guest: DebianGuest, accel: str,
+                 tmp_path: Path) -> Iterator[Callable[..., DebianVM]]:
+    """Factory: ``start_debian(memory_mib=..., extra_args=...)`` -> a ready DebianVM."""
+    counter = itertools.count()
+    with contextlib.ExitStack() as stack:
+        def start(**options: object) -> DebianVM:
+            workdir = tmp_path / f"debian{next(counter)}"
+            vm = stack.enter_context(debian_vm(debian_guest, accel, workdir, **options))  # type: ignore[arg-type]
+            vm.wait_ready()
+            return vm
+
+        yield start
 
 
 @pytest.fixture(scope="session")

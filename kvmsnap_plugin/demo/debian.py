@@ -567,6 +567,11 @@ def read_guest_disk(image: Path, scratch: Path) -> dict[str, GuestFilesystem]:
     A qcow2 is first copied to a raw file in ``scratch`` (``-U``: a VM may hold it), which
     is attached read-only. ext4 is read with debugfs, never mounted; xfs is mounted
     ``ro,norecovery``, which shows what is on disk without replaying the log.
+
+    An xfs log only turns dirty once the kernel forces it to disk (every
+    ``fs.xfs.xfssyncd_centisecs``; 1 s in this guest, 30 s by default): before that a
+    crash copy has a clean-looking log and simply lacks the changes. A clean verdict is
+    therefore necessary, not sufficient; the ``clean-shutdown`` marker is the proof.
     """
     scratch.mkdir(parents=True, exist_ok=True)
     raw = image if image.suffix == ".raw" else verify.raw_copy(image, scratch / "disk.raw")
@@ -585,20 +590,25 @@ def _read_filesystem(device: str, part: Partition, scratch: Path) -> GuestFilesy
         log_text = verify.read_file(device, f"{ROOT_WORKLOAD_DIR}/{WORKLOAD_LOG}") or b""
         marker = verify.read_file(device, f"{ROOT_WORKLOAD_DIR}/{MARKER}")
     else:
-        state, detail = xfs_log_state(device)
+        state, detail = verify.xfs_state(device)
         with mounted(device, scratch / f"mnt-{part.name}", part.fstype,
                      "ro,norecovery") as mnt:
-            log_path, marker_path = mnt / WORKLOAD_LOG, mnt / MARKER
-            log_text = log_path.read_bytes() if log_path.exists() else b""
-            marker = marker_path.read_bytes() if marker_path.exists() else None
+            log_text = _read_if_readable(mnt / WORKLOAD_LOG) or b""
+            marker = _read_if_readable(mnt / MARKER)
     return GuestFilesystem(part.name, part.fstype, state, detail,
                            tuple(log_text.decode().splitlines()),
                            marker.decode().strip() if marker is not None else None)
 
 
-def xfs_log_state(device: str | Path) -> tuple[verify.State, str]:
-    """Clean or dirty xfs log, from ``xfs_logprint -t`` (see verify.xfs_state)."""
-    return verify.xfs_state(device)
+def _read_if_readable(path: Path) -> bytes | None:
+    """A file's bytes; None if absent or unreadable (an unreplayed log can leave a directory
+    entry pointing at a free inode: that is what a crash copy looks like, not an error)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.info("%s is unreadable on this copy: %s", path.name, exc.strerror)
+        return None
 
 
 # -- launching ------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def assert_clean_workload(root: Path, at_least: int):
     lines = (root / "workload.log").read_text().splitlines()
     assert lines == [f"line {i}" for i in range(1, len(lines) + 1)]
     assert len(lines) >= at_least
-    assert (root / "clean-shutdown").read_text().strip() == f"clean shutdown after line {len(lines)}"
+    marker = (root / "clean-shutdown").read_text().strip()
+    assert marker == f"clean shutdown after line {len(lines)}"
 
 
 def test_borg_files_and_image_round_trip(start_demo, tmp_path, borg_repo):

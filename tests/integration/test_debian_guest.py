@@ -8,6 +8,7 @@ first a copy taken while it runs, then the power button.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterator
@@ -18,15 +19,15 @@ import pytest
 
 from kvmsnap_plugin.demo.debian import (
     BUTTON_WATCHED,
+    LAYOUT,
     DebianGuest,
     DebianVM,
-    build_debian_guest,
+    apt_mirror,
     debian_vm,
+    fstab,
     read_guest_disk,
 )
 from kvmsnap_plugin.verify import State
-
-pytestmark = pytest.mark.qemu
 
 BOOT_BOUND = 180.0  # seconds from QEMU start to KVMSNAP-READY under a loaded TCG host
 POWER_OFF_BOUND = 60.0  # seconds from the power button to QEMU's exit
@@ -36,13 +37,6 @@ POWER_OFF_BOUND = 60.0  # seconds from the power button to QEMU's exit
 class DebianRun:
     vm: DebianVM
     boot_seconds: float
-
-
-@pytest.fixture(scope="session")
-def debian_guest() -> DebianGuest:
-    """The cached Debian guest (built on first use, ~1 min). Fails, never skips, without
-    QEMU or debootstrap's prerequisites."""
-    return build_debian_guest()
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +50,7 @@ def debian_run(debian_guest: DebianGuest, accel: str,
         yield DebianRun(vm, time.monotonic() - started)
 
 
+@pytest.mark.qemu
 def test_boots_with_systemd_and_logind_watching_the_power_button(debian_run: DebianRun):
     vm = debian_run.vm
     console = vm.plain_console()
@@ -67,6 +62,7 @@ def test_boots_with_systemd_and_logind_watching_the_power_button(debian_run: Deb
     assert vm.wait_counter(before + 5) >= before + 5
 
 
+@pytest.mark.qemu
 def test_copy_taken_while_running_is_crash_consistent(debian_run: DebianRun, tmp_path: Path):
     vm = debian_run.vm
     counter = vm.wait_counter(20)  # 2 s: xfs has forced its log (every 1 s in this guest)
@@ -86,6 +82,7 @@ def test_copy_taken_while_running_is_crash_consistent(debian_run: DebianRun, tmp
     assert vm.wait_counter(counter + 3) > counter
 
 
+@pytest.mark.qemu
 def test_power_button_shuts_down_cleanly(debian_run: DebianRun, tmp_path: Path):
     vm = debian_run.vm
     assert vm.running()
@@ -107,3 +104,25 @@ def test_power_button_shuts_down_cleanly(debian_run: DebianRun, tmp_path: Path):
         assert fs.state is State.CLEAN, f"{fs.name}: {fs.detail}"
         assert fs.continuous and len(fs.lines) == last, fs.name
         assert fs.marker == f"clean shutdown after line {last}", fs.name
+
+
+def test_mirror_is_read_from_the_hosts_apt_sources(tmp_path: Path):
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d/debian.sources").write_text(
+        "Types: deb\n# a comment\nURIs: http://mirror.example/debian\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n\n"
+        "Types: deb\nURIs: http://security.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n")
+    assert apt_mirror(tmp_path) == "http://mirror.example/debian"
+    (tmp_path / "sources.list.d/debian.sources").unlink()
+    (tmp_path / "sources.list").write_text(
+        "deb [arch=amd64] http://old.example/debian bookworm main contrib\n")
+    assert apt_mirror(tmp_path) == "http://old.example/debian"
+
+
+def test_fstab_mounts_by_uuid_with_a_long_ext4_commit_interval():
+    parts = [dataclasses.replace(p, uuid=f"uuid-{p.number}") for p in LAYOUT]
+    assert fstab(parts).splitlines()[1:] == [
+        "UUID=uuid-1 / ext4 defaults,commit=600 0 0",
+        "UUID=uuid-2 /data xfs defaults 0 0",
+    ]

@@ -27,6 +27,7 @@ def tool_env(**extra: str) -> dict[str, str]:
 def borgmatic_config(tmp_path: Path, repo: Path, qmp: Path, root: Path) -> Path:
     before = REPO / "hooks" / "kvmsnap-borgmatic-before"
     after = REPO / "hooks" / "kvmsnap-borgmatic-after"
+    mount_options = f"--name demo --mount-root {root} --workdir {tmp_path / 'work'}"
     config = tmp_path / "borgmatic.yaml"
     config.write_text(f"""
 source_directories:
@@ -39,7 +40,7 @@ commands:
     - before: action
       when: [create]
       run:
-          - {before} --qmp {qmp} --name demo --mount-root {root} --workdir {tmp_path / 'work'} --skip-missing
+          - {before} --qmp {qmp} {mount_options} --skip-missing
     - after: action
       when: [create]
       run:

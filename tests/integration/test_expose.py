@@ -1,0 +1,60 @@
+"""Exposing disk images without nbd: partition tables, ext4 and xfs, raw views, teardown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmsnap_plugin import process, verify
+from kvmsnap_plugin.errors import HostError
+from kvmsnap_plugin.expose import exposed
+
+
+def partitioned_image(tmp_path: Path) -> Path:
+    """A qcow2 with a GPT: p1 ext4 holding a file, p2 xfs."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as handle:
+        handle.truncate(512 << 20)
+    process.run(["sfdisk", "-q", raw], timeout=30, input=b"label: gpt\n,100M\n,\n")
+    loop = process.run(["losetup", "-P", "-f", "--show", raw], timeout=30).stdout.strip()
+    try:
+        process.run(["partx", "--add", loop], timeout=30, check=False)
+        process.run(["mkfs.ext4", "-q", f"{loop}p1"], timeout=60)
+        process.run(["mkfs.xfs", "-q", f"{loop}p2"], timeout=60)
+        process.run(["debugfs", "-w", "-R", "mkdir /etc", f"{loop}p1"], timeout=30)
+    finally:
+        process.run(["losetup", "-d", loop], timeout=30)
+    image = tmp_path / "disk.qcow2"
+    process.run(["qemu-img", "convert", "-O", "qcow2", raw, image], timeout=120)
+    raw.unlink()
+    return image
+
+
+def test_partitions_are_mounted_read_only_and_torn_down(tmp_path):
+    image = partitioned_image(tmp_path)
+    root = tmp_path / "mnt"
+    with exposed([("vdisk0", image)], tmp_path / "work", root) as exposure:
+        [disk] = exposure.disks
+        assert [(f.partition, f.fstype) for f in disk.filesystems] == [("p1", "ext4"),
+                                                                       ("p2", "xfs")]
+        assert (root / "vdisk0" / "p1" / "etc").is_dir()
+        assert (root / "vdisk0" / "p2").is_dir()
+        with pytest.raises(OSError):
+            (root / "vdisk0" / "p1" / "new").write_text("read-only, please")
+        assert disk.image.stat().st_size == 512 << 20  # the raw view of the whole disk
+        verdicts = verify.verdicts(exposure.filesystems)
+        assert [(v.partition, v.state) for v in verdicts] == [
+            ("p1", verify.State.CLEAN), ("p2", verify.State.CLEAN)]
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+    assert str(tmp_path) not in process.run(["losetup", "-a"], timeout=30).stdout
+    assert list((tmp_path / "work" / "images").iterdir()) == []
+
+
+def test_a_mount_root_that_is_not_empty_is_refused(tmp_path):
+    root = tmp_path / "mnt"
+    root.mkdir()
+    (root / "leftover").mkdir()
+    with pytest.raises(HostError, match="not empty"), \
+            exposed([("vdisk0", tmp_path / "x.qcow2")], tmp_path / "work", root):
+        pass
