@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmsnap_plugin.errors import ArchiveError, UsageError
@@ -70,6 +71,15 @@ def mounted_trees(exposure: Exposure) -> list[str]:
         raise ArchiveError("the clone's disks hold no filesystem kvmsnap can mount",
                            "use --mode image to archive the raw disks instead")
     return sorted(tops)
+
+
+def absolute_repository(repository: str, base: Path) -> str:
+    """A local repository path made absolute (archivers run in other directories);
+    remote ones (``ssh://``, ``user@host:path``, ``sftp:...``) are left as they are."""
+    head = repository.split("/", 1)[0]
+    if ":" in head or not repository:
+        return repository
+    return str((base / repository).resolve())
 
 
 def archive_all(hooks: Hooks, job: BackupJob, exposure: Exposure,

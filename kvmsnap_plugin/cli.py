@@ -41,7 +41,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.demo.run import run_demo
 
-    report = run_demo()
+    report = run_demo(Path(args.out))
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
     return EXIT_OK
 
@@ -222,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd
 
     add("doctor", cmd_doctor, "check what this host can do and what to install")
-    add("demo", cmd_demo, "run the main job on the bundled demo guest")
+    demo = add("demo", cmd_demo, "back up the running demo guest into borg and restic, and "
+               "show the difference from a crash-consistent snapshot")
+    demo.add_argument("--out", default="demo-out", metavar="DIR",
+                      help="where the demo's borg and restic repositories go (replaced)")
     add_fork_arguments(add("fork", cmd_fork, "fork a running VM, shut the clone down "
                            "cleanly and report its disks' verdicts"))
     mount = add("mount", cmd_mount, "fork a VM and leave its clone's filesystems mounted "
@@ -261,6 +264,8 @@ def setup_logging(debug: bool, quiet: bool) -> None:
     if not debug:
         # qemu.qmp logs every disconnect at WARNING; our own messages say what matters.
         logging.getLogger("qemu").setLevel(logging.CRITICAL)
+    # sh announces every process at INFO; ours are logged (masked) at DEBUG already.
+    logging.getLogger("sh").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

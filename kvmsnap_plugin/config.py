@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin.archive import MODES, ArchiveTarget
+from kvmsnap_plugin.archive import MODES, ArchiveTarget, absolute_repository
 from kvmsnap_plugin.errors import UsageError
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
 from kvmsnap_plugin.shutdown import ShutdownPolicy
@@ -145,6 +145,8 @@ def _archiver(name: str, table: Mapping[str, Any],
         raise UsageError(f"{where}: env must be a table of strings",
                          'e.g. env = { BORG_PASSCOMMAND = "cat /root/.borg-pass" }')
     options = {k: v for k, v in table.items() if k != "type"}
+    if isinstance(options.get("repository"), str):
+        options["repository"] = absolute_repository(options["repository"], path.parent)
     return ArchiveTarget(name, kind, "files", options)
 
 
@@ -171,5 +173,6 @@ def command_line_targets(borg: list[str], restic: list[str], mode: str,
         if repos and kind not in archiver_types:
             raise UsageError(f"the {kind} archiver is not available", "reinstall kvmsnap")
         targets += [ArchiveTarget(kind if len(repos) == 1 else f"{kind}{i}", kind, mode,
-                                  {"repository": repo}) for i, repo in enumerate(repos)]
+                                  {"repository": absolute_repository(repo, Path.cwd())})
+                    for i, repo in enumerate(repos)]
     return tuple(targets)

@@ -13,10 +13,11 @@ from kvmsnap_plugin import hookimpl, process
 from kvmsnap_plugin.archive import ArchiveTarget
 from kvmsnap_plugin.archivers import restic as restic_archiver
 from kvmsnap_plugin.config import BackupJob, ForkOptions
+from kvmsnap_plugin.demo.disk import read_disk
 from kvmsnap_plugin.errors import ArchiveError
 from kvmsnap_plugin.pipeline import backup
 from kvmsnap_plugin.plugins import Hooks, plugin_manager
-from kvmsnap_plugin.testing import BORG_PASSPHRASE, RESTIC_PASSWORD, read_disk
+from kvmsnap_plugin.testing import BORG_PASSPHRASE, RESTIC_PASSWORD
 from kvmsnap_plugin.verify import State
 
 pytestmark = pytest.mark.qemu

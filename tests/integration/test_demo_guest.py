@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvmsnap_plugin.testing import read_disk
+from kvmsnap_plugin.demo.disk import read_disk
 from kvmsnap_plugin.verify import State
 
 pytestmark = pytest.mark.qemu

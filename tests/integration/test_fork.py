@@ -14,12 +14,12 @@ import pytest
 
 from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.config import BackupJob, ForkOptions
+from kvmsnap_plugin.demo.disk import read_disk
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.pipeline import backup
 from kvmsnap_plugin.plugins import Hooks, plugin_manager
 from kvmsnap_plugin.report import CRASH_CONSISTENT
 from kvmsnap_plugin.shutdown import ShutdownPolicy
-from kvmsnap_plugin.testing import read_disk
 from kvmsnap_plugin.verify import State
 
 pytestmark = pytest.mark.qemu
