@@ -70,7 +70,10 @@ def kvmsnap_snapshot(job: BackupJob, fork: ForkPoint) -> None:
 
     ``fork`` holds the frozen images, the parent's temporary overlays, the RAM snapshot
     method and the measured pause. The clone has not started yet. Thaw what
-    :func:`kvmsnap_pre_backup` froze here. The return value is ignored.
+    :func:`kvmsnap_pre_backup` froze here.
+
+    Not firstresult: every plugin is called; return values are ignored. An exception fails
+    the backup (the parent is given its chain back first).
     """
 
 
@@ -84,7 +87,10 @@ def kvmsnap_post_shutdown(job: BackupJob, fork: ForkPoint, exposure: Exposure,
     disk. ``label`` is ``"clean"``, or ``"crash-consistent"`` when the clone did not shut
     down and policy allowed falling back to the frozen images. Runs before any archiver.
     Reads only: the disks are read-only, and the parent's chain is committed back after
-    the last hook returns. The return value is ignored.
+    the last hook returns.
+
+    Not firstresult: every plugin is called; return values are ignored. An exception fails
+    the backup before any archiver runs.
     """
 
 
@@ -114,4 +120,7 @@ def kvmsnap_cleanup(job: BackupJob, report: BackupReport | None,
     before a report existed); ``error`` the exception that ended it, if any. Release what
     your plugin holds; do not raise (an exception here is logged, not propagated, so that
     every plugin's cleanup runs).
+
+    Not firstresult: every plugin is called, the last registered first; return values are
+    ignored.
     """

@@ -1,0 +1,66 @@
+"""Configuration files: good ones load, bad ones say exactly what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmsnap_plugin.config import command_line_targets, load_config
+from kvmsnap_plugin.errors import UsageError
+from kvmsnap_plugin.plugins import Hooks, plugin_manager
+
+REPO = Path(__file__).resolve().parents[2]
+TYPES = Hooks(plugin_manager(entry_points=False)).archiver_types()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kvmsnap.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_contrib_example_loads():
+    jobs = load_config(REPO / "contrib" / "kvmsnap.toml", TYPES)
+    assert [j.name for j in jobs] == ["web", "db"]
+    web, db = jobs
+    assert [t.name for t in web.targets] == ["local-borg", "offsite-restic"]
+    assert db.targets[0].mode == "both" and db.fork.shutdown.timeout == 600
+    assert web.targets[1].option("repository") == "sftp:backup@offsite:/srv/restic"
+
+
+def test_relative_local_repositories_are_made_absolute(tmp_path):
+    path = write(tmp_path, '[[vm]]\nqmp = "/run/a.qmp"\narchivers = ["b"]\n'
+                           '[archiver.b]\ntype = "borg"\nrepository = "repos/borg"\n')
+    [job] = load_config(path, TYPES)
+    assert job.targets[0].option("repository") == str(tmp_path / "repos" / "borg")
+    [target] = command_line_targets(["user@host:borg"], [], "files", TYPES)
+    assert target.option("repository") == "user@host:borg"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[vm]]\nqmp = "/a"\ncolour = "red"\n', "unknown key 'colour'"),
+    ('[defaults]\nshutdown_timout = 5\n[[vm]]\nqmp = "/a"\n', "unknown key 'shutdown_timout'"),
+    ('[[vm]]\nname = "x"\n', "has no qmp"),
+    ('[[vm]]\nqmp = "/a"\narchivers = ["nope"]\n', "archiver 'nope', which is not defined"),
+    ('[archiver.x]\ntype = "tape"\n[[vm]]\nqmp = "/a"\n', "unknown archiver type 'tape'"),
+    ('[archiver.x]\ntype = "borg"\nrepo = "/r"\n[[vm]]\nqmp = "/a"\n', "unknown key 'repo'"),
+    ('[[vm]]\nqmp = "/a"\nmode = "tarball"\n', "unknown mode 'tarball'"),
+    ('[[vm]]\nqmp = "/a"\nmethod = "fast"\n', "unknown RAM snapshot method"),
+    ('[[vm]]\nqmp = "/a"\nshutdown_timeout = 0.1\n', "too small"),
+    ('[[vm]]\nqmp = "/a"\nshutdown_timeout = "soon"\n', "bad timeout"),
+    ('[[vm]]\nqmp = "/a"\non_unclean = "ignore"\n', "on-unclean"),
+    ('[archiver.x]\ntype = "borg"\nenv = "BORG_PASSPHRASE=x"\n[[vm]]\nqmp = "/a"\n',
+     "env must be a table"),
+    ("[[vm]\n", "not valid TOML"),
+    ("", "lists no [[vm]]"),
+])
+def test_bad_configs_are_refused_with_the_reason(tmp_path, text, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")) as info:
+        load_config(write(tmp_path, text), TYPES)
+    assert info.value.hint
+
+
+def test_a_missing_config_file_says_so(tmp_path):
+    with pytest.raises(UsageError, match="no such config file"):
+        load_config(tmp_path / "nope.toml", TYPES)
