@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin import process
-from kvmsnap_plugin.chain import commit_back
 from kvmsnap_plugin.errors import KvmsnapError, VMError
 from kvmsnap_plugin.expose import detach_loops_of, is_mountpoint, unmount
 from kvmsnap_plugin.fork import ForkedDisk
 from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.parent import ParentDisk
-from kvmsnap_plugin.qmp import QmpSession
+from kvmsnap_plugin.parents import restore_parent
 
 log = logging.getLogger("kvmsnap")
 
@@ -107,15 +106,7 @@ def _unexpose(data: dict[str, Any], journal: Journal, result: Recovery) -> None:
 
 
 def _restore_parent(data: dict[str, Any], journal: Journal, result: Recovery) -> None:
-    disks = forked_disks(journal)
-    socket = Path(data.get("qmp", ""))
-    if process.same_process(data.get("parent")) and socket.exists():
-        with QmpSession(socket, name="recover") as session:
-            session.connect(timeout=30)
-            _resume(session, data, result)
-            _commit_online(session, disks, result)
-    else:
-        _commit_offline(disks, result)
+    restore_parent(data, forked_disks(journal), result)
     journal.record(overlays=[])
 
 
@@ -133,47 +124,6 @@ def _remove_files(data: dict[str, Any], journal: Journal, result: Recovery) -> N
             for child in sorted(Path(root).rglob("*"), reverse=True):
                 child.rmdir()
             Path(root).rmdir()
-
-
-# -- the parent ---------------------------------------------------------------------------------
-def _resume(session: QmpSession, data: dict[str, Any], result: Recovery) -> None:
-    """Resume the parent if our fork left it paused or mid-snapshot."""
-    migration = session.execute("query-migrate").get("status")
-    if migration in ("active", "setup", "device"):
-        session.execute("migrate_cancel")
-        result.did("cancelled an unfinished RAM snapshot")
-    state = session.runstate()
-    if data.get("phase") == "forking" and state in ("paused", "postmigrate", "finish-migrate"):
-        deadline = time.monotonic() + 30
-        while session.runstate() == "finish-migrate" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        session.execute("cont")
-        result.did(f"resumed the parent (it was {state})")
-
-
-def _commit_online(session: QmpSession, disks: list[ForkedDisk], result: Recovery) -> None:
-    if not disks:
-        return
-    in_use = {n.get("file") for n in session.execute("query-named-block-nodes")}
-    active = [d for d in disks if str(d.parent_overlay) in in_use]
-    for commit in commit_back(session, active):
-        result.did(f"committed the parent's overlay of {commit.device} back")
-    for disk in disks:
-        if disk not in active and disk.parent_overlay.exists():
-            disk.parent_overlay.unlink()  # never used by the parent: holds no guest data
-            result.did(f"deleted the unused overlay {disk.parent_overlay.name}")
-
-
-def _commit_offline(disks: list[ForkedDisk], result: Recovery) -> None:
-    """The parent's QEMU is gone: fold each overlay's writes into its frozen image."""
-    for disk in disks:
-        if not disk.parent_overlay.exists():
-            continue
-        process.run(["qemu-img", "commit", "-q", "-f", "qcow2", disk.parent_overlay],
-                    timeout=3600)
-        disk.parent_overlay.unlink()
-        result.did(f"committed {disk.parent_overlay.name} into {disk.frozen.name} offline "
-                   "(the VM was not running)")
 
 
 # -- processes we started -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ table that points at a command or file holding them.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -66,10 +67,19 @@ class BackupJob:
     """Everything needed to back up one VM."""
 
     name: str
-    qmp: Path
+    qmp: Path | None  # a bare QEMU's QMP socket, or None for a libvirt domain
     fork: ForkOptions = field(default_factory=ForkOptions)
     targets: tuple[ArchiveTarget, ...] = ()
     dry_run: bool = False
+    domain: str | None = None  # a libvirt domain's name
+    libvirt_uri: str = "qemu:///system"
+
+    @property
+    def identity(self) -> str:
+        """What names this VM across runs (the journal and lock are keyed on it)."""
+        if self.domain:
+            return f"libvirt:{self.libvirt_uri}:{self.domain}"
+        return os.path.realpath(self.qmp or "")
 
 
 def load_config(path: Path, archiver_types: Mapping[str, frozenset[str]]) -> list[BackupJob]:

@@ -25,11 +25,10 @@ from kvmsnap_plugin.errors import HostError, VMError
 VERSION = 1
 
 
-def vm_key(qmp_socket: Path) -> str:
-    """A stable file name for a VM: its socket's name and a hash of its real path."""
-    real = os.path.realpath(qmp_socket)
-    digest = hashlib.sha256(real.encode()).hexdigest()[:12]
-    return f"{paths.safe_name(Path(real).stem)[:40]}-{digest}"
+def vm_key(identity: str) -> str:
+    """A stable file name for a VM identity (a socket's real path, a libvirt domain)."""
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return f"{paths.safe_name(Path(identity).stem)[:40]}-{digest}"
 
 
 def state_dir() -> Path:
@@ -54,10 +53,10 @@ class Journal:
             self.data = json.loads(path.read_text())
 
     @classmethod
-    def acquire(cls, qmp_socket: Path) -> Journal:
+    def acquire(cls, identity: str) -> Journal:
         """Lock the VM for this process; raise if another live run holds it."""
         directory = state_dir()
-        key = vm_key(qmp_socket)
+        key = vm_key(identity)
         lock = directory / f"{key}.lock"
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

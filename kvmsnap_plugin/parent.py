@@ -40,7 +40,7 @@ class ParentDisk:
 
 @dataclass(frozen=True)
 class Parent:
-    qmp_socket: Path
+    qmp_socket: Path | None
     pid: int
     name: str
     argv: tuple[str, ...]

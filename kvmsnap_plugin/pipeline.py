@@ -21,18 +21,19 @@ from pathlib import Path
 
 from kvmsnap_plugin import process, verify
 from kvmsnap_plugin.archive import ArchiveResult, archive_all
-from kvmsnap_plugin.chain import Commit, commit_back, keep_images
+from kvmsnap_plugin.chain import Commit, keep_images
 from kvmsnap_plugin.cleanup import Recovery, recover
 from kvmsnap_plugin.clone import ClonePlan, plan_clone, prepare_overlays, running_clone
 from kvmsnap_plugin.config import BackupJob
 from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
 from kvmsnap_plugin.expose import expose, unexpose
-from kvmsnap_plugin.fork import parent_overlay_path, plan_fork, take_fork
+from kvmsnap_plugin.fork import parent_overlay_path, plan_fork
 from kvmsnap_plugin.journal import Journal
-from kvmsnap_plugin.parent import Parent, discover
+from kvmsnap_plugin.parent import Parent
+from kvmsnap_plugin.parents import ParentBackend
+from kvmsnap_plugin.parents.qmp import QmpParent
 from kvmsnap_plugin.paths import safe_name, socket_dir
 from kvmsnap_plugin.plugins import Hooks
-from kvmsnap_plugin.qmp import QmpSession, peer_pid
 from kvmsnap_plugin.report import CLEAN, CRASH_CONSISTENT, BackupReport
 from kvmsnap_plugin.shutdown import ShutdownPolicy, ShutdownResult, shut_down
 
@@ -76,7 +77,7 @@ def mount(job: BackupJob, hooks: Hooks | None = None) -> BackupReport:
 
 def release(job: BackupJob) -> Recovery:
     """The second half of a split backup: unmount, stop the exports, commit the parent."""
-    with Journal.acquire(job.qmp) as journal:
+    with Journal.acquire(job.identity) as journal:
         if not journal.pending:
             return Recovery(job.name, ["nothing to release"])
         return _recover_or_fail(journal)
@@ -88,7 +89,7 @@ def recover_all() -> list[Recovery]:
     for path in Journal.all_pending():
         data = json.loads(path.read_text())
         try:
-            with Journal.acquire(Path(data["qmp"])) as journal:
+            with Journal.acquire(data["identity"]) as journal:
                 if journal.pending:
                     results.append(recover(journal))
         except KvmsnapError as exc:
@@ -109,7 +110,7 @@ def _with_cleanup_hooks(job: BackupJob, hooks: Hooks, detach: bool) -> BackupRep
 
 
 def _locked(job: BackupJob, hooks: Hooks, detach: bool) -> BackupReport:
-    with Journal.acquire(job.qmp) as journal:
+    with Journal.acquire(job.identity) as journal:
         if journal.pending:
             log.warning("%s: a previous run did not finish; cleaning up after it first",
                         job.name)
@@ -140,18 +141,25 @@ def _recover_or_fail(journal: Journal) -> Recovery:
 
 def plan(job: BackupJob) -> Plan:
     """Describe what :func:`backup` would do, touching nothing."""
-    pid = job.fork.pid or peer_pid(job.qmp)
-    with QmpSession(job.qmp, name="parent") as session:
-        session.connect()
-        parent = discover(session, job.qmp, pid)
+    with open_backend(job) as backend:
+        parent = backend.describe()
     with tempfile.TemporaryDirectory() as tmp:
         clone = plan_clone(parent, Path(tmp), Path(tmp))
     disks = [{"device": d.device, "image": d.filename,
               "overlay": str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
              for d in parent.writable_disks]
-    return Plan(parent.name, pid, disks, list(clone.argv),
+    return Plan(parent.name, parent.pid, disks, list(clone.argv),
                 [f"{t.name} ({t.type}, {t.mode})" for t in job.targets],
                 str(mount_root(job)))
+
+
+def open_backend(job: BackupJob) -> ParentBackend:
+    """The parent VM's backend: libvirt for a domain, else its QMP socket."""
+    if job.domain:
+        from kvmsnap_plugin.parents.libvirt import LibvirtParent
+
+        return LibvirtParent(job.domain, job.libvirt_uri)
+    return QmpParent(job.qmp, job.fork.pid)
 
 
 def mount_root(job: BackupJob) -> Path:
@@ -161,19 +169,17 @@ def mount_root(job: BackupJob) -> Path:
 
 def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> BackupReport:
     started = time.monotonic()
-    pid = job.fork.pid or peer_pid(job.qmp)
     options = job.fork
     root = mount_root(job)
     commits: list[Commit] = []
     with contextlib.ExitStack() as cleanup:
-        session = cleanup.enter_context(QmpSession(job.qmp, name="parent"))
-        session.connect()
-        parent = discover(session, job.qmp, pid)
+        backend = cleanup.enter_context(open_backend(job))
+        parent = backend.describe()
         reason = hooks.pre_backup(job, parent)
         if reason:
             raise SkipBackup(f"{job.name}: skipped by a plugin: {reason}")
-        journal.start(vm=job.name, qmp=str(job.qmp), parent=process.identity(pid),
-                      phase="preparing", mount_root=str(root))
+        journal.start(vm=job.name, identity=job.identity, phase="preparing",
+                      mount_root=str(root), **backend.journal_fields())
         workdir = _make_workdir(options.workdir, parent)
         journal.record(workdir=str(workdir))
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -183,12 +189,11 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
         prepare_overlays(clone_plan, parent.writable_disks)
         planned = plan_fork(parent, f"{os.getpid()}-{int(time.time())}", options.overlay_dir)
         journal.record(phase="forking", overlays=[asdict(d) for d in planned])
-        point = take_fork(session, parent, planned, workdir / "ram.state",
-                          method=options.method)
+        point = backend.fork(parent, planned, workdir / "ram.state", options.method)
         journal.record(phase="forked")
 
         def give_back() -> None:
-            commits.extend(commit_back(session, point.disks))
+            commits.extend(backend.commit_back(point.disks))
             journal.record(overlays=[])
 
         cleanup.callback(give_back)
@@ -209,7 +214,7 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
         if detach:
             journal.record(phase=MOUNTED)
             cleanup.pop_all()  # everything stays, for `kvmsnap release`
-            session.close()
+            backend.__exit__(None, None, None)
     report = BackupReport(parent.name, label, point.method, point.pause_ms,
                           point.disk_snapshot_ms, point.ram_bytes, point.ram_save_s,
                           point.qemu_downtime_ms, restore_s, stopped, verdicts, archives, kept,

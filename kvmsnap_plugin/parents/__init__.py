@@ -1,0 +1,51 @@
+"""Where VMs come from: a bare QEMU with a QMP socket, or a libvirt domain.
+
+A parent backend gives the pipeline four things and hides how: a description of the VM
+(:class:`~kvmsnap_plugin.parent.Parent`), the fork point, the live commit that gives the
+VM its disk chain back, and the recovery of an interrupted run from the journal. The rest
+of the pipeline (clone, shutdown, expose, archive, verify) does not know the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvmsnap_plugin.chain import Commit
+from kvmsnap_plugin.fork import ForkedDisk, ForkPoint
+from kvmsnap_plugin.parent import Parent
+
+
+class ParentBackend(Protocol):
+    kind: str
+
+    def __enter__(self) -> ParentBackend: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def describe(self) -> Parent:
+        """The running VM, checked for clonability (raises VMError otherwise)."""
+
+    def fork(self, parent: Parent, planned: tuple[ForkedDisk, ...], state_file: Path,
+             method: str) -> ForkPoint:
+        """Pause, snapshot disks and RAM at one instant, resume; undo on failure."""
+
+    def commit_back(self, disks: Sequence[ForkedDisk]) -> list[Commit]:
+        """Give the parent its chain back: live-commit each overlay, delete it."""
+
+    def journal_fields(self) -> dict[str, Any]:
+        """What :func:`restore_parent` needs to find this VM again after a crash."""
+
+
+def restore_parent(data: dict[str, Any], disks: list[ForkedDisk], result: Any) -> None:
+    """Recovery: resume the parent if we paused it and commit its overlays back."""
+    kind = data.get("backend", "qmp")
+    if kind == "libvirt":
+        from kvmsnap_plugin.parents import libvirt
+
+        libvirt.restore(data, disks, result)
+    else:
+        from kvmsnap_plugin.parents import qmp
+
+        qmp.restore(data, disks, result)
