@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmsnap_plugin import faults
 from kvmsnap_plugin.errors import ArchiveError, UsageError
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ def archive_all(hooks: Hooks, job: BackupJob, exposure: Exposure,
                 label: str) -> list[ArchiveResult]:
     """Run every target of ``job``; the first failure stops the rest and propagates."""
     results: list[ArchiveResult] = []
+    faults.point("archiving")
     for target in job.targets:
         log.info("archiving %s into %s (%s, %s)", job.name, target.name, target.type,
                  target.mode)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmsnap_plugin import process
+from kvmsnap_plugin import faults, process
 from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.qmp import QmpSession
 
@@ -67,6 +67,7 @@ def _commit_one(session: QmpSession, disk: ForkedDisk, job: str, timeout: float)
         else:
             session.execute("block-commit", {"job-id": job, "device": disk.overlay_node,
                                              "base-node": disk.disk.node})
+            faults.point("commit")
         ready = _wait_job(session, job, ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"), timeout)
         if ready.name == "BLOCK_JOB_READY":
             session.execute("block-job-complete", {"device": job})

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmsnap_plugin import faults
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.fork import create_overlay
 from kvmsnap_plugin.machine import Machine
@@ -276,6 +277,7 @@ def _load_state(clone: Clone, state_file: Path, timeout: float) -> None:
     finally:
         os.close(fd)
     clone.qmp.execute("migrate-incoming", {"uri": f"fd:{STATE_FD_NAME}"})
+    faults.point("clone-loading")
     deadline = time.monotonic() + timeout
     while True:
         status = clone.qmp.execute("query-migrate").get("status")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmsnap_plugin import host, process
+from kvmsnap_plugin import faults, host, process
 from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.parent import Parent, ParentDisk
 from kvmsnap_plugin.qmp import QmpSession
@@ -184,12 +184,15 @@ def _pause_and_snapshot(session: QmpSession, parent: Parent, forked: Sequence[Fo
     session.events()  # forget older events: STOP/RESUME below must be ours
     session.execute("stop")
     stop = session.wait_event("STOP", 10)
+    faults.point("paused")
     started = time.monotonic()
     session.execute("transaction", {"actions": [
         {"type": "blockdev-snapshot", "data": {"node": d.disk.node, "overlay": d.overlay_node}}
         for d in forked]})
     disk_ms = (time.monotonic() - started) * 1000
+    faults.point("disk-snapshot")
     session.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
+    faults.point("ram-save")
     resume = _wait_for_resume(session, method, timeout)
     pause_ms = (resume.timestamp - stop.timestamp) * 1000
     log.info("%s ran again after %.1f ms; saving its RAM", parent.name, pause_ms)
@@ -238,6 +241,26 @@ def _wait_migration(session: QmpSession, timeout: float) -> dict:
 
 
 # -- undo ---------------------------------------------------------------------------------------
+def settle_migration(session: QmpSession, timeout: float = 120.0) -> str | None:
+    """Let an unfinished RAM snapshot end; cancel it only if it does not.
+
+    Cancelling a background snapshot while it write-protects guest RAM can leave the guest
+    hung (seen with QEMU 7.2); letting it finish costs seconds and a file we delete anyway.
+    Returns the final migration status.
+    """
+    deadline = time.monotonic() + timeout
+    status = session.execute("query-migrate").get("status")
+    while status in ("setup", "active", "device", "pre-switchover"):
+        if time.monotonic() > deadline:
+            session.execute("migrate_cancel")
+            log.warning("cancelled a RAM snapshot that did not finish in %g s", timeout)
+            return "cancelled"
+        time.sleep(0.05)
+        status = session.execute("query-migrate").get("status")
+    return status
+
+
+
 def _snapshot_applied(session: QmpSession, forked: Sequence[ForkedDisk]) -> bool:
     """Is any overlay already the active layer of a parent disk?"""
     try:
@@ -253,8 +276,7 @@ def _recover_parent(session: QmpSession, forked: Sequence[ForkedDisk], applied: 
     from kvmsnap_plugin.chain import commit_back
 
     try:
-        if session.execute("query-migrate").get("status") in ("active", "setup"):
-            session.execute("migrate_cancel")
+        settle_migration(session)
         if session.runstate() != "running":
             session.execute("cont")
     except KvmsnapError as exc:

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from kvmsnap_plugin import faults
 from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, UsageError
 from kvmsnap_plugin.machine import Machine
 
@@ -54,6 +55,7 @@ def shut_down(clone: Machine, policy: ShutdownPolicy) -> ShutdownResult:
     while time.monotonic() < deadline:
         if time.monotonic() >= next_press and presses < 2:
             _press(clone)
+            faults.point("clone-shutdown")
             presses += 1
             next_press = time.monotonic() + policy.repress_after
         try:

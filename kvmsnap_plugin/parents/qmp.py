@@ -10,7 +10,7 @@ from typing import Any
 
 from kvmsnap_plugin import process
 from kvmsnap_plugin.chain import Commit, commit_back
-from kvmsnap_plugin.fork import ForkedDisk, ForkPoint, take_fork
+from kvmsnap_plugin.fork import ForkedDisk, ForkPoint, settle_migration, take_fork
 from kvmsnap_plugin.parent import Parent, discover
 from kvmsnap_plugin.qmp import QmpSession, peer_pid
 
@@ -63,10 +63,8 @@ def restore(data: dict[str, Any], disks: list[ForkedDisk], result: Any) -> None:
 
 def _resume(session: QmpSession, data: dict[str, Any], result: Any) -> None:
     """Resume the parent if our fork left it paused or mid-snapshot."""
-    migration = session.execute("query-migrate").get("status")
-    if migration in ("active", "setup", "device"):
-        session.execute("migrate_cancel")
-        result.did("cancelled an unfinished RAM snapshot")
+    if session.execute("query-migrate").get("status") in ("setup", "active", "device"):
+        result.did(f"let an unfinished RAM snapshot end ({settle_migration(session)})")
     state = session.runstate()
     if data.get("phase") == "forking" and state in ("paused", "postmigrate", "finish-migrate"):
         deadline = time.monotonic() + 30
