@@ -7,14 +7,23 @@ tap/bridge/socket backends belong to the parent and become isolated user-mode on
 chardev -> null (serial, parallel, console, monitors); display and audio none; a private QMP
 socket; no daemonize/pidfile/logfile; ``-S -incoming defer``. NIC links are set down before
 the guest runs, so it sees its cable unplugged.
+
+libvirt's command lines (read from ``/proc/PID/cmdline``, which is what really runs, unlike
+``domxml-to-native``) need a little more: the monitor arrives as an inherited fd and the
+serial log through an fd set (``-add-fd``), neither of which a clone has, so both become
+ordinary chardevs like any other; ``-sandbox`` goes (the clone is our own child); options
+come in JSON; and ``-object secret,...,file=.../master-key.aes`` names a file that vanishes
+with the domain, so the clone reads a copy taken at fork time (:func:`copy_master_key`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +34,7 @@ from kvmsnap_plugin import faults
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.fork import create_overlay
 from kvmsnap_plugin.machine import Machine
-from kvmsnap_plugin.parent import Parent, ParentDisk
+from kvmsnap_plugin.parent import Parent, ParentDisk, option_fields
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.qemu_args import (
     KeyVal,
@@ -42,9 +51,12 @@ STATE_FD_NAME = "kvmsnap-incoming"
 #: options whose effect belongs to the parent process alone
 DROPPED = frozenset({"qmp", "qmp-pretty", "monitor", "mon", "daemonize", "pidfile", "D",
                      "incoming", "S", "loadvm", "vnc", "spice", "runas", "chroot",
-                     "no-shutdown", "display", "nographic", "writeconfig"})
+                     "no-shutdown", "display", "nographic", "writeconfig",
+                     "sandbox", "add-fd"})
 ISOLATED_NETDEV_KEYS = ("hostfwd", "guestfwd", "smb", "smbserver", "tftp", "bootfile")
 HARD_DISK_SHORTCUTS = ("hda", "hdb", "hdc", "hdd")
+#: libvirt's per-run key for the secrets it hands QEMU (in the domain's runtime directory)
+MASTER_KEY = "master-key.aes"
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,8 @@ def plan_clone(parent: Parent, workdir: Path, sockets: Path,
     disks = tuple(CloneDisk(d.device, workdir / f"clone-{safe_name(d.device)}.qcow2",
                             Path(d.filename), d.format) for d in parent.writable_disks)
     qmp_path = sockets / "clone-qmp.sock"
-    argv = rewrite_argv(list(parent.argv), parent.writable_disks, disks, qmp_path, console_log)
+    argv = rewrite_argv(list(parent.argv), parent.writable_disks, disks, qmp_path, console_log,
+                        workdir=workdir)
     return ClonePlan(tuple(argv), disks, workdir, qmp_path, console_log)
 
 
@@ -83,8 +96,10 @@ def prepare_overlays(plan: ClonePlan, disks: Sequence[ParentDisk]) -> None:
 # -- command line rewriting --------------------------------------------------------------------
 def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
                  clone_disks: Sequence[CloneDisk], qmp_path: Path,
-                 console_log: Path | None) -> list[str]:
+                 console_log: Path | None, *, workdir: Path | None = None) -> list[str]:
+    """The clone's command line; files it needs a private copy of go into ``workdir``."""
     program, options = parse_argv(argv)
+    workdir = workdir or qmp_path.parent
     by_file = {os.path.realpath(d.filename): c for d, c in zip(parent_disks, clone_disks,
                                                                 strict=True)}
     rewritten: list[Option] = []
@@ -122,8 +137,10 @@ def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
         elif name in ("netdev", "net", "nic"):
             rewritten.append(Option(name, _isolate_network(name, value)))
         elif name == "audiodev":
-            audio_id = KeyVal.parse(value, implied="driver").get("id")
+            audio_id = option_fields(value, "driver").get("id")
             rewritten.append(Option(name, f"none,id={audio_id}"))
+        elif name == "object" and master_key_of(value):
+            rewritten.append(Option(name, _private_master_key(value, workdir)))
         else:
             rewritten.append(option)
     _fix_blockdev_formats(rewritten, file_nodes)
@@ -144,15 +161,65 @@ def _serial_chardev_ids(options: Sequence[Option]) -> list[str]:
         value = option.value or ""
         if option.name == "serial" and value.startswith("chardev:"):
             ids.append(value.split(":", 1)[1])
-        elif option.name == "device" and re.match(r"^(isa-serial|pci-serial)\b", value):
-            chardev = KeyVal.parse(value, implied="driver").get("chardev")
-            if chardev:
-                ids.append(chardev)
+        elif option.name == "device":
+            fields = option_fields(value, "driver")
+            if re.match(r"^(isa-serial|pci-serial)$", fields.get("driver", "")) and \
+                    fields.get("chardev"):
+                ids.append(fields["chardev"])
     return ids
 
 
 def _chardev_id(value: str) -> str | None:
-    return KeyVal.parse(value, implied="backend").get("id")
+    return option_fields(value, "backend").get("id")
+
+
+# -- libvirt's master key ------------------------------------------------------------------------
+def master_key_of(value: str) -> Path | None:
+    """The libvirt master key file a ``-object secret`` reads, if that is what it is."""
+    fields = option_fields(value, "qom-type")
+    path = fields.get("file") or ""
+    if fields.get("qom-type") == "secret" and Path(path).name == MASTER_KEY:
+        return Path(path)
+    return None
+
+
+def clone_master_key(workdir: Path) -> Path:
+    return workdir / MASTER_KEY
+
+
+def copy_master_key(argv: Sequence[str], workdir: Path) -> Path | None:
+    """Copy the parent's master key for the clone (0600), while the domain still runs.
+
+    libvirt deletes the domain's runtime directory when the domain stops; the clone starts
+    later and must still find the key its secrets are encrypted with.
+    """
+    _, options = parse_argv(list(argv))
+    source = next((key for o in options if o.name == "object"
+                   for key in [master_key_of(o.value or "")] if key), None)
+    if source is None:
+        return None
+    target = clone_master_key(workdir)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError as exc:
+        raise VMError(f"cannot copy the domain's master key {source}: {exc.strerror}",
+                      "run kvmsnap as root on the VM's host") from None
+    finally:
+        os.close(fd)
+    return target
+
+
+def _private_master_key(value: str, workdir: Path) -> str:
+    key = str(clone_master_key(workdir))
+    if value.lstrip().startswith("{"):
+        spec = json.loads(value)
+        spec["file"] = key
+        return json.dumps(spec, separators=(",", ":"))
+    opts = KeyVal.parse(value, implied="qom-type")
+    opts.set("file", key)
+    return opts.render(implied="qom-type")
 
 
 def _null_chardev(value: str, console_log: Path | None) -> str:
@@ -223,6 +290,8 @@ def _fix_blockdev_formats(options: list[Option], file_nodes: dict[str, CloneDisk
 
 def _isolate_network(name: str, value: str) -> str:
     """Cut the clone off the network: only an isolated user-mode backend, no forwards."""
+    if value.lstrip().startswith("{"):
+        return _isolate_json_netdev(value)
     implied = "type"
     opts = KeyVal.parse(value, implied=implied)
     kind = opts.get("type") or ""
@@ -236,6 +305,18 @@ def _isolate_network(name: str, value: str) -> str:
         opts.pairs.insert(0, ("type", "user"))
     opts.set("restrict", "on")
     return opts.render(implied=implied)
+
+
+def _isolate_json_netdev(value: str) -> str:
+    """The same for libvirt's JSON ``-netdev`` (a tap's fds are the parent's alone)."""
+    spec = json.loads(value)
+    if spec.get("type") == "user":
+        for key in ISOLATED_NETDEV_KEYS:
+            spec.pop(key, None)
+    else:
+        spec = {"type": "user", "id": spec.get("id")}
+    spec["restrict"] = True
+    return json.dumps(spec, separators=(",", ":"))
 
 
 # -- running the clone ---------------------------------------------------------------------------

@@ -6,13 +6,14 @@ Everything later steps need to know about the running VM is read here, once, int
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import UsageError, VMError
-from kvmsnap_plugin.qemu_args import KeyVal, parse_argv
+from kvmsnap_plugin.qemu_args import KeyVal, Option, parse_argv
 from kvmsnap_plugin.qmp import QmpSession
 
 #: -device drivers whose state lives outside QEMU, so a second copy cannot run.
@@ -46,6 +47,8 @@ class Parent:
     argv: tuple[str, ...]
     qemu_version: tuple[int, int, int]
     disks: tuple[ParentDisk, ...]
+    #: a shut-off VM (libvirt): its disks are consistent as they are, no fork is needed
+    offline: bool = False
 
     @property
     def writable_disks(self) -> tuple[ParentDisk, ...]:
@@ -59,7 +62,7 @@ def discover(session: QmpSession, qmp_socket: Path, pid: int) -> Parent:
     refuse_unclonable(argv)
     version = session.execute("query-version")["qemu"]
     name = session.execute("query-name").get("name") or f"vm-{pid}"
-    disks = tuple(d for d in (_disk(b) for b in session.execute("query-block")) if d)
+    disks = block_disks(session.execute("query-block"))
     if not any(not d.read_only for d in disks):
         raise VMError(f"{name} has no writable disk: there is nothing to back up",
                       "attach the VM's disks read-write, or back the images up directly")
@@ -110,20 +113,41 @@ def refuse_unclonable(argv: list[str]) -> None:
             raise VMError(f"the VM cannot be forked: it has {reason} "
                           f"(-{option.name} {option.value or ''})".rstrip(),
                           "back this VM up offline, or remove the device")
+    _refuse_passed_files(options)
+
+
+def option_fields(value: str, implied: str) -> dict[str, str]:
+    """An option's fields, from QEMU's JSON syntax (libvirt's) or key=value syntax.
+
+    Values are strings either way (JSON booleans as ``on``/``off``), enough to match on.
+    """
+    if value.lstrip().startswith("{"):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+        return {k: _scalar(v) for k, v in data.items() if not isinstance(v, dict | list)}
+    return {k: v or "" for k, v in KeyVal.parse(value, implied=implied).pairs}
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "" if value is None else str(value)
 
 
 def _unclonable(name: str, value: str) -> str | None:
     if name == "device":
-        driver = KeyVal.parse(value, implied="driver").get("driver") or ""
+        driver = option_fields(value, "driver").get("driver") or ""
         for pattern, what in UNCLONABLE_DEVICES:
             if pattern.search(driver):
                 return what
     if name == "object":
-        opts = KeyVal.parse(value, implied="qom-type")
+        opts = option_fields(value, "qom-type")
         if opts.get("qom-type", "").startswith("memory-backend") and opts.get("share") in (
                 "on", "true", "yes"):
             return "guest RAM shared with other processes (share=on)"
-    if name == "netdev" and KeyVal.parse(value, implied="type").get("type") == "vhost-user":
+    if name == "netdev" and option_fields(value, "type").get("type") == "vhost-user":
         return "a vhost-user network backend"
     if name in ("fsdev", "virtfs"):
         return "a host directory shared into the guest (9p): the clone would write to it"
@@ -131,9 +155,31 @@ def _unclonable(name: str, value: str) -> str | None:
         return "guest RAM in a file (-mem-path)"
     if name == "snapshot":
         return "temporary disks (-snapshot): their images cannot be reopened"
-    if name in ("readconfig", "add-fd"):
+    if name == "readconfig":
         return f"-{name}, whose effect kvmsnap cannot see"
     return None
+
+
+def _refuse_passed_files(options: list[Option]) -> None:
+    """``-add-fd`` is fine where only chardevs use its fd set (libvirt's serial log files:
+    the clone's chardevs are replaced anyway); a disk or anything else opened through an
+    fd set cannot be reopened by a clone, which does not inherit the parent's descriptors.
+    """
+    sets = {option_fields(o.value or "", "fd").get("set") for o in options
+            if o.name == "add-fd"}
+    for option in options:
+        if option.name in ("add-fd", "chardev"):
+            continue
+        for used in re.findall(r"/dev/fdset/(\d+)", option.value or ""):
+            if used in sets:
+                raise VMError(f"the VM cannot be forked: -{option.name} opens a file passed "
+                              f"as a descriptor (/dev/fdset/{used}), which a clone cannot "
+                              "reopen", "back this VM up offline")
+
+
+def block_disks(blocks: list[dict[str, Any]]) -> tuple[ParentDisk, ...]:
+    """The disks in a QMP ``query-block`` answer (empty drives left out)."""
+    return tuple(d for d in (_disk(b) for b in blocks) if d)
 
 
 def _disk(block: dict[str, Any]) -> ParentDisk | None:

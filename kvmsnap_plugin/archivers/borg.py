@@ -34,6 +34,24 @@ def kvmsnap_archiver_types() -> dict[str, frozenset[str]]:
 
 
 @hookimpl
+def kvmsnap_pre_backup(job: BackupJob) -> None:
+    """Before the VM is touched: borg is there, and each repository opens (passphrase)."""
+    for target in job.targets:
+        if target.type == TYPE:
+            _check(target)
+
+
+def _check(target: ArchiveTarget) -> None:
+    repository = _repository(target)
+    try:
+        process.run([process.find_program("borg", "borgbackup (pip install borgbackup)"),
+                     "info", "--json", repository], timeout=300,
+                    env=target.option("env", {}))
+    except ProcessError as exc:
+        raise _explain(exc, repository) from None
+
+
+@hookimpl
 def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
                     label: str) -> list[ArchiveResult] | None:
     if target.type != TYPE:
@@ -86,14 +104,14 @@ def _repository(target: ArchiveTarget) -> str:
 
 
 def _explain(exc: ProcessError, repository: str) -> ArchiveError:
-    text = exc.stderr
+    text = exc.stderr.lower()
     if "passphrase supplied" in text and "incorrect" in text:
         return ArchiveError(f"borg: wrong passphrase for {repository}",
                             "check BORG_PASSPHRASE / BORG_PASSCOMMAND")
     if "does not exist" in text or "is not a valid repository" in text:
         return ArchiveError(f"borg: no repository at {repository}",
                             f"create it first: borg init --encryption=repokey {repository}")
-    if "passphrase" in text.lower() and "enter" in text.lower():
+    if "passphrase" in text and "enter" in text:
         return ArchiveError(f"borg needs the passphrase of {repository}",
                             "set BORG_PASSPHRASE or BORG_PASSCOMMAND in the environment")
-    return ArchiveError(f"borg create failed: {exc}", exc.hint)
+    return ArchiveError(f"borg: {exc}", exc.hint)

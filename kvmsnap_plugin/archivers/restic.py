@@ -44,6 +44,17 @@ def kvmsnap_archiver_types() -> dict[str, frozenset[str]]:
 
 
 @hookimpl
+def kvmsnap_pre_backup(job: BackupJob) -> None:
+    """Before the VM is touched: restic is there, and each repository opens (password)."""
+    for target in job.targets:
+        if target.type == TYPE:
+            try:
+                _restic(target).run(["-r", str(target.option("repository")), "cat", "config"])
+            except ProcessError as exc:
+                raise _explain(exc, target) from None
+
+
+@hookimpl
 def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
                     label: str) -> list[ArchiveResult] | None:
     if target.type != TYPE:

@@ -120,14 +120,25 @@ class CleanupSpy:
         self.calls.append((report, error))
 
 
-def test_a_failing_archiver_still_cleans_up_everything(start_demo, tmp_path):
+class RepositoryThief:
+    """Moves the repository away once the clone is down: borg then fails mid-backup."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+
+    @hookimpl
+    def kvmsnap_post_shutdown(self):
+        self.repo.rename(self.repo.with_name("stolen"))
+
+
+def test_a_failing_archiver_still_cleans_up_everything(start_demo, tmp_path, borg_repo):
     vm = start_demo()
     vm.wait_counter(5)
     spy = CleanupSpy()
-    missing = tmp_path / "no-such-repo"
     with pytest.raises(ArchiveError, match="no repository") as info:
         run_backup(vm, tmp_path, ArchiveTarget("borg", "borg", "files",
-                                               {"repository": str(missing)}), plugins=[spy])
+                                               {"repository": str(borg_repo)}),
+                   plugins=[spy, RepositoryThief(borg_repo)])
     assert "borg init" in info.value.hint
     assert spy.calls == [(None, info.value)]  # the plugins' cleanup ran, with the error
     assert vm.qmp.runstate() == "running"
@@ -137,6 +148,28 @@ def test_a_failing_archiver_still_cleans_up_everything(start_demo, tmp_path):
     mounts = Path("/proc/mounts").read_text()
     assert str(tmp_path) not in mounts
     assert str(tmp_path) not in process.run(["losetup", "-a"], timeout=30).stdout
+
+
+@pytest.mark.parametrize("problem", ["missing", "wrong-passphrase", "restic-password"])
+def test_repository_problems_are_found_before_the_vm_is_touched(start_demo, tmp_path,
+                                                                borg_repo, restic_repo,
+                                                                monkeypatch, problem):
+    vm = start_demo()
+    vm.qmp.events()
+    if problem == "missing":
+        target, message = ArchiveTarget("borg", "borg", "files", {
+            "repository": str(tmp_path / "nope")}), "no repository"
+    elif problem == "wrong-passphrase":
+        monkeypatch.setenv("BORG_PASSPHRASE", "not the passphrase")
+        target, message = ArchiveTarget("borg", "borg", "files", {
+            "repository": str(borg_repo)}), "wrong passphrase"
+    else:
+        monkeypatch.setenv("RESTIC_PASSWORD", "not the password")
+        target, message = ArchiveTarget("restic", "restic", "files", {
+            "repository": str(restic_repo)}), "wrong password"
+    with pytest.raises(ArchiveError, match=message):
+        run_backup(vm, tmp_path, target)
+    assert not [e for e in vm.qmp.events() if e.name == "STOP"]  # never paused
 
 
 def test_cli_backup_keeps_secrets_out_of_output(start_demo, tmp_path, borg_repo,
