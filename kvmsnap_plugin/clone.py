@@ -40,6 +40,7 @@ from kvmsnap_plugin.qemu_args import (
     KeyVal,
     Option,
     build_argv,
+    escape,
     parse_argv,
     parse_blockdev,
     render_blockdev,
@@ -119,7 +120,7 @@ def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
         elif name in ("serial", "parallel"):
             if not value.startswith("chardev:") and value != "none":
                 if name == "serial" and not console_taken:
-                    value = f"file:{console_log}"
+                    value = f"file:{escape(console_log)}"
                     console_taken = True
                 else:
                     value = "null"
@@ -150,7 +151,7 @@ def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
                       "they are now (hot-plugged, or the image chain changed since start)",
                       "restart the VM with its current disks, or back it up offline")
     rewritten += [Option("display", "none"), Option("S"), Option("no-reboot"),
-                  Option("qmp", f"unix:{qmp_path},server=on,wait=off"),
+                  Option("qmp", f"unix:{escape(qmp_path)},server=on,wait=off"),
                   Option("incoming", "defer")]
     return build_argv(program, rewritten)
 
@@ -225,7 +226,7 @@ def _private_master_key(value: str, workdir: Path) -> str:
 def _null_chardev(value: str, console_log: Path | None) -> str:
     chardev_id = _chardev_id(value)
     if console_log is not None:
-        return f"file,id={chardev_id},path={console_log}"
+        return f"file,id={chardev_id},path={escape(console_log)}"
     return f"null,id={chardev_id}"
 
 

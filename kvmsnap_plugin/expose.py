@@ -22,6 +22,7 @@ from kvmsnap_plugin import process, verify
 from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.paths import safe_name
+from kvmsnap_plugin.qemu_args import escape
 
 log = logging.getLogger("kvmsnap")
 
@@ -144,10 +145,11 @@ def _start_exports(exposure: Exposure, images: Sequence[tuple[str, Path]], workd
         export.touch(mode=0o600)
         exposure._exports.append(export)
         fmt = _image_format(image)
-        argv += ["--blockdev", f"driver=file,node-name=f{index},filename={image},read-only=on",
+        argv += ["--blockdev", f"driver=file,node-name=f{index},filename={escape(image)},"
+                               "read-only=on",
                  "--blockdev", f"driver={fmt},node-name=d{index},file=f{index},read-only=on",
                  "--export", f"type=fuse,id=e{index},node-name=d{index},"
-                             f"mountpoint={export},writable=off"]
+                             f"mountpoint={escape(export)},writable=off"]
     stderr_path = workdir / "qsd.stderr"
     record.record(exports=[str(e) for e in exposure._exports])
     with open(stderr_path, "wb") as err:

@@ -21,6 +21,11 @@ FLAGS = frozenset({
 })
 
 
+def escape(value: object) -> str:
+    """A value for QEMU's key=value syntax: a literal comma is written as two."""
+    return str(value).replace(",", ",,")
+
+
 @dataclass
 class Option:
     """One option: ``name`` without dashes (``""`` for a positional image), ``value``."""

@@ -73,11 +73,14 @@ def accel(demo_guest: DemoGuest) -> str:
 @pytest.fixture
 def start_demo(demo_guest: DemoGuest, accel: str,
                tmp_path: Path) -> Iterator[Callable[..., DemoVM]]:
-    """Factory: ``start_demo(disks=2, power_button="ignore", ...)`` -> a ready DemoVM."""
+    """Factory: ``start_demo(disks=2, power_button="ignore", ...)`` -> a ready DemoVM.
+
+    ``inside=DIR`` puts the VM's disk images in DIR (e.g. a path with odd characters).
+    """
     counter = itertools.count()
     with contextlib.ExitStack() as stack:
-        def start(**options: object) -> DemoVM:
-            workdir = tmp_path / f"vm{next(counter)}"
+        def start(inside: Path | None = None, **options: object) -> DemoVM:
+            workdir = (inside or tmp_path) / f"vm{next(counter)}"
             workdir.mkdir()
             vm = stack.enter_context(
                 demo_vm(demo_guest, accel, DemoOptions(**options), workdir=workdir))  # type: ignore[arg-type]

@@ -14,6 +14,8 @@
 #   kvmsnap.fill=MIB         fill a tmpfs with MIB of random data first (RAM really in use)
 #   kvmsnap.ticker=1         print "T" every 10 ms on the second serial port (ttyS1), so the
 #                            host can time the gaps the guest's outside world sees
+#   kvmsnap.callhome=PORT    configure eth0 (slirp) and, when the power button is pressed,
+#                            try to reach the host on 10.0.2.2:PORT (a network isolation test)
 #
 # Console markers: KVMSNAP-READY, KVMSNAP-COUNT n, KVMSNAP-POWER-BUTTON,
 # KVMSNAP-WORKLOAD-STOPPED n, KVMSNAP-UNMOUNTED, KVMSNAP-POWER-BUTTON-IGNORED.
@@ -23,7 +25,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
 
-DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0
+DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0 CALLHOME=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmsnap.disks=*) DISKS=${arg#*=} ;;
@@ -32,6 +34,7 @@ for arg in $(cat /proc/cmdline); do
         kvmsnap.probe=*) PROBE=${arg#*=} ;;
         kvmsnap.fill=*) FILL=${arg#*=} ;;
         kvmsnap.ticker=*) TICKER=${arg#*=} ;;
+        kvmsnap.callhome=*) CALLHOME=${arg#*=} ;;
     esac
 done
 
@@ -75,6 +78,19 @@ fi
 
 ip link set lo up 2>/dev/null
 ip link set eth0 up 2>/dev/null
+if [ "$CALLHOME" != 0 ]; then
+    ip addr add 10.0.2.15/24 dev eth0
+    ip route add default via 10.0.2.2
+fi
+
+call_home() {
+    # Each attempt says who the guest thinks it is; the host counts what arrives.
+    for attempt in 1 2 3; do
+        echo "power button, attempt $attempt, carrier $(cat /sys/class/net/eth0/carrier)" |
+            nc -w 2 10.0.2.2 "$CALLHOME" 2>/dev/null && echo "KVMSNAP-CALLED-HOME $attempt"
+    done
+    echo "KVMSNAP-CALLHOME-DONE carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null)"
+}
 
 workload() {
     i=0
@@ -115,6 +131,7 @@ fi
 
 wait_for_power_button
 echo KVMSNAP-POWER-BUTTON
+[ "$CALLHOME" != 0 ] && call_home
 touch /run/stop
 wait $WORKLOAD
 last=$(cat /run/last)

@@ -16,6 +16,7 @@ from kvmsnap_plugin.demo.builder import DemoGuest, make_data_disk
 from kvmsnap_plugin.host import QEMU
 from kvmsnap_plugin.machine import Machine
 from kvmsnap_plugin.paths import socket_dir
+from kvmsnap_plugin.qemu_args import escape
 from kvmsnap_plugin.verify import raw_copy
 
 READY = r"KVMSNAP-READY"
@@ -34,6 +35,7 @@ class DemoOptions:
     nic: bool = True
     fill_mib: int = 0  # random data held in a guest tmpfs, so its RAM is really in use
     ticker: bool = False  # "T" every 10 ms on ttyS1 (give it a second -serial in extra_args)
+    callhome: int = 0  # a host TCP port the guest tries to reach on the power button
     #: "blockdev" (modern, like libvirt) or "drive" (legacy) disk options; per disk
     disk_syntax: tuple[str, ...] = ("blockdev", "drive")
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -51,7 +53,8 @@ class DemoPaths:
 def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions) -> list[str]:
     append = (f"console=ttyS0 quiet panic=-1 kvmsnap.disks={len(paths.disks)} "
               f"kvmsnap.power={opts.power_button} kvmsnap.interval={opts.interval} "
-              f"kvmsnap.fill={opts.fill_mib} kvmsnap.ticker={int(opts.ticker)}")
+              f"kvmsnap.fill={opts.fill_mib} kvmsnap.ticker={int(opts.ticker)} "
+              f"kvmsnap.callhome={opts.callhome}")
     argv = [
         process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-demo",
@@ -59,20 +62,25 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
         "-m", str(opts.memory_mib), "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", append,
-        "-chardev", f"file,id=console0,path={paths.console}", "-serial", "chardev:console0",
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
-        "-qmp", f"unix:{paths.backup_qmp},server=on,wait=off",
+        "-chardev", f"file,id=console0,path={escape(paths.console)}",
+        "-serial", "chardev:console0",
+        "-qmp", f"unix:{escape(paths.qmp)},server=on,wait=off",
+        "-qmp", f"unix:{escape(paths.backup_qmp)},server=on,wait=off",
     ]
     for index, disk in enumerate(paths.disks):
         syntax = opts.disk_syntax[index % len(opts.disk_syntax)]
         if syntax == "blockdev":
-            argv += ["-blockdev", f"driver=file,filename={disk},node-name=disk{index}-file",
+            argv += ["-blockdev", f"driver=file,filename={escape(disk)},"
+                                  f"node-name=disk{index}-file",
                      "-blockdev", f"driver=qcow2,file=disk{index}-file,node-name=disk{index}"]
         else:
-            argv += ["-drive", f"file={disk},format=qcow2,if=none,id=disk{index}"]
+            argv += ["-drive", f"file={escape(disk)},format=qcow2,if=none,id=disk{index}"]
         argv += ["-device", f"virtio-blk-pci,drive=disk{index},id=vdisk{index}"]
     if opts.nic:
-        argv += ["-netdev", "user,id=net0,restrict=on",
+        # A guest that calls home needs a parent that may (restrict=off) to show the clone
+        # may not.
+        restrict = "off" if opts.callhome else "on"
+        argv += ["-netdev", f"user,id=net0,restrict={restrict}",
                  "-device", "virtio-net-pci,netdev=net0,id=nic0"]
     return argv + list(opts.extra_args)
 

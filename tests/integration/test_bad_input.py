@@ -1,0 +1,168 @@
+"""Bad input and hostile conditions: each gives one line that says what to do, exit code 2,
+and touches nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from kvmsnap_plugin import process
+from kvmsnap_plugin.journal import Journal
+
+pytestmark = pytest.mark.qemu
+
+
+def kvmsnap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvmsnap_plugin.cli", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("kvmsnap: error:")]
+    assert len(errors) == 1, done.stderr
+    assert re.search(r"\(fix: .+\)$", errors[0]), errors[0]
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def never_paused(vm) -> bool:
+    return not [e for e in vm.qmp.events() if e.name == "STOP"]
+
+
+def test_missing_socket(tmp_path):
+    assert_one_line_error(kvmsnap("fork", "--qmp", str(tmp_path / "nope.qmp")),
+                          "no such QMP socket")
+
+
+def test_a_socket_path_that_is_a_regular_file(tmp_path):
+    path = tmp_path / "file.qmp"
+    path.write_text("not a socket")
+    assert_one_line_error(kvmsnap("fork", "--qmp", str(path)), "cannot connect")
+
+
+def test_backup_without_targets(tmp_path):
+    path = tmp_path / "x.qmp"
+    path.touch()
+    assert_one_line_error(kvmsnap("backup", "--qmp", str(path)), "no archive target")
+
+
+def test_config_and_qmp_together(tmp_path):
+    assert_one_line_error(kvmsnap("backup", "--config", str(tmp_path / "c.toml"), "--qmp",
+                                  str(tmp_path / "x")), "cannot be combined")
+
+
+def test_config_with_an_unknown_key(tmp_path):
+    config = tmp_path / "kvmsnap.toml"
+    config.write_text('[[vm]]\nqmp = "/x"\ncomression = "zstd"\n')
+    assert_one_line_error(kvmsnap("backup", "--config", str(config)), "'comression'")
+
+
+def test_a_pid_that_is_not_qemu(start_demo):
+    vm = start_demo()
+    done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--pid", str(os.getpid()))
+    assert_one_line_error(done, "is not QEMU")
+    assert never_paused(vm)
+
+
+def test_a_too_small_shutdown_timeout(start_demo):
+    vm = start_demo()
+    done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--shutdown-timeout", "0.5")
+    assert_one_line_error(done, "too small")
+
+
+def test_an_unwritable_work_directory(start_demo):
+    vm = start_demo()
+    done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--workdir", "/proc/kvmsnap")
+    assert_one_line_error(done, "cannot create a work directory")
+    assert never_paused(vm)
+
+
+def test_two_runs_on_one_vm(start_demo):
+    vm = start_demo()
+    with Journal.acquire(os.path.realpath(vm.paths.backup_qmp)):
+        done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp))
+    assert_one_line_error(done, "another kvmsnap run", f"pid {os.getpid()}")
+    assert never_paused(vm)
+
+
+def test_a_migrating_vm(start_demo, tmp_path):
+    vm = start_demo()
+    vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1024})  # stays "active"
+    vm.qmp.execute("migrate", {"uri": "exec:cat > /dev/null"})
+    try:
+        assert_one_line_error(kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp)),
+                              "migrating")
+    finally:
+        vm.qmp.execute("migrate_cancel")
+
+
+def test_a_vm_without_writable_disks(start_demo):
+    vm = start_demo(disks=0)
+    assert_one_line_error(kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp)),
+                          "no writable disk")
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    backing = tmp_path / "raw.img"
+    with open(backing, "wb") as handle:
+        handle.truncate(16 << 20)
+    device = process.run(["losetup", "-f", "--show", backing], timeout=30).stdout.strip()
+    yield device
+    process.run(["losetup", "-d", device], timeout=30)
+
+
+def test_a_disk_on_a_raw_block_device_is_refused(start_demo, loop_device):
+    vm = start_demo(extra_args=("-drive", f"file={loop_device},format=raw,if=none,id=blk0",
+                                "-device", "virtio-blk-pci,drive=blk0,id=vblk0"))
+    assert_one_line_error(kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp)),
+                          "not a local image file")
+    assert never_paused(vm)
+
+
+def test_a_missing_restic_binary(start_demo, restic_repo):
+    vm = start_demo()
+    done = kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--restic", str(restic_repo),
+                   env={"PATH": "/nonexistent"})
+    assert_one_line_error(done, "program not found: restic", "apt-get install restic")
+    assert never_paused(vm)
+
+
+def test_restic_without_a_password(start_demo, restic_repo):
+    vm = start_demo()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_PASSWORD")}
+    done = subprocess.run([sys.executable, "-m", "kvmsnap_plugin.cli", "backup", "--qmp",
+                           str(vm.paths.backup_qmp), "--restic", str(restic_repo)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert_one_line_error(done, "needs the repository password", "RESTIC_PASSWORD_FILE")
+    assert never_paused(vm)
+
+
+def test_paths_with_spaces_commas_and_quotes_work(start_demo, tmp_path, borg_repo):
+    odd = tmp_path / "it's a \"VM\", really; $(true)"
+    odd.mkdir()
+    vm = start_demo(inside=odd)
+    done = kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--name", "vm 'one'; ls",
+                   "--workdir", str(odd / "work dir"), "--borg", str(borg_repo), "--mode",
+                   "both")
+    assert done.returncode == 0, done.stderr[-2000:]
+    listing = process.run([process.find_program("borg", "borgbackup"), "list", "--short",
+                           borg_repo], timeout=60).stdout.split("\n")
+    assert any(name.startswith("vm 'one'; ls-") for name in listing)
+
+
+def test_release_with_nothing_mounted_is_fine(tmp_path):
+    done = kvmsnap("release", "--qmp", str(tmp_path / "vm.qmp"))
+    assert done.returncode == 0 and "nothing to release" in done.stdout
+
+
+def test_mount_of_a_vm_that_is_not_running_skips_softly(tmp_path):
+    done = kvmsnap("mount", "--qmp", str(tmp_path / "gone.qmp"), "--skip-missing")
+    assert done.returncode == 75, done.stderr
