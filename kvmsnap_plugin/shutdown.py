@@ -64,6 +64,9 @@ def shut_down(clone: Machine, policy: ShutdownPolicy) -> ShutdownResult:
             reason = event.data.get("reason", "unknown")
             break
         except StepTimeout:
+            if not clone.running():
+                reason = f"QEMU exited without a shutdown event ({clone.stderr_tail()})"
+                break
             continue
         except KvmsnapError:
             reason = "QEMU exited without a shutdown event"

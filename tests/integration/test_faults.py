@@ -1,0 +1,136 @@
+"""Things that go wrong around kvmsnap: each ends with a clear verdict and nothing left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmsnap_plugin import hookimpl, process
+from kvmsnap_plugin.config import BackupJob, ForkOptions
+from kvmsnap_plugin.demo.disk import read_disk
+from kvmsnap_plugin.errors import KvmsnapError, VMError
+from kvmsnap_plugin.journal import state_dir
+from kvmsnap_plugin.pipeline import backup
+from kvmsnap_plugin.plugins import Hooks, plugin_manager
+from kvmsnap_plugin.shutdown import ShutdownPolicy
+from kvmsnap_plugin.verify import State
+
+pytestmark = pytest.mark.qemu
+
+
+def run(vm, tmp_path, *plugins, workdir=None, **options):
+    job = BackupJob("demo", vm.paths.backup_qmp,
+                    ForkOptions(workdir=workdir or tmp_path / "work", **options))
+    return backup(job, Hooks(plugin_manager(list(plugins), entry_points=False)))
+
+
+def assert_nothing_left(vm, workdir: Path) -> None:
+    assert [b["inserted"]["file"] for b in vm.qmp.execute("query-block")] == \
+        [str(vm.paths.disks[0])]
+    assert not list(vm.paths.disks[0].parent.glob("*.kvmsnap-*"))
+    assert [p for p in workdir.rglob("*") if not p.is_dir()] == []
+    assert str(workdir) not in Path("/proc/mounts").read_text()
+    assert str(workdir) not in process.run(["losetup", "-a"], timeout=30).stdout
+    assert not list(state_dir().glob("*.json"))
+    alive = [pid for pid in process.SPAWNED_PIDS if process.same_process(
+        process.identity(pid))]
+    assert alive == [vm.pid]  # only the parent: no clone, no export daemon
+
+
+def clone_pid(workdir: Path) -> int | None:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "-incoming" in text and str(workdir) in text:
+            return int(cmdline.parent.name)
+    return None
+
+
+def test_a_clone_that_crashes_gives_a_clear_verdict(start_demo, tmp_path):
+    vm = start_demo(power_button="ignore")  # the clone stays up until we crash it
+    vm.wait_counter(3)
+    work = tmp_path / "work"
+
+    def crash_the_clone():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pid = clone_pid(work)
+            if pid:
+                time.sleep(1.0)  # let it load and run
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=crash_the_clone)
+    killer.start()
+    with pytest.raises(VMError, match=r"did not shut down cleanly .*exited"):
+        run(vm, tmp_path, shutdown=ShutdownPolicy(timeout=60))
+    killer.join()
+    assert vm.qmp.runstate() == "running"
+    assert_nothing_left(vm, work)
+
+
+def test_a_full_work_directory_fails_cleanly(start_demo, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    process.run(["mount", "-t", "tmpfs", "-o", "size=2m", "kvmsnap-test", small], timeout=30)
+    try:
+        vm = start_demo(memory_mib=256, fill_mib=64)  # 64 MiB of RAM that will not fit
+        with pytest.raises(KvmsnapError, match="RAM") as info:
+            run(vm, tmp_path, workdir=small / "work")
+        assert "space" in info.value.hint
+        assert vm.qmp.runstate() == "running"
+        assert_nothing_left(vm, small / "work")
+    finally:
+        process.run(["umount", small], timeout=30)
+
+
+class ParentShutdown:
+    """The VM's owner shuts the parent down while its clone's disks are being archived."""
+
+    def __init__(self, vm) -> None:
+        self.vm = vm
+
+    @hookimpl
+    def kvmsnap_post_shutdown(self):
+        self.vm.power_off_cleanly()
+
+
+def test_the_parent_shut_down_during_the_backup_loses_nothing(start_demo, tmp_path):
+    vm = start_demo()
+    vm.wait_counter(10)
+    image = vm.paths.disks[0]
+    with pytest.raises(KvmsnapError):
+        run(vm, tmp_path, ParentShutdown(vm))
+    assert not list(image.parent.glob("*.kvmsnap-*"))  # committed offline, then deleted
+    assert not list(state_dir().glob("*.json"))
+    disk = read_disk(image, tmp_path / "image.raw")  # the parent's own image now holds all
+    assert disk.state is State.CLEAN and disk.continuous
+    assert disk.marker == f"clean shutdown after line {len(disk.lines)}"
+    chain = subprocess.run(["qemu-img", "info", "--backing-chain", str(image)],
+                           capture_output=True, text=True).stdout
+    assert "backing file" not in chain
+
+
+class SocketRemover:
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+
+    @hookimpl
+    def kvmsnap_snapshot(self):
+        self.socket.unlink()
+
+
+def test_the_qmp_socket_disappearing_mid_backup_does_not_matter(start_demo, tmp_path):
+    vm = start_demo()
+    report = run(vm, tmp_path, SocketRemover(vm.paths.backup_qmp))
+    assert report.clean  # kvmsnap holds its connection for the whole run
+    assert_nothing_left(vm, tmp_path / "work")
