@@ -3,6 +3,7 @@ and touches nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -166,3 +167,15 @@ def test_release_with_nothing_mounted_is_fine(tmp_path):
 def test_mount_of_a_vm_that_is_not_running_skips_softly(tmp_path):
     done = kvmsnap("mount", "--qmp", str(tmp_path / "gone.qmp"), "--skip-missing")
     assert done.returncode == 75, done.stderr
+
+
+def test_a_labelled_crash_consistent_fallback_exits_with_a_warning(start_demo, tmp_path):
+    vm = start_demo(power_button="ignore")
+    done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--workdir",
+                   str(tmp_path / "work"), "--shutdown-timeout", "4", "--repress-after", "2",
+                   "--on-unclean", "crash-consistent", "--json")
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["label"] == "crash-consistent" and report["clean"] is False
+    assert report["verdicts"][0]["state"] == "needs-recovery"
+    assert any("did not shut down cleanly" in w for w in report["warnings"])
