@@ -71,7 +71,7 @@ def mounted_trees(exposure: Exposure) -> list[str]:
     if not tops:
         raise ArchiveError("the clone's disks hold no filesystem kvmsnap can mount",
                            "use --mode image to archive the raw disks instead")
-    return sorted(tops)
+    return sorted(tops) + exposure.extra_files
 
 
 def absolute_repository(repository: str, base: Path) -> str:

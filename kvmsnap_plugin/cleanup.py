@@ -87,6 +87,8 @@ def _stop_clone(data: dict[str, Any], journal: Journal, result: Recovery) -> Non
 
 
 def _unexpose(data: dict[str, Any], journal: Journal, result: Recovery) -> None:
+    for path in data.get("files", []):
+        Path(path).unlink(missing_ok=True)
     for mountpoint in reversed(data.get("mounts", [])):
         if is_mountpoint(Path(mountpoint)):
             unmount(Path(mountpoint))

@@ -100,6 +100,18 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return EXIT_ERROR if any(r.problems for r in results) else EXIT_OK
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from kvmsnap_plugin.restore import restore_borg, restore_restic
+
+    if bool(args.borg) == bool(args.restic):
+        raise UsageError("restore from one place", "pass --borg REPO::ARCHIVE or --restic REPO")
+    to = Path(args.to)
+    done = (restore_borg(args.borg, to) if args.borg else
+            restore_restic(args.restic, to, run=args.run, vm=args.vm))
+    print(json.dumps(asdict(done), indent=2) if args.json else done.render())
+    return EXIT_OK
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.config import command_line_targets, load_config
     from kvmsnap_plugin.plugins import Hooks
@@ -237,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "parent its disk chain back")
     release.add_argument("--qmp", required=True, metavar="SOCKET",
                          help="the VM's QMP socket, as given to mount")
+    restore = add("restore", cmd_restore, "turn an image backup back into bootable disk "
+                  "images, with a note of how to boot them")
+    restore.add_argument("--borg", metavar="REPO::ARCHIVE", help="a borg ...-image archive")
+    restore.add_argument("--restic", metavar="REPO", help="a restic repository")
+    restore.add_argument("--run", help="with --restic: the backup's run id (default: latest)")
+    restore.add_argument("--vm", help="with --restic: the latest backup of this VM")
+    restore.add_argument("--to", required=True, metavar="DIR", help="an empty directory")
     add("recover", cmd_recover, "finish or undo every interrupted kvmsnap run on this host")
     backup = add("backup", cmd_backup, "back up running VMs consistently into borg/restic")
     add_fork_arguments(backup, qmp_required=False)

@@ -51,6 +51,9 @@ class ExposedDisk:
 class Exposure:
     root: Path  # the mount root
     disks: list[ExposedDisk] = field(default_factory=list)
+    #: small files beside the disks (in the mount root and beside the raw views), e.g. the
+    #: VM's metadata: archivers include them
+    extra_files: list[str] = field(default_factory=list)
     # what :func:`unexpose` must undo, in reverse
     _daemon: subprocess.Popen[bytes] | None = None
     _exports: list[Path] = field(default_factory=list)
@@ -60,6 +63,11 @@ class Exposure:
     @property
     def filesystems(self) -> list[ExposedFilesystem]:
         return [fs for disk in self.disks for fs in disk.filesystems]
+
+    @property
+    def images_dir(self) -> Path:
+        """The directory of the raw views (an archiver's working directory for images)."""
+        return self._exports[0].parent if self._exports else self.root
 
 
 @contextlib.contextmanager
@@ -105,8 +113,23 @@ def expose(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
     return exposure
 
 
+def add_file(exposure: Exposure, name: str, content: bytes,
+             journal: Journal | None = None) -> None:
+    """Put a small file beside the exposed disks, in the mount root and the images dir."""
+    places = [exposure.root / name, exposure.images_dir / name]
+    for path in places:
+        if journal:
+            journal.append("files", str(path))
+        path.write_bytes(content)
+        path.chmod(0o600)
+    exposure.extra_files.append(name)
+
+
 def unexpose(exposure: Exposure) -> None:
     """Unmount, detach the loop devices, stop the export daemon, remove the raw views."""
+    for name in exposure.extra_files:
+        (exposure.root / name).unlink(missing_ok=True)
+        (exposure.images_dir / name).unlink(missing_ok=True)
     for mountpoint in reversed(exposure._mounts):
         unmount(mountpoint)
     for loop in reversed(exposure._loops):

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvmsnap_plugin import process, verify
+from kvmsnap_plugin import metadata, process, verify
 from kvmsnap_plugin.archive import ArchiveResult, archive_all
 from kvmsnap_plugin.chain import Commit, keep_images
 from kvmsnap_plugin.cleanup import Recovery, recover
 from kvmsnap_plugin.clone import ClonePlan, plan_clone, prepare_overlays, running_clone
 from kvmsnap_plugin.config import BackupJob
 from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
-from kvmsnap_plugin.expose import expose, unexpose
+from kvmsnap_plugin.expose import add_file, expose, unexpose
 from kvmsnap_plugin.fork import parent_overlay_path, plan_fork
 from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.parent import Parent
@@ -187,7 +187,8 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
         journal.record(sockets=str(sockets))
         clone_plan = plan_clone(parent, workdir, sockets, options.clone_console)
         prepare_overlays(clone_plan, parent.writable_disks)
-        planned = plan_fork(parent, f"{os.getpid()}-{int(time.time())}", options.overlay_dir)
+        run_id = f"{os.getpid()}-{int(time.time())}"
+        planned = plan_fork(parent, run_id, options.overlay_dir)
         journal.record(phase="forking", overlays=[asdict(d) for d in planned])
         point = backend.fork(parent, planned, workdir / "ram.state", options.method)
         journal.record(phase="forked")
@@ -205,6 +206,8 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
         images = _images(clone_plan, label)
         exposure = expose(images, workdir, root, journal=journal)
         cleanup.callback(unexpose, exposure)
+        add_file(exposure, metadata.FILENAME,
+                 metadata.record_of(point, run_id, label, job.name).to_json(), journal)
         journal.record(phase="exposed")
         hooks.post_shutdown(job, point, exposure, label)
         archives: list[ArchiveResult] = archive_all(hooks, job, exposure, label)

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvmsnap_plugin.errors import HostError, ProcessError
 
@@ -215,6 +216,20 @@ class ShProgram:
                                f"{self.timeout:g} s", "raise the timeout") from None
         return Result(argv, done.exit_code, str(done), mask(done.stderr.decode(errors="replace"),
                                                              self.secrets))
+
+    def run_to_file(self, args: Sequence[str], out: Any) -> None:
+        """Run with stdout written to the open binary file ``out`` (large outputs)."""
+        import sh
+
+        argv = (self.path, *map(str, args))
+        log.debug("run (sh): %s > file", mask(shlex.join(argv), self.secrets))
+        try:
+            self._command(*argv[1:], _timeout=self.timeout, _out=out, _in=None)
+        except sh.ErrorReturnCode as exc:
+            raise self._failure(argv, exc.exit_code, exc.stderr) from None
+        except sh.TimeoutException:
+            raise ProcessError(f"{Path(self.path).name} did not finish within "
+                               f"{self.timeout:g} s", "raise the timeout") from None
 
     def start(self, args: Sequence[str], *, stdin_fd: int, cwd: Path | None = None,
               ok_codes: Iterable[int] = (0,)):

@@ -116,7 +116,7 @@ class QmpSession:
             return self._sync(self._client.execute(command, arguments),
                               timeout or self.command_timeout)
         except ExecuteError as exc:
-            raise VMError(f"QMP {command} failed: {exc.error.desc}",
+            raise VMError(f"QMP {command} failed: {exc.error.error.desc}",
                           "the VM refused the command; see the message") from None
         except TimeoutError:
             raise StepTimeout(f"QMP {command} got no answer within "

@@ -62,10 +62,9 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
         results.append(_create(job, target, "files", target.archive_name(job.name, now, "files"),
                                exposure.root, mounted_trees(exposure), []))
     if target.mode in ("image", "both"):
-        images = [d.image for d in exposure.disks]
-        directory = images[0].parent if images else exposure.root
+        names = [d.image.name for d in exposure.disks] + exposure.extra_files
         results.append(_create(job, target, "image", target.archive_name(job.name, now, "image"),
-                               directory, [i.name for i in images],
+                               exposure.images_dir, names,
                                ["--chunker-params", target.option("chunker_params",
                                                                   IMAGE_CHUNKER)]))
     return results

@@ -22,7 +22,7 @@ import signal
 import time
 from pathlib import Path
 
-from kvmsnap_plugin import process
+from kvmsnap_plugin import metadata, process
 from kvmsnap_plugin.archive import ArchiveResult, ArchiveTarget, mounted_trees
 from kvmsnap_plugin.config import BackupJob
 from kvmsnap_plugin.errors import ArchiveError, ProcessError
@@ -60,7 +60,7 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
     if target.type != TYPE:
         return None
     restic = _restic(target)
-    tags = ["kvmsnap", f"vm:{job.name}", f"state:{label}",
+    tags = ["kvmsnap", f"vm:{job.name}", f"state:{label}", *_run_tag(exposure),
             *map(str, target.option("tags", []))]
     results = []
     if target.mode in ("files", "both"):
@@ -68,7 +68,17 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
     if target.mode in ("image", "both"):
         results += [backup_image(restic, target, job, disk.name, disk.image, tags)
                     for disk in exposure.disks]
+        results += [backup_image(restic, target, job, name, exposure.images_dir / name, tags,
+                                 filename=name) for name in exposure.extra_files]
     return results
+
+
+def _run_tag(exposure: Exposure) -> list[str]:
+    """``run:ID``: one backup's snapshots (one per disk, plus metadata) belong together."""
+    path = exposure.images_dir / metadata.FILENAME
+    if metadata.FILENAME not in exposure.extra_files or not path.exists():
+        return []
+    return [f"run:{metadata.VmRecord.from_json(path.read_bytes()).run}"]
 
 
 def _restic(target: ArchiveTarget) -> process.ShProgram:
@@ -107,11 +117,12 @@ def backup_files(restic: process.ShProgram, target: ArchiveTarget, job: BackupJo
 
 
 def backup_image(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob,
-                 disk: str, image: Path, tags: list[str]) -> ArchiveResult:
-    """One disk as a raw stream; no snapshot survives a failed read."""
+                 disk: str, image: Path, tags: list[str],
+                 filename: str | None = None) -> ArchiveResult:
+    """One disk as a raw stream (``DISK.raw``); no snapshot survives a failed read."""
     started = time.monotonic()
     args = [*_common(target, job, [*tags, "image", f"disk:{disk}"]),
-            "--stdin", "--stdin-filename", f"{disk}.raw"]
+            "--stdin", "--stdin-filename", filename or f"{disk}.raw"]
     read_end, write_end = os.pipe()
     try:
         running = restic.start(args, stdin_fd=read_end)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -129,16 +130,20 @@ class DemoVM(Machine):
 
 @contextlib.contextmanager
 def demo_vm(guest: DemoGuest, accel: str, opts: DemoOptions = DemoOptions(),
-            workdir: Path | None = None) -> Iterator[DemoVM]:
+            workdir: Path | None = None,
+            disks: Sequence[Path] | None = None) -> Iterator[DemoVM]:
     """Start a demo guest on fresh data disks; always stop it and remove its files.
 
-    With ``workdir`` the disks are kept there (the caller owns that directory).
+    With ``workdir`` the disks are kept there (the caller owns that directory). ``disks``
+    boots existing images instead (e.g. ones ``kvmsnap restore`` made).
     """
     own_dir = workdir is None
     base = Path(tempfile.mkdtemp(prefix="kvmsnap-demo-")) if own_dir else workdir
     try:
-        disks = tuple(make_data_disk(base / f"data{i}.qcow2", opts.disk_size_mib, f"data{i}")
-                      for i in range(opts.disks))
+        disks = tuple(disks) if disks is not None else tuple(
+            make_data_disk(base / f"data{i}.qcow2", opts.disk_size_mib, f"data{i}")
+            for i in range(opts.disks))
+        opts = dataclasses.replace(opts, disks=len(disks))
         with socket_dir() as sockets:
             paths = DemoPaths(base, disks, sockets / "qmp.sock", sockets / "backup-qmp.sock",
                               base / "console.log")

@@ -68,3 +68,11 @@ def test_ram_size_is_configurable(start_demo):
     vm = start_demo(memory_mib=384)
     summary = vm.qmp.execute("query-memory-size-summary")
     assert summary["base-memory"] == 384 << 20
+
+
+def test_qmp_errors_become_one_line_vm_errors(start_demo):
+    from kvmsnap_plugin.errors import VMError
+
+    vm = start_demo()
+    with pytest.raises(VMError, match="QMP no-such-command failed: The command no-such-command"):
+        vm.qmp.execute("no-such-command")
