@@ -11,6 +11,7 @@ machine, the settings), OUT/RESULTS.md (tables for the README) and OUT/*.png.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -36,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help="comma-separated subset of %(default)s")
     parser.add_argument("--reps", type=int, help="repetitions per method and size "
-                        "(default: 7, or 1 with --quick)")
+                        "(default: 6, or 1 with --quick)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: re-summarise OUT/results.json and rewrite "
+                        "RESULTS.md and the plots")
     parser.add_argument("--ram", help="P1/P3 guest RAM sizes in MiB, comma-separated "
                         "(default: 256,1024,2048, or 256 with --quick)")
     args = parser.parse_args(argv)
@@ -58,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        return render(args.out)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    # qemu.qmp logs every refused connect while a QEMU starts (kvmsnap retries): noise.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     settings = Settings.make(args.quick, args.out, args.only_set, args.reps, args.ram_mib)
     settings.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -69,24 +77,48 @@ def main(argv: list[str] | None = None) -> int:
                                "benchmarks": sorted(settings.only), "duration_s": 0.0}
     progress(machine_line(results["machine"]))
     json_path = settings.out / "results.json"
+    # Raw records are written before anything summarises them: a long run is never lost.
     if settings.only & {"P1", "P3"}:
         results["forks"] = fork_bench.run(settings, guest, accel)
-        results["duration_s"] = time.monotonic() - started
-        write_json(json_path, results)  # keep what we have if a later benchmark fails
+        _save(results, json_path, started)
+        results["forks"]["summary"] = fork_bench.summarise(results["forks"]["records"])
+        _save(results, json_path, started)
     if "P4" in settings.only:
         results["P4"] = commit_bench.run(settings, guest, accel)
+        _save(results, json_path, started)
+        results["P4"]["summary"] = commit_bench.summarise(results["P4"]["records"])
     results["duration_s"] = time.monotonic() - started
-    plots = report.plots(results, settings.out)
+    return _finish(results, settings.out)
+
+
+def render(out: Path) -> int:
+    """Summaries, RESULTS.md and plots again from a results.json (no QEMU runs)."""
+    results = json.loads((out / "results.json").read_text())
+    if "forks" in results:
+        results["forks"]["summary"] = fork_bench.summarise(results["forks"]["records"])
+    if "P4" in results:
+        results["P4"]["summary"] = commit_bench.summarise(results["P4"]["records"])
+    return _finish(results, out)
+
+
+def _finish(results: dict[str, Any], out: Path) -> int:
+    json_path = out / "results.json"
+    plots = report.plots(results, out)
     results["plots"] = plots
     write_json(json_path, results)
-    (settings.out / "RESULTS.md").write_text(report.markdown(results, plots))
-    progress(f"done in {results['duration_s'] / 60:.1f} min: {settings.out / 'RESULTS.md'}, "
+    (out / "RESULTS.md").write_text(report.markdown(results, plots))
+    progress(f"done in {results['duration_s'] / 60:.1f} min: {out / 'RESULTS.md'}, "
              f"{json_path.name}, {', '.join(plots) or 'no plots (matplotlib missing)'}")
     failures = sum(1 for key in ("forks", "P4") if key in results
                    for r in results[key]["records"] if "error" in r)
     if failures:
         progress(f"{failures} sample(s) failed; see 'error' in {json_path}")
     return 1 if failures else 0
+
+
+def _save(results: dict[str, Any], path: Path, started: float) -> None:
+    results["duration_s"] = time.monotonic() - started
+    write_json(path, results)
 
 
 if __name__ == "__main__":

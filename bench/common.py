@@ -45,7 +45,7 @@ class Settings:
             defaults: dict[str, Any] = dict(reps=1, ram_mib=(256,), baseline_s=1.0,
                                             settle_s=0.5, warmup=False, write_mib=(0, 64))
         else:
-            defaults = dict(reps=7, ram_mib=(256, 1024, 2048), baseline_s=2.0, settle_s=1.0,
+            defaults = dict(reps=6, ram_mib=(256, 1024, 2048), baseline_s=2.0, settle_s=1.0,
                             warmup=True, write_mib=(0, 16, 64, 256, 1024))
         if reps is not None:
             defaults["reps"] = reps

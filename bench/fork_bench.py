@@ -1,16 +1,25 @@
 """P1 (the parent's pause as the guest sees it) and P3 (the clone's cost), from one set of forks.
 
 For every guest RAM size one demo VM boots with ~70% of its RAM filled with random data and
-its ticker on. It is then forked again and again, alternating background-snapshot and
-stop-and-copy (ABBA order), so both methods meet the same guest and the same host noise.
+its ticker on. It is then forked again and again, in three variants per repetition, their
+order alternating between repetitions so that all meet the same guest and the same noise:
+
+- ``bg-intact``: background-snapshot with the guest RAM's transparent huge pages intact
+  (re-collapsed just before, see bench/thp.py): a VM's first backup after boot, or one
+  whose huge pages khugepaged has rebuilt since its last backup;
+- ``bg-split``: background-snapshot right after the previous one, whose write faults left
+  the huge pages split: back-to-back backups;
+- ``sc``: stop-and-copy.
+
 Each fork records:
 
 - the ticker's largest gap around the pause (host-side arrival times), located by the
   STOP/RESUME events the launcher's own QMP session receives (QEMU timestamps, converted
-  to the monotonic clock), and the largest gap over the whole fork_vm call;
+  to the monotonic clock), and the largest gap over the whole backup;
 - the ticker's baseline in the seconds before the fork (no fork running);
 - kvmsnap's own figures (pause_ms, QEMU downtime, disk snapshot, RAM save, restore, ...);
-- the clone QEMU's peak RSS (VmHWM) and the size of the RAM state file.
+- the clone QEMU's peak RSS (VmHWM) and the size of the RAM state file;
+- the share of the parent's guest RAM in huge pages just before the fork.
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ import contextlib
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import ticks
+from bench import thp, ticks
 from bench.api import fork_once
 from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summary
 from bench.sampler import ForkSampler
@@ -32,33 +42,44 @@ from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
 
 BG = "background-snapshot"
 SC = "stop-and-copy"
-METHODS = (BG, SC)
+#: variant -> (method, re-collapse the huge pages first?)
+VARIANTS = {"bg-intact": (BG, True), "bg-split": (BG, False), "sc": (SC, False)}
 TIMELINE_BEFORE_S = 1.0
 TIMELINE_AFTER_S = 0.5
+#: the window around the pause (each side) whose largest gap is compared with the baseline's
+#: largest gap per 1 s (+ pause) window without a fork
+WINDOW_S = 0.5
 
 
 def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
+    """All the forks; :func:`summarise` the records afterwards."""
     records: list[dict[str, Any]] = []
     boots: list[dict[str, Any]] = []
     for ram in settings.ram_mib:
-        size_records, boot = _one_size(settings, guest, accel, ram)
-        records += size_records
-        boots.append(boot)
-    return {"records": records, "boots": boots, "summary": summarise(records)}
+        try:
+            boots.append(_one_size(settings, guest, accel, ram, records))
+        except Exception as exc:  # keep the other sizes' results
+            progress(f"P1/P3 at {ram} MiB failed: {type(exc).__name__}: {exc}")
+            records.append({"ram_mib": ram, "variant": "-", "method": "-", "rep": -1,
+                            "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc(limit=-6)})
+    return {"records": records, "boots": boots}
 
 
 def fork_order(reps: int, warmup: bool) -> list[tuple[int, str]]:
-    """(rep, method): ABBA so neither method always runs first; rep -1 is the warm-up."""
-    order = [(-1, BG)] if warmup else []
+    """(rep, variant). bg-split must follow a background snapshot; stop-and-copy runs
+    first in odd repetitions and last in even ones. Rep -1 is the discarded warm-up."""
+    order = [(-1, "bg-intact")] if warmup else []
     for rep in range(reps):
-        order += [(rep, m) for m in (METHODS if rep % 2 == 0 else METHODS[::-1])]
+        variants = ["bg-intact", "bg-split"]
+        variants = [*variants, "sc"] if rep % 2 == 0 else ["sc", *variants]
+        order += [(rep, v) for v in variants]
     return order
 
 
-def _one_size(settings: Settings, guest: DemoGuest, accel: str,
-              ram: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _one_size(settings: Settings, guest: DemoGuest, accel: str, ram: int,
+              records: list[dict[str, Any]]) -> dict[str, Any]:
     fill = int(ram * settings.fill_ratio)
-    records = []
     with contextlib.ExitStack() as stack:
         sockets = stack.enter_context(short_dir())
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
@@ -73,19 +94,30 @@ def _one_size(settings: Settings, guest: DemoGuest, accel: str,
         vm.wait_ready(timeout=120 + 0.1 * fill)
         boot = {"ram_mib": ram, "fill_mib": fill, "boot_s": time.monotonic() - started}
         ticker.wait_flowing()
+        # MIGRATION events (setup/active/completed) time the phases inside the pause; the
+        # capability only makes QEMU report them.
+        vm.qmp.execute("migrate-set-capabilities",
+                       {"capabilities": [{"capability": "events", "state": True}]})
+        ranges = thp.guest_ram_ranges(vm.pid, ram * MIB)
+        boot["guest_ram_mappings"] = len(ranges)
         timelines: set[str] = set()
-        for index, (rep, method) in enumerate(fork_order(settings.reps, settings.warmup)):
+        for index, (rep, variant) in enumerate(fork_order(settings.reps, settings.warmup)):
+            method, recollapse = VARIANTS[variant]
+            record: dict[str, Any] = {"ram_mib": ram, "fill_mib": fill, "rep": rep,
+                                      "warmup": rep < 0, "variant": variant, "method": method}
+            if recollapse and rep >= 0:  # the warm-up meets the huge pages of a fresh boot
+                record["collapse"] = thp.collapse(vm.pid, ranges) if ranges else None
             time.sleep(settings.settle_s)
-            record = _one_fork(settings, vm, ticker, tmp / f"fork{index}", method,
-                               keep_timeline=rep >= 0 and method not in timelines)
+            record["thp_before"] = thp.huge_share(vm.pid, ranges) if ranges else None
+            record.update(_one_fork(settings, vm, ticker, tmp / f"fork{index}", method,
+                                    keep_timeline=rep >= 0 and variant not in timelines))
             if "timeline" in record:
-                timelines.add(method)
-            record.update(ram_mib=ram, fill_mib=fill, rep=rep, warmup=rep < 0)
+                timelines.add(variant)
             records.append(record)
             progress(_describe(record))
             if not vm.running():
                 raise RuntimeError(f"the {ram} MiB demo guest died during the benchmark")
-    return records, boot
+    return boot
 
 
 def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, method: str,
@@ -94,27 +126,43 @@ def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, met
     time.sleep(settings.baseline_s)
     base_end = time.monotonic()
     vm.qmp.events()  # forget older events: the STOP/RESUME we read below are this fork's
-    record: dict[str, Any] = {"method": method, **load_snapshot()}
+    record: dict[str, Any] = load_snapshot()
     with ForkSampler(workdir) as sampler:
         t0 = time.monotonic()
         try:
             outcome = fork_once(vm.paths.backup_qmp, method, workdir)
         except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = traceback.format_exc(limit=-6)
             return record
         finally:
             t1 = time.monotonic()
     time.sleep(0.2)  # the ticks that follow the fork
     record.update(sampler.result())
-    pauses = _pauses(vm)
+    pauses, phases = _events(vm)
     arrivals = ticker.arrivals()
     base = ticks.baseline(arrivals, base_start, base_end)
     record.update(outcome.figures())
     record.update(fork_call_s=t1 - t0, baseline=base,
                   event_pauses_ms=[(r - s) * 1000 for s, r in pauses])
+    record.update(_phases(pauses, phases))
     pause_gaps = [g for s, r in pauses for g in ticks.gaps(arrivals, s, r)]
     pause_gap = ticks.largest(pause_gaps)
     fork_gap = ticks.largest(ticks.gaps(arrivals, t0, t1))
+    window_gap = ticks.largest([g for s, r in pauses
+                                for g in ticks.gaps(arrivals, s - WINDOW_S, r + WINDOW_S)])
+    record["window_max_gap_ms"] = window_gap.ms if window_gap else None
+    if pauses:  # how long after RESUME the guest's next tick arrived (<= one interval if
+        # the guest ran at full speed once resumed)
+        after = [a for a in arrivals if a >= pauses[-1][1]]
+        record["resume_to_tick_ms"] = (after[0] - pauses[-1][1]) * 1000 if after else None
+    written = sampler.state_written_by()
+    record["ram_save_observed_s"] = (written - pauses[0][0] if written and pauses else None)
+    if written and pauses and written > pauses[-1][1]:  # the guest ran while RAM was saved
+        during = [g.ms for g in ticks.inside(arrivals, pauses[-1][1], written)]
+        record["during_save_median_interval_ms"] = (statistics.median(during) if during
+                                                    else None)
+        record["during_save_max_gap_ms"] = max(during) if during else None
     record["tick_gap_ms"] = pause_gap.ms if pause_gap else None
     record["tick_gap_contains_pause"] = bool(pause_gap and any(
         pause_gap.start <= s and pause_gap.start + pause_gap.seconds >= r for s, r in pauses))
@@ -130,21 +178,38 @@ def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, met
     return record
 
 
-def _pauses(vm: DemoVM) -> list[tuple[float, float]]:
-    """(STOP, RESUME) pairs the launcher's QMP session saw, on the monotonic clock."""
+def _events(vm: DemoVM) -> tuple[list[tuple[float, float]], dict[str, float]]:
+    """(STOP, RESUME) pairs the launcher's QMP session saw, and the first time of each
+    migration status, all on the monotonic clock."""
     offset = statistics.median(time.time() - time.monotonic() for _ in range(5))
     pairs, stopped = [], None
+    phases: dict[str, float] = {}
     for event in vm.qmp.events():
+        when = event.timestamp - offset
         if event.name == "STOP" and stopped is None:
-            stopped = event.timestamp - offset
+            stopped = when
         elif event.name == "RESUME" and stopped is not None:
-            pairs.append((stopped, event.timestamp - offset))
+            pairs.append((stopped, when))
             stopped = None
-    return pairs
+        elif event.name == "MIGRATION":
+            phases.setdefault(str(event.data.get("status")), when)
+    return pairs, phases
+
+
+def _phases(pauses: list[tuple[float, float]], phases: dict[str, float]) -> dict[str, Any]:
+    """Where the pause went: kvmsnap's part before ``migrate`` (disk transaction, QMP round
+    trips), QEMU's migration setup, and the rest up to RESUME (background-snapshot: device
+    state, write-protecting RAM, restart; stop-and-copy: the whole RAM copy, then ``cont``)."""
+    if not pauses or "setup" not in phases or "active" not in phases:
+        return {}
+    stop, resume = pauses[0][0], pauses[-1][1]
+    return {"phase_before_migrate_ms": (phases["setup"] - stop) * 1000,
+            "phase_migration_setup_ms": (phases["active"] - phases["setup"]) * 1000,
+            "phase_to_resume_ms": (resume - phases["active"]) * 1000}
 
 
 def _describe(record: dict[str, Any]) -> str:
-    head = f"  {record['ram_mib']:5d} MiB {record['method']:19s} rep {record['rep']:2d}: "
+    head = f"  {record['ram_mib']:5d} MiB {record['variant']:9s} rep {record['rep']:2d}: "
     if "error" in record:
         return head + "FAILED " + record["error"]
     gap = record["tick_gap_ms"]
@@ -152,8 +217,14 @@ def _describe(record: dict[str, Any]) -> str:
                    f"downtime {record['qemu_downtime_ms']} ms, restore "
                    f"{record['clone_restore_s']:.2f} s, clone peak RSS "
                    f"{record['clone_peak_rss_bytes'] / MIB:.0f} MiB, baseline max gap "
-                   f"{record['baseline']['max_gap_ms'] or 0:.1f} ms" if gap is not None else
+                   f"{record['baseline']['max_gap_ms'] or 0:.1f} ms, huge pages "
+                   f"{_huge(record)}" if gap is not None else
                    f"no STOP/RESUME seen; pause {record['pause_ms']:.1f} ms")
+
+
+def _huge(record: dict[str, Any]) -> str:
+    share = (record.get("thp_before") or {}).get("huge_share")
+    return "?" if share is None else f"{share:.0%}"
 
 
 # -- summaries ---------------------------------------------------------------------------------
@@ -161,63 +232,90 @@ def measured(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if not r.get("warmup") and "error" not in r]
 
 
+PER_FORK = ("tick_gap_ms", "tick_excess_ms", "pause_ms", "qemu_downtime_ms", "disk_snapshot_ms",
+            "phase_before_migrate_ms", "phase_migration_setup_ms", "phase_to_resume_ms",
+            "fork_max_gap_ms", "window_max_gap_ms", "resume_to_tick_ms",
+            "during_save_median_interval_ms", "during_save_max_gap_ms", "ram_save_s",
+            "ram_save_observed_s", "clone_restore_s", "shutdown_s", "total_s")
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     good = measured(records)
-    sizes = sorted({r["ram_mib"] for r in good})
     rows = []
-    for ram in sizes:
-        for method in METHODS:
-            rs = [r for r in good if r["ram_mib"] == ram and r["method"] == method]
-            if not rs:
-                continue
-            rows.append({
-                "ram_mib": ram, "method": method, "fill_mib": rs[0]["fill_mib"],
-                **{key: summary(r[key] for r in rs) for key in (
-                    "tick_gap_ms", "tick_excess_ms", "pause_ms", "qemu_downtime_ms",
-                    "disk_snapshot_ms", "fork_max_gap_ms", "ram_save_s", "clone_restore_s",
-                    "shutdown_s", "total_s")},
-                "clone_peak_rss_mib": summary(r["clone_peak_rss_bytes"] / MIB for r in rs
-                                              if r.get("clone_peak_rss_bytes")),
-                "clone_rss_ratio": summary(r["clone_peak_rss_bytes"] / (ram * MIB) for r in rs
-                                           if r.get("clone_peak_rss_bytes")),
-                "ram_state_mib": summary(r["ram_state_bytes"] / MIB for r in rs
-                                         if r.get("ram_state_bytes")),
-                "baseline_max_gap_ms": summary(r["baseline"]["max_gap_ms"] for r in rs),
-                "baseline_median_interval_ms": summary(r["baseline"]["median_interval_ms"]
-                                                       for r in rs),
-                "baseline_p99_ms": summary(r["baseline"]["p99_ms"] for r in rs),
-                "clean": sum(1 for r in rs if r.get("clean")),
-                "errors": sum(1 for r in records if r["ram_mib"] == ram
-                              and r["method"] == method and "error" in r),
-            })
-    return {"rows": rows, "ratios": paired_ratios(good), "flatness": flatness(good),
+    for ram in sorted({r["ram_mib"] for r in good}):
+        for variant, (method, _) in VARIANTS.items():
+            rs = [r for r in good if r["ram_mib"] == ram and r["variant"] == variant]
+            if rs:
+                rows.append(_row(ram, variant, method, rs, records))
+    return {"rows": rows, "ratios": paired_ratios(good),
+            "flatness": {v: flatness(good, v) for v in ("bg-intact", "bg-split")},
             "baseline": summary(r["baseline"]["max_gap_ms"] for r in good),
-            "baseline_interval": summary(r["baseline"]["median_interval_ms"] for r in good)}
+            "baseline_chunk_max": summary(g for r in good
+                                          for g in r["baseline"]["chunk_max_gaps_ms"]),
+            "baseline_interval": summary(r["baseline"]["median_interval_ms"] for r in good),
+            "collapse_s": summary((r.get("collapse") or {}).get("seconds") for r in good),
+            "collapse_errors": sorted({e for r in good
+                                       for e in (r.get("collapse") or {}).get("errors", [])})}
+
+
+def _row(ram: int, variant: str, method: str, rs: list[dict[str, Any]],
+         records: list[dict[str, Any]]) -> dict[str, Any]:
+    def huge(r: dict[str, Any]) -> float | None:
+        return (r.get("thp_before") or {}).get("huge_share")
+
+    return {
+        "ram_mib": ram, "variant": variant, "method": method, "fill_mib": rs[0]["fill_mib"],
+        **{key: summary(r.get(key) for r in rs) for key in PER_FORK},
+        "huge_share_before": summary(huge(r) for r in rs),
+        "clone_peak_rss_mib": summary(r["clone_peak_rss_bytes"] / MIB for r in rs
+                                      if r.get("clone_peak_rss_bytes")),
+        "clone_rss_ratio": summary(r["clone_peak_rss_bytes"] / (ram * MIB) for r in rs
+                                   if r.get("clone_peak_rss_bytes")),
+        "ram_state_mib": summary(r["ram_state_bytes"] / MIB for r in rs
+                                 if r.get("ram_state_bytes")),
+        "clone_overhead_mib": summary((r["clone_peak_rss_bytes"] - r["ram_state_bytes"]) / MIB
+                                      for r in rs if r.get("clone_peak_rss_bytes")
+                                      and r.get("ram_state_bytes")),
+        "baseline_max_gap_ms": summary(r["baseline"]["max_gap_ms"] for r in rs),
+        "baseline_median_interval_ms": summary(r["baseline"]["median_interval_ms"] for r in rs),
+        "baseline_chunk_max_ms": summary(g for r in rs
+                                         for g in r["baseline"]["chunk_max_gaps_ms"]),
+        "clean": sum(1 for r in rs if r.get("clean")),
+        "errors": sum(1 for r in records if r.get("ram_mib") == ram
+                      and r.get("variant") == variant and "error" in r),
+    }
+
+
+#: (numerator, denominator) variants of the paired ratios
+RATIOS = (("sc", "bg-intact"), ("sc", "bg-split"), ("bg-split", "bg-intact"))
 
 
 def paired_ratios(good: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """stop-and-copy / background-snapshot, per repetition (the two ran back to back)."""
+    """Per repetition (the variants ran back to back on the same VM), then the median."""
     out = []
     for ram in sorted({r["ram_mib"] for r in good}):
-        pairs = []
-        for rep in sorted({r["rep"] for r in good if r["ram_mib"] == ram}):
-            by = {r["method"]: r for r in good if r["ram_mib"] == ram and r["rep"] == rep}
-            if BG in by and SC in by:
-                pairs.append((by[BG], by[SC]))
-        entry: dict[str, Any] = {"ram_mib": ram, "pairs": len(pairs)}
-        for key in ("tick_gap_ms", "pause_ms", "clone_restore_s", "total_s", "ram_save_s"):
-            entry[key] = summary(sc[key] / bg[key] for bg, sc in pairs
-                                 if bg.get(key) and sc.get(key) is not None)
-        out.append(entry)
+        for top, bottom in RATIOS:
+            pairs = []
+            for rep in sorted({r["rep"] for r in good if r["ram_mib"] == ram}):
+                by = {r["variant"]: r for r in good if r["ram_mib"] == ram and r["rep"] == rep}
+                if top in by and bottom in by:
+                    pairs.append((by[bottom], by[top]))
+            entry: dict[str, Any] = {"ram_mib": ram, "ratio": f"{top}/{bottom}",
+                                     "pairs": len(pairs)}
+            for key in ("tick_gap_ms", "window_max_gap_ms", "pause_ms", "clone_restore_s",
+                        "total_s", "ram_save_observed_s"):
+                entry[key] = summary(t[key] / b[key] for b, t in pairs
+                                     if b.get(key) and t.get(key) is not None)
+            out.append(entry)
     return out
 
 
-def flatness(good: list[dict[str, Any]]) -> dict[str, Any]:
-    """How background-snapshot's pause grows with guest RAM: a least-squares slope per GiB."""
+def flatness(good: list[dict[str, Any]], variant: str) -> dict[str, Any]:
+    """How a background-snapshot variant's pause grows with guest RAM: slope per GiB."""
     out: dict[str, Any] = {}
-    for key in ("pause_ms", "tick_gap_ms", "tick_excess_ms"):
+    for key in ("pause_ms", "tick_gap_ms", "tick_excess_ms", "window_max_gap_ms"):
         points = [(r["ram_mib"] / 1024, r[key]) for r in good
-                  if r["method"] == BG and r.get(key) is not None]
+                  if r["variant"] == variant and r.get(key) is not None]
         sizes = sorted({x for x, _ in points})
         if len(sizes) < 2:
             out[key] = None

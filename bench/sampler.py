@@ -4,14 +4,17 @@ kvmsnap starts the clone as a child of this process (``Clone`` is a ``Machine``)
 ``-incoming defer`` and its overlays in the fork's work directory. A thread polls
 ``/proc/self/task/*/children`` for that process and keeps the largest ``VmHWM`` (the
 kernel's own peak-RSS counter) it reads before the clone exits; the last read is at most one
-poll interval before the exit, when the guest is already shutting down.
+poll interval before the exit, when the guest is already shutting down. It also notes when
+the RAM state file last grew: kvmsnap's ``ram_save_s`` comes from ``query-migrate``'s
+``total-time``, which QEMU 7.2 can still report as 0 when a background snapshot's status is
+already "completed".
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ class ForkSampler:
         self.clone_rss_kib = 0
         self.samples = 0
         self.state_bytes = 0
+        self.state_first_seen: float | None = None  # monotonic
+        self.state_last_growth: float | None = None  # monotonic, +- one poll interval
         self._seen: dict[int, bool] = {}  # pid -> is it the clone?
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fork-sampler", daemon=True)
@@ -41,6 +46,10 @@ class ForkSampler:
         return {"clone_pid": self.clone_pid, "clone_peak_rss_bytes": self.clone_hwm_kib * 1024,
                 "clone_samples": self.samples, "ram_state_bytes": self.state_bytes or None}
 
+    def state_written_by(self) -> float | None:
+        """When the RAM state file last grew (monotonic): the end of the RAM save."""
+        return self.state_last_growth
+
     # -- the thread -------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -52,10 +61,20 @@ class ForkSampler:
 
     def _sample(self) -> None:
         for state in self.workdir.glob("*/ram.state"):
-            with contextlib.suppress(FileNotFoundError):
-                self.state_bytes = max(self.state_bytes, state.stat().st_size)
+            try:
+                size = state.stat().st_size
+            except FileNotFoundError:
+                continue
+            now = time.monotonic()
+            if self.state_first_seen is None:
+                self.state_first_seen = now
+            if size > self.state_bytes:
+                self.state_bytes = size
+                self.state_last_growth = now
         for pid in _children():
-            if pid not in self._seen:
+            # Only a positive answer is kept: between fork and exec a child still shows
+            # this interpreter's command line.
+            if not self._seen.get(pid):
                 self._seen[pid] = self._is_clone(pid)
             if self._seen[pid]:
                 self.clone_pid = pid

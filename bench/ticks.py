@@ -115,12 +115,23 @@ def largest(found: list[Gap]) -> Gap | None:
     return max(found, key=lambda g: g.seconds) if found else None
 
 
-def baseline(arrivals: list[float], start: float, end: float) -> dict[str, float | int | None]:
-    """The ticker's own jitter in a window without a fork: interval median, p99 and max."""
+def baseline(arrivals: list[float], start: float, end: float,
+             chunk_s: float = 1.0) -> dict[str, object]:
+    """The ticker's own jitter in a window without a fork: interval median, p99 and max,
+    and the largest gap of each ``chunk_s`` piece (to compare with a window of that size)."""
     found = [g.ms for g in inside(arrivals, start, end)]
+    chunks = []
+    cursor = start
+    while cursor + chunk_s <= end + 1e-6:
+        gap = largest(inside(arrivals, cursor, cursor + chunk_s))
+        if gap:
+            chunks.append(gap.ms)
+        cursor += chunk_s
     return {
         "n": len(found),
         "median_interval_ms": statistics.median(found) if found else None,
         "p99_ms": percentile(found, 99),
         "max_gap_ms": max(found) if found else None,
+        "chunk_s": chunk_s,
+        "chunk_max_gaps_ms": chunks,
     }
