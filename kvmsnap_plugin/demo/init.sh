@@ -16,6 +16,9 @@
 #                            host can time the gaps the guest's outside world sees
 #   kvmsnap.callhome=PORT    configure eth0 (slirp) and, when the power button is pressed,
 #                            try to reach the host on 10.0.2.2:PORT (a network isolation test)
+#   kvmsnap.writer=1         read "W <MiB> <name>" lines on the third serial port (ttyS2) and
+#                            write that many MiB of zeros to /mnt/vda/<name> with fsync,
+#                            printing KVMSNAP-WROTE <name> <MiB> (benchmarks drive writes)
 #
 # Console markers: KVMSNAP-READY, KVMSNAP-COUNT n, KVMSNAP-POWER-BUTTON,
 # KVMSNAP-WORKLOAD-STOPPED n, KVMSNAP-UNMOUNTED, KVMSNAP-POWER-BUTTON-IGNORED.
@@ -25,7 +28,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
 
-DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0 CALLHOME=0
+DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0 CALLHOME=0 WRITER=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmsnap.disks=*) DISKS=${arg#*=} ;;
@@ -35,6 +38,7 @@ for arg in $(cat /proc/cmdline); do
         kvmsnap.fill=*) FILL=${arg#*=} ;;
         kvmsnap.ticker=*) TICKER=${arg#*=} ;;
         kvmsnap.callhome=*) CALLHOME=${arg#*=} ;;
+        kvmsnap.writer=*) WRITER=${arg#*=} ;;
     esac
 done
 
@@ -105,6 +109,14 @@ workload() {
 }
 workload &
 WORKLOAD=$!
+
+if [ "$WRITER" = 1 ]; then
+    (while read -r verb mib name; do
+        [ "$verb" = W ] || continue
+        dd if=/dev/zero of="/mnt/vda/$name" bs=1M count="$mib" conv=fsync 2>/dev/null
+        echo "KVMSNAP-WROTE $name $mib"
+    done < /dev/ttyS2) &
+fi
 
 POWER_EVENT=""
 for dev in /sys/class/input/event*; do

@@ -37,6 +37,7 @@ class DemoOptions:
     fill_mib: int = 0  # random data held in a guest tmpfs, so its RAM is really in use
     ticker: bool = False  # "T" every 10 ms on ttyS1 (give it a second -serial in extra_args)
     callhome: int = 0  # a host TCP port the guest tries to reach on the power button
+    writer: bool = False  # write on request from ttyS2 (give it a third -serial)
     #: "blockdev" (modern, like libvirt) or "drive" (legacy) disk options; per disk
     disk_syntax: tuple[str, ...] = ("blockdev", "drive")
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -55,7 +56,7 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
     append = (f"console=ttyS0 quiet panic=-1 kvmsnap.disks={len(paths.disks)} "
               f"kvmsnap.power={opts.power_button} kvmsnap.interval={opts.interval} "
               f"kvmsnap.fill={opts.fill_mib} kvmsnap.ticker={int(opts.ticker)} "
-              f"kvmsnap.callhome={opts.callhome}")
+              f"kvmsnap.callhome={opts.callhome} kvmsnap.writer={int(opts.writer)}")
     argv = [
         process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-demo",
