@@ -231,7 +231,7 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
 def _run_clone(clone_plan: ClonePlan, state_file: Path, policy: ShutdownPolicy,
                on_start: Callable[[int], None]) -> tuple[ShutdownResult, float]:
     with running_clone(clone_plan, state_file, on_start=on_start) as clone:
-        return shut_down(clone, policy), clone.restore_s
+        return shut_down(clone, policy, clone_plan.agent_socket), clone.restore_s
 
 
 def _images(clone_plan: ClonePlan, label: str) -> list[tuple[str, Path]]:

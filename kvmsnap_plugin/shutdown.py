@@ -1,16 +1,20 @@
 """Shut the clone down in order: the ACPI power button, and a timeout ladder behind it.
 
 Rungs: press the power button; press it again after ``repress_after`` seconds (some guests
-miss a press made while they are busy); ask the guest agent, if the clone has one; after
-``timeout`` seconds in all, stop the clone hard. Only a shutdown the guest made itself
-(QEMU's SHUTDOWN event with reason ``guest-shutdown``) counts as clean.
+miss a press made while they are busy); after as long again, ask the guest agent to power
+off, if the clone has one; after ``timeout`` seconds in all, stop the clone hard. Only a
+shutdown the guest made itself (QEMU's SHUTDOWN event with reason ``guest-shutdown``)
+counts as clean.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvmsnap_plugin import faults
 from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, UsageError
@@ -41,14 +45,18 @@ class ShutdownResult:
     seconds: float  # from the first press to the end of the clone
     presses: int
     reason: str  # QEMU's SHUTDOWN reason, or why there was none
+    agent_asked: bool = False  # the guest agent was asked to power off
 
 
-def shut_down(clone: Machine, policy: ShutdownPolicy) -> ShutdownResult:
+def shut_down(clone: Machine, policy: ShutdownPolicy,
+              agent_socket: Path | None = None) -> ShutdownResult:
     """Run the (paused) clone, press its power button, and wait for it to end."""
     clone.qmp.events()
     clone.qmp.execute("cont")
     started = time.monotonic()
     presses = 0
+    agent: socket.socket | None = None
+    agent_asked = False
     reason = "no shutdown event"
     next_press = started
     deadline = started + policy.timeout
@@ -58,6 +66,8 @@ def shut_down(clone: Machine, policy: ShutdownPolicy) -> ShutdownResult:
             faults.point("clone-shutdown")
             presses += 1
             next_press = time.monotonic() + policy.repress_after
+        elif time.monotonic() >= next_press and agent_socket and not agent_asked:
+            agent, agent_asked = _ask_agent(agent_socket), True
         try:
             event = clone.qmp.wait_event("SHUTDOWN", min(1.0, max(0.05, deadline -
                                                                   time.monotonic())))
@@ -75,6 +85,8 @@ def shut_down(clone: Machine, policy: ShutdownPolicy) -> ShutdownResult:
         log.warning("the clone did not shut down within %g s; stopping it hard",
                     policy.timeout)
         reason = f"timed out after {policy.timeout:g} s"
+    if agent is not None:
+        agent.close()
     guest_did_it = reason == "guest-shutdown"
     if guest_did_it:
         clone.wait_exit(30)
@@ -83,7 +95,27 @@ def shut_down(clone: Machine, policy: ShutdownPolicy) -> ShutdownResult:
     seconds = time.monotonic() - started
     log.info("clone %s after %.1f s (%s)", "shut down cleanly" if guest_did_it else
              "was stopped", seconds, reason)
-    return ShutdownResult(guest_did_it, ended_by, seconds, presses, reason)
+    return ShutdownResult(guest_did_it, ended_by, seconds, presses, reason, agent_asked)
+
+
+def _ask_agent(socket_path: Path) -> socket.socket | None:
+    """Ask the guest agent (qemu-ga protocol) to power the guest off.
+
+    Returns the open channel: it must stay open until the guest acts, since a virtio-serial
+    port drops what the host sent once the host side closes.
+    """
+    log.info("the power button was not acted on; asking the guest agent to power off")
+    request = {"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}
+    channel = socket.socket(socket.AF_UNIX)
+    try:
+        channel.settimeout(5)
+        channel.connect(str(socket_path))
+        channel.sendall(json.dumps(request).encode() + b"\n")
+        return channel
+    except OSError as exc:
+        channel.close()
+        log.warning("the guest agent could not be reached: %s", exc)
+        return None
 
 
 def _press(clone: Machine) -> None:

@@ -17,7 +17,6 @@ import logging
 import lzma
 import os
 import re
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 MODULES = (
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-    "virtio_blk", "button", "evdev", "failover", "net_failover", "virtio_net",
+    "virtio_blk", "button", "evdev", "failover", "net_failover", "virtio_net", "virtio_console",
 )
 BUSYBOX_PATHS = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 
@@ -54,7 +53,7 @@ def build_guest(cache: Path | None = None) -> DemoGuest:
     package = kernel_package()
     guest = _expected_guest(cache, package.removeprefix("linux-image-"))
     kernel_dir = guest.kernel.parent
-    if not guest.kernel.exists():
+    if not all((kernel_dir / "modules" / f"{m}.ko").exists() for m in MODULES):
         fetch_kernel(package, guest.kernel_version, kernel_dir)
     if not guest.initrd.exists():
         log.info("building the demo initramfs (%s)", guest.initrd.name)
@@ -107,18 +106,19 @@ def fetch_kernel(package: str, version: str, kernel_dir: Path) -> None:
         deb = next(tmpdir.glob("linux-image-*.deb"))
         tree = tmpdir / "tree"
         process.run(["dpkg-deb", "-x", deb, tree], timeout=300)
-        staged = tmpdir / "staged"
-        (staged / "modules").mkdir(parents=True)
-        shutil.copy(tree / "boot" / f"vmlinuz-{version}", staged / "vmlinuz")
+        # Add what is missing file by file (each written atomically): other runs may be
+        # booting this kernel right now.
+        (kernel_dir / "modules").mkdir(parents=True, exist_ok=True)
         for name in MODULES:
-            source = find_module(tree / "lib" / "modules" / version, name)
-            data = source.read_bytes()
-            if source.suffix == ".xz":
-                data = lzma.decompress(data)
-            (staged / "modules" / f"{name}.ko").write_bytes(data)
-        if kernel_dir.exists():
-            shutil.rmtree(kernel_dir)
-        staged.rename(kernel_dir)
+            target = kernel_dir / "modules" / f"{name}.ko"
+            if not target.exists():
+                source = find_module(tree / "lib" / "modules" / version, name)
+                data = source.read_bytes()
+                write_atomically(target, lzma.decompress(data) if source.suffix == ".xz"
+                                 else data)
+        if not (kernel_dir / "vmlinuz").exists():
+            write_atomically(kernel_dir / "vmlinuz",
+                             (tree / "boot" / f"vmlinuz-{version}").read_bytes())
 
 
 def find_module(tree: Path, name: str) -> Path:

@@ -16,6 +16,8 @@
 #                            host can time the gaps the guest's outside world sees
 #   kvmsnap.callhome=PORT    configure eth0 (slirp) and, when the power button is pressed,
 #                            try to reach the host on 10.0.2.2:PORT (a network isolation test)
+#   kvmsnap.agent=1          a minimal guest agent on virtio-serial port
+#                            org.qemu.guest_agent.0: "guest-shutdown" shuts down cleanly
 #   kvmsnap.writer=1         read "W <MiB> <name>" lines on the third serial port (ttyS2) and
 #                            write that many MiB of zeros to /mnt/vda/<name> with fsync,
 #                            printing KVMSNAP-WROTE <name> <MiB> (benchmarks drive writes)
@@ -28,7 +30,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
 
-DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0 CALLHOME=0 WRITER=0
+DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0 CALLHOME=0 WRITER=0 AGENT=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmsnap.disks=*) DISKS=${arg#*=} ;;
@@ -39,6 +41,7 @@ for arg in $(cat /proc/cmdline); do
         kvmsnap.ticker=*) TICKER=${arg#*=} ;;
         kvmsnap.callhome=*) CALLHOME=${arg#*=} ;;
         kvmsnap.writer=*) WRITER=${arg#*=} ;;
+        kvmsnap.agent=*) AGENT=${arg#*=} ;;
     esac
 done
 
@@ -49,7 +52,7 @@ fi
 
 # Order matters: the cloud kernel has no modules.dep in its package.
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
-         virtio_blk button evdev failover net_failover virtio_net; do
+         virtio_blk button evdev failover net_failover virtio_net virtio_console; do
     insmod /lib/modules/$m.ko 2>/dev/null || echo "KVMSNAP-WARN insmod $m failed"
 done
 
@@ -124,6 +127,37 @@ for dev in /sys/class/input/event*; do
 done
 echo "KVMSNAP-READY disks=$NAMES power=$POWER power_event=$POWER_EVENT"
 
+# The orderly shutdown: stop the workload, leave a marker, flush, unmount, power off.
+# Reached from the power button or the guest agent, whichever comes first.
+clean_shutdown() {
+    touch /run/stop
+    wait $WORKLOAD 2>/dev/null
+    while [ ! -e /run/last ]; do sleep 0.1; done
+    last=$(cat /run/last)
+    for name in $NAMES; do echo "clean shutdown after line $last" > /mnt/$name/clean-shutdown; done
+    sync
+    for name in $NAMES; do umount /mnt/$name || echo "KVMSNAP-ERROR umount $name"; done
+    echo KVMSNAP-UNMOUNTED
+    poweroff -f
+}
+
+if [ "$AGENT" = 1 ]; then
+    port=""
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+    done
+    echo "KVMSNAP-AGENT port=$port"
+    # Reads end with EOF while no host side is connected: keep reopening the port.
+    (while true; do
+        while read -r request; do
+            case "$request" in
+                *guest-shutdown*) echo KVMSNAP-AGENT-SHUTDOWN; clean_shutdown ;;
+            esac
+        done < "$port"
+        sleep 0.2
+    done) &
+fi
+
 wait_for_power_button() {
     # One input_event (24 bytes on x86_64) is enough: the press itself.
     dd if="$POWER_EVENT" of=/dev/null bs=24 count=1 2>/dev/null
@@ -144,11 +178,4 @@ fi
 wait_for_power_button
 echo KVMSNAP-POWER-BUTTON
 [ "$CALLHOME" != 0 ] && call_home
-touch /run/stop
-wait $WORKLOAD
-last=$(cat /run/last)
-for name in $NAMES; do echo "clean shutdown after line $last" > /mnt/$name/clean-shutdown; done
-sync
-for name in $NAMES; do umount /mnt/$name || echo "KVMSNAP-ERROR umount $name"; done
-echo KVMSNAP-UNMOUNTED
-poweroff -f
+clean_shutdown

@@ -38,6 +38,7 @@ class DemoOptions:
     ticker: bool = False  # "T" every 10 ms on ttyS1 (give it a second -serial in extra_args)
     callhome: int = 0  # a host TCP port the guest tries to reach on the power button
     writer: bool = False  # write on request from ttyS2 (give it a third -serial)
+    agent: bool = False  # a minimal guest agent (guest-shutdown) on virtio-serial
     #: "blockdev" (modern, like libvirt) or "drive" (legacy) disk options; per disk
     disk_syntax: tuple[str, ...] = ("blockdev", "drive")
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -56,7 +57,8 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
     append = (f"console=ttyS0 quiet panic=-1 kvmsnap.disks={len(paths.disks)} "
               f"kvmsnap.power={opts.power_button} kvmsnap.interval={opts.interval} "
               f"kvmsnap.fill={opts.fill_mib} kvmsnap.ticker={int(opts.ticker)} "
-              f"kvmsnap.callhome={opts.callhome} kvmsnap.writer={int(opts.writer)}")
+              f"kvmsnap.callhome={opts.callhome} kvmsnap.writer={int(opts.writer)} "
+              f"kvmsnap.agent={int(opts.agent)}")
     argv = [
         process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-demo",
@@ -78,6 +80,12 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
         else:
             argv += ["-drive", f"file={escape(disk)},format=qcow2,if=none,id=disk{index}"]
         argv += ["-device", f"virtio-blk-pci,drive=disk{index},id=vdisk{index}"]
+    if opts.agent:
+        argv += ["-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", f"socket,id=qga0,path={escape(paths.qmp.with_name('qga.sock'))},"
+                             "server=on,wait=off",
+                 "-device", "virtserialport,bus=vser0.0,chardev=qga0,"
+                            "name=org.qemu.guest_agent.0"]
     if opts.nic:
         # A guest that calls home needs a parent that may (restrict=off) to show the clone
         # may not.

@@ -183,3 +183,14 @@ def test_refuses_a_socket_that_is_not_qmp(tmp_path):
             backup(BackupJob("x", path, ForkOptions(workdir=tmp_path / "work")))
     finally:
         server.close()
+
+
+def test_the_guest_agent_is_the_rung_after_the_power_button(start_demo, tmp_path):
+    vm = start_demo(power_button="ignore", agent=True)
+    vm.wait_counter(5)
+    result, _ = fork(vm, tmp_path, shutdown=ShutdownPolicy(timeout=60, repress_after=3))
+    assert result.clean and result.shutdown.reason == "guest-shutdown"
+    assert result.shutdown.presses == 2 and result.shutdown.agent_asked
+    clone_console = (tmp_path / "clone.log").read_text()
+    assert "KVMSNAP-POWER-BUTTON-IGNORED" in clone_console
+    assert "KVMSNAP-AGENT-SHUTDOWN" in clone_console
