@@ -75,17 +75,33 @@ class ClonePlan:
     workdir: Path
     qmp_path: Path
     console_log: Path | None
+    agent_socket: Path | None = None  # the guest agent's channel, if the VM has one
 
 
 def plan_clone(parent: Parent, workdir: Path, sockets: Path,
                console_log: Path | None = None) -> ClonePlan:
     """The clone's command line and disks (pure: nothing is created)."""
+    if parent.offline:
+        raise VMError(f"{parent.name} is shut off: there is nothing to clone",
+                      "its disk images are consistent as they are: back them up directly")
     disks = tuple(CloneDisk(d.device, workdir / f"clone-{safe_name(d.device)}.qcow2",
                             Path(d.filename), d.format) for d in parent.writable_disks)
     qmp_path = sockets / "clone-qmp.sock"
+    agent = sockets / "clone-qga.sock" if agent_chardev_ids(list(parent.argv)) else None
     argv = rewrite_argv(list(parent.argv), parent.writable_disks, disks, qmp_path, console_log,
-                        workdir=workdir)
-    return ClonePlan(tuple(argv), disks, workdir, qmp_path, console_log)
+                        workdir=workdir, agent_socket=agent)
+    return ClonePlan(tuple(argv), disks, workdir, qmp_path, console_log, agent)
+
+
+def agent_chardev_ids(argv: list[str]) -> set[str]:
+    """Chardevs behind a ``virtserialport`` named ``org.qemu.guest_agent.0``."""
+    ids = set()
+    for option in parse_argv(argv)[1]:
+        if option.name == "device":
+            opts = KeyVal.parse(option.value or "", implied="driver")
+            if opts.get("name") == "org.qemu.guest_agent.0" and opts.get("chardev"):
+                ids.add(opts.get("chardev"))
+    return ids
 
 
 def prepare_overlays(plan: ClonePlan, disks: Sequence[ParentDisk]) -> None:
@@ -97,9 +113,11 @@ def prepare_overlays(plan: ClonePlan, disks: Sequence[ParentDisk]) -> None:
 # -- command line rewriting --------------------------------------------------------------------
 def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
                  clone_disks: Sequence[CloneDisk], qmp_path: Path,
-                 console_log: Path | None, *, workdir: Path | None = None) -> list[str]:
+                 console_log: Path | None, *, workdir: Path | None = None,
+                 agent_socket: Path | None = None) -> list[str]:
     """The clone's command line; files it needs a private copy of go into ``workdir``."""
     program, options = parse_argv(argv)
+    agent_ids = agent_chardev_ids(argv)
     workdir = workdir or qmp_path.parent
     by_file = {os.path.realpath(d.filename): c for d, c in zip(parent_disks, clone_disks,
                                                                 strict=True)}
@@ -112,7 +130,11 @@ def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
         name, value = option.name, option.value or ""
         if name in DROPPED:
             continue
-        if name == "chardev":
+        if name == "chardev" and agent_socket and _chardev_id(value) in agent_ids:
+            # The guest agent's channel: the clone's own private socket, for the ladder.
+            rewritten.append(Option("chardev", f"socket,id={_chardev_id(value)},"
+                                               f"path={escape(agent_socket)},server=on,wait=off"))
+        elif name == "chardev":
             keep_console = not console_taken and _chardev_id(value) in serial_chardevs[:1]
             rewritten.append(Option("chardev", _null_chardev(value, console_log if
                                                              keep_console else None)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin.clone import CloneDisk, rewrite_argv
+from kvmsnap_plugin.clone import CloneDisk, copy_master_key, rewrite_argv
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.parent import ParentDisk, refuse_unclonable
 from kvmsnap_plugin.qemu_args import KeyVal, parse_argv
@@ -137,3 +137,134 @@ def test_keyval_round_trips_escaped_commas():
     opts = KeyVal.parse("file=/a,,b.img,format=raw")
     assert opts.get("file") == "/a,b.img"
     assert opts.render() == "file=/a,,b.img,format=raw"
+
+
+# -- libvirt ---------------------------------------------------------------------------------------
+def libvirt_argv(image: Path, domain_dir: Path) -> list[str]:
+    """A libvirt 9.0 / QEMU 7.2 command line as /proc/PID/cmdline had it (test domain
+    ``kvmsnap-exp``: TCG, direct kernel boot, one qcow2 disk, file serial, user NIC),
+    trimmed of the kernel arguments."""
+    return [
+        "/usr/bin/qemu-system-x86_64", "-name", "guest=kvmsnap-exp,debug-threads=on", "-S",
+        "-object", json.dumps({"qom-type": "secret", "id": "masterKey0", "format": "raw",
+                               "file": f"{domain_dir}/master-key.aes"}),
+        "-machine", "pc-i440fx-7.2,usb=off,dump-guest-core=off,memory-backend=pc.ram",
+        "-accel", "tcg", "-cpu", "qemu64", "-m", "256",
+        "-object", '{"qom-type":"memory-backend-ram","id":"pc.ram","size":268435456}',
+        "-overcommit", "mem-lock=off", "-smp", "1,sockets=1,cores=1,threads=1",
+        "-uuid", "25246d01-e5b0-4c22-a6a3-2a0b33c64519", "-display", "none",
+        "-no-user-config", "-nodefaults",
+        "-chardev", "socket,id=charmonitor,fd=29,server=on,wait=off",
+        "-mon", "chardev=charmonitor,id=monitor,mode=control",
+        "-rtc", "base=utc", "-no-shutdown", "-boot", "strict=on",
+        "-kernel", "/var/lib/kvmsnap/vmlinuz", "-initrd", "/var/lib/kvmsnap/initrd.gz",
+        "-append", "console=ttyS0 quiet panic=-1",
+        "-device", '{"driver":"piix3-usb-uhci","id":"usb","bus":"pci.0","addr":"0x1.0x2"}',
+        "-blockdev", json.dumps({"driver": "file", "filename": str(image),
+                                 "node-name": "libvirt-1-storage", "auto-read-only": True,
+                                 "discard": "unmap"}),
+        "-blockdev", '{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2",'
+                     '"file":"libvirt-1-storage","backing":null}',
+        "-device", '{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x3",'
+                   '"drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}',
+        "-netdev", '{"type":"user","id":"hostnet0"}',
+        "-device", '{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0",'
+                   '"mac":"52:54:00:1c:0a:49","bus":"pci.0","addr":"0x2"}',
+        "-add-fd", "set=0,fd=30,opaque=serial0-source",
+        "-chardev", "file,id=charserial0,path=/dev/fdset/0,append=on",
+        "-device", '{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}',
+        "-audiodev", '{"id":"audio1","driver":"none"}',
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-msg", "timestamp=on",
+    ]
+
+
+def test_a_libvirt_command_line_becomes_a_clone_of_our_own(tmp_path):
+    d = ParentDisk("vda", "libvirt-1-format", str(tmp_path / "data0.qcow2"), "qcow2", 1 << 26,
+                   False, ())
+    Path(d.filename).touch()
+    argv = libvirt_argv(Path(d.filename), Path("/var/lib/libvirt/qemu/domain-1-kvmsnap-exp"))
+    refuse_unclonable(argv)  # the fd set only feeds a chardev: that is fine
+    clone = clone_of(d, tmp_path)
+    out = rewrite_argv(argv, [d], [clone], tmp_path / "clone.sock", None, workdir=tmp_path)
+    opts = options(out)
+    names = [n for n, _ in opts]
+    for gone in ("mon", "add-fd", "sandbox", "no-shutdown"):
+        assert gone not in names
+    assert names.count("S") == 1 and ("incoming", "defer") in opts
+    # The monitor fd and the fd-set serial log are the parent's: plain null chardevs now.
+    assert [v for n, v in opts if n == "chardev"] == ["null,id=charmonitor",
+                                                      "null,id=charserial0"]
+    assert "/dev/fdset" not in " ".join(out) and "fd=29" not in " ".join(out)
+    secret = json.loads(next(v for n, v in opts if n == "object" and "masterKey0" in v))
+    assert secret["file"] == str(tmp_path / "master-key.aes")
+    specs = [json.loads(v) for n, v in opts if n == "blockdev"]
+    assert specs[0]["filename"] == str(clone.overlay)
+    assert specs[1] == {"node-name": "libvirt-1-format", "read-only": False,
+                        "driver": "qcow2", "file": "libvirt-1-storage"}  # backing from header
+    assert json.loads(dict(opts)["netdev"]) == {"type": "user", "id": "hostnet0",
+                                                "restrict": True}
+    assert ("audiodev", "none,id=audio1") in opts
+    assert ("uuid", "25246d01-e5b0-4c22-a6a3-2a0b33c64519") in opts  # same machine
+
+
+def test_a_libvirt_serial_log_can_be_captured_for_debugging(tmp_path):
+    d = disk(tmp_path / "data0.qcow2")
+    out = rewrite_argv(libvirt_argv(Path(d.filename), tmp_path), [d], [clone_of(d, tmp_path)],
+                       tmp_path / "clone.sock", tmp_path / "clone.log", workdir=tmp_path)
+    assert ("chardev", f"file,id=charserial0,path={tmp_path}/clone.log") in options(out)
+
+
+def test_libvirt_json_network_backends_are_isolated(tmp_path):
+    d = disk(tmp_path / "a.qcow2")
+    argv = ["qemu", "-hda", d.filename,
+            "-netdev", '{"type":"tap","fd":"33","vhost":true,"vhostfd":"35","id":"hostnet0"}',
+            "-netdev", '{"type":"user","id":"hostnet1","hostfwd":[{"str":"tcp::2222-:22"}]}']
+    out, _ = rewrite(argv, [d], tmp_path)
+    assert [json.loads(v) for n, v in options(out) if n == "netdev"] == [
+        {"type": "user", "id": "hostnet0", "restrict": True},
+        {"type": "user", "id": "hostnet1", "restrict": True}]
+
+
+def test_a_disk_passed_as_an_fd_set_is_refused():
+    argv = ["qemu-system-x86_64", "-add-fd", "set=3,fd=40,opaque=libvirt-1-storage",
+            "-blockdev", '{"driver":"file","filename":"/dev/fdset/3","node-name":"s"}']
+    with pytest.raises(VMError, match="passed as a descriptor"):
+        refuse_unclonable(argv)
+
+
+@pytest.mark.parametrize("args, what", [
+    (["-device", '{"driver":"vfio-pci","host":"0000:01:00.0","id":"hostdev0"}'], "VFIO"),
+    (["-object", '{"qom-type":"memory-backend-file","id":"m","size":1073741824,'
+                 '"mem-path":"/dev/shm/x","share":true}'], "shared"),
+    (["-netdev", '{"type":"vhost-user","id":"n","chardev":"c"}'], "vhost-user"),
+    (["-tpmdev", "emulator,id=tpm-tpm0,chardev=chrtpm"], "TPM emulator"),
+])
+def test_unclonable_libvirt_json_options_are_refused(args, what):
+    with pytest.raises(VMError, match=what):
+        refuse_unclonable(["qemu-system-x86_64", *args])
+
+
+def test_the_master_key_is_copied_privately_for_the_clone(tmp_path):
+    domain_dir = tmp_path / "domain-1-vm"
+    domain_dir.mkdir()
+    (domain_dir / "master-key.aes").write_bytes(b"k" * 32)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    copied = copy_master_key(libvirt_argv(tmp_path / "d.qcow2", domain_dir), workdir)
+    assert copied == workdir / "master-key.aes" and copied.read_bytes() == b"k" * 32
+    assert copied.stat().st_mode & 0o777 == 0o600
+    assert copy_master_key(["qemu-system-x86_64", "-m", "256"], workdir) is None
+
+
+def test_the_guest_agent_channel_becomes_the_clones_own_socket(tmp_path):
+    d = disk(tmp_path / "a.qcow2")
+    argv = ["qemu", "-hda", d.filename, "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", "socket,id=qga0,path=/run/vm-qga.sock,server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+    clones = [clone_of(d, tmp_path)]
+    out = rewrite_argv(argv, [d], clones, tmp_path / "clone.sock", None,
+                       agent_socket=tmp_path / "qga.sock")
+    assert ("chardev", f"socket,id=qga0,path={tmp_path}/qga.sock,server=on,wait=off") in \
+        options(out)
+    assert "/run/vm-qga.sock" not in " ".join(out)
