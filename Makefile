@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # checkers, restic, FUSE (disk exports without nbd), and borgbackup's build dependencies.
 APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	qemu-system-x86 qemu-system-common qemu-utils \
-	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk \
+	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
 	restic fuse3 \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config
 
