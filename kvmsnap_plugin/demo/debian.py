@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from kvmsnap_plugin import process, verify
+from kvmsnap_plugin.demo.disk import WorkloadLines
 from kvmsnap_plugin.demo.vm import DemoPaths
 from kvmsnap_plugin.errors import HostError, ProcessError, VMError
 from kvmsnap_plugin.host import QEMU
@@ -542,7 +543,7 @@ def unmount_all_under(path: Path, *, keep_top: bool = False) -> None:
 
 # -- reading a guest disk without booting it -----------------------------------------------------
 @dataclass(frozen=True)
-class GuestFilesystem:
+class GuestFilesystem(WorkloadLines):
     """What one filesystem of a guest disk holds, read without a read-write mount."""
 
     name: str  # "root" or "data"
@@ -551,14 +552,6 @@ class GuestFilesystem:
     detail: str
     lines: tuple[str, ...]  # the workload log
     marker: str | None  # the clean-shutdown marker, if any
-
-    @property
-    def numbers(self) -> list[int]:
-        return [int(line.split()[1]) for line in self.lines]
-
-    @property
-    def continuous(self) -> bool:
-        return self.numbers == list(range(1, len(self.numbers) + 1))
 
 
 def read_guest_disk(image: Path, scratch: Path) -> dict[str, GuestFilesystem]:

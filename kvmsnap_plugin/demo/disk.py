@@ -8,13 +8,10 @@ from pathlib import Path
 from kvmsnap_plugin import verify
 
 
-@dataclass(frozen=True)
-class DiskContents:
-    """What an ext4 data disk of the demo guest holds, read without mounting it."""
+class WorkloadLines:
+    """The demo workloads' numbered lines: "line 1", "line 2", ..."""
 
-    state: verify.State
-    lines: list[str]
-    marker: str | None
+    lines: list[str] | tuple[str, ...]
 
     @property
     def numbers(self) -> list[int]:
@@ -22,7 +19,17 @@ class DiskContents:
 
     @property
     def continuous(self) -> bool:
+        """Every line from 1 on, none missing, none repeated."""
         return self.numbers == list(range(1, len(self.numbers) + 1))
+
+
+@dataclass(frozen=True)
+class DiskContents(WorkloadLines):
+    """What an ext4 data disk of the demo guest holds, read without mounting it."""
+
+    state: verify.State
+    lines: list[str]
+    marker: str | None
 
 
 def read_disk(image: Path, scratch: Path) -> DiskContents:
