@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages: QEMU and its tools, what the demo guest is built from, the filesystem
-# checkers, restic, FUSE (disk exports without nbd), and borgbackup's build dependencies.
+# checkers, restic, FUSE (disk exports without nbd), libvirt (its daemon for the tests, its
+# headers for libvirt-python), and borgbackup's build dependencies.
 APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	qemu-system-x86 qemu-system-common qemu-utils \
 	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
-	restic fuse3 \
+	restic fuse3 libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config
 
 .PHONY: help deps venv guest demo test lint bench clean
@@ -37,7 +38,7 @@ deps:
 $(STAMP): pyproject.toml | deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[tools,dev]'
+	$(BIN)/pip install -q -e '.[tools,dev,libvirt]'
 	touch $@
 
 venv: $(STAMP)

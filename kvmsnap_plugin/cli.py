@@ -50,12 +50,19 @@ def _job_from_args(args: argparse.Namespace, targets=()) -> BackupJob:
     from kvmsnap_plugin.config import BackupJob, fork_options
     from kvmsnap_plugin.parent import find_parent_socket
 
-    socket = find_parent_socket(args.qmp)
+    if bool(args.qmp) == bool(args.domain):
+        raise UsageError("name one VM", "pass --qmp SOCKET or --domain NAME")
     settings = {key: getattr(args, key) for key in (
         "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
         "overlay_dir", "clone_console", "pid", "mount_root") if getattr(args, key, None)}
+    dry_run = getattr(args, "dry_run", False)
+    if args.domain:
+        return BackupJob(args.name or args.domain, None, fork_options(settings),
+                         tuple(targets), dry_run=dry_run, domain=args.domain,
+                         libvirt_uri=args.libvirt_uri)
+    socket = find_parent_socket(args.qmp)
     return BackupJob(args.name or socket.stem, socket, fork_options(settings), tuple(targets),
-                     dry_run=getattr(args, "dry_run", False))
+                     dry_run=dry_run)
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
@@ -66,7 +73,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.errors import SkipBackup
     from kvmsnap_plugin.pipeline import mount
 
-    if args.skip_missing and not Path(args.qmp).exists():
+    if args.skip_missing and args.qmp and not Path(args.qmp).exists():
         raise SkipBackup(f"{args.qmp} does not exist: the VM is not running; skipping")
     report = mount(_job_from_args(args))
     print(json.dumps(report.as_dict(), indent=2, default=str) if args.json else report.render())
@@ -77,7 +84,11 @@ def cmd_release(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.config import BackupJob
     from kvmsnap_plugin.pipeline import release
 
-    done = release(BackupJob(args.qmp, Path(args.qmp)))
+    if bool(args.qmp) == bool(args.domain):
+        raise UsageError("name one VM", "pass --qmp SOCKET or --domain NAME, as to mount")
+    job = (BackupJob(args.domain, None, domain=args.domain, libvirt_uri=args.libvirt_uri)
+           if args.domain else BackupJob(args.qmp, Path(args.qmp)))
+    done = release(job)
     print(json.dumps(asdict(done), indent=2) if args.json else
           "\n".join(f"{done.vm}: {action}" for action in done.actions))
     return EXIT_OK
@@ -119,8 +130,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     hooks = Hooks()
     types = hooks.archiver_types()
     if args.config:
-        if args.qmp or args.borg or args.restic:
-            raise UsageError("--config cannot be combined with --qmp, --borg or --restic",
+        if args.qmp or args.domain or args.borg or args.restic:
+            raise UsageError("--config cannot be combined with --qmp, --domain, --borg or "
+                             "--restic",
                              "put the VM and its archivers in the config file")
         jobs = load_config(Path(args.config), types)
         if args.vm:
@@ -130,8 +142,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if args.dry_run:
             jobs = [replace(j, dry_run=True) for j in jobs]
     else:
-        if not args.qmp:
-            raise UsageError("no VM given", "pass --qmp SOCKET, or --config FILE")
+        if not (args.qmp or args.domain):
+            raise UsageError("no VM given", "pass --qmp SOCKET, --domain NAME or --config FILE")
         targets = command_line_targets(args.borg or [], args.restic or [], args.mode, types)
         if not targets:
             raise UsageError("no archive target given",
@@ -177,9 +189,15 @@ def worst(codes: list[int]) -> int:
     return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_ERROR
 
 
-def add_fork_arguments(cmd: argparse.ArgumentParser, qmp_required: bool = True) -> None:
-    cmd.add_argument("--qmp", required=qmp_required, metavar="SOCKET",
-                     help="the running VM's QMP unix socket")
+def add_vm_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--qmp", metavar="SOCKET", help="a bare QEMU's QMP unix socket")
+    cmd.add_argument("--domain", metavar="NAME", help="a libvirt domain")
+    cmd.add_argument("--libvirt-uri", default="qemu:///system", metavar="URI",
+                     help="with --domain (default qemu:///system)")
+
+
+def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
+    add_vm_arguments(cmd)
     cmd.add_argument("--name", help="the VM's name in archives (default: the socket's name)")
     cmd.add_argument("--pid", type=int, help="the QEMU process (default: from the socket)")
     cmd.add_argument("--method", choices=("auto", "background-snapshot", "stop-and-copy"),
@@ -247,8 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit 75 (skip softly) when the QMP socket does not exist")
     release = add("release", cmd_release, "unmount what `kvmsnap mount` left and give the "
                   "parent its disk chain back")
-    release.add_argument("--qmp", required=True, metavar="SOCKET",
-                         help="the VM's QMP socket, as given to mount")
+    add_vm_arguments(release)
     restore = add("restore", cmd_restore, "turn an image backup back into bootable disk "
                   "images, with a note of how to boot them")
     restore.add_argument("--borg", metavar="REPO::ARCHIVE", help="a borg ...-image archive")
@@ -258,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--to", required=True, metavar="DIR", help="an empty directory")
     add("recover", cmd_recover, "finish or undo every interrupted kvmsnap run on this host")
     backup = add("backup", cmd_backup, "back up running VMs consistently into borg/restic")
-    add_fork_arguments(backup, qmp_required=False)
+    add_fork_arguments(backup)
     backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and archivers")
     backup.add_argument("--vm", action="append", metavar="NAME",
                         help="with --config: only this [[vm]] (repeatable)")

@@ -97,10 +97,10 @@ def agent_chardev_ids(argv: list[str]) -> set[str]:
     """Chardevs behind a ``virtserialport`` named ``org.qemu.guest_agent.0``."""
     ids = set()
     for option in parse_argv(argv)[1]:
-        if option.name == "device":
-            opts = KeyVal.parse(option.value or "", implied="driver")
+        if option.name == "device":  # key=value, or JSON as libvirt writes it
+            opts = option_fields(option.value or "", "driver")
             if opts.get("name") == "org.qemu.guest_agent.0" and opts.get("chardev"):
-                ids.add(opts.get("chardev"))
+                ids.add(opts["chardev"])
     return ids
 
 
@@ -210,17 +210,20 @@ def clone_master_key(workdir: Path) -> Path:
     return workdir / MASTER_KEY
 
 
-def copy_master_key(argv: Sequence[str], workdir: Path) -> Path | None:
+def copy_master_key(argv: Sequence[str], workdir: Path, root: Path = Path("/")) -> Path | None:
     """Copy the parent's master key for the clone (0600), while the domain still runs.
 
     libvirt deletes the domain's runtime directory when the domain stops; the clone starts
-    later and must still find the key its secrets are encrypted with.
+    later and must still find the key its secrets are encrypted with. ``root`` is where the
+    parent's filesystem is seen from here: ``/proc/PID/root`` reaches a file as the parent
+    sees it, also when its libvirtd runs in a mount namespace of its own.
     """
     _, options = parse_argv(list(argv))
-    source = next((key for o in options if o.name == "object"
-                   for key in [master_key_of(o.value or "")] if key), None)
-    if source is None:
+    named = next((key for o in options if o.name == "object"
+                  for key in [master_key_of(o.value or "")] if key), None)
+    if named is None:
         return None
+    source = root / str(named).lstrip("/")
     target = clone_master_key(workdir)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

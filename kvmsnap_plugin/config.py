@@ -40,7 +40,7 @@ METHODS = ("auto", "background-snapshot", "stop-and-copy")
 #: keys allowed in [defaults] and, as overrides, in each [[vm]]
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
                       "repress_after", "on_unclean", "keep", "mount_root"})
-VM_KEYS = RUN_KEYS | {"name", "qmp", "pid", "archivers"}
+VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
 
@@ -102,8 +102,9 @@ def load_config(path: Path, archiver_types: Mapping[str, frozenset[str]]) -> lis
     for index, vm in enumerate(vms):
         where = f"[[vm]] #{index + 1} of {path}"
         _check_keys(vm, VM_KEYS, where)
-        if "qmp" not in vm:
-            raise UsageError(f"{where} has no qmp", "add qmp = \"/path/to/qmp.sock\"")
+        if ("qmp" in vm) == ("domain" in vm):
+            raise UsageError(f"{where} needs one of qmp or domain",
+                             "add qmp = \"/path/to/qmp.sock\" or domain = \"NAME\"")
         settings = {**defaults, **vm}
         mode = _mode(settings.get("mode", "files"), where)
         targets = []
@@ -113,8 +114,11 @@ def load_config(path: Path, archiver_types: Mapping[str, frozenset[str]]) -> lis
                                  f"define [archiver.{name}] (defined: "
                                  f"{', '.join(archivers) or 'none'})")
             targets.append(replace(archivers[name], mode=mode))
-        jobs.append(BackupJob(vm.get("name") or Path(vm["qmp"]).stem, Path(vm["qmp"]),
-                              fork_options(settings, where), tuple(targets)))
+        qmp = Path(vm["qmp"]) if "qmp" in vm else None
+        name = vm.get("name") or vm.get("domain") or Path(vm["qmp"]).stem
+        jobs.append(BackupJob(name, qmp, fork_options(settings, where), tuple(targets),
+                              domain=vm.get("domain"),
+                              libvirt_uri=vm.get("libvirt_uri", "qemu:///system")))
     return jobs
 
 

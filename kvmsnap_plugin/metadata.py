@@ -48,7 +48,7 @@ class VmRecord:
 
 
 def record_of(point: ForkPoint, run: str, label: str, vm: str) -> VmRecord:
-    disks = [RecordedDisk(d.disk.device, d.disk.filename, d.disk.format, d.disk.virtual_size)
-             for d in point.disks]
+    disks = [RecordedDisk(d.device, d.filename, d.format, d.virtual_size)
+             for d in point.parent.writable_disks]
     return VmRecord(vm, run, datetime.now(UTC).isoformat(timespec="seconds"), label,
                     point.method, list(point.parent.argv), disks)

@@ -151,6 +151,8 @@ def _unclonable(name: str, value: str) -> str | None:
         return "a vhost-user network backend"
     if name in ("fsdev", "virtfs"):
         return "a host directory shared into the guest (9p): the clone would write to it"
+    if name == "tpmdev" and option_fields(value, "type").get("type") == "emulator":
+        return "a TPM emulator, whose state lives in its swtpm process"
     if name == "mem-path":
         return "guest RAM in a file (-mem-path)"
     if name == "snapshot":

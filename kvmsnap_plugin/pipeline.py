@@ -27,7 +27,7 @@ from kvmsnap_plugin.clone import ClonePlan, plan_clone, prepare_overlays, runnin
 from kvmsnap_plugin.config import BackupJob
 from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
 from kvmsnap_plugin.expose import add_file, expose, unexpose
-from kvmsnap_plugin.fork import parent_overlay_path, plan_fork
+from kvmsnap_plugin.fork import ForkPoint, parent_overlay_path, plan_fork
 from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.parent import Parent
 from kvmsnap_plugin.parents import ParentBackend
@@ -143,12 +143,15 @@ def plan(job: BackupJob) -> Plan:
     """Describe what :func:`backup` would do, touching nothing."""
     with open_backend(job) as backend:
         parent = backend.describe()
-    with tempfile.TemporaryDirectory() as tmp:
-        clone = plan_clone(parent, Path(tmp), Path(tmp))
+    argv: list[str] = []
+    if not parent.offline:
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = list(plan_clone(parent, Path(tmp), Path(tmp)).argv)
     disks = [{"device": d.device, "image": d.filename,
-              "overlay": str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
+              "overlay": "none (shut off: read as it is)" if parent.offline else
+              str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
              for d in parent.writable_disks]
-    return Plan(parent.name, parent.pid, disks, list(clone.argv),
+    return Plan(parent.name, parent.pid, disks, argv,
                 [f"{t.name} ({t.type}, {t.mode})" for t in job.targets],
                 str(mount_root(job)))
 
@@ -183,27 +186,17 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
         workdir = _make_workdir(options.workdir, parent)
         journal.record(workdir=str(workdir))
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-        sockets = cleanup.enter_context(socket_dir())
-        journal.record(sockets=str(sockets))
-        clone_plan = plan_clone(parent, workdir, sockets, options.clone_console)
-        prepare_overlays(clone_plan, parent.writable_disks)
         run_id = f"{os.getpid()}-{int(time.time())}"
-        planned = plan_fork(parent, run_id, options.overlay_dir)
-        journal.record(phase="forking", overlays=[asdict(d) for d in planned])
-        point = backend.fork(parent, planned, workdir / "ram.state", options.method)
-        journal.record(phase="forked")
-
-        def give_back() -> None:
-            commits.extend(backend.commit_back(point.disks))
-            journal.record(overlays=[])
-
-        cleanup.callback(give_back)
-        hooks.snapshot(job, point)
-        stopped, restore_s = _run_clone(clone_plan, point.state_file, options.shutdown,
-                                        lambda pid: journal.record(clone=process.identity(pid)))
+        if parent.offline:  # a shut-off VM: its images are consistent as they are
+            point, stopped, restore_s = _offline_point(parent, workdir), OFFLINE, 0.0
+            hooks.snapshot(job, point)
+            label, images = CLEAN, [(d.device, Path(d.filename)) for d in parent.writable_disks]
+            log.info("%s is shut off: archiving its disk images as they are, without a fork",
+                     parent.name)
+        else:
+            point, stopped, restore_s, label, images = _fork_and_shut_down(
+                job, hooks, backend, parent, journal, cleanup, workdir, run_id, commits)
         journal.record(clone=None, phase="shut-down")
-        label = _label(stopped, options.shutdown)
-        images = _images(clone_plan, label)
         exposure = expose(images, workdir, root, journal=journal)
         cleanup.callback(unexpose, exposure)
         add_file(exposure, metadata.FILENAME,
@@ -226,6 +219,42 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
     log.info("%s: %s in %.1f s", job.name, f"mounted at {root}" if detach else "done",
              report.total_s)
     return report
+
+
+def _fork_and_shut_down(job: BackupJob, hooks: Hooks, backend: ParentBackend, parent: Parent,
+                        journal: Journal, cleanup: contextlib.ExitStack, workdir: Path,
+                        run_id: str, commits: list[Commit]):
+    """fork -> clone -> shutdown; the commit back is left on ``cleanup``."""
+    options = job.fork
+    sockets = cleanup.enter_context(socket_dir())
+    journal.record(sockets=str(sockets))
+    clone_plan = plan_clone(parent, workdir, sockets, options.clone_console)
+    prepare_overlays(clone_plan, parent.writable_disks)
+    planned = plan_fork(parent, run_id, options.overlay_dir)
+    journal.record(phase="forking", overlays=[asdict(d) for d in planned])
+    point = backend.fork(parent, planned, workdir / "ram.state", options.method)
+    journal.record(phase="forked")
+
+    def give_back() -> None:
+        commits.extend(backend.commit_back(point.disks))
+        journal.record(overlays=[])
+
+    cleanup.callback(give_back)
+    hooks.snapshot(job, point)
+    stopped, restore_s = _run_clone(clone_plan, point.state_file, options.shutdown,
+                                    lambda pid: journal.record(clone=process.identity(pid)))
+    label = _label(stopped, options.shutdown)
+    return point, stopped, restore_s, label, _images(clone_plan, label)
+
+
+#: how an offline backup's "clone" ended: there was none, the VM was already shut off
+OFFLINE = ShutdownResult(clean=True, ended_by="offline", seconds=0.0, presses=0,
+                         reason="shut off before the backup")
+
+
+def _offline_point(parent: Parent, workdir: Path) -> ForkPoint:
+    """The "fork point" of a shut-off VM: no pause, no RAM, no overlays."""
+    return ForkPoint(parent, (), workdir / "no-ram-state", "offline", 0.0, 0.0, 0.0, 0, None)
 
 
 def _run_clone(clone_plan: ClonePlan, state_file: Path, policy: ShutdownPolicy,

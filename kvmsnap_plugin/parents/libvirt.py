@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from kvmsnap_plugin import process
+from kvmsnap_plugin import faults, process
 from kvmsnap_plugin.chain import Commit
 from kvmsnap_plugin.clone import copy_master_key
 from kvmsnap_plugin.errors import HostError, KvmsnapError, StepTimeout, VMError
@@ -48,6 +48,7 @@ from kvmsnap_plugin.fork import (
     _wait_for_resume,
     _wait_migration,
     create_overlay,
+    settle_migration,
 )
 from kvmsnap_plugin.parent import (
     Parent,
@@ -324,9 +325,13 @@ class LibvirtParent:
 
     # -- describe ---------------------------------------------------------------------------
     def describe(self) -> Parent:
+        with libvirt_errors(f"describing domain {self.domain}",
+                            "is it still defined and running? see `virsh list --all`"):
+            return self._describe()
+
+    def _describe(self) -> Parent:
         libvirt = _libvirt()
-        with libvirt_errors(f"reading the state of {self.domain}"):
-            state, _reason = self.dom.state()
+        state, _reason = self.dom.state()
         if state == libvirt.VIR_DOMAIN_SHUTOFF:
             return self._describe_offline()
         if state == libvirt.VIR_DOMAIN_PAUSED:
@@ -355,9 +360,11 @@ class LibvirtParent:
     def _describe_offline(self) -> Parent:
         """A shut-off domain: its images, from its persistent XML, are consistent as they
         are (the guest shut down, or was never started); nothing to fork."""
+        # An empty CD drive has no source; a writable disk without a file (a pool volume,
+        # a network disk) stays in, to be refused by name below rather than skipped.
         disks = tuple(_offline_disk(d) for d in
                       domain_disks(self.dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE))
-                      if d.source)
+                      if d.source or not d.read_only)
         _check_disks(self.domain, disks)
         log.info("%s is shut off: backing up its disk images as they are, without a fork",
                  self.domain)
@@ -374,16 +381,18 @@ class LibvirtParent:
             raise VMError(f"domain {parent.name} is shut off: there is nothing to fork",
                           "back its images up directly (the pipeline does, for offline "
                           "domains)")
-        copy_master_key(parent.argv, state_file.parent)
+        copy_master_key(parent.argv, state_file.parent, Path(f"/proc/{parent.pid}/root"))
         self._create_overlays(planned)
         monitor = self.monitor
-        saved = _migration_capabilities(monitor)  # type: ignore[arg-type]
+        saved: dict[str, bool] | None = None
         applied = False
         try:
+            saved = _migration_capabilities(monitor)  # type: ignore[arg-type]
             method = _configure_migration(monitor, method)  # type: ignore[arg-type]
             _open_state_fd(monitor, state_file)  # type: ignore[arg-type]
             log.info("pausing %s for the fork (%s)", parent.name, method)
-            point = self._pause_and_snapshot(parent, planned, state_file, method)
+            with libvirt_errors(f"forking {parent.name}"):
+                point = self._pause_and_snapshot(parent, planned, state_file, method)
             applied = True
             return point
         except BaseException:
@@ -392,7 +401,8 @@ class LibvirtParent:
             state_file.unlink(missing_ok=True)
             raise
         finally:
-            _restore_capabilities(monitor, saved)  # type: ignore[arg-type]
+            if saved is not None:
+                _restore_capabilities(monitor, saved)  # type: ignore[arg-type]
 
     def _create_overlays(self, planned: Sequence[ForkedDisk]) -> None:
         """Before the pause: libvirt creating them itself doubles it (~80 vs ~40 ms)."""
@@ -419,12 +429,15 @@ class LibvirtParent:
         monitor.events()  # forget older events: STOP/RESUME below must be ours
         monitor.execute("stop")
         stop = monitor.wait_event("STOP", 10)
+        faults.point("paused")
         started = time.monotonic()
         with libvirt_errors("the disk snapshot through libvirt failed",
                             "see the message; the domain was resumed on its own chain"):
             self.dom.snapshotCreateXML(xml, flags)
         disk_ms = (time.monotonic() - started) * 1000
+        faults.point("disk-snapshot")
         monitor.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
+        faults.point("ram-save")
         resume = _wait_for_resume(monitor, method, self.fork_timeout)  # type: ignore[arg-type]
         pause_ms = (resume.timestamp - stop.timestamp) * 1000
         log.info("%s ran again after %.1f ms; saving its RAM", parent.name, pause_ms)
@@ -445,8 +458,9 @@ class LibvirtParent:
                                    applied: bool) -> None:
         """The domain runs, on its original chain, holding every write."""
         try:
-            _cancel_our_migration(self.monitor)
-            self._resume_if_paused()
+            with libvirt_errors(f"resuming {self.domain}"):
+                settle_migration(self.monitor)  # type: ignore[arg-type]
+                self._resume_if_paused()
         except KvmsnapError as exc:
             log.error("could not resume %s after a failed fork: %s", self.domain, exc)
         try:
@@ -482,7 +496,8 @@ class LibvirtParent:
         done, failures = [], []
         for disk in disks:
             try:
-                done.append(self._commit_one(disk))
+                with libvirt_errors(f"block commit of {disk.disk.device}"):
+                    done.append(self._commit_one(disk))
             except KvmsnapError as exc:
                 failures.append(f"{disk.disk.device}: {exc}")
         if failures:
@@ -506,15 +521,15 @@ class LibvirtParent:
                           f"{disk.frozen}", "inspect the chain with `virsh domblklist`")
         log.info("committing the writes of %s on %s back into %s", self.domain, target,
                  disk.frozen.name)
-        with libvirt_errors(f"block commit of {target}"):
-            job = self.dom.blockJobInfo(target, 0)
-            if not job:
-                self.dom.blockCommit(target, str(disk.frozen), None, 0,
-                                     libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
-            elif job.get("type") != libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT:
-                raise VMError(f"{target} is busy with another block job (type {job['type']})",
-                              "wait for it to finish (`virsh blockjob`), then recover")
-            written = self._pivot_when_ready(target)
+        job = self.dom.blockJobInfo(target, 0)
+        if not job:
+            self.dom.blockCommit(target, str(disk.frozen), None, 0,
+                                 libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+            faults.point("commit")
+        elif job.get("type") != libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT:
+            raise VMError(f"{target} is busy with another block job (type {job['type']})",
+                          "wait for it to finish (`virsh blockjob`), then recover")
+        written = self._pivot_when_ready(target)
         disk.parent_overlay.unlink(missing_ok=True)
         return Commit(target, time.monotonic() - started, written)
 
@@ -528,7 +543,8 @@ class LibvirtParent:
             if not info:
                 raise VMError(f"the commit job of {target} ended without pivoting",
                               "see the domain's log in /var/log/libvirt/qemu")
-            written = max(written, int(info.get("end", 0)))
+            # libvirt shows a ready job with nothing to copy as 1 of 1, never 0 of 0
+            written = max(written, int(info.get("end", 0)) if info.get("end", 0) > 1 else 0)
             if info.get("end") and info.get("cur") == info.get("end"):
                 try:
                     self.dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
@@ -560,13 +576,16 @@ def restore(data: dict[str, Any], disks: list[ForkedDisk], result: Any) -> None:
     backend = LibvirtParent(data.get("domain", ""), uri)
     backend.conn = connect(uri)
     try:
-        backend.dom = _journaled_domain(backend.conn, data)
-        if backend.dom is not None and backend.dom.isActive():
-            _restore_running(backend, data, disks, result)
-        else:
-            commit_offline(disks, result)
-            if backend.dom is not None:
-                _point_config_back(backend, disks, result)
+        with libvirt_errors(f"recovering domain {backend.domain}",
+                            "check the domain with `virsh domblklist`, then run `kvmsnap "
+                            "recover` again"):
+            backend.dom = _journaled_domain(backend.conn, data)
+            if backend.dom is not None and backend.dom.isActive():
+                _restore_running(backend, data, disks, result)
+            else:
+                commit_offline(disks, result)
+                if backend.dom is not None:
+                    _point_config_back(backend, disks, result)
     finally:
         backend.__exit__()
 
@@ -588,8 +607,11 @@ def _restore_running(backend: LibvirtParent, data: dict[str, Any],
                      disks: list[ForkedDisk], result: Any) -> None:
     same_qemu = process.same_process(data.get("parent")) is not None
     if same_qemu and data.get("phase") == "forking":
-        if _cancel_our_migration(backend.monitor):
-            result.did("cancelled an unfinished RAM snapshot")
+        monitor = backend.monitor
+        if monitor.execute("query-migrate").get("status") in ("setup", "active", "device"):
+            # Cancelling a background snapshot mid-way can hang the guest (QEMU 7.2).
+            ended = settle_migration(monitor)  # type: ignore[arg-type]
+            result.did(f"let an unfinished RAM snapshot end ({ended})")
         was = backend._resume_if_paused()
         if was:
             result.did(f"resumed domain {backend.domain} (it was {was})")
@@ -634,13 +656,6 @@ def _point_config_back(backend: LibvirtParent, disks: list[ForkedDisk],
             backend.conn.defineXML(ET.tostring(root, encoding="unicode"))
         result.did(f"pointed the configuration of {backend.domain} back at its images "
                    f"({', '.join(changed)})")
-
-
-def _cancel_our_migration(monitor: DomainMonitor) -> bool:
-    if monitor.execute("query-migrate").get("status") in ("active", "setup", "device"):
-        monitor.execute("migrate_cancel")
-        return True
-    return False
 
 
 # -- helpers --------------------------------------------------------------------------------------

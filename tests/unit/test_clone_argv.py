@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin.clone import CloneDisk, copy_master_key, rewrite_argv
+from kvmsnap_plugin.clone import CloneDisk, agent_chardev_ids, copy_master_key, rewrite_argv
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.parent import ParentDisk, refuse_unclonable
 from kvmsnap_plugin.qemu_args import KeyVal, parse_argv
@@ -268,3 +268,21 @@ def test_the_guest_agent_channel_becomes_the_clones_own_socket(tmp_path):
     assert ("chardev", f"socket,id=qga0,path={tmp_path}/qga.sock,server=on,wait=off") in \
         options(out)
     assert "/run/vm-qga.sock" not in " ".join(out)
+
+
+def test_a_libvirt_guest_agent_channel_becomes_the_clones_own_socket(tmp_path):
+    d = disk(tmp_path / "data0.qcow2")
+    argv = [*libvirt_argv(Path(d.filename), tmp_path),
+            "-device", '{"driver":"virtio-serial-pci","id":"virtio-serial0","bus":"pci.0",'
+                       '"addr":"0x4"}',
+            "-chardev", "socket,id=charchannel0,fd=33,server=on,wait=off",
+            "-device", '{"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,'
+                       '"chardev":"charchannel0","id":"channel0",'
+                       '"name":"org.qemu.guest_agent.0"}']
+    assert agent_chardev_ids(argv) == {"charchannel0"}
+    agent = tmp_path / "clone-qga.sock"
+    out = rewrite_argv(argv, [d], [clone_of(d, tmp_path)], tmp_path / "clone.sock", None,
+                       workdir=tmp_path, agent_socket=agent)
+    assert ("chardev", f"socket,id=charchannel0,path={agent},server=on,wait=off") in \
+        options(out)
+    assert "fd=33" not in " ".join(out)

@@ -41,7 +41,8 @@ def test_relative_local_repositories_are_made_absolute(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('[[vm]]\nqmp = "/a"\ncolour = "red"\n', "unknown key 'colour'"),
     ('[defaults]\nshutdown_timout = 5\n[[vm]]\nqmp = "/a"\n', "unknown key 'shutdown_timout'"),
-    ('[[vm]]\nname = "x"\n', "has no qmp"),
+    ('[[vm]]\nname = "x"\n', "needs one of qmp or domain"),
+    ('[[vm]]\nqmp = "/a"\ndomain = "d"\n', "needs one of qmp or domain"),
     ('[[vm]]\nqmp = "/a"\narchivers = ["nope"]\n', "archiver 'nope', which is not defined"),
     ('[archiver.x]\ntype = "tape"\n[[vm]]\nqmp = "/a"\n', "unknown archiver type 'tape'"),
     ('[archiver.x]\ntype = "borg"\nrepo = "/r"\n[[vm]]\nqmp = "/a"\n', "unknown key 'repo'"),
