@@ -65,7 +65,8 @@ def test_borg_files_and_image_round_trip(start_demo, tmp_path, borg_repo):
     borg("extract", "--sparse", f"{borg_repo}::{image.name}", cwd=out)
     disk = read_disk(out / "vdisk0.raw", out / "vdisk0.raw")
     assert disk.state is State.CLEAN and disk.continuous and len(disk.lines) >= before
-    assert image.bytes == 64 << 20  # the whole disk was read
+    assert image.bytes == (64 << 20) + len((out / "kvmsnap-vm.json").read_bytes())
+    assert json.loads((out / "kvmsnap-vm.json").read_text())["vm"] == "demo"
     assert image.stored_bytes < image.bytes  # zeros dedup away
 
 
@@ -76,7 +77,7 @@ def test_restic_files_and_image_round_trip(start_demo, tmp_path, restic_repo):
                                                     {"repository": str(restic_repo),
                                                      "tags": ["nightly"]}))
     snapshots = json.loads(restic("-r", restic_repo, "snapshots", "--json"))
-    assert len(snapshots) == 2  # the files, and the one disk
+    assert len(snapshots) == 3  # the files, the one disk, and the VM's metadata
     assert all({"kvmsnap", "vm:demo", "nightly", "state:clean"} <= set(s["tags"])
                for s in snapshots)
     files = next(a for a in report.archives if a.kind == "files")
