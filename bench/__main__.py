@@ -1,11 +1,16 @@
 """``python -m bench``: kvmsnap's benchmarks (``make bench``).
 
 P1  the parent's pause as the guest sees it (background-snapshot vs stop-and-copy)
+P2  end to end: fork + clean shutdown + archive (borg/restic, files/image) against plain
+    borg/restic of an offline raw copy of the same ~2 GiB mixed-data disk, twice (dedup)
 P3  the clone's cost: restore time and peak RSS against guest RAM
-P4  block-commit time against what the parent wrote during the backup
+P4  block-commit time against what the parent wrote during the backup (qemu-io writes and
+    guest-written files)
 
 P1 and P3 come from the same forks. Results go to OUT/results.json (every sample, the
-machine, the settings), OUT/RESULTS.md (tables for the README) and OUT/*.png.
+machine, the settings), OUT/RESULTS.md (tables for the README) and OUT/*.png. A run of a
+subset (--only) keeps the other benchmarks' results from OUT/results.json (each section
+says when and how it was measured).
 """
 
 from __future__ import annotations
@@ -18,26 +23,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import commit_bench, fork_bench, report
+from bench import commit_bench, e2e_bench, fork_bench, report
 from bench.common import Settings, machine_info, machine_line, progress, write_json
 from kvmsnap_plugin.demo.builder import build_guest
 from kvmsnap_plugin.host import choose_accelerator
 
-BENCHMARKS = ("P1", "P3", "P4")
+BENCHMARKS = ("P1", "P2", "P3", "P4")
 DEFAULT_OUT = Path("bench/out")
+#: where each benchmark's results live in results.json (P1 and P3 share their forks)
+SECTION = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 256 MiB guest, small writes, 1 repetition (~2 min)")
+                        help="smoke run: 256 MiB guest, small writes, a 512 MiB P2 disk, "
+                        "1 repetition (~4 min)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output directory (default: %(default)s)")
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help="comma-separated subset of %(default)s")
     parser.add_argument("--reps", type=int, help="repetitions per method and size "
-                        "(default: 6, or 1 with --quick)")
+                        "(default: 6, P2: 3, or 1 with --quick); sets P2's too")
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: re-summarise OUT/results.json and rewrite "
                         "RESULTS.md and the plots")
@@ -48,8 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = only - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from "
-                     f"{', '.join(BENCHMARKS)} (P2 needs `kvmsnap backup` with archive "
-                     "targets and is not in this suite yet)")
+                     f"{', '.join(BENCHMARKS)}")
     if args.reps is not None and args.reps < 1:
         parser.error("--reps must be at least 1")
     try:
@@ -74,21 +81,74 @@ def main(argv: list[str] | None = None) -> int:
     accel, why = choose_accelerator(guest.kernel, guest.initrd)
     results: dict[str, Any] = {"machine": machine_info(accel, why),
                                "settings": settings.as_dict(),
-                               "benchmarks": sorted(settings.only), "duration_s": 0.0}
+                               "benchmarks": sorted(settings.only), "duration_s": 0.0,
+                               "provenance": {}}
     progress(machine_line(results["machine"]))
     json_path = settings.out / "results.json"
+    previous = _previous(json_path)
     # Raw records are written before anything summarises them: a long run is never lost.
     if settings.only & {"P1", "P3"}:
+        section = time.monotonic()
         results["forks"] = fork_bench.run(settings, guest, accel)
+        _provenance(results, settings.only & {"P1", "P3"}, section)
         _save(results, json_path, started)
         results["forks"]["summary"] = fork_bench.summarise(results["forks"]["records"])
         _save(results, json_path, started)
     if "P4" in settings.only:
+        section = time.monotonic()
         results["P4"] = commit_bench.run(settings, guest, accel)
+        _provenance(results, {"P4"}, section)
         _save(results, json_path, started)
         results["P4"]["summary"] = commit_bench.summarise(results["P4"]["records"])
+    if "P2" in settings.only:
+        section = time.monotonic()
+        results["P2"] = e2e_bench.run(settings, guest, accel)
+        _provenance(results, {"P2"}, section)
+        _save(results, json_path, started)
+        results["P2"]["summary"] = e2e_bench.summarise(results["P2"]["records"],
+                                                       results["P2"].get("reps"))
     results["duration_s"] = time.monotonic() - started
+    if previous:
+        kept = _carry_over(results, previous, settings.only)
+        if kept:
+            progress(f"kept {', '.join(kept)} from the previous {json_path.name}")
     return _finish(results, settings.out)
+
+
+def _previous(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _provenance(results: dict[str, Any], benchmarks: set[str], started: float) -> None:
+    entry = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "settings": results["settings"],
+             "kvmsnap_commit": results["machine"]["kvmsnap_commit"],
+             "duration_s": time.monotonic() - started}
+    for name in benchmarks:
+        results["provenance"][name] = entry
+
+
+def _carry_over(results: dict[str, Any], previous: dict[str, Any],
+                only: frozenset[str]) -> list[str]:
+    """Keep the previous results of the benchmarks this run did not measure."""
+    measured = {SECTION[b] for b in only}
+    kept = []
+    for name in previous.get("benchmarks", []):
+        key = SECTION.get(name)
+        if key is None or key in measured or key not in previous:
+            continue
+        results[key] = previous[key]
+        old = previous.get("provenance", {}).get(name) or {
+            "date": previous.get("machine", {}).get("date", "unknown"),
+            "settings": previous.get("settings", {}),
+            "kvmsnap_commit": previous.get("machine", {}).get("kvmsnap_commit", "unknown"),
+            "duration_s": previous.get("duration_s"), "whole_run": True}
+        results["provenance"][name] = old
+        kept.append(name)
+    results["benchmarks"] = sorted(set(results["benchmarks"]) | set(kept))
+    return kept
 
 
 def render(out: Path) -> int:
@@ -98,6 +158,9 @@ def render(out: Path) -> int:
         results["forks"]["summary"] = fork_bench.summarise(results["forks"]["records"])
     if "P4" in results:
         results["P4"]["summary"] = commit_bench.summarise(results["P4"]["records"])
+    if "P2" in results:
+        results["P2"]["summary"] = e2e_bench.summarise(results["P2"]["records"],
+                                                       results["P2"].get("reps"))
     return _finish(results, out)
 
 
@@ -109,7 +172,7 @@ def _finish(results: dict[str, Any], out: Path) -> int:
     (out / "RESULTS.md").write_text(report.markdown(results, plots))
     progress(f"done in {results['duration_s'] / 60:.1f} min: {out / 'RESULTS.md'}, "
              f"{json_path.name}, {', '.join(plots) or 'no plots (matplotlib missing)'}")
-    failures = sum(1 for key in ("forks", "P4") if key in results
+    failures = sum(1 for key in ("forks", "P2", "P4") if key in results
                    for r in results[key]["records"] if "error" in r)
     if failures:
         progress(f"{failures} sample(s) failed; see 'error' in {json_path}")

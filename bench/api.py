@@ -1,25 +1,33 @@
 """The one place the benchmarks call kvmsnap's pipeline.
 
-kvmsnap's pipeline API is young and moves; everything the benchmarks need from one fork is
-copied into a :class:`Outcome` here, so only this module follows the moves. It drives
-``pipeline.backup`` (a ``BackupJob`` with no archive targets: fork, clone, power button,
-expose, verify, commit back) and, for trees that predate it, ``pipeline.fork_vm``.
+kvmsnap's pipeline API is young and moves; everything the benchmarks need from one backup
+is copied into an :class:`Outcome` here, so only this module follows the moves. It drives
+``pipeline.backup`` (a ``BackupJob``: fork, clone, power button, expose, archive into the
+job's targets if any, verify, commit back) and, for trees that predate it,
+``pipeline.fork_vm``.
 
-``after_shutdown`` runs while the clone's disks are exposed and before the parent's
-overlays are committed back (the place where archivers work), through a plugin
-implementing ``kvmsnap_post_shutdown``.
+A bench plugin rides along on kvmsnap's hooks: it runs the caller's callbacks at the fork
+point (``on_snapshot``, in ``kvmsnap_snapshot``: the parent runs again, the clone has not
+started) and while the clone's disks are exposed (``after_shutdown``, in
+``kvmsnap_post_shutdown``: before the archivers and before the parent's overlays are
+committed back), and notes the monotonic time of every hook, so that a backup's wall time
+can be split into phases (:func:`phases`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin import pipeline
 
-AfterShutdown = Callable[[], None]
+Callback = Callable[[], None]
+AfterShutdown = Callback
+#: called with the raw read-only views of the clone's disks (FUSE exports) while exposed
+OnExposed = Callable[[list[Path]], None]
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,27 @@ class CommitFigures:
     device: str
     seconds: float
     bytes: int
+
+
+@dataclass(frozen=True)
+class ArchiveFigures:
+    target: str
+    type: str
+    kind: str  # "files" or "image"
+    source: str  # a mount tree, a disk, or a small file beside the disks (VM record)
+    bytes: int  # read from the clone's disks
+    stored_bytes: int | None  # new in the repository
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One archive target: ``tool`` "borg" or "restic", ``mode`` "files" or "image"."""
+
+    name: str
+    tool: str
+    mode: str
+    repository: Path
 
 
 @dataclass(frozen=True)
@@ -43,6 +72,9 @@ class Outcome:
     shutdown_s: float
     total_s: float
     commits: tuple[CommitFigures, ...]
+    archives: tuple[ArchiveFigures, ...] = ()
+    wall_s: float = 0.0  # from the call into kvmsnap to its return
+    marks: dict[str, float] = field(default_factory=dict)  # hook -> seconds since the call
 
     def figures(self) -> dict[str, Any]:
         return {"fork_method": self.method, "label": self.label, "clean": self.clean,
@@ -53,35 +85,128 @@ class Outcome:
                 "commits": [{"device": c.device, "seconds": c.seconds, "bytes": c.bytes}
                             for c in self.commits]}
 
+    def archive_figures(self) -> list[dict[str, Any]]:
+        return [{"target": a.target, "type": a.type, "kind": a.kind, "source": a.source,
+                 "bytes": a.bytes,
+                 "stored_bytes": a.stored_bytes, "seconds": a.seconds} for a in self.archives]
+
 
 def fork_once(qmp: Path, method: str, workdir: Path,
-              after_shutdown: AfterShutdown | None = None) -> Outcome:
-    """Fork the VM behind ``qmp`` once, completely, and return kvmsnap's figures."""
+              after_shutdown: AfterShutdown | None = None,
+              on_snapshot: Callback | None = None) -> Outcome:
+    """Fork the VM behind ``qmp`` once, completely (no archive), and return kvmsnap's
+    figures."""
     if hasattr(pipeline, "backup"):
-        report = _with_backup(qmp, method, workdir, after_shutdown)
-    else:  # the first pipeline (fork_vm), kept working for older trees
-        report = pipeline.fork_vm(qmp, pipeline.ForkOptions(method=method, workdir=workdir),
-                                  on_exposed=(lambda *_: after_shutdown())
-                                  if after_shutdown else None)
-    return Outcome(report.method, report.label, report.clean, report.pause_ms,
-                   report.qemu_downtime_ms, report.disk_snapshot_ms, report.ram_bytes,
-                   report.ram_save_s, report.clone_restore_s, report.shutdown.seconds,
-                   report.total_s, tuple(CommitFigures(c.device, c.seconds, c.bytes)
-                                         for c in report.commits))
+        return backup_once(qmp, workdir, method=method, after_shutdown=after_shutdown,
+                           on_snapshot=on_snapshot)
+    if on_snapshot is not None:
+        raise RuntimeError("this kvmsnap tree has no pipeline.backup (no snapshot hook)")
+    # the first pipeline (fork_vm), kept working for older trees
+    started = time.monotonic()
+    report = pipeline.fork_vm(qmp, pipeline.ForkOptions(method=method, workdir=workdir),
+                              on_exposed=(lambda *_: after_shutdown())
+                              if after_shutdown else None)
+    return _outcome(report, time.monotonic() - started, {})
 
 
-def _with_backup(qmp: Path, method: str, workdir: Path,
-                 after_shutdown: AfterShutdown | None) -> Any:
+def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot",
+                targets: Sequence[TargetSpec] = (), mount_root: Path | None = None,
+                after_shutdown: Callback | None = None,
+                on_snapshot: Callback | None = None,
+                on_exposed: OnExposed | None = None) -> Outcome:
+    """One ``pipeline.backup`` of the VM behind ``qmp`` into ``targets`` (none: fork,
+    clone, shut down, expose, verify and commit back only). ``on_exposed`` runs right after
+    ``after_shutdown``, with the raw views of the clone's disks."""
+    from kvmsnap_plugin.archive import ArchiveTarget
     from kvmsnap_plugin.config import BackupJob, ForkOptions
     from kvmsnap_plugin.hookspecs import hookimpl
     from kvmsnap_plugin.plugins import Hooks, plugin_manager
 
+    marks: dict[str, float] = {}
+    started = time.monotonic()
+
+    def mark(name: str) -> None:
+        marks[name] = time.monotonic() - started
+
     class BenchPlugin:
-        @hookimpl
-        def kvmsnap_post_shutdown(self) -> None:
+        # trylast: after the archivers' own checks (borg info, restic cat config)
+        @hookimpl(trylast=True)
+        def kvmsnap_pre_backup(self) -> None:
+            mark("pre_backup")
+
+        @hookimpl(tryfirst=True)
+        def kvmsnap_snapshot(self) -> None:
+            mark("snapshot")
+            if on_snapshot:
+                on_snapshot()
+            mark("snapshot_done")
+
+        @hookimpl(tryfirst=True)
+        def kvmsnap_post_shutdown(self, exposure: Any) -> None:
+            mark("exposed")
             if after_shutdown:
                 after_shutdown()
+            if on_exposed:
+                on_exposed([Path(d.image) for d in exposure.disks])
+            mark("post_shutdown_done")
+
+        @hookimpl
+        def kvmsnap_cleanup(self) -> None:
+            mark("cleanup")
 
     hooks = Hooks(plugin_manager([BenchPlugin()], entry_points=False))
-    job = BackupJob(name="bench", qmp=qmp, fork=ForkOptions(method=method, workdir=workdir))
-    return pipeline.backup(job, hooks)
+    job = BackupJob(name="bench", qmp=qmp,
+                    fork=ForkOptions(method=method, workdir=workdir, mount_root=mount_root),
+                    targets=tuple(ArchiveTarget(t.name, t.tool, t.mode,
+                                                {"repository": str(t.repository)})
+                                  for t in targets))
+    report = pipeline.backup(job, hooks)
+    return _outcome(report, time.monotonic() - started, marks)
+
+
+def _outcome(report: Any, wall_s: float, marks: dict[str, float]) -> Outcome:
+    return Outcome(report.method, report.label, report.clean, report.pause_ms,
+                   report.qemu_downtime_ms, report.disk_snapshot_ms, report.ram_bytes,
+                   report.ram_save_s, report.clone_restore_s, report.shutdown.seconds,
+                   report.total_s, tuple(CommitFigures(c.device, c.seconds, c.bytes)
+                                         for c in report.commits),
+                   tuple(ArchiveFigures(a.target, a.type, a.kind, str(a.source), a.bytes,
+                                        a.stored_bytes, a.seconds)
+                         for a in getattr(report, "archives", [])),
+                   wall_s, dict(marks))
+
+
+#: the phases of one backup, in order
+PHASES = ("preflight", "fork", "guest_writes", "clone_restore", "clone_shutdown", "expose",
+          "archive", "commit", "other")
+
+
+def phases(outcome: Outcome) -> dict[str, float] | None:
+    """The backup's wall time split into :data:`PHASES` (seconds), from the hook marks and
+    kvmsnap's own figures:
+
+    - preflight: the call until the last ``kvmsnap_pre_backup`` (journal lock, describing
+      the VM, the archivers' repository checks);
+    - fork: until ``kvmsnap_snapshot`` (clone plan and overlays, the pause, the RAM save);
+    - guest_writes: inside ``kvmsnap_snapshot`` (the caller's ``on_snapshot``);
+    - clone_restore: ``clone_restore_s``; clone_shutdown: ``shutdown.seconds``;
+    - expose: the rest up to ``kvmsnap_post_shutdown`` (clone QEMU start and exit, FUSE
+      export, loop devices, mounts);
+    - archive: the archivers' own seconds; commit: the commits' seconds;
+    - other: what is left (verify, unmount, stopping exports, journal, removing the work
+      directory, the caller's ``after_shutdown``).
+    """
+    m = outcome.marks
+    if not {"pre_backup", "snapshot", "snapshot_done", "exposed"} <= m.keys():
+        return None
+    out = {"preflight": m["pre_backup"],
+           "fork": m["snapshot"] - m["pre_backup"],
+           "guest_writes": m["snapshot_done"] - m["snapshot"],
+           "clone_restore": outcome.clone_restore_s,
+           "clone_shutdown": outcome.shutdown_s,
+           "expose": (m["exposed"] - m["snapshot_done"] - outcome.clone_restore_s
+                      - outcome.shutdown_s),
+           "archive": sum(a.seconds for a in outcome.archives),
+           "commit": sum(c.seconds for c in outcome.commits)}
+    out["other"] = outcome.wall_s - sum(out.values())
+    return out

@@ -36,6 +36,8 @@ class Settings:
     settle_s: float  # pause after a fork before the next baseline window
     warmup: bool  # one discarded fork per VM (cold caches, first qemu-img, ...)
     write_mib: tuple[int, ...]  # P4 amounts written during the backup
+    p2_disk_mib: int = 2048  # P2's mixed-data guest disk
+    p2_reps: int = 3  # P2 repetitions (each: two runs, 4 tool/mode pairs, both sides)
     workdir_base: Path = field(default=Path("/var/tmp"))
 
     @classmethod
@@ -43,12 +45,15 @@ class Settings:
              ram_mib: Sequence[int] | None = None) -> Settings:
         if quick:
             defaults: dict[str, Any] = dict(reps=1, ram_mib=(256,), baseline_s=1.0,
-                                            settle_s=0.5, warmup=False, write_mib=(0, 64))
+                                            settle_s=0.5, warmup=False, write_mib=(0, 64),
+                                            p2_disk_mib=512, p2_reps=1)
         else:
             defaults = dict(reps=6, ram_mib=(256, 1024, 2048), baseline_s=2.0, settle_s=1.0,
-                            warmup=True, write_mib=(0, 16, 64, 256, 1024))
+                            warmup=True, write_mib=(0, 16, 64, 256, 1024),
+                            p2_disk_mib=2048, p2_reps=3)
         if reps is not None:
             defaults["reps"] = reps
+            defaults["p2_reps"] = reps
         if ram_mib:
             defaults["ram_mib"] = tuple(ram_mib)
         return cls(quick=quick, out=out, only=frozenset(only), fill_ratio=0.7, **defaults)
