@@ -15,15 +15,19 @@ and send ``cont`` only if QEMU did not resume the VM after the capture.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmsnap_plugin import faults, host, process
-from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
+from kvmsnap_plugin.errors import HostError, KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.parent import Parent, ParentDisk
 from kvmsnap_plugin.qmp import QmpSession
 
@@ -95,10 +99,11 @@ def take_fork(session: QmpSession, parent: Parent, planned: tuple[ForkedDisk, ..
     saved_caps = _migration_capabilities(session)
     try:
         method = _configure_migration(session, method)
-        _open_state_fd(session, state_file)
+        writer = _open_state_fd(session, state_file)
         log.info("pausing %s for the fork (%s)", parent.name, method)
         point = _pause_and_snapshot(session, parent, forked, state_file, method, timeout)
         applied = True
+        writer.finish()
         return point
     except BaseException:
         applied = applied or _snapshot_applied(session, forked)
@@ -169,13 +174,59 @@ def _restore_capabilities(session: QmpSession, saved: dict[str, bool]) -> None:
         log.debug("restoring migration capabilities: %s", exc)
 
 
-def _open_state_fd(session: QmpSession, state_file: Path) -> None:
-    """Create the RAM state file 0600 (its directory is 0700) and give QEMU its fd."""
-    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+class StateWriter:
+    """Carries the RAM stream from QEMU into the state file through kvmsnap's own writer.
+
+    QEMU writes into a pipe; :mod:`kvmsnap_plugin.statewriter` (a process of its own) copies
+    it into the state file (0600, in a 0700 directory). A full disk then fails the backup,
+    never QEMU, and the writer outlives a kvmsnap that is killed mid-snapshot.
+    """
+
+    def __init__(self, state_file: Path) -> None:
+        self.state_file = state_file
+        self._errors = state_file.with_name("statewriter.stderr")
+        read_end, self.write_end = os.pipe()
+        with contextlib.suppress(OSError):  # fewer, larger transfers
+            fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
+        out = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with open(self._errors, "wb") as err:
+                self._proc = process.spawn([sys.executable, "-m", "kvmsnap_plugin.statewriter"],
+                                           stdin=read_end, stdout=out, stderr=err)
+        finally:
+            os.close(read_end)
+            os.close(out)
+
+    def handed_over(self) -> None:
+        """QEMU has its own copy of the write end: ours must go, or EOF never comes."""
+        self.close()
+
+    def finish(self, timeout: float = 600.0) -> None:
+        """After the migration completed: all of it is on disk, or raise."""
+        try:
+            code = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise StepTimeout(f"writing the RAM state took more than {timeout:g} s") from None
+        if code != 0:
+            reason = self._errors.read_text(errors="replace").strip() or f"exit code {code}"
+            raise HostError(f"cannot write the RAM state to {self.state_file.parent}: "
+                            f"{reason}", "free space in the work directory (it needs about "
+                            "the VM's RAM size), or pass --workdir on a larger filesystem")
+
+    def close(self) -> None:
+        if self.write_end >= 0:
+            os.close(self.write_end)
+            self.write_end = -1
+
+
+def _open_state_fd(session: QmpSession, state_file: Path) -> StateWriter:
+    """Create the RAM state file and hand QEMU the pipe that leads to it."""
+    writer = StateWriter(state_file)
     try:
-        session.send_fd(fd, STATE_FD_NAME)
+        session.send_fd(writer.write_end, STATE_FD_NAME)
     finally:
-        os.close(fd)
+        writer.handed_over()
+    return writer
 
 
 # -- the pause ---------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def run(
 def spawn(
     argv: Sequence[str | os.PathLike[str]],
     *,
+    stdin: int | object = subprocess.DEVNULL,
     stdout: int | object = subprocess.DEVNULL,
     stderr: int | object = subprocess.DEVNULL,
     env: Mapping[str, str] | None = None,
@@ -154,7 +155,7 @@ def spawn(
     try:
         proc = subprocess.Popen(
             args,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,  # type: ignore[arg-type]
             stdout=stdout,  # type: ignore[arg-type]
             stderr=stderr,  # type: ignore[arg-type]
             env=child_env(env),

@@ -127,6 +127,11 @@ class DemoVM(Machine):
         finally:
             self.qmp.execute("cont")
 
+    def shutdown(self, powerdown_timeout: float = 20.0, quit_timeout: float = 5.0) -> str:
+        if self.opts.power_button == "ignore":
+            powerdown_timeout = 0  # it would wait in vain: go straight to `quit`
+        return super().shutdown(powerdown_timeout, quit_timeout)
+
     def power_off_cleanly(self, timeout: float = 30.0) -> None:
         """Press the power button and wait until the guest has unmounted and QEMU exited."""
         self.qmp.execute("system_powerdown")

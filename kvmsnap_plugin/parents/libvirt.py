@@ -389,11 +389,12 @@ class LibvirtParent:
         try:
             saved = _migration_capabilities(monitor)  # type: ignore[arg-type]
             method = _configure_migration(monitor, method)  # type: ignore[arg-type]
-            _open_state_fd(monitor, state_file)  # type: ignore[arg-type]
+            writer = _open_state_fd(monitor, state_file)  # type: ignore[arg-type]
             log.info("pausing %s for the fork (%s)", parent.name, method)
             with libvirt_errors(f"forking {parent.name}"):
                 point = self._pause_and_snapshot(parent, planned, state_file, method)
             applied = True
+            writer.finish()
             return point
         except BaseException:
             applied = applied or self._snapshot_applied(planned)
