@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from kvmsnap_plugin import hookspecs
-from kvmsnap_plugin.errors import ArchiveError, KvmsnapError, UsageError
+from kvmsnap_plugin.errors import ArchiveError, UsageError
 
 if TYPE_CHECKING:
     from kvmsnap_plugin.archive import ArchiveResult, ArchiveTarget
@@ -97,7 +97,3 @@ class Hooks:
                 impl.function(**{name: arguments[name] for name in impl.argnames})
             except Exception as exc:  # a plugin's cleanup must not stop the others
                 log.error("cleanup of plugin %s failed: %s", impl.plugin_name, exc)
-
-
-def describe_error(exc: BaseException) -> str:
-    return exc.one_line() if isinstance(exc, KvmsnapError) else f"{type(exc).__name__}: {exc}"
