@@ -53,6 +53,9 @@ class Plan:
     targets: list[str]
     mount_root: str
 
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
     def render(self) -> str:
         lines = [f"{self.vm} (QEMU pid {self.pid}) would be forked:"]
         lines += [f"  disk {d['device']}: {d['image']} frozen; parent writes to {d['overlay']}"

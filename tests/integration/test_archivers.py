@@ -190,3 +190,19 @@ def test_cli_backup_keeps_secrets_out_of_output(start_demo, tmp_path, borg_repo,
     for secret in (BORG_PASSPHRASE, RESTIC_PASSWORD):
         assert secret not in out.stdout and secret not in out.stderr
     assert "borg" in out.stderr and "create" in out.stderr  # --debug logged the commands
+
+
+def test_dry_run_describes_the_backup_and_touches_nothing(start_demo, tmp_path, borg_repo):
+    vm = start_demo()
+    vm.qmp.events()
+    out = subprocess.run(
+        [sys.executable, "-m", "kvmsnap_plugin.cli", "backup", "--qmp",
+         str(vm.paths.backup_qmp), "--name", "demo", "--borg", str(borg_repo), "--dry-run",
+         "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["vm"] == "kvmsnap-demo" and plan["targets"] == ["borg (borg, files)"]
+    assert plan["disks"][0]["image"] == str(vm.paths.disks[0])
+    assert "-incoming" in plan["clone_argv"] and "defer" in plan["clone_argv"]
+    assert not [e for e in vm.qmp.events() if e.name == "STOP"]  # never paused
+    assert borg("list", "--short", borg_repo).strip() == ""  # nothing archived
