@@ -26,7 +26,7 @@ from typing import Any
 
 from kvmsnap_plugin import process
 from kvmsnap_plugin.errors import KvmsnapError, VMError
-from kvmsnap_plugin.expose import detach_loops_of, is_mountpoint, unmount
+from kvmsnap_plugin.expose import detach_loops_of, detach_orphaned_loop, is_mountpoint, unmount
 from kvmsnap_plugin.fork import ForkedDisk
 from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.parent import ParentDisk
@@ -96,7 +96,9 @@ def _unexpose(data: dict[str, Any], journal: Journal, result: Recovery) -> None:
         journal.discard("mounts", mountpoint)
     for backing in data.get("loop_files", []):
         detach_loops_of(Path(backing))
-    journal.record(loop_files=[])
+    for loop, backing in zip(data.get("loops", []), data.get("loop_files", []), strict=False):
+        detach_orphaned_loop(Path(loop), Path(backing))
+    journal.record(loop_files=[], loops=[])
     pid = process.same_process(data.get("qsd"))
     if pid:
         _kill(pid)

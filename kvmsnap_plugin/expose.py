@@ -103,6 +103,7 @@ def expose(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
         for (name, _), export in zip(images, exposure._exports, strict=True):
             record.append("loop_files", str(export))
             loop = _attach_loop(export)
+            record.append("loops", str(loop))
             exposure._loops.append(loop)
             filesystems = [_filesystem(exposure, name, partition, device, mount, record)
                            for partition, device in _block_devices(loop, timeout)]
@@ -230,6 +231,17 @@ def detach_loops_of(backing: Path) -> None:
     out = process.run(["losetup", "-j", backing], timeout=30, check=False).stdout
     for line in out.splitlines():
         _detach_loop(Path(line.split(":", 1)[0]))
+
+
+def detach_orphaned_loop(loop: Path, backing: Path) -> None:
+    """Detach ``loop`` if it still shows ``backing``, or a backing that vanished with its
+    export daemon (the kernel then reports "/"): never someone else's loop device."""
+    try:
+        current = Path(f"/sys/block/{loop.name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return  # not attached any more
+    if current in (str(backing), "/"):
+        _detach_loop(loop)
 
 
 def _block_devices(loop: Path, timeout: float) -> list[tuple[str, Path]]:
