@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -304,10 +305,16 @@ def setup_logging(debug: bool, quiet: bool) -> None:
     logging.getLogger("sh").setLevel(logging.WARNING)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM (systemd stopping the service) unwinds like Ctrl-C: every cleanup runs.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.debug, args.quiet)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except KvmsnapError as exc:

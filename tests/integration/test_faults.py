@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -136,3 +137,22 @@ def test_the_qmp_socket_disappearing_mid_backup_does_not_matter(start_demo, tmp_
     report = run(vm, tmp_path, SocketRemover(vm.paths.backup_qmp))
     assert report.clean  # kvmsnap holds its connection for the whole run
     assert_nothing_left(vm, tmp_path / "work")
+
+
+def test_sigterm_mid_backup_unwinds_and_leaves_nothing(start_demo, tmp_path):
+    vm = start_demo(power_button="ignore")  # the run waits in the shutdown ladder
+    work = tmp_path / "work"
+    run = subprocess.Popen([sys.executable, "-m", "kvmsnap_plugin.cli", "fork", "--qmp",
+                            str(vm.paths.backup_qmp), "--workdir", str(work)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while clone_pid(work) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert clone_pid(work) is None
+    assert vm.qmp.runstate() == "running"
+    assert_nothing_left(vm, work)
