@@ -73,6 +73,7 @@ def test_debian_guest_backup_and_restore(start_debian, debian_guest, accel, tmp_
             assert "EXT4-fs (vda1): mounted filesystem" in console
             for message in RECOVERY_AT_BOOT:
                 assert message not in console, message
+            booted.wait_console(r"KVMSNAP-COUNT \d+", 60)  # it numbers on from the backup
             booted.wait_counter(booted.counter() + 2)
             booted.power_off_cleanly()
         for fs in read_guest_disk(Path(disk.path), tmp_path / f"scratch{number}").values():
