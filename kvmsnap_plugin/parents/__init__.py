@@ -40,6 +40,8 @@ class ParentBackend(Protocol):
 
 def restore_parent(data: dict[str, Any], disks: list[ForkedDisk], result: Any) -> None:
     """Recovery: resume the parent if we paused it and commit its overlays back."""
+    if not disks and data.get("phase") not in ("forking", "forked"):
+        return  # the run gave the chain back already: leave the VM's monitor alone
     kind = data.get("backend", "qmp")
     if kind == "libvirt":
         from kvmsnap_plugin.parents import libvirt
