@@ -55,7 +55,7 @@ class ArchiveTarget:
 class ArchiveResult:
     target: str
     type: str
-    kind: str  # "files" or "image"
+    kind: str  # "files", "image", or "metadata" (the VM's record, where stored apart)
     name: str  # archive name (borg) or snapshot id (restic)
     source: str  # what was archived: a mount tree or a disk
     bytes: int  # bytes read from the clone's disks

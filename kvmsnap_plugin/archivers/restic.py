@@ -149,7 +149,8 @@ def backup_image(restic: process.ShProgram, target: ArchiveTarget, job: BackupJo
     except ProcessError as exc:
         raise _explain(exc, target) from None
     summary = _summary(done.stdout)
-    return ArchiveResult(target.name, TYPE, "image", summary.get("snapshot_id", ""), disk,
+    kind = "metadata" if filename else "image"
+    return ArchiveResult(target.name, TYPE, kind, summary.get("snapshot_id", ""), disk,
                          copied, summary.get("data_added"), time.monotonic() - started)
 
 
