@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvmsnap_plugin import process
+
 BORG_IMAGE_CHUNKER = "fixed,4194304"  # kvmsnap's borg image mode (archivers/borg.py)
 TIMEOUT = 3600
 
@@ -45,19 +47,9 @@ def tool_env(base: Path) -> Iterator[None]:
               "BORG_BASE_DIR": str(base / "borg-base"),
               "RESTIC_CACHE_DIR": str(base / "restic-cache"),
               "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
-    saved = {k: os.environ.get(k) for k in [*values, "RESTIC_PASSWORD_FILE",
-                                           "RESTIC_PASSWORD_COMMAND", "BORG_PASSCOMMAND"]}
-    for key in ("RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND", "BORG_PASSCOMMAND"):
-        os.environ.pop(key, None)
-    os.environ.update(values)
-    try:
+    with process.environment(values, unset=("RESTIC_PASSWORD_FILE",
+                                            "RESTIC_PASSWORD_COMMAND", "BORG_PASSCOMMAND")):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def init_repo(tool: str, repo: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,14 +39,22 @@ def commit_back(session: QmpSession, disks: Sequence[ForkedDisk],
     new writes, and on ``block-job-complete`` pivots the disk back onto the frozen image,
     which then holds every write. Every disk is attempted even if one fails.
     """
+    jobs = {disk.overlay_node: f"kvmsnap-commit-{i}" for i, disk in enumerate(disks)}
+    return commit_each(disks, lambda disk: _commit_one(session, disk, jobs[disk.overlay_node],
+                                                       timeout))
+
+
+def commit_each(disks: Sequence[ForkedDisk],
+                commit_one: Callable[[ForkedDisk], Commit]) -> list[Commit]:
+    """Commit every disk, even after one fails; then raise for all that failed."""
     done, failures = [], []
-    for index, disk in enumerate(disks):
+    for disk in disks:
         try:
-            done.append(_commit_one(session, disk, f"kvmsnap-commit-{index}", timeout))
+            done.append(commit_one(disk))
         except KvmsnapError as exc:
             failures.append(f"{disk.disk.device}: {exc}")
     if failures:
-        raise VMError("committing the parent's overlays failed: " + "; ".join(failures),
+        raise VMError("committing the VM's overlays back failed: " + "; ".join(failures),
                       "the VM still runs on its overlay; run `kvmsnap recover` to retry")
     return done
 

@@ -9,13 +9,14 @@ started itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,3 +292,22 @@ def same_process(recorded: str | None) -> int | None:
     except OSError:
         return None
     return pid if state != "Z" and identity(pid) == recorded else None
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str], unset: Iterable[str] = ()) -> Iterator[None]:
+    """``os.environ`` with ``values`` set and ``unset`` removed, restored on exit: how
+    callers hand secrets to the programs started here without putting them in argv."""
+    keys = [*values, *unset]
+    saved = {key: os.environ.get(key) for key in keys}
+    for key in unset:
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -27,13 +27,8 @@ from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
 def kvmsnap_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Journals and locks of the tests' runs, kept away from the host's /var/lib/kvmsnap."""
     directory = tmp_path_factory.mktemp("kvmsnap-state")
-    saved = os.environ.get("KVMSNAP_STATE_DIR")
-    os.environ["KVMSNAP_STATE_DIR"] = str(directory)
-    yield directory
-    if saved is None:
-        os.environ.pop("KVMSNAP_STATE_DIR", None)
-    else:
-        os.environ["KVMSNAP_STATE_DIR"] = saved
+    with process.environment({"KVMSNAP_STATE_DIR": str(directory)}):
+        yield directory
 
 
 @pytest.fixture(scope="session")

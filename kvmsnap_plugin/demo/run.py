@@ -9,9 +9,7 @@ is shut down and its disk checked: it never noticed, and lost nothing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -127,21 +125,12 @@ def _fresh_repositories(out: Path) -> dict[str, Path]:
     return repos
 
 
-@contextlib.contextmanager
 def _demo_secrets(out: Path):
     """The demo repositories' secrets, in the environment only (as kvmsnap wants them)."""
-    saved = {k: os.environ.get(k) for k in ("BORG_PASSPHRASE", "RESTIC_PASSWORD",
-                                            "BORG_BASE_DIR", "RESTIC_CACHE_DIR")}
-    os.environ.update(BORG_PASSPHRASE=DEMO_PASSPHRASE, RESTIC_PASSWORD=DEMO_PASSPHRASE,
-                      BORG_BASE_DIR=str(out / ".borg"), RESTIC_CACHE_DIR=str(out / ".cache"))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return process.environment({"BORG_PASSPHRASE": DEMO_PASSPHRASE,
+                                "RESTIC_PASSWORD": DEMO_PASSPHRASE,
+                                "BORG_BASE_DIR": str(out / ".borg"),
+                                "RESTIC_CACHE_DIR": str(out / ".cache")})
 
 
 def _archived_files(borg_repo: Path, report: BackupReport, scratch: Path) -> DiskContents:

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kvmsnap_plugin import faults, process
-from kvmsnap_plugin.chain import Commit
+from kvmsnap_plugin.chain import Commit, commit_each
 from kvmsnap_plugin.clone import copy_master_key
 from kvmsnap_plugin.errors import HostError, KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.fork import (
@@ -494,17 +494,11 @@ class LibvirtParent:
         Like ``virsh blockcommit --active --pivot --base FROZEN``: without the base, libvirt
         would merge into the *bottom* of the chain. Every disk is attempted.
         """
-        done, failures = [], []
-        for disk in disks:
-            try:
-                with libvirt_errors(f"block commit of {disk.disk.device}"):
-                    done.append(self._commit_one(disk))
-            except KvmsnapError as exc:
-                failures.append(f"{disk.disk.device}: {exc}")
-        if failures:
-            raise VMError("committing the domain's overlays failed: " + "; ".join(failures),
-                          "the VM still runs on its overlay; run `kvmsnap recover` to retry")
-        return done
+        def commit_one(disk: ForkedDisk) -> Commit:
+            with libvirt_errors(f"block commit of {disk.disk.device}"):
+                return self._commit_one(disk)
+
+        return commit_each(disks, commit_one)
 
     def _commit_one(self, disk: ForkedDisk) -> Commit:
         libvirt = _libvirt()
