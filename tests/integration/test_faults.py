@@ -24,6 +24,15 @@ from kvmsnap_plugin.verify import State
 
 pytestmark = pytest.mark.qemu
 
+_first_pid_of_this_test = 0
+
+
+@pytest.fixture(autouse=True)
+def _spawned_by_this_test():
+    """Processes started before this test (other tests' session daemons) are not its."""
+    global _first_pid_of_this_test
+    _first_pid_of_this_test = len(process.SPAWNED_PIDS)
+
 
 def run(vm, tmp_path, *plugins, workdir=None, **options):
     job = BackupJob("demo", vm.paths.backup_qmp,
@@ -39,8 +48,8 @@ def assert_nothing_left(vm, workdir: Path) -> None:
     assert str(workdir) not in Path("/proc/mounts").read_text()
     assert str(workdir) not in process.run(["losetup", "-a"], timeout=30).stdout
     assert not list(state_dir().glob("*.json"))
-    alive = [pid for pid in process.SPAWNED_PIDS if process.same_process(
-        process.identity(pid))]
+    alive = [pid for pid in process.SPAWNED_PIDS[_first_pid_of_this_test:]
+             if process.same_process(process.identity(pid))]
     assert alive == [vm.pid]  # only the parent: no clone, no export daemon
 
 
