@@ -125,6 +125,9 @@ POWER_EVENT=""
 for dev in /sys/class/input/event*; do
     [ "$(cat "$dev/device/name" 2>/dev/null)" = "Power Button" ] && POWER_EVENT=/dev/input/${dev##*/}
 done
+# Open the button before announcing READY: evdev queues events only for open readers, so a
+# press sent right after READY would otherwise be lost while dd is still starting.
+[ -n "$POWER_EVENT" ] && exec 3<"$POWER_EVENT"
 echo "KVMSNAP-READY disks=$NAMES power=$POWER power_event=$POWER_EVENT"
 
 # The orderly shutdown: stop the workload, leave a marker, flush, unmount, power off.
@@ -160,7 +163,7 @@ fi
 
 wait_for_power_button() {
     # One input_event (24 bytes on x86_64) is enough: the press itself.
-    dd if="$POWER_EVENT" of=/dev/null bs=24 count=1 2>/dev/null
+    dd of=/dev/null bs=24 count=1 <&3 2>/dev/null
 }
 
 if [ -z "$POWER_EVENT" ]; then
