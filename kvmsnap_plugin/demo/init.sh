@@ -114,11 +114,12 @@ workload &
 WORKLOAD=$!
 
 if [ "$WRITER" = 1 ]; then
+    exec 4</dev/ttyS2  # open now, not in the subshell: requests sent after READY must arrive
     (while read -r verb mib name; do
         [ "$verb" = W ] || continue
         dd if=/dev/zero of="/mnt/vda/$name" bs=1M count="$mib" conv=fsync 2>/dev/null
         echo "KVMSNAP-WROTE $name $mib"
-    done < /dev/ttyS2) &
+    done <&4) &
 fi
 
 POWER_EVENT=""
