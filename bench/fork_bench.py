@@ -5,7 +5,8 @@ its ticker on. It is then forked again and again, in three variants per repetiti
 order alternating between repetitions so that all meet the same guest and the same noise:
 
 - ``bg-intact``: background-snapshot with the guest RAM's transparent huge pages intact
-  (re-collapsed just before, see bench/thp.py): a VM's first backup after boot, or one
+  (re-collapsed just before by kvmsnap_plugin/hugepages.py, what the option
+  ``collapse_huge_pages`` does): a VM's first backup after boot, or one
   whose huge pages khugepaged has rebuilt since its last backup;
 - ``bg-split``: background-snapshot right after the previous one, whose write faults left
   the huge pages split: back-to-back backups;
@@ -29,14 +30,16 @@ import statistics
 import tempfile
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import thp, ticks
+from bench import ticks
 from bench.api import fork_once
 from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summary
 from bench.sampler import ForkSampler
 from bench.ticks import Ticker
+from kvmsnap_plugin import hugepages
 from kvmsnap_plugin.demo.builder import DemoGuest
 from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
 
@@ -98,17 +101,17 @@ def _one_size(settings: Settings, guest: DemoGuest, accel: str, ram: int,
         # capability only makes QEMU report them.
         vm.qmp.execute("migrate-set-capabilities",
                        {"capabilities": [{"capability": "events", "state": True}]})
-        ranges = thp.guest_ram_ranges(vm.pid, ram * MIB)
-        boot["guest_ram_mappings"] = len(ranges)
+        boot["guest_ram_mappings"] = len(hugepages.guest_ram(vm.pid))
         timelines: set[str] = set()
         for index, (rep, variant) in enumerate(fork_order(settings.reps, settings.warmup)):
             method, recollapse = VARIANTS[variant]
             record: dict[str, Any] = {"ram_mib": ram, "fill_mib": fill, "rep": rep,
                                       "warmup": rep < 0, "variant": variant, "method": method}
             if recollapse and rep >= 0:  # the warm-up meets the huge pages of a fresh boot
-                record["collapse"] = thp.collapse(vm.pid, ranges) if ranges else None
+                record["collapse"] = asdict(hugepages.collapse(vm.pid))
             time.sleep(settings.settle_s)
-            record["thp_before"] = thp.huge_share(vm.pid, ranges) if ranges else None
+            record["thp_before"] = {"huge_share": hugepages.huge_share(
+                hugepages.guest_ram(vm.pid))}
             record.update(_one_fork(settings, vm, ticker, tmp / f"fork{index}", method,
                                     keep_timeline=rep >= 0 and variant not in timelines))
             if "timeline" in record:

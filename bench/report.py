@@ -127,8 +127,9 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any]) -> list[str]:
            "so a pause of P ms shows as one gap of about (tick interval + P).", "",
            "Three variants per repetition: background-snapshot with the guest RAM's "
            "transparent huge pages (THP) *intact* (re-collapsed with "
-           "`process_madvise(MADV_COLLAPSE)` just before: a VM's first backup after boot, or "
-           "one whose huge pages khugepaged rebuilt since the last backup); background-"
+           "`process_madvise(MADV_COLLAPSE)` just before, as kvmsnap's `collapse_huge_pages` "
+           "option does: also a VM's first backup after boot, or one whose huge pages "
+           "khugepaged rebuilt since the last backup); background-"
            "snapshot right after the previous one, the huge pages *split* by its write faults "
            "(back-to-back backups); stop-and-copy.", "",
            "*Gap*: the largest tick gap overlapping the pause (located by the STOP/RESUME "

@@ -39,7 +39,8 @@ METHODS = ("auto", "background-snapshot", "stop-and-copy")
 
 #: keys allowed in [defaults] and, as overrides, in each [[vm]]
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
-                      "repress_after", "on_unclean", "keep", "mount_root"})
+                      "repress_after", "on_unclean", "keep", "mount_root",
+                      "collapse_huge_pages"})
 VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
@@ -55,6 +56,8 @@ class ForkOptions:
     clone_console: Path | None = None  # capture the clone's first serial port (debugging)
     pid: int | None = None  # the QEMU process, if peer credentials cannot tell
     mount_root: Path | None = None  # where the clone's filesystems appear (default: workdir)
+    #: rebuild the parent's guest RAM huge pages before the pause (see hugepages.py)
+    collapse_huge_pages: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -132,6 +135,10 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         repress = float(settings.get("repress_after", 60.0))
     except (TypeError, ValueError) as exc:
         raise UsageError(f"bad timeout in {where}: {exc}", "give seconds as a number") from None
+    collapse = settings.get("collapse_huge_pages", False)
+    if not isinstance(collapse, bool):
+        raise UsageError(f"collapse_huge_pages in {where} must be true or false, "
+                         f"not {collapse!r}", "write collapse_huge_pages = true")
     return ForkOptions(
         method=settings.get("method", "auto"),
         shutdown=ShutdownPolicy(timeout=timeout, repress_after=min(repress, timeout),
@@ -142,6 +149,7 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         clone_console=path("clone_console"),
         pid=settings.get("pid"),
         mount_root=path("mount_root"),
+        collapse_huge_pages=collapse,
     )
 
 

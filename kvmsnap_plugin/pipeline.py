@@ -24,10 +24,11 @@ from kvmsnap_plugin.archive import ArchiveResult, archive_all
 from kvmsnap_plugin.chain import Commit, keep_images
 from kvmsnap_plugin.cleanup import Recovery, recover
 from kvmsnap_plugin.clone import ClonePlan, plan_clone, prepare_overlays, running_clone
-from kvmsnap_plugin.config import BackupJob
+from kvmsnap_plugin.config import BackupJob, ForkOptions
 from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
 from kvmsnap_plugin.expose import add_file, expose, unexpose
 from kvmsnap_plugin.fork import ForkPoint, parent_overlay_path, plan_fork
+from kvmsnap_plugin.hugepages import Collapse, collapse_before_fork
 from kvmsnap_plugin.journal import Journal
 from kvmsnap_plugin.parent import Parent
 from kvmsnap_plugin.parents import ParentBackend
@@ -181,6 +182,8 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
     with contextlib.ExitStack() as cleanup:
         backend = cleanup.enter_context(open_backend(job))
         parent = backend.describe()
+        # Before pre_backup: a plugin may freeze the guest's filesystems there until the fork.
+        huge_pages = _collapse_huge_pages(parent, options)
         reason = hooks.pre_backup(job, parent)
         if reason:
             raise SkipBackup(f"{job.name}: skipped by a plugin: {reason}")
@@ -218,10 +221,19 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
                           point.disk_snapshot_ms, point.ram_bytes, point.ram_save_s,
                           point.qemu_downtime_ms, restore_s, stopped, verdicts, archives, kept,
                           commits, time.monotonic() - started, _warnings(label, verdicts,
-                                                                         archives))
+                                                                         archives),
+                          huge_pages=huge_pages)
     log.info("%s: %s in %.1f s", job.name, f"mounted at {root}" if detach else "done",
              report.total_s)
     return report
+
+
+def _collapse_huge_pages(parent: Parent, options: ForkOptions) -> Collapse | None:
+    """Opt-in: shorter background-snapshot pauses, see hugepages.py."""
+    if (not options.collapse_huge_pages or parent.offline
+            or options.method == "stop-and-copy"):  # its pause copies RAM, pages or not
+        return None
+    return collapse_before_fork(parent.pid)
 
 
 def _fork_and_shut_down(job: BackupJob, hooks: Hooks, backend: ParentBackend, parent: Parent,

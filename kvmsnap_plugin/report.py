@@ -7,6 +7,7 @@ from typing import Any
 
 from kvmsnap_plugin.archive import ArchiveResult
 from kvmsnap_plugin.chain import Commit
+from kvmsnap_plugin.hugepages import Collapse
 from kvmsnap_plugin.shutdown import ShutdownResult
 from kvmsnap_plugin.verify import Verdict
 
@@ -32,6 +33,7 @@ class BackupReport:
     commits: list[Commit]
     total_s: float
     warnings: list[str] = field(default_factory=list)
+    huge_pages: Collapse | None = None  # with collapse_huge_pages: what re-collapsing did
 
     @property
     def clean(self) -> bool:
@@ -47,6 +49,11 @@ class BackupReport:
                  f"{self.pause_ms:.1f} ms; clone restored in {self.clone_restore_s:.1f} s, "
                  f"shut down in {self.shutdown.seconds:.1f} s ({self.shutdown.reason}); "
                  f"{self.total_s:.1f} s in all"]
+        if self.huge_pages:
+            hp = self.huge_pages
+            lines.append(f"  huge pages {100 * hp.share_before:.0f}% -> "
+                         f"{100 * hp.share_after:.0f}% of guest RAM before the pause "
+                         f"({hp.seconds:.2f} s)")
         for v in self.verdicts:
             where = v.disk + (f"/{v.partition}" if v.partition else "")
             lines.append(f"  verdict  {where:18} {v.fstype:6} {v.state.value:15} {v.detail}")

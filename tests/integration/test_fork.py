@@ -16,6 +16,7 @@ from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.config import BackupJob, ForkOptions
 from kvmsnap_plugin.demo.disk import read_disk
 from kvmsnap_plugin.errors import VMError
+from kvmsnap_plugin.hugepages import guest_ram, huge_share
 from kvmsnap_plugin.pipeline import backup
 from kvmsnap_plugin.plugins import Hooks, plugin_manager
 from kvmsnap_plugin.report import CRASH_CONSISTENT
@@ -194,3 +195,22 @@ def test_the_guest_agent_is_the_rung_after_the_power_button(start_demo, tmp_path
     clone_console = (tmp_path / "clone.log").read_text()
     assert "KVMSNAP-POWER-BUTTON-IGNORED" in clone_console
     assert "KVMSNAP-AGENT-SHUTDOWN" in clone_console
+
+
+def test_huge_pages_split_by_one_fork_are_rebuilt_before_the_next(start_demo, tmp_path):
+    vm = start_demo(fill_mib=96)  # guest RAM really in use
+    first, _ = fork(vm, tmp_path, method="background-snapshot")
+    assert first.clean and first.huge_pages is None  # opt-in only
+    # The first fork's write faults split the huge pages (each un-protects 4 KiB) ...
+    assert huge_share(guest_ram(vm.pid)) < 0.5
+    out = subprocess.run(
+        [sys.executable, "-m", "kvmsnap_plugin.cli", "fork", "--qmp", str(vm.paths.backup_qmp),
+         "--workdir", str(tmp_path / "work2"), "--method", "background-snapshot",
+         "--collapse-huge-pages", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    # ... and the second rebuilt them before its pause.
+    pages = report["huge_pages"]
+    assert pages["share_before"] < 0.5 and pages["share_after"] > 0.8, pages
+    assert report["clean"] is True
+    assert vm.running()

@@ -29,6 +29,15 @@ def test_the_contrib_example_loads():
     assert web.targets[1].option("repository") == "sftp:backup@offsite:/srv/restic"
 
 
+def test_collapse_huge_pages_is_off_unless_asked_for(tmp_path):
+    path = write(tmp_path, '[defaults]\ncollapse_huge_pages = true\n'
+                           '[[vm]]\nqmp = "/run/a.qmp"\n'
+                           '[[vm]]\nqmp = "/run/b.qmp"\ncollapse_huge_pages = false\n')
+    assert [job.fork.collapse_huge_pages for job in load_config(path, TYPES)] == [True, False]
+    [job] = load_config(write(tmp_path, '[[vm]]\nqmp = "/run/a.qmp"\n'), TYPES)
+    assert job.fork.collapse_huge_pages is False
+
+
 def test_relative_local_repositories_are_made_absolute(tmp_path):
     path = write(tmp_path, '[[vm]]\nqmp = "/run/a.qmp"\narchivers = ["b"]\n'
                            '[archiver.b]\ntype = "borg"\nrepository = "repos/borg"\n')
@@ -51,6 +60,7 @@ def test_relative_local_repositories_are_made_absolute(tmp_path):
     ('[[vm]]\nqmp = "/a"\nshutdown_timeout = 0.1\n', "too small"),
     ('[[vm]]\nqmp = "/a"\nshutdown_timeout = "soon"\n', "bad timeout"),
     ('[[vm]]\nqmp = "/a"\non_unclean = "ignore"\n', "on-unclean"),
+    ('[[vm]]\nqmp = "/a"\ncollapse_huge_pages = "yes"\n', "must be true or false"),
     ('[archiver.x]\ntype = "borg"\nenv = "BORG_PASSPHRASE=x"\n[[vm]]\nqmp = "/a"\n',
      "env must be a table"),
     ("[[vm]\n", "not valid TOML"),
