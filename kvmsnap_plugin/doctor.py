@@ -71,6 +71,16 @@ def check_uffd() -> Check:
                  "(longer pause)", "run as root, or sysctl vm.unprivileged_userfaultfd=1")
 
 
+def check_huge_pages() -> Check:
+    from kvmsnap_plugin.hugepages import collapse_supported
+
+    works, why = collapse_supported()
+    if works:
+        return Check("huge-pages", "ok", f"{why} (option collapse_huge_pages)")
+    return Check("huge-pages", "warn", f"{why}; collapse_huge_pages has no effect",
+                 "only needed for shorter back-to-back background-snapshot pauses")
+
+
 def check_fuse() -> Check:
     have_dev = Path("/dev/fuse").exists()
     in_kernel = "fuse" in Path("/proc/filesystems").read_text()
@@ -109,6 +119,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     lambda: check_program("qemu-storage-daemon", "qemu-storage-daemon", "qemu-system-common"),
     check_accelerator,
     check_uffd,
+    check_huge_pages,
     check_fuse,
     check_loop,
     check_nbd,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -122,3 +123,33 @@ def collapse_before_fork(pid: int) -> Collapse | None:
              100 * result.share_before, 100 * result.share_after, result.seconds,
              f"; kernel said: {', '.join(result.errors)}" if result.errors else "")
     return result
+
+
+def collapse_supported() -> tuple[bool, str]:
+    """Can this host collapse huge pages? Tried for real on 2 MiB of our own memory."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    try:
+        if "[never]" in thp.read_text():
+            return False, "transparent huge pages are disabled ([never])"
+    except OSError:
+        return False, "no transparent huge pages in this kernel"
+    # Private and anonymous, like QEMU's guest RAM (shared memory follows shmem_enabled).
+    area = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = ctypes.c_char.from_buffer(area)
+    try:
+        start = (ctypes.addressof(buffer) + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+        ctypes.memset(start, 1, HUGE_PAGE)  # resident, so there is something to collapse
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.pidfd_open(os.getpid())
+        try:
+            failed = libc.syscall(_SYS_PROCESS_MADVISE, fd, ctypes.byref(
+                _IoVec(start, HUGE_PAGE)), 1, _MADV_COLLAPSE, 0) < 0
+            errno = ctypes.get_errno()
+        finally:
+            os.close(fd)
+    finally:
+        del buffer
+        area.close()
+    if not failed or errno == 11:  # EAGAIN: supported, no huge page free right now
+        return True, "process_madvise(MADV_COLLAPSE) works"
+    return False, f"process_madvise(MADV_COLLAPSE): {os.strerror(errno)} (needs Linux 6.1+)"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from kvmsnap_plugin import host
+from kvmsnap_plugin.hugepages import collapse_supported
 
 
 def test_doctor_reports_this_host(accel):
@@ -18,5 +19,6 @@ def test_doctor_reports_this_host(accel):
     assert checks["accelerator"]["detail"].startswith(accel)
     uffd_ok, _ = host.uffd_wp_supported()
     assert (checks["background-snapshot"]["status"] == "ok") == uffd_ok
+    assert (checks["huge-pages"]["status"] == "ok") == collapse_supported()[0]
     for tool in ("borg", "restic", "borgmatic", "fuse", "loop", "qemu-storage-daemon"):
         assert checks[tool]["status"] == "ok", checks[tool]
