@@ -97,9 +97,10 @@ def take_fork(session: QmpSession, parent: Parent, planned: tuple[ForkedDisk, ..
     forked = _attach_overlays(session, planned)
     applied = False
     saved_caps = _migration_capabilities(session)
+    writer: StateSink | None = None
     try:
         method = _configure_migration(session, method)
-        writer = _open_state_fd(session, state_file)
+        writer = _open_state_fd(session, state_file, method)
         log.info("pausing %s for the fork (%s)", parent.name, method)
         point = _pause_and_snapshot(session, parent, forked, state_file, method, timeout)
         applied = True
@@ -111,6 +112,8 @@ def take_fork(session: QmpSession, parent: Parent, planned: tuple[ForkedDisk, ..
         state_file.unlink(missing_ok=True)
         raise
     finally:
+        if writer:
+            writer.close()
         _restore_capabilities(session, saved_caps)
 
 
@@ -174,12 +177,19 @@ def _restore_capabilities(session: QmpSession, saved: dict[str, bool]) -> None:
         log.debug("restoring migration capabilities: %s", exc)
 
 
+#: what a failed RAM state write tells the user to do
+STATE_SPACE_HINT = ("free space in the work directory (it needs about the VM's RAM size), "
+                    "or pass --workdir on a larger filesystem")
+
+
 class StateWriter:
-    """Carries the RAM stream from QEMU into the state file through kvmsnap's own writer.
+    """Background-snapshot: the RAM stream goes through kvmsnap's own writer process.
 
     QEMU writes into a pipe; :mod:`kvmsnap_plugin.statewriter` (a process of its own) copies
     it into the state file (0600, in a 0700 directory). A full disk then fails the backup,
-    never QEMU, and the writer outlives a kvmsnap that is killed mid-snapshot.
+    never QEMU (QEMU 7.2 hangs when a background snapshot's own write fails), and the writer
+    outlives a kvmsnap that is killed mid-snapshot. The guest runs meanwhile: the pipe's
+    extra copy costs no pause.
     """
 
     def __init__(self, state_file: Path) -> None:
@@ -210,8 +220,7 @@ class StateWriter:
         if code != 0:
             reason = self._errors.read_text(errors="replace").strip() or f"exit code {code}"
             raise HostError(f"cannot write the RAM state to {self.state_file.parent}: "
-                            f"{reason}", "free space in the work directory (it needs about "
-                            "the VM's RAM size), or pass --workdir on a larger filesystem")
+                            f"{reason}", STATE_SPACE_HINT)
 
     def close(self) -> None:
         if self.write_end >= 0:
@@ -219,9 +228,42 @@ class StateWriter:
             self.write_end = -1
 
 
-def _open_state_fd(session: QmpSession, state_file: Path) -> StateWriter:
-    """Create the RAM state file and hand QEMU the pipe that leads to it."""
-    writer = StateWriter(state_file)
+class StateFile:
+    """Stop-and-copy: QEMU writes the RAM state into the file (0600) itself.
+
+    The whole RAM is written while the guest is paused, and through the writer's pipe that
+    pause was three times longer (333 vs 112 ms for 179 MiB of guest RAM, measured side by
+    side). Safe here, unlike background-snapshot: a failed write (ENOSPC) fails this
+    migration cleanly and kvmsnap resumes the guest (measured with QEMU 7.2).
+    """
+
+    def __init__(self, state_file: Path) -> None:
+        self.state_file = state_file
+        self.write_end = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600)
+
+    def handed_over(self) -> None:
+        """Ours stays open: :meth:`finish` flushes through it."""
+
+    def finish(self, timeout: float = 600.0) -> None:
+        """After the migration completed: all of it is on disk, or raise."""
+        try:
+            os.fsync(self.write_end)
+        except OSError as exc:
+            raise HostError(f"cannot write the RAM state to {self.state_file.parent}: "
+                            f"{exc.strerror}", STATE_SPACE_HINT) from None
+        finally:
+            self.close()
+
+    close = StateWriter.close
+
+
+StateSink = StateWriter | StateFile
+
+
+def _open_state_fd(session: QmpSession, state_file: Path, method: str) -> StateSink:
+    """Create the RAM state file and hand QEMU the fd that leads to it."""
+    writer = StateFile(state_file) if method == STOP_AND_COPY else StateWriter(state_file)
     try:
         session.send_fd(writer.write_end, STATE_FD_NAME)
     finally:
@@ -284,7 +326,10 @@ def _wait_migration(session: QmpSession, timeout: float) -> dict:
         if status == "completed":
             return info
         if status in ("failed", "cancelled"):
-            raise VMError(f"saving the VM's RAM {status}: {info.get('error-desc', '')}",
+            desc = info.get("error-desc", "")
+            if "Unable to write" in desc:  # stop-and-copy, QEMU writing the file itself
+                raise HostError(f"cannot write the RAM state: {desc}", STATE_SPACE_HINT)
+            raise VMError(f"saving the VM's RAM {status}: {desc}",
                           "check free space in the work directory")
         if time.monotonic() > deadline:
             raise StepTimeout(f"saving the VM's RAM took more than {timeout:g} s")

@@ -386,10 +386,11 @@ class LibvirtParent:
         monitor = self.monitor
         saved: dict[str, bool] | None = None
         applied = False
+        writer = None
         try:
             saved = _migration_capabilities(monitor)  # type: ignore[arg-type]
             method = _configure_migration(monitor, method)  # type: ignore[arg-type]
-            writer = _open_state_fd(monitor, state_file)  # type: ignore[arg-type]
+            writer = _open_state_fd(monitor, state_file, method)  # type: ignore[arg-type]
             log.info("pausing %s for the fork (%s)", parent.name, method)
             with libvirt_errors(f"forking {parent.name}"):
                 point = self._pause_and_snapshot(parent, planned, state_file, method)
@@ -402,6 +403,8 @@ class LibvirtParent:
             state_file.unlink(missing_ok=True)
             raise
         finally:
+            if writer:
+                writer.close()
             if saved is not None:
                 _restore_capabilities(monitor, saved)  # type: ignore[arg-type]
 
