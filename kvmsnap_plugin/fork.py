@@ -183,7 +183,25 @@ STATE_SPACE_HINT = ("free space in the work directory (it needs about the VM's R
                     "or pass --workdir on a larger filesystem")
 
 
-class StateWriter:
+class StateSink:
+    """Where QEMU's RAM stream goes: ``write_end`` is the fd handed to QEMU."""
+
+    write_end: int = -1
+
+    def handed_over(self) -> None:
+        """QEMU has received its own copy of ``write_end``."""
+
+    def finish(self, timeout: float = 600.0) -> None:
+        """After the migration completed: all of it is on disk, or raise."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.write_end >= 0:
+            os.close(self.write_end)
+            self.write_end = -1
+
+
+class StateWriter(StateSink):
     """Background-snapshot: the RAM stream goes through kvmsnap's own writer process.
 
     QEMU writes into a pipe; :mod:`kvmsnap_plugin.statewriter` (a process of its own) copies
@@ -242,13 +260,8 @@ class StateWriter:
             raise HostError(f"cannot write the RAM state to {self.state_file.parent}: "
                             f"{reason}", STATE_SPACE_HINT)
 
-    def close(self) -> None:
-        if self.write_end >= 0:
-            os.close(self.write_end)
-            self.write_end = -1
 
-
-class StateFile:
+class StateFile(StateSink):
     """Stop-and-copy: QEMU writes the RAM state into the file (0600) itself.
 
     The whole RAM is written while the guest is paused, and through the writer's pipe that
@@ -274,11 +287,6 @@ class StateFile:
                             f"{exc.strerror}", STATE_SPACE_HINT) from None
         finally:
             self.close()
-
-    close = StateWriter.close
-
-
-StateSink = StateWriter | StateFile
 
 
 def _open_state_fd(session: QmpSession, state_file: Path, method: str) -> StateSink:

@@ -90,20 +90,27 @@ def collapse(pid: int) -> Collapse:
     started = time.monotonic()
     before = guest_ram(pid)
     errors: set[str] = set()
-    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.pidfd_open(pid)
     try:
         for mapping in before:
             for start, length in _chunks(mapping):
-                vec = _IoVec(start, length)
-                if libc.syscall(_SYS_PROCESS_MADVISE, fd, ctypes.byref(vec), 1,
-                                _MADV_COLLAPSE, 0) < 0:
-                    errors.add(os.strerror(ctypes.get_errno()))
+                errno = _madvise_collapse(fd, start, length)
+                if errno:
+                    errors.add(os.strerror(errno))
     finally:
         os.close(fd)
     after = guest_ram(pid)
     return Collapse(time.monotonic() - started, huge_share(before), huge_share(after),
                     tuple(sorted(errors)))
+
+
+def _madvise_collapse(pidfd: int, start: int, length: int) -> int:
+    """``process_madvise(MADV_COLLAPSE)`` on one range; 0, or the errno it failed with."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = _IoVec(start, length)
+    if libc.syscall(_SYS_PROCESS_MADVISE, pidfd, ctypes.byref(vec), 1, _MADV_COLLAPSE, 0) < 0:
+        return ctypes.get_errno()
+    return 0
 
 
 def _chunks(mapping: Mapping) -> list[tuple[int, int]]:
@@ -139,17 +146,14 @@ def collapse_supported() -> tuple[bool, str]:
     try:
         start = (ctypes.addressof(buffer) + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
         ctypes.memset(start, 1, HUGE_PAGE)  # resident, so there is something to collapse
-        libc = ctypes.CDLL(None, use_errno=True)
         fd = os.pidfd_open(os.getpid())
         try:
-            failed = libc.syscall(_SYS_PROCESS_MADVISE, fd, ctypes.byref(
-                _IoVec(start, HUGE_PAGE)), 1, _MADV_COLLAPSE, 0) < 0
-            errno = ctypes.get_errno()
+            errno = _madvise_collapse(fd, start, HUGE_PAGE)
         finally:
             os.close(fd)
     finally:
         del buffer
         area.close()
-    if not failed or errno == 11:  # EAGAIN: supported, no huge page free right now
+    if errno in (0, 11):  # 11, EAGAIN: supported, no huge page free right now
         return True, "process_madvise(MADV_COLLAPSE) works"
     return False, f"process_madvise(MADV_COLLAPSE): {os.strerror(errno)} (needs Linux 6.1+)"

@@ -30,7 +30,7 @@ class RecordedDisk:
 class VmRecord:
     vm: str
     run: str  # ties together the archives and snapshots of one backup
-    taken_at: str  # the fork instant, ISO 8601 UTC
+    taken_at: str  # when this record was written, seconds after the fork; ISO 8601 UTC
     label: str  # "clean" or "crash-consistent"
     method: str
     argv: list[str]
