@@ -44,13 +44,13 @@ $(STAMP): pyproject.toml | deps
 venv: $(STAMP)
 
 guest: venv
-	$(BIN)/kvmsnap guest
+	$(BIN)/python -m kvmsnap_demo guest
 
 demo: guest
-	$(BIN)/kvmsnap demo
+	$(BIN)/python -m kvmsnap_demo demo
 
 lint: venv
-	$(BIN)/ruff check kvmsnap_plugin tests bench
+	$(BIN)/ruff check kvmsnap_plugin kvmsnap_demo tests bench
 
 test: guest lint
 	$(BIN)/pytest -q

@@ -25,8 +25,8 @@ from typing import Any
 
 from bench import commit_bench, e2e_bench, fork_bench, report
 from bench.common import Settings, machine_info, machine_line, progress, write_json
-from kvmsnap_plugin.demo.builder import build_guest
-from kvmsnap_plugin.host import choose_accelerator
+from kvmsnap_demo.builder import build_guest
+from kvmsnap_plugin.host.probes import choose_accelerator
 
 BENCHMARKS = ("P1", "P2", "P3", "P4")
 DEFAULT_OUT = Path("bench/out")

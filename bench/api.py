@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin import pipeline
+from kvmsnap_plugin.run import pipeline
 
 Callback = Callable[[], None]
 AfterShutdown = Callback
@@ -117,10 +117,9 @@ def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot"
     """One ``pipeline.backup`` of the VM behind ``qmp`` into ``targets`` (none: fork,
     clone, shut down, expose, verify and commit back only). ``on_exposed`` runs right after
     ``after_shutdown``, with the raw views of the clone's disks."""
-    from kvmsnap_plugin.archive import ArchiveTarget
-    from kvmsnap_plugin.config import BackupJob, ForkOptions
-    from kvmsnap_plugin.hookspecs import hookimpl
-    from kvmsnap_plugin.plugins import Hooks, plugin_manager
+    from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions
+    from kvmsnap_plugin.plugin.hookspecs import hookimpl
+    from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 
     marks: dict[str, float] = {}
     started = time.monotonic()

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin import process
+from kvmsnap_plugin.host import process
 
 BORG_IMAGE_CHUNKER = "fixed,4194304"  # kvmsnap's borg image mode (archivers/borg.py)
 TIMEOUT = 3600

@@ -40,9 +40,9 @@ from typing import Any
 
 from bench.api import fork_once
 from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summary
-from kvmsnap_plugin import process
-from kvmsnap_plugin.demo.builder import DemoGuest
-from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
+from kvmsnap_demo.builder import DemoGuest
+from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
+from kvmsnap_plugin.host import process
 
 METHOD = "background-snapshot"
 SCRATCH_ID = "vscratch"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin import host
+from kvmsnap_plugin.host import probes
 
 MIB = 1 << 20
 
@@ -77,7 +77,7 @@ def machine_info(accel: str, accel_why: str) -> dict[str, Any]:
     meminfo = {line.split(":")[0]: line.split(":")[1].strip()
                for line in _read("/proc/meminfo").splitlines() if ":" in line}
     mem_kib = int(meminfo.get("MemTotal", "0 kB").split()[0])
-    uffd_ok, uffd_why = host.uffd_wp_supported()
+    uffd_ok, uffd_why = probes.uffd_wp_supported()
     return {
         "cpu_model": model,
         "cores": os.cpu_count(),
@@ -87,7 +87,7 @@ def machine_info(accel: str, accel_why: str) -> dict[str, Any]:
         "os": _os_release(),
         "accelerator": accel,
         "accelerator_why": accel_why,
-        "qemu_version": ".".join(map(str, host.qemu_version())),
+        "qemu_version": ".".join(map(str, probes.qemu_version())),
         "userfaultfd_wp": uffd_ok,
         "userfaultfd_wp_why": uffd_why,
         "python": platform.python_version(),

@@ -42,8 +42,8 @@ from bench import baseline
 from bench.api import PHASES, TargetSpec, backup_once, phases
 from bench.common import MIB, Settings, load_snapshot, progress, summary
 from bench.mixed_disk import cached_disk, describe, loop_mounted
-from kvmsnap_plugin.demo.builder import DemoGuest
-from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
+from kvmsnap_demo.builder import DemoGuest
+from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
 
 METHOD = "background-snapshot"
 VM_RAM_MIB = 256

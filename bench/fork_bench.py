@@ -39,9 +39,9 @@ from bench.api import fork_once
 from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summary
 from bench.sampler import ForkSampler
 from bench.ticks import Ticker
-from kvmsnap_plugin import hugepages
-from kvmsnap_plugin.demo.builder import DemoGuest
-from kvmsnap_plugin.demo.vm import DemoOptions, DemoVM, demo_vm
+from kvmsnap_demo.builder import DemoGuest
+from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
+from kvmsnap_plugin.host import hugepages
 
 BG = "background-snapshot"
 SC = "stop-and-copy"

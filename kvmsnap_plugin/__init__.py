@@ -13,7 +13,7 @@ from kvmsnap_plugin.errors import (
     UsageError,
     VMError,
 )
-from kvmsnap_plugin.hookspecs import hookimpl
+from kvmsnap_plugin.plugin.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ from kvmsnap_plugin import __version__
 from kvmsnap_plugin.errors import KvmsnapError, UsageError
 
 if TYPE_CHECKING:
-    from kvmsnap_plugin.config import BackupJob
+    from kvmsnap_plugin.model import BackupJob
 
 EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
@@ -29,7 +29,7 @@ log = logging.getLogger("kvmsnap")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin import doctor
+    from kvmsnap_plugin.host import doctor
 
     checks = doctor.run_checks()
     if args.json:
@@ -39,17 +39,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_ERROR if any(c.status == "fail" for c in checks) else EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.demo.run import run_demo
-
-    report = run_demo(Path(args.out))
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
-    return EXIT_OK
 
 
 def _job_from_args(args: argparse.Namespace, targets=()) -> BackupJob:
-    from kvmsnap_plugin.config import BackupJob, fork_options
-    from kvmsnap_plugin.parent import find_parent_socket
+    from kvmsnap_plugin.config import fork_options
+    from kvmsnap_plugin.model import BackupJob
+    from kvmsnap_plugin.vm.parent import find_parent_socket
 
     if bool(args.qmp) == bool(args.domain):
         raise UsageError("name one VM", "pass --qmp SOCKET or --domain NAME")
@@ -73,7 +68,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.errors import SkipBackup
-    from kvmsnap_plugin.pipeline import mount
+    from kvmsnap_plugin.run.pipeline import mount
 
     if args.skip_missing and args.qmp and not Path(args.qmp).exists():
         raise SkipBackup(f"{args.qmp} does not exist: the VM is not running; skipping")
@@ -83,8 +78,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.config import BackupJob
-    from kvmsnap_plugin.pipeline import release
+    from kvmsnap_plugin.model import BackupJob
+    from kvmsnap_plugin.run.pipeline import release
 
     if bool(args.qmp) == bool(args.domain):
         raise UsageError("name one VM", "pass --qmp SOCKET or --domain NAME, as to mount")
@@ -97,7 +92,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.pipeline import recover_all
+    from kvmsnap_plugin.run.pipeline import recover_all
 
     results = recover_all()
     if args.json:
@@ -114,7 +109,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.restore import restore_borg, restore_restic
+    from kvmsnap_plugin.run.restore import restore_borg, restore_restic
 
     if bool(args.borg) == bool(args.restic):
         raise UsageError("restore from one place", "pass --borg REPO::ARCHIVE or --restic REPO")
@@ -127,7 +122,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.config import command_line_targets, load_config
-    from kvmsnap_plugin.plugins import Hooks
+    from kvmsnap_plugin.plugin.manager import Hooks
 
     hooks = Hooks()
     types = hooks.archiver_types()
@@ -156,7 +151,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks=None) -> int:
     """Back up each VM in turn; one VM's failure does not stop the others."""
-    from kvmsnap_plugin.pipeline import backup, plan
+    from kvmsnap_plugin.run.pipeline import backup, plan
 
     outputs, codes = [], []
     for job in jobs:
@@ -226,17 +221,6 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      "pause for back-to-back background snapshots, for some host CPU time")
 
 
-def cmd_guest(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin import host
-    from kvmsnap_plugin.demo.builder import build_guest
-
-    guest = build_guest()
-    accel, why = host.choose_accelerator(guest.kernel, guest.initrd)
-    info = {"kernel": str(guest.kernel), "initrd": str(guest.initrd),
-            "kernel_version": guest.kernel_version, "accelerator": accel, "why": why}
-    print(json.dumps(info, indent=2) if args.json else
-          "\n".join(f"{k}: {v}" for k, v in info.items()))
-    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,10 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd
 
     add("doctor", cmd_doctor, "check what this host can do and what to install")
-    demo = add("demo", cmd_demo, "back up the running demo guest into borg and restic, and "
-               "show the difference from a crash-consistent snapshot")
-    demo.add_argument("--out", default="demo-out", metavar="DIR",
-                      help="where the demo's borg and restic repositories go (replaced)")
     add_fork_arguments(add("fork", cmd_fork, "fork a running VM, shut the clone down "
                            "cleanly and report its disks' verdicts"))
     mount = add("mount", cmd_mount, "fork a VM and leave its clone's filesystems mounted "
@@ -291,7 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="archive the mounted filesystems, raw disk images, or both")
     backup.add_argument("--dry-run", action="store_true",
                         help="show what would be done, touching nothing")
-    add("guest", cmd_guest, "build (or find) the cached demo guest and the accelerator")
     return parser
 
 
@@ -315,7 +294,11 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    return run_command(build_parser(), argv)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse, run ``args.func``, and turn errors into one line and an exit code."""
     args = parser.parse_args(argv)
     setup_logging(args.debug, args.quiet)
     signal.signal(signal.SIGTERM, _terminated)
@@ -335,7 +318,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvmsnap: internal error: {type(exc).__name__}: {exc} "
               "(fix: run again with --debug and report the traceback)", file=sys.stderr)
         return EXIT_ERROR
-
 
 if __name__ == "__main__":
     sys.exit(main())

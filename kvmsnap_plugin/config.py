@@ -23,19 +23,16 @@ table that points at a command or file holding them.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin.archive import MODES, ArchiveTarget, absolute_repository
 from kvmsnap_plugin.errors import UsageError
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, Mode, ShutdownPolicy
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
-from kvmsnap_plugin.shutdown import ShutdownPolicy
-
-METHODS = ("auto", "background-snapshot", "stop-and-copy")
+from kvmsnap_plugin.plugin.archive import absolute_repository
 
 #: keys allowed in [defaults] and, as overrides, in each [[vm]]
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
@@ -46,43 +43,8 @@ VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
 
 
-@dataclass(frozen=True)
-class ForkOptions:
-    method: str = "auto"  # "auto", "background-snapshot" or "stop-and-copy"
-    shutdown: ShutdownPolicy = field(default_factory=ShutdownPolicy)
-    keep_dir: Path | None = None  # write the clone's disks out as standalone images here
-    workdir: Path = DEFAULT_WORKDIR  # RAM state, clone overlays, mounts (0700)
-    overlay_dir: Path | None = None  # the parent's temporary overlays (default: beside images)
-    clone_console: Path | None = None  # capture the clone's first serial port (debugging)
-    pid: int | None = None  # the QEMU process, if peer credentials cannot tell
-    mount_root: Path | None = None  # where the clone's filesystems appear (default: workdir)
-    #: rebuild the parent's guest RAM huge pages before the pause (see hugepages.py)
-    collapse_huge_pages: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown RAM snapshot method {self.method!r}",
-                             f"use one of: {', '.join(METHODS)}")
 
 
-@dataclass(frozen=True)
-class BackupJob:
-    """Everything needed to back up one VM."""
-
-    name: str
-    qmp: Path | None  # a bare QEMU's QMP socket, or None for a libvirt domain
-    fork: ForkOptions = field(default_factory=ForkOptions)
-    targets: tuple[ArchiveTarget, ...] = ()
-    dry_run: bool = False
-    domain: str | None = None  # a libvirt domain's name
-    libvirt_uri: str = "qemu:///system"
-
-    @property
-    def identity(self) -> str:
-        """What names this VM across runs (the journal and lock are keyed on it)."""
-        if self.domain:
-            return f"libvirt:{self.libvirt_uri}:{self.domain}"
-        return os.path.realpath(self.qmp or "")
 
 
 def load_config(path: Path, archiver_types: Mapping[str, frozenset[str]]) -> list[BackupJob]:
@@ -173,8 +135,8 @@ def _archiver(name: str, table: Mapping[str, Any],
 
 
 def _mode(value: Any, where: str) -> str:
-    if value not in MODES:
-        raise UsageError(f"unknown mode {value!r} in {where}", f"use one of: {', '.join(MODES)}")
+    if value not in [m.value for m in Mode]:
+        raise UsageError(f"unknown mode {value!r} in {where}", "use one of: " + ", ".join(Mode))
     return value
 
 

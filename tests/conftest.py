@@ -1,1 +1,1 @@
-pytest_plugins = ["kvmsnap_plugin.testing"]
+pytest_plugins = ["kvmsnap_demo.testing"]

@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
-from kvmsnap_plugin import process
-from kvmsnap_plugin.demo.builder import DemoGuest, make_data_disk
-from kvmsnap_plugin.parents.libvirt import connect
+from kvmsnap_demo.builder import DemoGuest, make_data_disk
+from kvmsnap_plugin.backends.libvirt import connect
+from kvmsnap_plugin.host import process
 
 #: libvirt's directories, each replaced by one of the session's in the daemons' namespace
 PRIVATE_DIRS = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt",

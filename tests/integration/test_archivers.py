@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin import hookimpl, process
-from kvmsnap_plugin.archive import ArchiveTarget
-from kvmsnap_plugin.archivers import restic as restic_archiver
-from kvmsnap_plugin.config import BackupJob, ForkOptions
-from kvmsnap_plugin.demo.disk import read_disk
+from kvmsnap_demo.disk import read_disk
+from kvmsnap_demo.testing import BORG_PASSPHRASE, RESTIC_PASSWORD
+from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.errors import ArchiveError
-from kvmsnap_plugin.pipeline import backup
-from kvmsnap_plugin.plugins import Hooks, plugin_manager
-from kvmsnap_plugin.testing import BORG_PASSPHRASE, RESTIC_PASSWORD
-from kvmsnap_plugin.verify import State
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState
+from kvmsnap_plugin.plugin.archivers import restic as restic_archiver
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.pipeline import backup
 
 pytestmark = pytest.mark.qemu
 
@@ -64,7 +63,7 @@ def test_borg_files_and_image_round_trip(start_demo, tmp_path, borg_repo):
     assert_clean_workload(out / "vdisk0", before)
     borg("extract", "--sparse", f"{borg_repo}::{image.name}", cwd=out)
     disk = read_disk(out / "vdisk0.raw", out / "vdisk0.raw")
-    assert disk.state is State.CLEAN and disk.continuous and len(disk.lines) >= before
+    assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) >= before
     assert image.bytes == (64 << 20) + len((out / "kvmsnap-vm.json").read_bytes())
     assert json.loads((out / "kvmsnap-vm.json").read_text())["vm"] == "demo"
     assert image.stored_bytes < image.bytes  # zeros dedup away
@@ -90,7 +89,7 @@ def test_restic_files_and_image_round_trip(start_demo, tmp_path, restic_repo):
         subprocess.run(["restic", "-r", str(restic_repo), "dump", image.name, "/vdisk0.raw"],
                        stdout=handle, check=True, timeout=300)
     disk = read_disk(raw, raw)
-    assert disk.state is State.CLEAN and len(disk.lines) >= before
+    assert disk.state is FsState.CLEAN and len(disk.lines) >= before
 
 
 def test_restic_leaves_no_snapshot_when_the_image_stream_breaks(tmp_path, restic_repo,

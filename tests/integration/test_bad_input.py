@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from kvmsnap_plugin import process
-from kvmsnap_plugin.journal import Journal
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.run.journal import Journal
 
 pytestmark = pytest.mark.qemu
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvmsnap_plugin import process
-from kvmsnap_plugin.testing import leftovers
+from kvmsnap_demo.testing import leftovers
+from kvmsnap_plugin.host import process
 
 pytest_plugins = ["pytester"]
 
@@ -16,7 +16,7 @@ def test_fails_with_a_running_vm(start_demo):
 
 
 def test_a_failing_test_leaves_no_qemu_or_files(pytester, demo_guest):
-    pytester.makeconftest('pytest_plugins = ["kvmsnap_plugin.testing"]')
+    pytester.makeconftest('pytest_plugins = ["kvmsnap_demo.testing"]')
     pytester.makeini("[pytest]\ntmp_path_retention_policy = none\n")
     pytester.makepyfile(FAILING_TEST)
     before = len(process.SPAWNED_PIDS)

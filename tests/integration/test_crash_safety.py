@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin.demo.disk import read_disk
-from kvmsnap_plugin.faults import POINTS
-from kvmsnap_plugin.journal import state_dir
-from kvmsnap_plugin.verify import State
+from kvmsnap_demo.disk import read_disk
+from kvmsnap_plugin.host.faults import POINTS
+from kvmsnap_plugin.model import FsState
+from kvmsnap_plugin.run.journal import state_dir
 
 pytestmark = pytest.mark.qemu
 
@@ -72,5 +72,5 @@ def test_sigkill_at_each_phase_then_recover(start_demo, tmp_path, borg_repo, poi
     vm.wait_counter(vm.counter() + 2)
     vm.power_off_cleanly()
     disk = read_disk(image, tmp_path / "after.raw")
-    assert disk.state is State.CLEAN and disk.continuous and len(disk.lines) > before
+    assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) > before
     # And the next backup of this VM runs normally.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin.demo.debian import (
+from kvmsnap_demo.debian import (
     BUTTON_WATCHED,
     LAYOUT,
     DebianGuest,
@@ -27,7 +27,7 @@ from kvmsnap_plugin.demo.debian import (
     fstab,
     read_guest_disk,
 )
-from kvmsnap_plugin.verify import State
+from kvmsnap_plugin.model import FsState
 
 BOOT_BOUND = 180.0  # seconds from QEMU start to KVMSNAP-READY under a loaded TCG host
 POWER_OFF_BOUND = 60.0  # seconds from the power button to QEMU's exit
@@ -73,8 +73,8 @@ def test_copy_taken_while_running_is_crash_consistent(debian_run: DebianRun, tmp
     finally:
         crash.unlink(missing_ok=True)
     root, data = disk["root"], disk["data"]
-    assert root.state is State.NEEDS_RECOVERY, root.detail
-    assert data.state is State.NEEDS_RECOVERY, data.detail
+    assert root.state is FsState.NEEDS_RECOVERY, root.detail
+    assert data.state is FsState.NEEDS_RECOVERY, data.detail
     for fs in (root, data):
         assert len(fs.lines) < counter  # the buffered lines never reached the disk
         assert not fs.marker  # no marker (at most an empty, unreplayed directory entry)
@@ -101,7 +101,7 @@ def test_power_button_shuts_down_cleanly(debian_run: DebianRun, tmp_path: Path):
     assert last is not None and last >= 20
     disk = read_guest_disk(vm.paths.disks[0], tmp_path / "scratch")
     for fs in disk.values():
-        assert fs.state is State.CLEAN, f"{fs.name}: {fs.detail}"
+        assert fs.state is FsState.CLEAN, f"{fs.name}: {fs.detail}"
         assert fs.continuous and len(fs.lines) == last, fs.name
         assert fs.marker == f"clean shutdown after line {last}", fs.name
 

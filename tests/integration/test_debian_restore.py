@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin import process
-from kvmsnap_plugin.archive import ArchiveTarget
-from kvmsnap_plugin.config import BackupJob, ForkOptions
-from kvmsnap_plugin.demo.debian import debian_vm, read_guest_disk
-from kvmsnap_plugin.pipeline import backup
-from kvmsnap_plugin.plugins import Hooks, plugin_manager
-from kvmsnap_plugin.restore import restore_borg, restore_restic
-from kvmsnap_plugin.shutdown import ShutdownPolicy
-from kvmsnap_plugin.verify import State
+from kvmsnap_demo.debian import debian_vm, read_guest_disk
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState, ShutdownPolicy
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.pipeline import backup
+from kvmsnap_plugin.run.restore import restore_borg, restore_restic
 
 pytestmark = pytest.mark.qemu
 
@@ -45,7 +42,7 @@ def test_debian_guest_backup_and_restore(start_debian, debian_guest, accel, tmp_
                    "Unmounted data.mount", "reboot: Power down"):
         assert status in clone, status
     assert [(v.disk, v.partition, v.fstype, v.state) for v in report.verdicts] == [
-        ("vdisk0", "p1", "ext4", State.CLEAN), ("vdisk0", "p2", "xfs", State.CLEAN)]
+        ("vdisk0", "p1", "ext4", FsState.CLEAN), ("vdisk0", "p2", "xfs", FsState.CLEAN)]
 
     # The files archive holds the buffered lines written before the fork, on both.
     files = next(a for a in report.archives if a.type == "borg" and a.kind == "files")
@@ -77,4 +74,4 @@ def test_debian_guest_backup_and_restore(start_debian, debian_guest, accel, tmp_
             booted.wait_counter(booted.counter() + 2)
             booted.power_off_cleanly()
         for fs in read_guest_disk(Path(disk.path), tmp_path / f"scratch{number}").values():
-            assert fs.state is State.CLEAN and fs.continuous and len(fs.lines) > before
+            assert fs.state is FsState.CLEAN and fs.continuous and len(fs.lines) > before

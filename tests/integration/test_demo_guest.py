@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from kvmsnap_plugin.demo.disk import read_disk
-from kvmsnap_plugin.verify import State
+from kvmsnap_demo.disk import read_disk
+from kvmsnap_plugin.model import FsState
 
 pytestmark = pytest.mark.qemu
 
@@ -26,7 +26,7 @@ def test_boots_writes_and_shuts_down_cleanly(start_demo, tmp_path):
     assert "KVMSNAP-POWER-BUTTON" in vm.console()
     last = stopped_at(vm)
     disk = read_disk(vm.paths.disks[0], tmp_path / "disk.raw")
-    assert disk.state is State.CLEAN
+    assert disk.state is FsState.CLEAN
     assert disk.continuous and len(disk.lines) == last >= 10
     assert disk.marker == f"clean shutdown after line {last}"
 
@@ -35,7 +35,7 @@ def test_crash_consistent_copy_misses_buffered_writes(start_demo, crash_consiste
     vm = start_demo()
     counter = vm.wait_counter(10)
     crash = crash_consistent_copy(vm, 0)
-    assert crash.state is State.NEEDS_RECOVERY
+    assert crash.state is FsState.NEEDS_RECOVERY
     assert len(crash.lines) < counter  # the buffered lines never reached the disk
     assert crash.marker is None
     assert vm.running()  # the copy paused the guest only; it runs on
@@ -60,7 +60,7 @@ def test_two_disks_are_both_seen_and_written(start_demo, tmp_path):
     last = stopped_at(vm)
     for index, disk in enumerate(vm.paths.disks):
         contents = read_disk(disk, tmp_path / f"d{index}.raw")
-        assert contents.state is State.CLEAN
+        assert contents.state is FsState.CLEAN
         assert contents.continuous and len(contents.lines) == last
 
 

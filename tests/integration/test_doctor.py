@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from kvmsnap_plugin import host
-from kvmsnap_plugin.hugepages import collapse_supported
+from kvmsnap_plugin.host import probes
+from kvmsnap_plugin.host.hugepages import collapse_supported
 
 
 def test_doctor_reports_this_host(accel):
@@ -13,11 +13,11 @@ def test_doctor_reports_this_host(accel):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     checks = {c["name"]: c for c in json.loads(out.stdout)}
-    major, minor, _ = host.qemu_version()
+    major, minor, _ = probes.qemu_version()
     assert checks["qemu"]["status"] == "ok"
     assert f"QEMU {major}.{minor}" in checks["qemu"]["detail"]
     assert checks["accelerator"]["detail"].startswith(accel)
-    uffd_ok, _ = host.uffd_wp_supported()
+    uffd_ok, _ = probes.uffd_wp_supported()
     assert (checks["background-snapshot"]["status"] == "ok") == uffd_ok
     assert (checks["huge-pages"]["status"] == "ok") == collapse_supported()[0]
     for tool in ("borg", "restic", "borgmatic", "fuse", "loop", "qemu-storage-daemon"):

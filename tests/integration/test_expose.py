@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin import process, verify
+from kvmsnap_plugin.disks import verify
+from kvmsnap_plugin.disks.expose import exposed
 from kvmsnap_plugin.errors import HostError
-from kvmsnap_plugin.expose import exposed
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import FsState
 
 
 def partitioned_image(tmp_path: Path) -> Path:
@@ -45,7 +47,7 @@ def test_partitions_are_mounted_read_only_and_torn_down(tmp_path):
         assert disk.image.stat().st_size == 512 << 20  # the raw view of the whole disk
         verdicts = verify.verdicts(exposure.filesystems)
         assert [(v.partition, v.state) for v in verdicts] == [
-            ("p1", verify.State.CLEAN), ("p2", verify.State.CLEAN)]
+            ("p1", FsState.CLEAN), ("p2", FsState.CLEAN)]
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
     assert str(tmp_path) not in process.run(["losetup", "-a"], timeout=30).stdout
     assert list((tmp_path / "work" / "images").iterdir()) == []

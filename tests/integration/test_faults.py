@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin import hookimpl, process
-from kvmsnap_plugin.config import BackupJob, ForkOptions
-from kvmsnap_plugin.demo.disk import read_disk
+from kvmsnap_demo.disk import read_disk
+from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.errors import KvmsnapError, VMError
-from kvmsnap_plugin.journal import state_dir
-from kvmsnap_plugin.pipeline import backup
-from kvmsnap_plugin.plugins import Hooks, plugin_manager
-from kvmsnap_plugin.shutdown import ShutdownPolicy
-from kvmsnap_plugin.verify import State
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import BackupJob, ForkOptions, FsState, ShutdownPolicy
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.journal import state_dir
+from kvmsnap_plugin.run.pipeline import backup
 
 pytestmark = pytest.mark.qemu
 
@@ -130,7 +129,7 @@ def test_the_parent_shut_down_during_the_backup_loses_nothing(start_demo, tmp_pa
     assert not list(image.parent.glob("*.kvmsnap-*"))  # committed offline, then deleted
     assert not list(state_dir().glob("*.json"))
     disk = read_disk(image, tmp_path / "image.raw")  # the parent's own image now holds all
-    assert disk.state is State.CLEAN and disk.continuous
+    assert disk.state is FsState.CLEAN and disk.continuous
     assert disk.marker == f"clean shutdown after line {len(disk.lines)}"
     chain = subprocess.run(["qemu-img", "info", "--backing-chain", str(image)],
                            capture_output=True, text=True).stdout

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from kvmsnap_demo.disk import read_disk
 from kvmsnap_plugin import hookimpl
-from kvmsnap_plugin.config import BackupJob, ForkOptions
-from kvmsnap_plugin.demo.disk import read_disk
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.hugepages import guest_ram, huge_share
-from kvmsnap_plugin.pipeline import backup
-from kvmsnap_plugin.plugins import Hooks, plugin_manager
-from kvmsnap_plugin.report import CRASH_CONSISTENT
-from kvmsnap_plugin.shutdown import ShutdownPolicy
-from kvmsnap_plugin.verify import State
+from kvmsnap_plugin.host.hugepages import guest_ram, huge_share
+from kvmsnap_plugin.model import BackupJob, ForkOptions, FsState, Label, ShutdownPolicy
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.pipeline import backup
 
 pytestmark = pytest.mark.qemu
 
@@ -68,16 +65,16 @@ def test_clone_is_clean_and_complete_while_the_crash_view_is_not(start_demo, tmp
     result, frozen = fork(vm, tmp_path, method=method)
     assert result.method == method
     assert result.label == "clean" and result.clean
-    assert [(v.disk, v.state) for v in result.verdicts] == [("vdisk0", State.CLEAN)]
+    assert [(v.disk, v.state) for v in result.verdicts] == [("vdisk0", FsState.CLEAN)]
     assert result.shutdown.reason == "guest-shutdown"
     # The clone's disk: every line written before the fork, continuous, and the marker.
     clone = read_disk(Path(result.kept[0]), tmp_path / "kept.raw")
     last = stopped_at((tmp_path / "clone.log").read_text())
-    assert clone.state is State.CLEAN and clone.continuous
+    assert clone.state is FsState.CLEAN and clone.continuous
     assert len(clone.lines) == last >= before
     assert clone.marker == f"clean shutdown after line {last}"
     # The crash-consistent view of the same instant lacks the buffered lines.
-    assert frozen[0].state is State.NEEDS_RECOVERY
+    assert frozen[0].state is FsState.NEEDS_RECOVERY
     assert len(frozen[0].lines) < before and frozen[0].marker is None
 
 
@@ -94,7 +91,7 @@ def test_parent_keeps_running_and_gets_its_chain_back(start_demo, tmp_path):
     assert vm.qmp.runstate() == "running"
     vm.power_off_cleanly()
     parent = read_disk(disk, tmp_path / "parent.raw")
-    assert parent.state is State.CLEAN and parent.continuous  # no write lost, no gap
+    assert parent.state is FsState.CLEAN and parent.continuous  # no write lost, no gap
     assert len(parent.lines) == stopped_at(vm.console()) > before
 
 
@@ -103,11 +100,11 @@ def test_two_disks_are_forked_at_one_instant(start_demo, tmp_path):
     before = vm.wait_counter(8)
     result, frozen = fork(vm, tmp_path)
     assert sorted(v.disk for v in result.verdicts) == ["vdisk0", "vdisk1"]
-    assert all(v.state is State.CLEAN for v in result.verdicts)
+    assert all(v.state is FsState.CLEAN for v in result.verdicts)
     views = [read_disk(Path(p), tmp_path / f"k{i}.raw") for i, p in enumerate(result.kept)]
     assert views[0].lines == views[1].lines  # matching counters on both disks
     assert views[0].continuous and len(views[0].lines) >= before
-    assert [f.state for f in frozen] == [State.NEEDS_RECOVERY] * 2
+    assert [f.state for f in frozen] == [FsState.NEEDS_RECOVERY] * 2
 
 
 def test_guest_ignoring_the_power_button_times_out_and_leaves_nothing(start_demo, tmp_path):
@@ -131,9 +128,9 @@ def test_unclean_clone_can_fall_back_to_labelled_crash_consistent_images(start_d
     vm.wait_counter(5)
     policy = ShutdownPolicy(timeout=5, repress_after=2, on_unclean="crash-consistent")
     result, _ = fork(vm, tmp_path, shutdown=policy)
-    assert result.label == CRASH_CONSISTENT and not result.clean
+    assert result.label is Label.CRASH_CONSISTENT and not result.clean
     assert result.shutdown.presses == 2 and not result.shutdown.clean
-    assert [v.state for v in result.verdicts] == [State.NEEDS_RECOVERY]
+    assert [v.state for v in result.verdicts] == [FsState.NEEDS_RECOVERY]
 
 
 def test_cli_fork_reports_json_and_progress(start_demo, tmp_path):

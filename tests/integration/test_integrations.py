@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin import process
+from kvmsnap_plugin.host import process
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from kvmsnap_plugin import hookimpl
-from kvmsnap_plugin.config import BackupJob, ForkOptions
-from kvmsnap_plugin.journal import state_dir
-from kvmsnap_plugin.pipeline import backup
-from kvmsnap_plugin.plugins import Hooks, plugin_manager
+from kvmsnap_plugin.model import BackupJob, ForkOptions
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.journal import state_dir
+from kvmsnap_plugin.run.pipeline import backup
 
 pytestmark = pytest.mark.qemu
 

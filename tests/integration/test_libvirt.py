@@ -16,17 +16,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kvmsnap_plugin import process
-from kvmsnap_plugin.archive import ArchiveTarget
-from kvmsnap_plugin.cleanup import Recovery
-from kvmsnap_plugin.config import BackupJob, ForkOptions
-from kvmsnap_plugin.demo.disk import read_disk
+from kvmsnap_demo.disk import read_disk
+from kvmsnap_plugin.backends.libvirt import LibvirtParent, restore
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.fork import plan_fork
-from kvmsnap_plugin.journal import state_dir
-from kvmsnap_plugin.parents.libvirt import LibvirtParent, restore
-from kvmsnap_plugin.pipeline import backup
-from kvmsnap_plugin.verify import State
+from kvmsnap_plugin.fork.engine import plan_fork
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState, Recovery
+from kvmsnap_plugin.run.journal import state_dir
+from kvmsnap_plugin.run.pipeline import backup
 
 if TYPE_CHECKING:
     from libvirt_fixtures import Domain
@@ -59,12 +56,12 @@ def test_domain_fork_is_clean_and_libvirt_keeps_the_right_view(start_domain, tmp
     report = run(domain, tmp_path, method=method, keep_dir=tmp_path / "keep",
                  clone_console=tmp_path / "clone.log")
     assert report.method == method and report.clean
-    assert [(v.disk, v.state) for v in report.verdicts] == [("vda", State.CLEAN)]
+    assert [(v.disk, v.state) for v in report.verdicts] == [("vda", FsState.CLEAN)]
     assert 0 < report.pause_ms < 2000  # generous for TCG on a loaded machine
     # The clone's disk: every line written before the fork, continuous, and the marker.
     clone = read_disk(Path(report.kept[0]), tmp_path / "kept.raw")
     last = stopped_at((tmp_path / "clone.log").read_text())
-    assert clone.state is State.CLEAN and clone.continuous
+    assert clone.state is FsState.CLEAN and clone.continuous
     assert len(clone.lines) == last >= before
     assert clone.marker == f"clean shutdown after line {last}"
     # libvirt's view: the original chain, live and persistent, no snapshot metadata.
@@ -123,7 +120,7 @@ def test_a_shut_off_domain_is_backed_up_offline_without_a_fork(start_domain, tmp
     last = stopped_at(domain.console_text())
     report = run(domain, tmp_path, keep_dir=tmp_path / "keep")
     assert report.method == "offline" and report.pause_ms == 0 and report.clean
-    assert [(v.disk, v.state) for v in report.verdicts] == [("vda", State.CLEAN)]
+    assert [(v.disk, v.state) for v in report.verdicts] == [("vda", FsState.CLEAN)]
     kept = read_disk(Path(report.kept[0]), tmp_path / "kept.raw")
     assert len(kept.lines) == last and kept.marker == f"clean shutdown after line {last}"
     assert domain.state() == "shut off" and domain.inactive_sources() == [str(domain.disks[0])]
@@ -187,7 +184,7 @@ def test_recovery_of_a_domain_gone_commits_offline_and_fixes_its_definition(star
     assert domain.inactive_sources() == [str(domain.disks[0])]
     assert not leftover_overlays(domain)
     disk = read_disk(domain.disks[0], tmp_path / "disk.raw")
-    assert disk.state is State.CLEAN and disk.continuous and len(disk.lines) == last
+    assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) == last
     domain.console.rename(tmp_path / "first-boot.log")
     domain.dom.create()  # and it starts again from its own image
     domain.wait_console("KVMSNAP-READY", 60)
@@ -196,9 +193,9 @@ def test_recovery_of_a_domain_gone_commits_offline_and_fixes_its_definition(star
 BACKUP_SCRIPT = """
 import sys
 from pathlib import Path
-from kvmsnap_plugin.archive import ArchiveTarget
+from kvmsnap_plugin.plugin.archive import ArchiveTarget
 from kvmsnap_plugin.config import BackupJob, ForkOptions
-from kvmsnap_plugin.pipeline import backup
+from kvmsnap_plugin.run.pipeline import backup
 name, uri, work, repo = sys.argv[1:]
 backup(BackupJob(name, None, ForkOptions(workdir=Path(work)),
                  (ArchiveTarget("borg", "borg", "files", {"repository": repo}),),
@@ -231,4 +228,4 @@ def test_sigkill_at_each_phase_then_recover(start_domain, tmp_path, borg_repo, p
     domain.wait_counter(domain.counter() + 3)
     domain.shut_down()
     disk = read_disk(domain.disks[0], tmp_path / "after.raw")
-    assert disk.state is State.CLEAN and disk.continuous and len(disk.lines) > before
+    assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) > before

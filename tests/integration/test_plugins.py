@@ -11,8 +11,8 @@ import pytest
 
 from kvmsnap_plugin.config import load_config
 from kvmsnap_plugin.errors import SkipBackup
-from kvmsnap_plugin.pipeline import backup
-from kvmsnap_plugin.plugins import Hooks, plugin_manager
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.pipeline import backup
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "contrib" / "sample-plugin"

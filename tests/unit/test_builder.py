@@ -3,7 +3,7 @@ from __future__ import annotations
 import gzip
 import subprocess
 
-from kvmsnap_plugin.demo.builder import CpioWriter
+from kvmsnap_demo.builder import CpioWriter
 
 
 def test_cpio_archive_lists_with_gnu_cpio(tmp_path):

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin.clone import CloneDisk, agent_chardev_ids, copy_master_key, rewrite_argv
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.parent import ParentDisk, refuse_unclonable
-from kvmsnap_plugin.qemu_args import KeyVal, parse_argv
+from kvmsnap_plugin.model import CloneDisk, ParentDisk
+from kvmsnap_plugin.vm.clone import agent_chardev_ids, copy_master_key, rewrite_argv
+from kvmsnap_plugin.vm.parent import refuse_unclonable
+from kvmsnap_plugin.vm.qemu_args import KeyVal, parse_argv
 
 
 def disk(path: Path, device="vdisk0", fmt="qcow2") -> ParentDisk:

@@ -8,7 +8,7 @@ import pytest
 
 from kvmsnap_plugin.config import command_line_targets, load_config
 from kvmsnap_plugin.errors import UsageError
-from kvmsnap_plugin.plugins import Hooks, plugin_manager
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 
 REPO = Path(__file__).resolve().parents[2]
 TYPES = Hooks(plugin_manager(entry_points=False)).archiver_types()

@@ -8,9 +8,10 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from kvmsnap_plugin import hookimpl, hookspecs
+from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.errors import UsageError
-from kvmsnap_plugin.plugins import plugin_manager
+from kvmsnap_plugin.plugin import hookspecs
+from kvmsnap_plugin.plugin.manager import plugin_manager
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 HOOKS = [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction)
@@ -51,5 +52,5 @@ def test_a_misspelt_hook_is_caught():
 def test_builtin_archivers_are_plugins():
     pm = plugin_manager(entry_points=False)
     names = {pm.get_name(p) for p in pm.get_plugins()}
-    assert {"kvmsnap_plugin.archivers.borg", "kvmsnap_plugin.archivers.restic"} <= names
+    assert {"kvmsnap_plugin.plugin.archivers.borg", "kvmsnap_plugin.plugin.archivers.restic"} <= names
     assert isinstance(pm, pluggy.PluginManager) and pm.project_name == "kvmsnap"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvmsnap_plugin import process
 from kvmsnap_plugin.errors import HostError, ProcessError
+from kvmsnap_plugin.host import process
 
 
 def test_secrets_from_the_environment_are_masked_in_errors():

@@ -57,7 +57,7 @@ def kvmsnap_post_shutdown(exposure, label):
 def kvmsnap_archive(job, target, exposure, label):
     if target.type != "tarball":
         return None
-    from kvmsnap_plugin.archive import ArchiveResult
+    from kvmsnap_plugin.model import ArchiveResult
 
     started = time.monotonic()
     directory = Path(target.options["directory"])

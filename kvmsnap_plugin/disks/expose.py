@@ -1,0 +1,208 @@
+"""Expose the clone's disks read-only: raw image files, block devices, mounted filesystems.
+
+No nbd module is needed: ``qemu-storage-daemon`` exports each qcow2 as a raw file through
+FUSE (read-only), ``losetup -r -P`` turns that file into a block device with its partitions,
+and each filesystem found is mounted read-only without journal replay (ext4 ``noload``, xfs
+``norecovery``) under one mount root: ``ROOT/<disk>`` for a whole-disk filesystem,
+``ROOT/<disk>/p<N>`` for partitions. :func:`unexpose` unmounts, detaches and stops the
+daemon, in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvmsnap_plugin.disks import verify
+from kvmsnap_plugin.errors import HostError
+from kvmsnap_plugin.host import mounts, process
+from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure
+from kvmsnap_plugin.paths import safe_name
+from kvmsnap_plugin.vm.qemu_args import escape
+
+log = logging.getLogger("kvmsnap")
+
+
+
+
+
+
+
+class Recorder(Protocol):
+    """Where each export, loop device and mount is noted before it is made (the journal)."""
+
+    def record(self, **fields: Any) -> None: ...
+
+    def append(self, key: str, value: Any) -> None: ...
+
+
+class _Nowhere:
+    """A recorder for exposures that need not survive a crash (tests, the demo)."""
+
+    def record(self, **fields: Any) -> None:
+        pass
+
+    def append(self, key: str, value: Any) -> None:
+        pass
+
+
+@dataclass
+class Exposed:
+    """An :class:`Exposure` and what :func:`unexpose` must undo, in reverse."""
+
+    view: Exposure
+    daemon: subprocess.Popen[bytes] | None = None
+    exports: list[Path] = field(default_factory=list)
+    loops: list[Path] = field(default_factory=list)
+    mounts: list[Path] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def exposed(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
+            mount: bool = True, timeout: float = 60.0,
+            recorder: Recorder | None = None) -> Iterator[Exposure]:
+    """:func:`expose`, undone on exit."""
+    handle = expose(images, workdir, root, mount=mount, timeout=timeout, recorder=recorder)
+    try:
+        yield handle.view
+    finally:
+        unexpose(handle)
+
+
+def expose(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
+           mount: bool = True, timeout: float = 60.0,
+           recorder: Recorder | None = None) -> Exposed:
+    """Expose ``(name, qcow2-or-raw image)`` pairs: raw views in ``workdir/images``,
+    filesystems under ``root``. Undo with :func:`unexpose` (done here on failure).
+
+    With a recorder (the journal), each export, loop device and mount is recorded before it
+    is made, so recovery can undo them after a crash, and a split backup (``kvmsnap
+    mount``) can leave them for ``kvmsnap release``.
+    """
+    record = recorder or _Nowhere()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if any(root.iterdir()):
+        raise HostError(f"the mount root {root} is not empty",
+                        "an interrupted run? run `kvmsnap recover`, or pick another mount root")
+    handle = Exposed(Exposure(root, workdir / "images"))
+    try:
+        _start_exports(handle, images, timeout, record)
+        for (name, _), export in zip(images, handle.exports, strict=True):
+            record.append("loop_files", str(export))
+            loop = mounts.attach_loop(export)
+            record.append("loops", str(loop))
+            handle.loops.append(loop)
+            filesystems = [_filesystem(handle, name, partition, device, mount, record)
+                           for partition, device in mounts.block_devices(loop, timeout)]
+            handle.view.disks.append(ExposedDisk(name, export, loop, tuple(filesystems)))
+    except BaseException:
+        unexpose(handle)
+        raise
+    return handle
+
+
+def add_file(exposure: Exposure, name: str, content: bytes,
+             recorder: Recorder | None = None) -> None:
+    """Put a small file beside the exposed disks, in the mount root and the images dir."""
+    for path in (exposure.root / name, exposure.images_dir / name):
+        (recorder or _Nowhere()).append("files", str(path))
+        path.write_bytes(content)
+        path.chmod(0o600)
+    exposure.extra_files.append(name)
+
+
+def unexpose(handle: Exposed) -> None:
+    """Unmount, detach the loop devices, stop the export daemon, remove the raw views."""
+    view = handle.view
+    for name in view.extra_files:
+        (view.root / name).unlink(missing_ok=True)
+        (view.images_dir / name).unlink(missing_ok=True)
+    for mountpoint in reversed(handle.mounts):
+        mounts.unmount(mountpoint)
+    for loop in reversed(handle.loops):
+        mounts.detach_loop(loop)
+    if handle.daemon is not None:
+        # SIGTERM makes qemu-storage-daemon unmount its FUSE exports and exit cleanly.
+        process.stop(handle.daemon, grace=10)
+    for export in handle.exports:
+        if mounts.is_mountpoint(export):
+            process.run(["umount", "-l", export], timeout=30, check=False)
+        export.unlink(missing_ok=True)
+    handle.mounts, handle.loops, handle.exports, handle.daemon = [], [], [], None
+
+
+def _filesystem(handle: Exposed, name: str, partition: str, device: Path, mount: bool,
+                record: Recorder) -> ExposedFilesystem:
+    fstype = verify.probe_fstype(device)
+    mountpoint = None
+    if mount and fstype in mounts.MOUNT_OPTIONS:
+        top = handle.view.root / safe_name(name)
+        mountpoint = top / partition if partition else top
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        record.append("mounts", str(mountpoint))
+        mounts.mount_read_only(device, mountpoint, fstype)
+        handle.mounts.append(mountpoint)
+    return ExposedFilesystem(name, partition, device, fstype, mountpoint)
+
+
+def _start_exports(handle: Exposed, images: Sequence[tuple[str, Path]], timeout: float,
+                   record: Recorder) -> None:
+    argv = [process.find_program("qemu-storage-daemon", "qemu-system-common")]
+    images_dir = handle.view.images_dir
+    images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for index, (name, image) in enumerate(images):
+        export = images_dir / f"{safe_name(name)}.raw"
+        export.touch(mode=0o600)
+        handle.exports.append(export)
+        fmt = _image_format(image)
+        argv += ["--blockdev", f"driver=file,node-name=f{index},filename={escape(image)},"
+                               "read-only=on",
+                 "--blockdev", f"driver={fmt},node-name=d{index},file=f{index},read-only=on",
+                 "--export", f"type=fuse,id=e{index},node-name=d{index},"
+                             f"mountpoint={escape(export)},writable=off"]
+    stderr_path = images_dir.parent / "qsd.stderr"
+    record.record(exports=[str(e) for e in handle.exports])
+    with open(stderr_path, "wb") as err:
+        handle.daemon = process.spawn(argv, stderr=err)
+    record.record(qsd=process.identity(handle.daemon.pid))
+    _wait_mounted(handle.exports, handle.daemon, stderr_path, timeout)
+
+
+def _image_format(image: Path) -> str:
+    with open(image, "rb") as handle:
+        return "qcow2" if handle.read(4) == b"QFI\xfb" else "raw"
+
+
+def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(mounts.is_mountpoint(e) for e in exports):
+        if daemon.poll() is not None:
+            message = stderr_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise HostError(f"qemu-storage-daemon could not export the disks: "
+                            f"{message[0] if message else daemon.returncode}",
+                            "check /dev/fuse (modprobe fuse) and that kvmsnap runs as root")
+        if time.monotonic() > deadline:
+            raise HostError(f"the FUSE exports did not appear within {timeout:g} s")
+        time.sleep(0.02)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+

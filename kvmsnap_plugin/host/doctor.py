@@ -1,0 +1,149 @@
+"""`kvmsnap doctor`: what this host can do, and what to install for the rest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvmsnap_plugin.errors import KvmsnapError
+from kvmsnap_plugin.host import probes, process
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # "ok", "warn" (works, degraded) or "fail" (a required part is missing)
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _version_of(program: str, package: str, args: tuple[str, ...] = ("--version",)) -> str:
+    out = process.run([process.find_program(program, package), *args], timeout=60)
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "(no version output)"
+
+
+def check_program(name: str, program: str, package: str, required: bool = True,
+                  args: tuple[str, ...] = ("--version",)) -> Check:
+    try:
+        return Check(name, "ok", _version_of(program, package, args))
+    except KvmsnapError as exc:
+        return Check(name, "fail" if required else "warn", str(exc), exc.hint)
+
+
+def check_qemu() -> Check:
+    try:
+        version = probes.qemu_version()
+    except KvmsnapError as exc:
+        return Check("qemu", "fail", str(exc), "apt-get install qemu-system-x86 qemu-utils")
+    shown = ".".join(map(str, version))
+    if version < (7, 2, 0):
+        return Check("qemu", "warn", f"QEMU {shown}: background snapshots need 6.0+, "
+                     "kvmsnap is tested on 7.2", "upgrade QEMU")
+    return Check("qemu", "ok", f"QEMU {shown}")
+
+
+def check_accelerator() -> Check:
+    """Clones always run on their parent's accelerator; this only tells what guests get."""
+    known = probes.cached_accelerator()
+    if known is None:
+        usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        return Check("accelerator", "warn",
+                     f"not probed (/dev/kvm {'present' if usable else 'absent'}); clones run "
+                     "on their parent's accelerator", "KVMSNAP_ACCEL=kvm|tcg, or boot a "
+                     "test guest once (`make guest`): its bounded probe is cached until reboot")
+    accel, why = known
+    status = "ok" if accel == "kvm" else "warn"
+    fix = "" if accel == "kvm" else "guests run under TCG (slow but correct); enable KVM"
+    return Check("accelerator", status, f"{accel}: {why}", fix)
+
+
+def check_uffd() -> Check:
+    ok, why = probes.uffd_wp_supported()
+    if ok:
+        return Check("background-snapshot", "ok", why)
+    return Check("background-snapshot", "warn", f"{why}; forks fall back to stop-and-copy "
+                 "(longer pause)", "run as root, or sysctl vm.unprivileged_userfaultfd=1")
+
+
+def check_huge_pages() -> Check:
+    from kvmsnap_plugin.host.hugepages import collapse_supported
+
+    works, why = collapse_supported()
+    if works:
+        return Check("huge-pages", "ok", f"{why} (option collapse_huge_pages)")
+    return Check("huge-pages", "warn", f"{why}; collapse_huge_pages has no effect",
+                 "only needed for shorter back-to-back background-snapshot pauses")
+
+
+def check_fuse() -> Check:
+    have_dev = Path("/dev/fuse").exists()
+    in_kernel = "fuse" in Path("/proc/filesystems").read_text()
+    if have_dev and in_kernel:
+        return Check("fuse", "ok", "/dev/fuse present (qemu-storage-daemon exports)")
+    return Check("fuse", "fail", "no usable /dev/fuse", "modprobe fuse; apt-get install fuse3")
+
+
+def check_loop() -> Check:
+    if not Path("/dev/loop-control").exists():
+        return Check("loop", "fail", "no /dev/loop-control", "modprobe loop")
+    try:
+        process.find_program("losetup", "mount")
+    except KvmsnapError as exc:
+        return Check("loop", "fail", str(exc), exc.hint)
+    return Check("loop", "ok", "loop devices available")
+
+
+def check_nbd() -> Check:
+    present = Path("/sys/module/nbd").exists() or Path("/dev/nbd0").exists()
+    return Check("nbd", "ok", "nbd module loaded (not needed)" if present
+                 else "no nbd module (not needed: kvmsnap exports disks through FUSE)")
+
+
+def check_root() -> Check:
+    if os.geteuid() == 0:
+        return Check("privileges", "ok", "running as root")
+    return Check("privileges", "warn", "not root: mounts, loop devices and background "
+                 "snapshots need root", "run kvmsnap as root")
+
+
+CHECKS: tuple[Callable[[], Check], ...] = (
+    check_root,
+    check_qemu,
+    lambda: check_program("qemu-img", "qemu-img", "qemu-utils"),
+    lambda: check_program("qemu-storage-daemon", "qemu-storage-daemon", "qemu-system-common"),
+    check_accelerator,
+    check_uffd,
+    check_huge_pages,
+    check_fuse,
+    check_loop,
+    check_nbd,
+    lambda: check_program("e2fsprogs", "dumpe2fs", "e2fsprogs", args=("-V",)),
+    lambda: check_program("xfsprogs", "xfs_logprint", "xfsprogs", required=False,
+                          args=("-V",)),
+    lambda: check_program("borg", "borg", "borgbackup (pip install borgbackup)",
+                          required=False),
+    lambda: check_program("restic", "restic", "restic", required=False, args=("version",)),
+    lambda: check_program("borgmatic", "borgmatic", "borgmatic (pip install borgmatic)",
+                          required=False),
+)
+
+
+def run_checks() -> list[Check]:
+    return [check() for check in CHECKS]
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for check in checks:
+        line = f"{check.status:4}  {check.name:{width}}  {check.detail}"
+        if check.fix and check.status != "ok":
+            line += f"  -> {check.fix}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""The restic archiver (a built-in plugin), driven through ``sh``.
+
+files: ``restic backup`` of the mounted trees, tagged ``kvmsnap`` and ``vm:NAME``, with the
+VM's name as host. restic records absolute paths, so the mount root is stable per VM (see
+ForkOptions.mount_root) and later snapshots find their parent.
+
+image: one snapshot per disk through ``--stdin --stdin-filename DISK.raw`` (restic 0.14 has no
+``--stdin-from-command``). kvmsnap itself produces the stream: it copies the disk's raw view
+into restic's stdin and closes it only after the last byte was read. If reading fails,
+restic is killed *before* it sees end-of-file, so it never saves a partial snapshot.
+
+The password comes only from the environment (RESTIC_PASSWORD, RESTIC_PASSWORD_FILE,
+RESTIC_PASSWORD_COMMAND, or the target's ``env`` table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from kvmsnap_plugin.errors import ArchiveError, ProcessError
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import ArchiveResult, ArchiveTarget, BackupJob, Exposure
+from kvmsnap_plugin.plugin.archive import mounted_trees
+from kvmsnap_plugin.plugin.hookspecs import hookimpl
+from kvmsnap_plugin.run import metadata
+
+TYPE = "restic"
+OPTIONS = frozenset({"repository", "tags", "host", "timeout"})
+PASSWORD_ENV = ("RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND")
+DEFAULT_TIMEOUT = 24 * 3600.0
+CHUNK = 4 << 20
+#: restic's exit code 3: a snapshot was made, but some files could not be read
+INCOMPLETE = 3
+
+
+@hookimpl
+def kvmsnap_archiver_types() -> dict[str, frozenset[str]]:
+    return {TYPE: OPTIONS}
+
+
+@hookimpl
+def kvmsnap_pre_backup(job: BackupJob) -> None:
+    """Before the VM is touched: restic is there, and each repository opens (password)."""
+    for target in job.targets:
+        if target.type == TYPE:
+            try:
+                _restic(target).run(["-r", str(target.option("repository")), "cat", "config"])
+            except ProcessError as exc:
+                raise _explain(exc, target) from None
+
+
+@hookimpl
+def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
+                    label: str) -> list[ArchiveResult] | None:
+    if target.type != TYPE:
+        return None
+    restic = _restic(target)
+    tags = ["kvmsnap", f"vm:{job.name}", f"state:{label}", *_run_tag(exposure),
+            *map(str, target.option("tags", []))]
+    results = []
+    if target.mode in ("files", "both"):
+        results.append(backup_files(restic, target, job, exposure, tags))
+    if target.mode in ("image", "both"):
+        results += [backup_image(restic, target, job, disk.name, disk.image, tags)
+                    for disk in exposure.disks]
+        results += [backup_image(restic, target, job, name, exposure.images_dir / name, tags,
+                                 filename=name) for name in exposure.extra_files]
+    return results
+
+
+def _run_tag(exposure: Exposure) -> list[str]:
+    """``run:ID``: one backup's snapshots (one per disk, plus metadata) belong together."""
+    path = exposure.images_dir / metadata.FILENAME
+    if metadata.FILENAME not in exposure.extra_files or not path.exists():
+        return []
+    return [f"run:{metadata.VmRecord.from_json(path.read_bytes()).run}"]
+
+
+def _restic(target: ArchiveTarget) -> process.ShProgram:
+    env = dict(target.option("env", {}))
+    if not any(os.environ.get(k) or env.get(k) for k in PASSWORD_ENV):
+        raise ArchiveError("restic needs the repository password",
+                           "set RESTIC_PASSWORD_FILE (or RESTIC_PASSWORD) in the environment")
+    if not target.option("repository"):
+        raise ArchiveError(f"archiver {target.name} has no repository",
+                           "set repository = \"/path/or/sftp:...\" (or --restic REPO)")
+    return process.ShProgram("restic", "restic", env=env,
+                             timeout=float(target.option("timeout", DEFAULT_TIMEOUT)))
+
+
+def _common(target: ArchiveTarget, job: BackupJob, tags: list[str]) -> list[str]:
+    args = ["-r", str(target.option("repository")), "backup", "--json",
+            "--host", str(target.option("host", job.name))]
+    for tag in tags:
+        args += ["--tag", tag]
+    return args + [str(a) for a in target.option("extra_args", [])]
+
+
+def backup_files(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob,
+                 exposure: Exposure, tags: list[str]) -> ArchiveResult:
+    started = time.monotonic()
+    args = [*_common(target, job, [*tags, "files"]), *mounted_trees(exposure)]
+    try:
+        done = restic.run(args, cwd=exposure.root, ok_codes=(0, INCOMPLETE))
+    except ProcessError as exc:
+        raise _explain(exc, target) from None
+    summary = _summary(done.stdout)
+    warnings = ("restic could not read some files",) if done.returncode == INCOMPLETE else ()
+    return ArchiveResult(target.name, TYPE, "files", summary.get("snapshot_id", ""),
+                         str(exposure.root), int(summary.get("total_bytes_processed", 0)),
+                         summary.get("data_added"), time.monotonic() - started, warnings)
+
+
+def backup_image(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob,
+                 disk: str, image: Path, tags: list[str],
+                 filename: str | None = None) -> ArchiveResult:
+    """One disk as a raw stream (``DISK.raw``); no snapshot survives a failed read."""
+    started = time.monotonic()
+    args = [*_common(target, job, [*tags, "image", f"disk:{disk}"]),
+            "--stdin", "--stdin-filename", filename or f"{disk}.raw"]
+    read_end, write_end = os.pipe()
+    try:
+        running = restic.start(args, stdin_fd=read_end)
+    finally:
+        os.close(read_end)  # restic has its own copy; ours would hide its death from us
+    try:
+        copied = _feed(image, write_end)
+    except BrokenPipeError:
+        copied = 0  # restic exited early: its own error below says why
+    except BaseException:
+        # Kill restic while its stdin is still open: it must not mistake a broken stream
+        # for the end of the disk and save a truncated snapshot.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(running.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.close(write_end)
+        with contextlib.suppress(Exception):
+            running.wait()
+        raise
+    with contextlib.suppress(OSError):
+        os.close(write_end)
+    try:
+        done = restic.finish(running)
+    except ProcessError as exc:
+        raise _explain(exc, target) from None
+    summary = _summary(done.stdout)
+    kind = "metadata" if filename else "image"
+    return ArchiveResult(target.name, TYPE, kind, summary.get("snapshot_id", ""), disk,
+                         copied, summary.get("data_added"), time.monotonic() - started)
+
+
+def _feed(image: Path, write_end: int) -> int:
+    """Copy the whole disk into the pipe; raise on any read error."""
+    copied = 0
+    try:
+        with open(image, "rb", buffering=0) as source:
+            while chunk := source.read(CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(write_end, view):]
+                copied += len(chunk)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise ArchiveError(f"reading disk image {image.name} failed after {copied} bytes: "
+                           f"{exc.strerror or exc}", "no snapshot was saved; check the "
+                           "host's logs and run the backup again") from None
+    return copied
+
+
+def _summary(stdout: str) -> dict:
+    for line in reversed(stdout.splitlines()):
+        with contextlib.suppress(ValueError):
+            message = json.loads(line)
+            if message.get("message_type") == "summary":
+                return message
+    return {}
+
+
+def _explain(exc: ProcessError, target: ArchiveTarget) -> ArchiveError:
+    text, repository = exc.stderr, target.option("repository")
+    if "wrong password" in text:
+        return ArchiveError(f"restic: wrong password for {repository}",
+                            "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE")
+    if "Is there a repository at the following location?" in text or \
+            "unable to open config file" in text:
+        return ArchiveError(f"restic: no repository at {repository}",
+                            f"create it first: restic init -r {repository}")
+    return ArchiveError(f"restic backup failed: {exc}", exc.hint)

@@ -1,0 +1,25 @@
+"""What an archive says about the VM it came from: ``kvmsnap-vm.json``.
+
+Written next to the clone's disks (in the mounted tree and beside the raw images) so every
+archive carries it: the VM's name, its QEMU command line at backup time, its disks and the
+fork's verdict. ``kvmsnap restore`` reads it back to say how to boot the restored images.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from kvmsnap_plugin.model import ForkPoint, RecordedDisk, VmRecord
+
+FILENAME = "kvmsnap-vm.json"
+
+
+
+
+
+
+def record_of(point: ForkPoint, run: str, label: str, vm: str) -> VmRecord:
+    disks = [RecordedDisk(d.device, d.filename, d.format, d.virtual_size)
+             for d in point.parent.writable_disks]
+    return VmRecord(vm, run, datetime.now(UTC).isoformat(timespec="seconds"), label,
+                    point.method, list(point.parent.argv), disks)

@@ -1,0 +1,194 @@
+"""The parent VM: found through its QMP socket, described, and checked for clonability.
+
+Everything later steps need to know about the running VM is read here, once, into a
+:class:`Parent`: its process and command line, and its disks as QEMU sees them now.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from kvmsnap_plugin.errors import UsageError, VMError
+from kvmsnap_plugin.model import Parent, ParentDisk
+from kvmsnap_plugin.vm.qemu_args import KeyVal, Option, parse_argv
+from kvmsnap_plugin.vm.qmp import QmpSession
+
+#: -device drivers whose state lives outside QEMU, so a second copy cannot run.
+UNCLONABLE_DEVICES = (
+    (re.compile(r"^vfio"), "a VFIO passthrough device"),
+    (re.compile(r"^vhost-user"), "a vhost-user device"),
+    (re.compile(r"^vhost-(vsock|scsi|vdpa)"), "a vhost device bound to the host kernel"),
+    (re.compile(r"^ivshmem"), "shared memory with the host (ivshmem)"),
+    (re.compile(r"^(pci-assign|usb-host|usb-redir)"), "a passed-through host device"),
+)
+
+
+
+
+
+
+def discover(session: QmpSession, qmp_socket: Path, pid: int) -> Parent:
+    """Describe the running VM behind ``session``; refuse what kvmsnap cannot fork."""
+    check_runstate(session)
+    argv = read_cmdline(pid)
+    refuse_unclonable(argv)
+    version = session.execute("query-version")["qemu"]
+    name = session.execute("query-name").get("name") or f"vm-{pid}"
+    disks = block_disks(session.execute("query-block"))
+    if not any(not d.read_only for d in disks):
+        raise VMError(f"{name} has no writable disk: there is nothing to back up",
+                      "attach the VM's disks read-write, or back the images up directly")
+    for disk in disks:
+        if not disk.read_only and not _is_local_file(disk.filename):
+            raise VMError(f"disk {disk.device} of {name} is not a local image file "
+                          f"({disk.filename})", "kvmsnap needs file-backed disks (qcow2/raw)")
+    return Parent(qmp_socket, pid, name, tuple(argv),
+                  (version["major"], version["minor"], version["micro"]), disks)
+
+
+def check_runstate(session: QmpSession) -> None:
+    state = session.runstate()
+    if state in ("inmigrate", "postmigrate", "finish-migrate", "prelaunch") or \
+            session.execute("query-migrate").get("status") in ("active", "setup",
+                                                                "pre-switchover", "device"):
+        raise VMError(f"the VM is migrating or not started (runstate {state})",
+                      "wait until the migration has finished, then try again")
+    if state == "paused":
+        raise VMError("the VM is paused: a paused guest cannot shut its copy down",
+                      "resume it (QMP `cont`, `virsh resume`), or back its disks up offline")
+    if state != "running":
+        raise VMError(f"the VM is not running (runstate {state})",
+                      "start the VM, or back its disks up offline")
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        raise VMError(f"the QEMU process {pid} is gone", "is the VM still running?") from None
+    except PermissionError:
+        raise VMError(f"cannot read the command line of QEMU process {pid}",
+                      "run kvmsnap as root") from None
+    argv = raw.rstrip(b"\0").decode(errors="surrogateescape").split("\0")
+    if not argv or "qemu" not in Path(argv[0]).name:
+        raise VMError(f"process {pid} behind the socket is not QEMU ({argv[0]!r})",
+                      "pass the QMP socket of a QEMU process")
+    return argv
+
+
+def refuse_unclonable(argv: list[str]) -> None:
+    """Raise for devices and options a second copy of the VM cannot have."""
+    _, options = parse_argv(argv)
+    for option in options:
+        reason = _unclonable(option.name, option.value or "")
+        if reason:
+            raise VMError(f"the VM cannot be forked: it has {reason} "
+                          f"(-{option.name} {option.value or ''})".rstrip(),
+                          "back this VM up offline, or remove the device")
+    _refuse_passed_files(options)
+
+
+def option_fields(value: str, implied: str) -> dict[str, str]:
+    """An option's fields, from QEMU's JSON syntax (libvirt's) or key=value syntax.
+
+    Values are strings either way (JSON booleans as ``on``/``off``), enough to match on.
+    """
+    if value.lstrip().startswith("{"):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+        return {k: _scalar(v) for k, v in data.items() if not isinstance(v, dict | list)}
+    return {k: v or "" for k, v in KeyVal.parse(value, implied=implied).pairs}
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "" if value is None else str(value)
+
+
+def _unclonable(name: str, value: str) -> str | None:
+    if name == "device":
+        driver = option_fields(value, "driver").get("driver") or ""
+        for pattern, what in UNCLONABLE_DEVICES:
+            if pattern.search(driver):
+                return what
+    if name == "object":
+        opts = option_fields(value, "qom-type")
+        if opts.get("qom-type", "").startswith("memory-backend") and opts.get("share") in (
+                "on", "true", "yes"):
+            return "guest RAM shared with other processes (share=on)"
+    if name == "netdev" and option_fields(value, "type").get("type") == "vhost-user":
+        return "a vhost-user network backend"
+    if name in ("fsdev", "virtfs"):
+        return "a host directory shared into the guest (9p): the clone would write to it"
+    if name == "tpmdev" and option_fields(value, "type").get("type") == "emulator":
+        return "a TPM emulator, whose state lives in its swtpm process"
+    if name == "mem-path":
+        return "guest RAM in a file (-mem-path)"
+    if name == "snapshot":
+        return "temporary disks (-snapshot): their images cannot be reopened"
+    if name == "readconfig":
+        return f"-{name}, whose effect kvmsnap cannot see"
+    return None
+
+
+def _refuse_passed_files(options: list[Option]) -> None:
+    """``-add-fd`` is fine where only chardevs use its fd set (libvirt's serial log files:
+    the clone's chardevs are replaced anyway); a disk or anything else opened through an
+    fd set cannot be reopened by a clone, which does not inherit the parent's descriptors.
+    """
+    sets = {option_fields(o.value or "", "fd").get("set") for o in options
+            if o.name == "add-fd"}
+    for option in options:
+        if option.name in ("add-fd", "chardev"):
+            continue
+        for used in re.findall(r"/dev/fdset/(\d+)", option.value or ""):
+            if used in sets:
+                raise VMError(f"the VM cannot be forked: -{option.name} opens a file passed "
+                              f"as a descriptor (/dev/fdset/{used}), which a clone cannot "
+                              "reopen", "back this VM up offline")
+
+
+def block_disks(blocks: list[dict[str, Any]]) -> tuple[ParentDisk, ...]:
+    """The disks in a QMP ``query-block`` answer (empty drives left out)."""
+    return tuple(d for d in (_disk(b) for b in blocks) if d)
+
+
+def _disk(block: dict[str, Any]) -> ParentDisk | None:
+    inserted = block.get("inserted")
+    if not inserted:
+        return None  # an empty drive (no medium)
+    image = inserted.get("image", {})
+    chain, cursor = [], image
+    while cursor:
+        chain.append(cursor.get("filename", ""))
+        cursor = cursor.get("backing-image")
+    qdev = block.get("qdev", "")
+    match = re.match(r"^/machine/peripheral/([^/]+)", qdev)
+    device = match.group(1) if match else block.get("device") or inserted["node-name"]
+    return ParentDisk(
+        device=device,
+        node=inserted["node-name"],
+        filename=image.get("filename", inserted.get("file", "")),
+        format=image.get("format", inserted.get("drv", "")),
+        virtual_size=int(image.get("virtual-size", 0)),
+        read_only=bool(inserted.get("ro")),
+        chain=tuple(chain),
+    )
+
+
+def _is_local_file(filename: str) -> bool:
+    return filename.startswith("/") and Path(filename).is_file()
+
+
+def find_parent_socket(value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise UsageError(f"no such QMP socket: {path}",
+                         "start QEMU with -qmp unix:PATH,server=on,wait=off and pass PATH")
+    return path
