@@ -35,7 +35,7 @@ from kvmsnap_demo.disk import WorkloadLines
 from kvmsnap_demo.vm import DemoPaths
 from kvmsnap_plugin.disks import verify
 from kvmsnap_plugin.errors import HostError, ProcessError, VMError
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host import images, process
 from kvmsnap_plugin.host.probes import QEMU
 from kvmsnap_plugin.model import FsState
 from kvmsnap_plugin.paths import cache_root, socket_dir
@@ -569,7 +569,7 @@ def read_guest_disk(image: Path, scratch: Path) -> dict[str, GuestFilesystem]:
     therefore necessary, not sufficient; the ``clean-shutdown`` marker is the proof.
     """
     scratch.mkdir(parents=True, exist_ok=True)
-    raw = image if image.suffix == ".raw" else verify.raw_copy(image, scratch / "disk.raw")
+    raw = image if image.suffix == ".raw" else images.raw_copy(image, scratch / "disk.raw")
     try:
         with loop_device(raw, read_only=True) as loop:
             return {part.name: _read_filesystem(loop.partition(part.number), part, scratch)
@@ -666,7 +666,7 @@ class DebianVM(Machine):
         """A raw copy of disk ``index`` as a power cut would leave it (guest paused meanwhile)."""
         self.qmp.execute("stop")
         try:
-            return verify.raw_copy(self.paths.disks[index], dest)
+            return images.raw_copy(self.paths.disks[index], dest)
         finally:
             self.qmp.execute("cont")
 

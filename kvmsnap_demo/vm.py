@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from kvmsnap_demo.builder import DemoGuest, make_data_disk
-from kvmsnap_plugin.disks.verify import raw_copy
 from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host.images import raw_copy
 from kvmsnap_plugin.host.probes import QEMU
 from kvmsnap_plugin.paths import socket_dir
 from kvmsnap_plugin.vm.machine import Machine

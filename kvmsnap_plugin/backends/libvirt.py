@@ -44,10 +44,10 @@ from kvmsnap_plugin.fork.engine import (
     _restore_capabilities,
     _wait_for_resume,
     _wait_migration,
-    create_overlay,
     settle_migration,
 )
 from kvmsnap_plugin.host import faults, process
+from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.model import (
     Commit,
     ForkedDisk,

@@ -74,10 +74,6 @@ def read_file(device: Path | str, path: str) -> bytes | None:
     return result.stdout.encode()
 
 
-def raw_copy(image: Path, dest: Path) -> Path:
-    """A raw copy of a disk image, readable while a VM holds it (``-U``)."""
-    process.run(["qemu-img", "convert", "-U", "-O", "raw", image, dest], timeout=600)
-    return dest
 
 
 def verdicts(filesystems: Iterable[ExposedFilesystem]) -> list[Verdict]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
-from kvmsnap_plugin.host import faults, process
+from kvmsnap_plugin.host import faults
 from kvmsnap_plugin.model import Commit
 from kvmsnap_plugin.vm.qmp import QmpSession
 
@@ -100,13 +99,3 @@ def _top_nodes(session: QmpSession) -> set[str]:
             if b.get("inserted")}
 
 
-def keep_images(overlays: Sequence[tuple[str, Path]], keep_dir: Path) -> list[Path]:
-    """Write the clone's disks out as standalone, sparse qcow2 images (no backing file)."""
-    keep_dir.mkdir(parents=True, exist_ok=True)
-    kept = []
-    for device, overlay in overlays:
-        target = keep_dir / f"{device}.qcow2"
-        log.info("keeping the clone's disk %s as %s", device, target)
-        process.run(["qemu-img", "convert", "-O", "qcow2", overlay, target], timeout=3600)
-        kept.append(target)
-    return kept

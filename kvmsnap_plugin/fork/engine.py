@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kvmsnap_plugin.errors import HostError, KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.host import faults, probes, process
+from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.model import ForkedDisk, ForkPoint, Parent, ParentDisk, RamMethod
 from kvmsnap_plugin.vm.qmp import QmpSession
 
@@ -51,11 +52,6 @@ def parent_overlay_path(disk: ParentDisk, run_id: str, overlay_dir: Path | None)
     return directory / f"{frozen.name}.kvmsnap-{run_id}.qcow2"
 
 
-def create_overlay(path: Path, backing: str, backing_format: str, size: int) -> None:
-    """A qcow2 overlay on ``backing`` without opening it (the VM holds its lock)."""
-    process.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing,
-                 "-F", backing_format, path, str(size)], timeout=60)
-    path.chmod(0o600)
 
 
 def plan_fork(parent: Parent, run_id: str, overlay_dir: Path | None) -> tuple[ForkedDisk, ...]:

@@ -22,10 +22,10 @@ from kvmsnap_plugin.backends.qmp import QmpParent
 from kvmsnap_plugin.disks import verify
 from kvmsnap_plugin.disks.expose import add_file, expose, unexpose
 from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
-from kvmsnap_plugin.fork.chain import keep_images
 from kvmsnap_plugin.fork.engine import parent_overlay_path, plan_fork
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.host.hugepages import collapse_before_fork
+from kvmsnap_plugin.host.images import keep_images
 from kvmsnap_plugin.model import (
     ArchiveResult,
     BackupJob,

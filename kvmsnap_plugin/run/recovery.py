@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 from kvmsnap_plugin.backends import restore_parent
@@ -55,7 +52,7 @@ def recover(journal: Journal) -> Recovery:
 def _stop_clone(state: JournalState, journal: Journal, result: Recovery) -> None:
     pid = process.same_process(state.clone)
     if pid:
-        _kill(pid)
+        process.end_pid(pid)
         result.did(f"stopped the orphaned clone (pid {pid})")
     journal.record(clone=None)
 
@@ -75,7 +72,7 @@ def _unexpose(state: JournalState, journal: Journal, result: Recovery) -> None:
     journal.record(loop_files=[], loops=[])
     pid = process.same_process(state.qsd)
     if pid:
-        _kill(pid)
+        process.end_pid(pid)
         result.did(f"stopped the disk export daemon (pid {pid})")
     for export in state.exports:
         if is_mountpoint(Path(export)):
@@ -105,20 +102,5 @@ def _remove_files(state: JournalState, journal: Journal, result: Recovery) -> No
 
 
 # -- processes we started -------------------------------------------------------------------------
-def _kill(pid: int, grace: float = 10.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists() or _zombie(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True

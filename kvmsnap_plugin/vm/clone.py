@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.fork.engine import create_overlay
 from kvmsnap_plugin.host import faults
+from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.model import CloneDisk, ClonePlan, Parent, ParentDisk
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.machine import Machine
