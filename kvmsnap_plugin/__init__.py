@@ -13,9 +13,10 @@ from kvmsnap_plugin.errors import (
     UsageError,
     VMError,
 )
+from kvmsnap_plugin.model import VERSION
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "ArchiveError",

@@ -17,8 +17,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmsnap_plugin import __version__
 from kvmsnap_plugin.errors import KvmsnapError, UsageError
+from kvmsnap_plugin.model import VERSION
 
 if TYPE_CHECKING:
     from kvmsnap_plugin.model import BackupJob
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consistent backups of running QEMU/KVM guests: fork the guest, shut "
                     "the copy down cleanly, archive its disks.",
         epilog="exit codes: 0 ok, 1 warning, 2 error, 75 skipped, 130 interrupted")
-    parser.add_argument("--version", action="version", version=f"kvmsnap {__version__}")
+    parser.add_argument("--version", action="version", version=f"kvmsnap {VERSION}")
     parser.add_argument("--debug", action="store_true", help="debug log and tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -28,6 +28,8 @@ REPRESS_AFTER = 60.0  # a second press of the power button after this long
 FORK_TIMEOUT = 600.0  # the RAM snapshot, from the pause to its last byte
 COMMIT_TIMEOUT = 3600.0  # committing one overlay back into its frozen image
 DEFAULT_NAME_TEMPLATE = "{vm}-{now:%Y-%m-%dT%H:%M:%S}"
+METADATA_FILE = "kvmsnap-vm.json"  # the VmRecord in every archive
+VERSION = "0.1.0"
 
 
 # -- enums ----------------------------------------------------------------------------------

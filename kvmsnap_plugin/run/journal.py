@@ -18,19 +18,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin import paths
 from kvmsnap_plugin.errors import HostError, VMError
 from kvmsnap_plugin.model import JournalState
+from kvmsnap_plugin.paths import STATE_DIR, safe_name
 
 
 def vm_key(identity: str) -> str:
     """A stable file name for a VM identity (a socket's real path, a libvirt domain)."""
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    return f"{paths.safe_name(Path(identity).stem)[:40]}-{digest}"
+    return f"{safe_name(Path(identity).stem)[:40]}-{digest}"
 
 
 def state_dir() -> Path:
-    directory = Path(os.environ.get("KVMSNAP_STATE_DIR", str(paths.STATE_DIR)))
+    directory = Path(os.environ.get("KVMSNAP_STATE_DIR", str(STATE_DIR)))
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:

@@ -11,12 +11,6 @@ from datetime import UTC, datetime
 
 from kvmsnap_plugin.model import ForkPoint, RecordedDisk, VmRecord
 
-FILENAME = "kvmsnap-vm.json"
-
-
-
-
-
 
 def record_of(point: ForkPoint, run: str, label: str, vm: str) -> VmRecord:
     disks = [RecordedDisk(d.device, d.filename, d.format, d.virtual_size)

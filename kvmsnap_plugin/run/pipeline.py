@@ -27,6 +27,7 @@ from kvmsnap_plugin.host import process
 from kvmsnap_plugin.host.hugepages import collapse_before_fork
 from kvmsnap_plugin.host.images import keep_images
 from kvmsnap_plugin.model import (
+    METADATA_FILE,
     ArchiveResult,
     BackupJob,
     BackupReport,
@@ -202,7 +203,7 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
         exposed_disks = expose(images, workdir, root, recorder=journal)
         cleanup.callback(unexpose, exposed_disks)
         exposure = exposed_disks.view
-        add_file(exposure, metadata.FILENAME,
+        add_file(exposure, METADATA_FILE,
                  metadata.record_of(point, run_id, label, job.name).to_json(), journal)
         journal.record(phase=Phase.EXPOSED)
         hooks.post_shutdown(job, point, exposure, label)

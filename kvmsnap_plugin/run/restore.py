@@ -18,9 +18,8 @@ from pathlib import Path
 
 from kvmsnap_plugin.errors import ArchiveError, UsageError
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import VmRecord
+from kvmsnap_plugin.model import METADATA_FILE, VmRecord
 from kvmsnap_plugin.paths import safe_name
-from kvmsnap_plugin.run.metadata import FILENAME
 from kvmsnap_plugin.vm.qemu_args import escape
 
 log = logging.getLogger("kvmsnap")
@@ -68,7 +67,7 @@ def restore_borg(archive: str, to: Path) -> Restored:
                          archive], timeout=24 * 3600, cwd=work)
         except process.ProcessError as exc:
             raise ArchiveError(f"borg extract failed: {exc}", exc.hint) from None
-        record = _record(work / FILENAME, archive)
+        record = _record(work / METADATA_FILE, archive)
         disks = [_materialize(work / f"{safe_name(d.device)}.raw", d, target)
                  for d in record.disks]
     return _finish(record, disks, target)
@@ -82,12 +81,12 @@ def restore_restic(repository: str, to: Path, run: str | None = None,
     target = _target(to)
     with tempfile.TemporaryDirectory(dir=target, prefix=".extract-") as tmp:
         work = Path(tmp)
-        meta = next((s for s in snapshots if f"/{FILENAME}" in s["paths"]), None)
+        meta = next((s for s in snapshots if f"/{METADATA_FILE}" in s["paths"]), None)
         if meta is None:
-            raise ArchiveError(f"run {run} has no {FILENAME} snapshot",
+            raise ArchiveError(f"run {run} has no {METADATA_FILE} snapshot",
                                "restore the disks by hand with `restic dump`")
-        _dump(restic, repository, meta["id"], f"/{FILENAME}", work / FILENAME)
-        record = _record(work / FILENAME, f"{repository} run {run}")
+        _dump(restic, repository, meta["id"], f"/{METADATA_FILE}", work / METADATA_FILE)
+        record = _record(work / METADATA_FILE, f"{repository} run {run}")
         disks = []
         for disk in record.disks:
             name = f"{safe_name(disk.device)}.raw"
@@ -141,7 +140,7 @@ def _target(to: Path) -> Path:
 
 def _record(path: Path, source: str) -> VmRecord:
     if not path.exists():
-        raise ArchiveError(f"{source} holds no {FILENAME}: not a kvmsnap image backup",
+        raise ArchiveError(f"{source} holds no {METADATA_FILE}: not a kvmsnap image backup",
                            "pick an archive made by kvmsnap with --mode image or both")
     return VmRecord.from_json(path.read_bytes())
 
@@ -177,7 +176,7 @@ def boot_argv(record: VmRecord, disks: list[RestoredDisk]) -> list[str]:
 
 def _finish(record: VmRecord, disks: list[RestoredDisk], target: Path) -> Restored:
     argv = boot_argv(record, disks)
-    (target / FILENAME).write_bytes(record.to_json())
+    (target / METADATA_FILE).write_bytes(record.to_json())
     (target / "boot-argv.json").write_text(json.dumps(argv, indent=1))
     note = target / NOTE
     note.write_text("\n".join([

@@ -24,10 +24,16 @@ from pathlib import Path
 
 from kvmsnap_plugin.errors import ArchiveError, ProcessError
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import ArchiveResult, ArchiveTarget, BackupJob, Exposure
+from kvmsnap_plugin.model import (
+    METADATA_FILE,
+    ArchiveResult,
+    ArchiveTarget,
+    BackupJob,
+    Exposure,
+    VmRecord,
+)
 from kvmsnap_plugin.plugin.archive import mounted_trees
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
-from kvmsnap_plugin.run import metadata
 
 TYPE = "restic"
 OPTIONS = frozenset({"repository", "tags", "host", "timeout"})
@@ -75,10 +81,10 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
 
 def _run_tag(exposure: Exposure) -> list[str]:
     """``run:ID``: one backup's snapshots (one per disk, plus metadata) belong together."""
-    path = exposure.images_dir / metadata.FILENAME
-    if metadata.FILENAME not in exposure.extra_files or not path.exists():
+    path = exposure.images_dir / METADATA_FILE
+    if METADATA_FILE not in exposure.extra_files or not path.exists():
         return []
-    return [f"run:{metadata.VmRecord.from_json(path.read_bytes()).run}"]
+    return [f"run:{VmRecord.from_json(path.read_bytes()).run}"]
 
 
 def _restic(target: ArchiveTarget) -> process.ShProgram:
