@@ -1,10 +1,9 @@
 """The one place the benchmarks call kvmsnap's pipeline.
 
-kvmsnap's pipeline API is young and moves; everything the benchmarks need from one backup
-is copied into an :class:`Outcome` here, so only this module follows the moves. It drives
-``pipeline.backup`` (a ``BackupJob``: fork, clone, power button, expose, archive into the
-job's targets if any, verify, commit back) and, for trees that predate it,
-``pipeline.fork_vm``.
+Everything the benchmarks need from one backup is copied into an :class:`Outcome` here, so
+only this module follows changes of kvmsnap's API. It drives ``pipeline.backup`` (a
+``BackupJob``: fork, clone, power button, expose, archive into the job's targets if any,
+verify, commit back).
 
 A bench plugin rides along on kvmsnap's hooks: it runs the caller's callbacks at the fork
 point (``on_snapshot``, in ``kvmsnap_snapshot``: the parent runs again, the clone has not
@@ -22,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport, Exposure, ForkOptions
+from kvmsnap_plugin.plugin.hookspecs import hookimpl
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run import pipeline
 
 Callback = Callable[[], None]
-AfterShutdown = Callback
 #: called with the raw read-only views of the clone's disks (FUSE exports) while exposed
 OnExposed = Callable[[list[Path]], None]
 
@@ -91,24 +92,6 @@ class Outcome:
                  "stored_bytes": a.stored_bytes, "seconds": a.seconds} for a in self.archives]
 
 
-def fork_once(qmp: Path, method: str, workdir: Path,
-              after_shutdown: AfterShutdown | None = None,
-              on_snapshot: Callback | None = None) -> Outcome:
-    """Fork the VM behind ``qmp`` once, completely (no archive), and return kvmsnap's
-    figures."""
-    if hasattr(pipeline, "backup"):
-        return backup_once(qmp, workdir, method=method, after_shutdown=after_shutdown,
-                           on_snapshot=on_snapshot)
-    if on_snapshot is not None:
-        raise RuntimeError("this kvmsnap tree has no pipeline.backup (no snapshot hook)")
-    # the first pipeline (fork_vm), kept working for older trees
-    started = time.monotonic()
-    report = pipeline.fork_vm(qmp, pipeline.ForkOptions(method=method, workdir=workdir),
-                              on_exposed=(lambda *_: after_shutdown())
-                              if after_shutdown else None)
-    return _outcome(report, time.monotonic() - started, {})
-
-
 def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot",
                 targets: Sequence[TargetSpec] = (), mount_root: Path | None = None,
                 after_shutdown: Callback | None = None,
@@ -117,10 +100,6 @@ def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot"
     """One ``pipeline.backup`` of the VM behind ``qmp`` into ``targets`` (none: fork,
     clone, shut down, expose, verify and commit back only). ``on_exposed`` runs right after
     ``after_shutdown``, with the raw views of the clone's disks."""
-    from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions
-    from kvmsnap_plugin.plugin.hookspecs import hookimpl
-    from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
-
     marks: dict[str, float] = {}
     started = time.monotonic()
 
@@ -141,12 +120,12 @@ def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot"
             mark("snapshot_done")
 
         @hookimpl(tryfirst=True)
-        def kvmsnap_post_shutdown(self, exposure: Any) -> None:
+        def kvmsnap_post_shutdown(self, exposure: Exposure) -> None:
             mark("exposed")
             if after_shutdown:
                 after_shutdown()
             if on_exposed:
-                on_exposed([Path(d.image) for d in exposure.disks])
+                on_exposed([d.image for d in exposure.disks])
             mark("post_shutdown_done")
 
         @hookimpl
@@ -163,7 +142,7 @@ def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot"
     return _outcome(report, time.monotonic() - started, marks)
 
 
-def _outcome(report: Any, wall_s: float, marks: dict[str, float]) -> Outcome:
+def _outcome(report: BackupReport, wall_s: float, marks: dict[str, float]) -> Outcome:
     return Outcome(report.method, report.label, report.clean, report.pause_ms,
                    report.qemu_downtime_ms, report.disk_snapshot_ms, report.ram_bytes,
                    report.ram_save_s, report.clone_restore_s, report.shutdown.seconds,
@@ -171,7 +150,7 @@ def _outcome(report: Any, wall_s: float, marks: dict[str, float]) -> Outcome:
                                          for c in report.commits),
                    tuple(ArchiveFigures(a.target, a.type, a.kind, str(a.source), a.bytes,
                                         a.stored_bytes, a.seconds)
-                         for a in getattr(report, "archives", [])),
+                         for a in report.archives),
                    wall_s, dict(marks))
 
 

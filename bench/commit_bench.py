@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.api import fork_once
+from bench.api import backup_once
 from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summary
 from kvmsnap_demo.builder import DemoGuest
 from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
@@ -209,11 +209,11 @@ def _one_commit(vm: DemoVM, qdev: str, writer: GuestWriter, variant: str, workdi
     device = SCRATCH_ID if variant == QEMU_IO else GUEST_DEVICE
     try:
         if variant == QEMU_IO:
-            outcome = fork_once(vm.paths.backup_qmp, METHOD, workdir,
-                                block_writer if mib else None)
+            outcome = backup_once(vm.paths.backup_qmp, workdir, method=METHOD,
+                                  after_shutdown=block_writer if mib else None)
         else:
-            outcome = fork_once(vm.paths.backup_qmp, METHOD, workdir,
-                                on_snapshot=guest_writer if mib else None)
+            outcome = backup_once(vm.paths.backup_qmp, workdir, method=METHOD,
+                                  on_snapshot=guest_writer if mib else None)
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=-6)

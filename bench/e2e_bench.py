@@ -52,8 +52,6 @@ MODES = ("files", "image")
 COMBOS = tuple((tool, mode) for tool in TOOLS for mode in MODES)
 SIDES = ("kvmsnap", "baseline")
 RUNS = (1, 2)
-#: the baseline's phases, for the stacked bars
-BASELINE_PHASES = ("offline_copy", "mount", "archive")
 
 
 def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:

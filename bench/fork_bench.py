@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ticks
-from bench.api import fork_once
+from bench.api import backup_once
 from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summary
 from bench.sampler import ForkSampler
 from bench.ticks import Ticker
@@ -133,7 +133,7 @@ def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, met
     with ForkSampler(workdir) as sampler:
         t0 = time.monotonic()
         try:
-            outcome = fork_once(vm.paths.backup_qmp, method, workdir)
+            outcome = backup_once(vm.paths.backup_qmp, workdir, method=method)
         except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"
             record["traceback"] = traceback.format_exc(limit=-6)

@@ -1,1 +1,3 @@
-"""The bundled demo guest: built from Debian packages, used by `make demo` and the tests."""
+"""kvmsnap's test rig, kept out of the runtime package: the bundled busybox demo guest
+(``builder``, ``vm``, ``disk``), the Debian test guest (``debian``), the demo run (``run``;
+``python -m kvmsnap_demo demo``) and the pytest plugin (``testing``)."""

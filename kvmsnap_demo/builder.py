@@ -62,16 +62,6 @@ def build_guest(cache: Path | None = None) -> DemoGuest:
     return guest
 
 
-def cached_guest(cache: Path | None = None) -> DemoGuest | None:
-    """The demo guest if it is already built (no downloads, no apt)."""
-    cache = cache or cache_root()
-    for kernel in sorted(cache.glob("kernel-*/vmlinuz"), reverse=True):
-        guest = _expected_guest(cache, kernel.parent.name.removeprefix("kernel-"))
-        if guest.initrd.exists():
-            return guest
-    return None
-
-
 def _init_script() -> bytes:
     return resources.files("kvmsnap_demo").joinpath("init.sh").read_bytes()
 

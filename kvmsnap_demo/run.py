@@ -1,4 +1,4 @@
-"""`kvmsnap demo`: the main job, on the bundled demo guest.
+"""``python -m kvmsnap_demo demo`` (``make demo``): the main job, on the bundled demo guest.
 
 Boots the demo guest (its workload keeps writing lines that stay in the page cache), backs
 it up while it runs into a borg and a restic repository, and shows the difference that is
@@ -24,6 +24,7 @@ from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport, ForkOpt
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.pipeline import backup
+from kvmsnap_plugin.run.report import render_report
 
 log = logging.getLogger("kvmsnap")
 
@@ -56,7 +57,7 @@ class DemoReport:
         return data
 
     def render(self) -> str:
-        rows = [self.backup.render(), "",
+        rows = [render_report(self.backup), "",
                 f"accelerator: {self.accelerator}; the guest's workload was at line "
                 f"{self.counter_before} when the backup started", "",
                 f"{'the demo disk, seen as':46} {'filesystem':15} {'lines':>6}  marker"]

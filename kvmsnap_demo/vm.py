@@ -95,28 +95,27 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
     return argv + list(opts.extra_args)
 
 
-class DemoVM(Machine):
-    """A running demo guest, with helpers to read its workload."""
+class WorkloadVM(Machine):
+    """A running test guest whose workload echoes ``KVMSNAP-COUNT N`` on its console."""
 
-    def __init__(self, argv: list[str], paths: DemoPaths, opts: DemoOptions) -> None:
-        super().__init__(argv, qmp_path=paths.qmp, name="demo", console_log=paths.console)
+    #: how long :meth:`wait_counter` waits by default
+    counter_timeout = 30.0
+
+    def __init__(self, argv: list[str], paths: DemoPaths, name: str) -> None:
+        super().__init__(argv, qmp_path=paths.qmp, name=name, console_log=paths.console)
         self.paths = paths
-        self.opts = opts
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        self.wait_console(READY, timeout)
 
     def counter(self) -> int:
         """The workload's latest line number, as echoed on the console."""
         counts = re.findall(r"KVMSNAP-COUNT (\d+)", self.console())
         return int(counts[-1]) if counts else 0
 
-    def wait_counter(self, at_least: int, timeout: float = 30.0) -> int:
-        self.wait_console(rf"KVMSNAP-COUNT {at_least}\b", timeout)
+    def wait_counter(self, at_least: int, timeout: float | None = None) -> int:
+        self.wait_console(rf"KVMSNAP-COUNT {at_least}\b", timeout or self.counter_timeout)
         return self.counter()
 
     def crash_copy(self, index: int, dest: Path) -> Path:
-        """A raw copy of data disk ``index`` as a power cut would leave it.
+        """A raw copy of disk ``index`` as a power cut would leave it.
 
         The guest is paused for the copy; ``stop`` makes QEMU flush its own caches, so the
         file holds exactly what the guest had written to its disk, and no more.
@@ -126,6 +125,17 @@ class DemoVM(Machine):
             return raw_copy(self.paths.disks[index], dest)
         finally:
             self.qmp.execute("cont")
+
+
+class DemoVM(WorkloadVM):
+    """A running demo guest, with helpers to read its workload."""
+
+    def __init__(self, argv: list[str], paths: DemoPaths, opts: DemoOptions) -> None:
+        super().__init__(argv, paths, "demo")
+        self.opts = opts
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        self.wait_console(READY, timeout)
 
     def shutdown(self, powerdown_timeout: float = 20.0, quit_timeout: float = 5.0) -> str:
         if self.opts.power_button == "ignore":

@@ -18,12 +18,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.errors import KvmsnapError, UsageError
-from kvmsnap_plugin.model import VERSION
+from kvmsnap_plugin.model import (
+    DEFAULT_LIBVIRT_URI,
+    REPRESS_AFTER,
+    SHUTDOWN_TIMEOUT,
+    VERSION,
+    Mode,
+    OnUnclean,
+    Plan,
+    RamMethod,
+)
+from kvmsnap_plugin.paths import DEFAULT_WORKDIR
 
 if TYPE_CHECKING:
-    from kvmsnap_plugin.model import BackupJob
+    from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport
+    from kvmsnap_plugin.plugin.manager import Hooks
 
 EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+#: what --method offers: a shut-off VM is found, not asked for
+METHODS = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
 
 log = logging.getLogger("kvmsnap")
 
@@ -39,9 +52,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_ERROR if any(c.status == "fail" for c in checks) else EXIT_OK
 
 
-
-
-def _job_from_args(args: argparse.Namespace, targets=()) -> BackupJob:
+def _job_from_args(args: argparse.Namespace,
+                   targets: Sequence[ArchiveTarget] = ()) -> BackupJob:
     from kvmsnap_plugin.config import fork_options
     from kvmsnap_plugin.model import BackupJob
     from kvmsnap_plugin.vm.parent import find_parent_socket
@@ -69,11 +81,13 @@ def cmd_fork(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.errors import SkipBackup
     from kvmsnap_plugin.run.pipeline import mount
+    from kvmsnap_plugin.run.report import render_report
 
     if args.skip_missing and args.qmp and not Path(args.qmp).exists():
         raise SkipBackup(f"{args.qmp} does not exist: the VM is not running; skipping")
     report = mount(_job_from_args(args))
-    print(json.dumps(report.as_dict(), indent=2, default=str) if args.json else report.render())
+    print(json.dumps(report.as_dict(), indent=2, default=str) if args.json
+          else render_report(report))
     return EXIT_OK if report.clean and not report.warnings else EXIT_WARNING
 
 
@@ -121,49 +135,51 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.config import command_line_targets, load_config
     from kvmsnap_plugin.plugin.manager import Hooks
 
     hooks = Hooks()
     types = hooks.archiver_types()
-    if args.config:
-        if args.qmp or args.domain or args.borg or args.restic:
-            raise UsageError("--config cannot be combined with --qmp, --domain, --borg or "
-                             "--restic",
-                             "put the VM and its archivers in the config file")
-        jobs = load_config(Path(args.config), types)
-        if args.vm:
-            jobs = [j for j in jobs if j.name in args.vm]
-            if not jobs:
-                raise UsageError(f"no [[vm]] named {', '.join(args.vm)} in {args.config}")
-        if args.dry_run:
-            jobs = [replace(j, dry_run=True) for j in jobs]
-    else:
-        if not (args.qmp or args.domain):
-            raise UsageError("no VM given", "pass --qmp SOCKET, --domain NAME or --config FILE")
-        targets = command_line_targets(args.borg or [], args.restic or [], args.mode, types)
-        if not targets:
-            raise UsageError("no archive target given",
-                             "pass --borg REPO and/or --restic REPO (or use `kvmsnap fork`)")
-        jobs = [_job_from_args(args, targets)]
+    jobs = _jobs_from_config(args, types) if args.config else [_job_with_targets(args, types)]
     return run_jobs(jobs, args, hooks)
 
 
-def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks=None) -> int:
-    """Back up each VM in turn; one VM's failure does not stop the others."""
-    from kvmsnap_plugin.run.pipeline import backup, plan
+def _jobs_from_config(args: argparse.Namespace,
+                      types: dict[str, frozenset[str]]) -> list[BackupJob]:
+    from kvmsnap_plugin.config import load_config
 
+    if args.qmp or args.domain or args.borg or args.restic:
+        raise UsageError("--config cannot be combined with --qmp, --domain, --borg or "
+                         "--restic",
+                         "put the VM and its archivers in the config file")
+    jobs = load_config(Path(args.config), types)
+    if args.vm:
+        jobs = [j for j in jobs if j.name in args.vm]
+        if not jobs:
+            raise UsageError(f"no [[vm]] named {', '.join(args.vm)} in {args.config}")
+    return [replace(j, dry_run=True) for j in jobs] if args.dry_run else jobs
+
+
+def _job_with_targets(args: argparse.Namespace, types: dict[str, frozenset[str]]) -> BackupJob:
+    from kvmsnap_plugin.config import command_line_targets
+
+    if not (args.qmp or args.domain):
+        raise UsageError("no VM given", "pass --qmp SOCKET, --domain NAME or --config FILE")
+    targets = command_line_targets(args.borg or [], args.restic or [], args.mode, types)
+    if not targets:
+        raise UsageError("no archive target given",
+                         "pass --borg REPO and/or --restic REPO (or use `kvmsnap fork`)")
+    return _job_from_args(args, targets)
+
+
+def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks: Hooks | None = None) -> int:
+    """Back up each VM in turn; one VM's failure does not stop the others."""
     outputs, codes = [], []
     for job in jobs:
         try:
-            if job.dry_run:
-                result = plan(job)
-                codes.append(EXIT_OK)
-            else:
-                result = backup(job, hooks)
-                codes.append(EXIT_OK if result.clean and not result.warnings else EXIT_WARNING)
+            result, code = _run_job(job, hooks)
+            codes.append(code)
             outputs.append({"vm": job.name, "status": "ok", **result.as_dict()} if args.json
-                           else result.render())
+                           else _render(result))
         except KvmsnapError as exc:
             if len(jobs) == 1:
                 raise
@@ -178,6 +194,22 @@ def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks=None) -> int
     return worst(codes)
 
 
+def _run_job(job: BackupJob, hooks: Hooks | None) -> tuple[BackupReport | Plan, int]:
+    """A backup, or with --dry-run its plan; and the exit code it earns."""
+    from kvmsnap_plugin.run.pipeline import backup, plan
+
+    if job.dry_run:
+        return plan(job), EXIT_OK
+    report = backup(job, hooks)
+    return report, EXIT_OK if report.clean and not report.warnings else EXIT_WARNING
+
+
+def _render(result: BackupReport | Plan) -> str:
+    from kvmsnap_plugin.run.report import render_plan, render_report
+
+    return render_plan(result) if isinstance(result, Plan) else render_report(result)
+
+
 def worst(codes: list[int]) -> int:
     """Error beats warning beats skip beats success."""
     for code in (EXIT_ERROR, EXIT_WARNING, EXIT_SKIP):
@@ -189,25 +221,28 @@ def worst(codes: list[int]) -> int:
 def add_vm_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--qmp", metavar="SOCKET", help="a bare QEMU's QMP unix socket")
     cmd.add_argument("--domain", metavar="NAME", help="a libvirt domain")
-    cmd.add_argument("--libvirt-uri", default="qemu:///system", metavar="URI",
-                     help="with --domain (default qemu:///system)")
+    cmd.add_argument("--libvirt-uri", default=DEFAULT_LIBVIRT_URI, metavar="URI",
+                     help=f"with --domain (default {DEFAULT_LIBVIRT_URI})")
 
 
 def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
     add_vm_arguments(cmd)
     cmd.add_argument("--name", help="the VM's name in archives (default: the socket's name)")
     cmd.add_argument("--pid", type=int, help="the QEMU process (default: from the socket)")
-    cmd.add_argument("--method", choices=("auto", "background-snapshot", "stop-and-copy"),
-                     default="auto", help="how to snapshot RAM (default: background if the "
-                     "host supports it)")
-    cmd.add_argument("--shutdown-timeout", type=float, default=300.0, metavar="SECONDS",
-                     help="power button to a stopped clone, at most (default 300)")
-    cmd.add_argument("--repress-after", type=float, default=60.0, metavar="SECONDS",
-                     help="press the power button again after this long (default 60)")
-    cmd.add_argument("--on-unclean", choices=("fail", "crash-consistent"), default="fail",
-                     help="when the clone does not shut down: fail (default), or use the "
-                     "crash-consistent images, labelled as such (exit code 1)")
-    cmd.add_argument("--workdir", help="private work directory (default /var/tmp/kvmsnap)")
+    cmd.add_argument("--method", choices=METHODS, default=RamMethod.AUTO.value,
+                     help="how to snapshot RAM (default: background if the host supports it)")
+    cmd.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT,
+                     metavar="SECONDS", help="power button to a stopped clone, at most "
+                     f"(default {SHUTDOWN_TIMEOUT:g})")
+    cmd.add_argument("--repress-after", type=float, default=REPRESS_AFTER, metavar="SECONDS",
+                     help=f"press the power button again after this long "
+                     f"(default {REPRESS_AFTER:g})")
+    cmd.add_argument("--on-unclean", choices=[o.value for o in OnUnclean],
+                     default=OnUnclean.FAIL.value,
+                     help=f"when the clone does not shut down: {OnUnclean.FAIL} (default), or "
+                     f"use the {OnUnclean.CRASH_CONSISTENT} images, labelled as such "
+                     "(exit code 1)")
+    cmd.add_argument("--workdir", help=f"private work directory (default {DEFAULT_WORKDIR})")
     cmd.add_argument("--overlay-dir", help="where the parent's temporary overlays go "
                      "(default: beside each disk image)")
     cmd.add_argument("--keep", metavar="DIR", help="keep the clone's disks as standalone "
@@ -267,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--borg", action="append", metavar="REPO", help="a borg repository")
     backup.add_argument("--restic", action="append", metavar="REPO",
                         help="a restic repository")
-    backup.add_argument("--mode", choices=("files", "image", "both"), default="files",
+    backup.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.FILES.value,
                         help="archive the mounted filesystems, raw disk images, or both")
     backup.add_argument("--dry-run", action="store_true",
                         help="show what would be done, touching nothing")
@@ -318,6 +353,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         print(f"kvmsnap: internal error: {type(exc).__name__}: {exc} "
               "(fix: run again with --debug and report the traceback)", file=sys.stderr)
         return EXIT_ERROR
+
 
 if __name__ == "__main__":
     sys.exit(main())

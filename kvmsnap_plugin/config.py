@@ -30,7 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import UsageError
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, Mode, ShutdownPolicy
+from kvmsnap_plugin.model import (
+    DEFAULT_LIBVIRT_URI,
+    REPRESS_AFTER,
+    SHUTDOWN_TIMEOUT,
+    ArchiveTarget,
+    BackupJob,
+    ForkOptions,
+    Mode,
+    OnUnclean,
+    RamMethod,
+    ShutdownPolicy,
+)
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
 from kvmsnap_plugin.plugin.archive import absolute_repository
 
@@ -41,10 +52,6 @@ RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_time
 VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
-
-
-
-
 
 
 def load_config(path: Path, archiver_types: Mapping[str, frozenset[str]]) -> list[BackupJob]:
@@ -63,28 +70,31 @@ def load_config(path: Path, archiver_types: Mapping[str, frozenset[str]]) -> lis
     vms = data.get("vm", [])
     if not vms:
         raise UsageError(f"{path} lists no [[vm]]", "add a [[vm]] table with qmp = SOCKET")
-    jobs = []
-    for index, vm in enumerate(vms):
-        where = f"[[vm]] #{index + 1} of {path}"
-        _check_keys(vm, VM_KEYS, where)
-        if ("qmp" in vm) == ("domain" in vm):
-            raise UsageError(f"{where} needs one of qmp or domain",
-                             "add qmp = \"/path/to/qmp.sock\" or domain = \"NAME\"")
-        settings = {**defaults, **vm}
-        mode = _mode(settings.get("mode", "files"), where)
-        targets = []
-        for name in vm.get("archivers", []):
-            if name not in archivers:
-                raise UsageError(f"{where} names archiver {name!r}, which is not defined",
-                                 f"define [archiver.{name}] (defined: "
-                                 f"{', '.join(archivers) or 'none'})")
-            targets.append(replace(archivers[name], mode=mode))
-        qmp = Path(vm["qmp"]) if "qmp" in vm else None
-        name = vm.get("name") or vm.get("domain") or Path(vm["qmp"]).stem
-        jobs.append(BackupJob(name, qmp, fork_options(settings, where), tuple(targets),
-                              domain=vm.get("domain"),
-                              libvirt_uri=vm.get("libvirt_uri", "qemu:///system")))
-    return jobs
+    return [_job(vm, defaults, archivers, f"[[vm]] #{index + 1} of {path}")
+            for index, vm in enumerate(vms)]
+
+
+def _job(vm: Mapping[str, Any], defaults: Mapping[str, Any],
+         archivers: Mapping[str, ArchiveTarget], where: str) -> BackupJob:
+    """One [[vm]] table, over the [defaults], as a job."""
+    _check_keys(vm, VM_KEYS, where)
+    if ("qmp" in vm) == ("domain" in vm):
+        raise UsageError(f"{where} needs one of qmp or domain",
+                         "add qmp = \"/path/to/qmp.sock\" or domain = \"NAME\"")
+    settings = {**defaults, **vm}
+    mode = _mode(settings.get("mode", Mode.FILES), where)
+    targets = []
+    for name in vm.get("archivers", []):
+        if name not in archivers:
+            raise UsageError(f"{where} names archiver {name!r}, which is not defined",
+                             f"define [archiver.{name}] (defined: "
+                             f"{', '.join(archivers) or 'none'})")
+        targets.append(replace(archivers[name], mode=mode))
+    qmp = Path(vm["qmp"]) if "qmp" in vm else None
+    name = vm.get("name") or vm.get("domain") or Path(vm["qmp"]).stem
+    return BackupJob(name, qmp, fork_options(settings, where), tuple(targets),
+                     domain=vm.get("domain"),
+                     libvirt_uri=vm.get("libvirt_uri", DEFAULT_LIBVIRT_URI))
 
 
 def fork_options(settings: Mapping[str, Any], where: str = "the command line") -> ForkOptions:
@@ -93,8 +103,8 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         return Path(settings[key]) if settings.get(key) else None
 
     try:
-        timeout = float(settings.get("shutdown_timeout", 300.0))
-        repress = float(settings.get("repress_after", 60.0))
+        timeout = float(settings.get("shutdown_timeout", SHUTDOWN_TIMEOUT))
+        repress = float(settings.get("repress_after", REPRESS_AFTER))
     except (TypeError, ValueError) as exc:
         raise UsageError(f"bad timeout in {where}: {exc}", "give seconds as a number") from None
     collapse = settings.get("collapse_huge_pages", False)
@@ -102,9 +112,9 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         raise UsageError(f"collapse_huge_pages in {where} must be true or false, "
                          f"not {collapse!r}", "write collapse_huge_pages = true")
     return ForkOptions(
-        method=settings.get("method", "auto"),
+        method=settings.get("method", RamMethod.AUTO),
         shutdown=ShutdownPolicy(timeout=timeout, repress_after=min(repress, timeout),
-                                on_unclean=settings.get("on_unclean", "fail")),
+                                on_unclean=settings.get("on_unclean", OnUnclean.FAIL)),
         keep_dir=path("keep"),
         workdir=path("workdir") or DEFAULT_WORKDIR,
         overlay_dir=path("overlay_dir"),
@@ -131,13 +141,15 @@ def _archiver(name: str, table: Mapping[str, Any],
     options = {k: v for k, v in table.items() if k != "type"}
     if isinstance(options.get("repository"), str):
         options["repository"] = absolute_repository(options["repository"], path.parent)
-    return ArchiveTarget(name, kind, "files", options)
+    return ArchiveTarget(name, kind, Mode.FILES, options)  # each [[vm]] sets its mode
 
 
-def _mode(value: Any, where: str) -> str:
-    if value not in [m.value for m in Mode]:
-        raise UsageError(f"unknown mode {value!r} in {where}", "use one of: " + ", ".join(Mode))
-    return value
+def _mode(value: Any, where: str) -> Mode:
+    try:
+        return Mode(value)
+    except ValueError:
+        raise UsageError(f"unknown mode {value!r} in {where}",
+                         "use one of: " + ", ".join(Mode)) from None
 
 
 def _check_keys(table: Mapping[str, Any], allowed: frozenset[str] | set[str], where: str):
@@ -148,7 +160,7 @@ def _check_keys(table: Mapping[str, Any], allowed: frozenset[str] | set[str], wh
                          f"allowed: {', '.join(sorted(allowed))}")
 
 
-def command_line_targets(borg: list[str], restic: list[str], mode: str,
+def command_line_targets(borg: list[str], restic: list[str], mode: str | Mode,
                          archiver_types: Mapping[str, frozenset[str]]) -> tuple[ArchiveTarget, ...]:
     """``--borg REPO`` / ``--restic REPO`` as archive targets."""
     mode = _mode(mode, "--mode")

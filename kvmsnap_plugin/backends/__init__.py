@@ -1,51 +1,87 @@
 """Where VMs come from: a bare QEMU with a QMP socket, or a libvirt domain.
 
-A parent backend gives the pipeline four things and hides how: a description of the VM
-(:class:`~kvmsnap_plugin.vm.parent.Parent`), the fork point, the live commit that gives the
-VM its disk chain back, and the recovery of an interrupted run from the journal. The rest
-of the pipeline (clone, shutdown, expose, archive, verify) does not know the difference.
+The fork engine (:mod:`kvmsnap_plugin.fork`) is written once; a backend says only what
+differs between the two: how to reach QEMU's monitor, how to pause and resume the VM (so
+libvirt's idea of its state never drifts), how the disk snapshot and the commit back are
+done, and how to find the VM again after a crash. The rest of the pipeline (clone,
+shutdown, expose, archive, verify) does not know the difference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from kvmsnap_plugin.model import Commit, ForkedDisk, ForkPoint, JournalState, Parent, Phase
+from kvmsnap_plugin.model import ForkedDisk, Parent
+from kvmsnap_plugin.vm.qmp import Event
 
 
-class ParentBackend(Protocol):
-    kind: str
+class Monitor(Protocol):
+    """QEMU's monitor: :class:`~kvmsnap_plugin.vm.qmp.QmpSession` for a bare QEMU,
+    :class:`~kvmsnap_plugin.backends.libvirt.DomainMonitor` (QMP through libvirt) for a domain."""
 
-    def __enter__(self) -> ParentBackend: ...
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                *, timeout: float | None = None) -> Any:
+        """Run a QMP command; its ``return`` value. Raises VMError if QEMU refuses it."""
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor under ``name`` (QMP ``getfd``)."""
+
+    def runstate(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``finish-migrate``, ...)."""
+
+    def events(self) -> list[Event]:
+        """The events received and not consumed yet, oldest first (and forget them)."""
+
+    def wait_event(self, names: str | Iterable[str], timeout: float,
+                   match: Callable[[Event], bool] = ...) -> Event:
+        """The first event named in ``names`` that ``match`` accepts; StepTimeout if none."""
+
+
+class Backend(Protocol):
+    """One parent VM, opened as a context manager (``with backend: ...``)."""
+
+    kind: str  # "qmp" or "libvirt": recorded in the journal
+
+    @property
+    def monitor(self) -> Monitor:
+        """The parent's QEMU monitor (for the RAM snapshot and the run state)."""
+
+    def __enter__(self) -> Backend: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
     def describe(self) -> Parent:
-        """The running VM, checked for clonability (raises VMError otherwise)."""
+        """The VM, checked for clonability (raises VMError otherwise)."""
 
-    def fork(self, parent: Parent, planned: tuple[ForkedDisk, ...], state_file: Path,
-             method: str) -> ForkPoint:
-        """Pause, snapshot disks and RAM at one instant, resume; undo on failure."""
+    def pause(self) -> None:
+        """Stop the guest's CPUs."""
 
-    def commit_back(self, disks: Sequence[ForkedDisk]) -> list[Commit]:
-        """Give the parent its chain back: live-commit each overlay, delete it."""
+    def resume(self) -> None:
+        """Let the guest's CPUs run again."""
+
+    def attach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
+        """Make the overlay files (they exist) known to QEMU before the pause, if needed."""
+
+    def detach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
+        """Undo :meth:`attach_overlays` for overlays that are no disk's layer; never raises."""
+
+    def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
+        """Put every planned overlay on top of its disk, all at one instant."""
+
+    def active_overlays(self, planned: Sequence[ForkedDisk]) -> list[ForkedDisk]:
+        """The planned overlays that are a disk's active layer now (or being committed)."""
+
+    def commit_one(self, disk: ForkedDisk, timeout: float) -> int:
+        """Live-commit one active overlay into its frozen image and pivot the disk back
+        onto that image; the bytes copied."""
 
     def journal_fields(self) -> dict[str, Any]:
-        """What :func:`restore_parent` needs to find this VM again after a crash."""
+        """What :func:`reopen` needs to find this VM again after a crash."""
 
+    def online(self) -> bool:
+        """Does the VM's QEMU run (its chain can be given back live)?"""
 
-def restore_parent(state: JournalState, disks: list[ForkedDisk], result: Any) -> None:
-    """Recovery: resume the parent if we paused it and commit its overlays back."""
-    if not disks and state.phase not in (Phase.FORKING, Phase.FORKED):
-        return  # the run gave the chain back already: leave the VM's monitor alone
-    kind = state.backend
-    if kind == "libvirt":
-        from kvmsnap_plugin.backends import libvirt
-
-        libvirt.restore(state, disks, result)
-    else:
-        from kvmsnap_plugin.backends import qmp
-
-        qmp.restore(state, disks, result)
+    def point_config_back(self, disks: Sequence[ForkedDisk]) -> list[str]:
+        """For a VM that is not running: make its stored configuration name the frozen
+        images instead of the overlays; the devices changed."""

@@ -1,100 +1,131 @@
-"""A bare QEMU reached through its QMP unix socket."""
+"""A bare QEMU reached through its QMP unix socket.
+
+The overlays are attached (``blockdev-add``) before the pause and put on top of the disks
+by one ``transaction`` of ``blockdev-snapshot`` actions; the chain is given back by an
+active ``block-commit`` and ``block-job-complete``, which pivots each disk back onto its
+frozen image.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin.fork.chain import commit_back
-from kvmsnap_plugin.fork.engine import settle_migration, take_fork
-from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import Commit, ForkedDisk, ForkPoint, JournalState, Parent, Phase
+from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
+from kvmsnap_plugin.host import faults, process
+from kvmsnap_plugin.model import ForkedDisk, JournalState, Parent
 from kvmsnap_plugin.vm.parent import discover
-from kvmsnap_plugin.vm.qmp import QmpSession, peer_pid
+from kvmsnap_plugin.vm.qmp import Event, QmpSession, peer_pid
 
 log = logging.getLogger("kvmsnap")
 
+#: how long recovery waits for a QMP socket that exists
+RECOVERY_CONNECT_TIMEOUT = 30.0
 
-class QmpParent:
+
+class QmpBackend:
     """The parent as a QMP session, held for the whole run (QMP serves one client)."""
 
     kind = "qmp"
 
-    def __init__(self, socket: Path, pid: int | None = None) -> None:
+    def __init__(self, socket: Path, pid: int | None = None, *, running: bool = True,
+                 connect_timeout: float = 10.0) -> None:
         self.socket = socket
-        self.pid = pid or peer_pid(socket)
-        self.session = QmpSession(socket, name="parent")
+        self.running = running
+        self.pid = pid or (peer_pid(socket) if running else 0)
+        self.connect_timeout = connect_timeout
+        self.monitor = QmpSession(socket, name="parent")
 
-    def __enter__(self) -> QmpParent:
-        self.session.connect()
+    def __enter__(self) -> QmpBackend:
+        if self.running:
+            self.monitor.connect(timeout=self.connect_timeout)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.session.close()
+        self.monitor.close()
 
     def describe(self) -> Parent:
-        return discover(self.session, self.socket, self.pid)
+        return discover(self.monitor, self.socket, self.pid)
 
-    def fork(self, parent: Parent, planned: tuple[ForkedDisk, ...], state_file: Path,
-             method: str) -> ForkPoint:
-        return take_fork(self.session, parent, planned, state_file, method=method)
-
-    def commit_back(self, disks: Sequence[ForkedDisk]) -> list[Commit]:
-        return commit_back(self.session, disks)
+    def online(self) -> bool:
+        return self.running
 
     def journal_fields(self) -> dict[str, Any]:
         return {"backend": self.kind, "qmp": str(self.socket),
                 "parent": process.identity(self.pid)}
 
+    # -- the fork -------------------------------------------------------------------------
+    def pause(self) -> None:
+        self.monitor.execute("stop")
 
-def restore(state: JournalState, disks: list[ForkedDisk], result: Any) -> None:
-    """Recovery for a QMP parent: online if its QEMU still runs, else offline."""
+    def resume(self) -> None:
+        self.monitor.execute("cont")
+
+    def attach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
+        for forked in planned:
+            self.monitor.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": forked.overlay_node, "backing": None,
+                "file": {"driver": "file", "filename": str(forked.parent_overlay)}})
+
+    def detach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
+        for forked in planned:
+            try:
+                self.monitor.execute("blockdev-del", {"node-name": forked.overlay_node})
+            except KvmsnapError as exc:  # never attached, or already gone
+                log.debug("blockdev-del %s: %s", forked.overlay_node, exc)
+
+    def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
+        self.monitor.execute("transaction", {"actions": [
+            {"type": "blockdev-snapshot", "data": {"node": d.disk.node, "overlay": d.overlay_node}}
+            for d in planned]})
+
+    def active_overlays(self, planned: Sequence[ForkedDisk]) -> list[ForkedDisk]:
+        tops = {b["inserted"]["node-name"] for b in self.monitor.execute("query-block")
+                if b.get("inserted")}
+        jobs = {j["device"] for j in self.monitor.execute("query-block-jobs")}
+        return [d for d in planned if d.overlay_node in tops or commit_job(d) in jobs]
+
+    def point_config_back(self, disks: Sequence[ForkedDisk]) -> list[str]:
+        return []  # a bare QEMU has no stored configuration
+
+    # -- the commit back ------------------------------------------------------------------
+    def commit_one(self, disk: ForkedDisk, timeout: float) -> int:
+        job = commit_job(disk)
+        jobs = {j["device"]: j for j in self.monitor.execute("query-block-jobs")}
+        if job in jobs:  # left by an interrupted run: finish it rather than start anew
+            if jobs[job].get("ready"):
+                self.monitor.execute("block-job-complete", {"device": job})
+        else:
+            self.monitor.execute("block-commit", {"job-id": job, "device": disk.overlay_node,
+                                                  "base-node": disk.disk.node})
+            faults.point("commit")
+        ended = self._wait_job(job, ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"), timeout)
+        if ended.name == "BLOCK_JOB_READY":
+            self.monitor.execute("block-job-complete", {"device": job})
+            ended = self._wait_job(job, ("BLOCK_JOB_COMPLETED",), timeout)
+        if ended.data.get("error"):
+            raise VMError(f"block-commit of {disk.disk.device} failed: {ended.data['error']}")
+        return int(ended.data.get("len", 0))
+
+    def _wait_job(self, job: str, names: tuple[str, ...], timeout: float) -> Event:
+        try:
+            return self.monitor.wait_event(names, timeout, lambda e: e.data.get("device") == job)
+        except StepTimeout:
+            self.monitor.execute("block-job-cancel", {"device": job, "force": True})
+            raise
+
+
+def commit_job(disk: ForkedDisk) -> str:
+    """The block job that commits ``disk``'s overlay: named after the overlay's node, so a
+    later run (recovery) finds the job of an interrupted one."""
+    return f"{disk.overlay_node}-commit"
+
+
+def reopen(state: JournalState) -> QmpBackend:
+    """The parent a journal names: online if the same QEMU still serves its socket."""
     socket = Path(state.qmp or "")
-    if process.same_process(state.parent) and socket.exists():
-        with QmpSession(socket, name="recover") as session:
-            session.connect(timeout=30)
-            _resume(session, state, result)
-            _commit_online(session, disks, result)
-    else:
-        commit_offline(disks, result)
-
-
-def _resume(session: QmpSession, state: JournalState, result: Any) -> None:
-    """Resume the parent if our fork left it paused or mid-snapshot."""
-    if session.execute("query-migrate").get("status") in ("setup", "active", "device"):
-        result.did(f"let an unfinished RAM snapshot end ({settle_migration(session)})")
-    runstate = session.runstate()
-    if state.phase is Phase.FORKING and runstate in ("paused", "postmigrate", "finish-migrate"):
-        deadline = time.monotonic() + 30
-        while session.runstate() == "finish-migrate" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        session.execute("cont")
-        result.did(f"resumed the parent (it was {runstate})")
-
-
-def _commit_online(session: QmpSession, disks: list[ForkedDisk], result: Any) -> None:
-    if not disks:
-        return
-    in_use = {n.get("file") for n in session.execute("query-named-block-nodes")}
-    active = [d for d in disks if str(d.parent_overlay) in in_use]
-    for commit in commit_back(session, active):
-        result.did(f"committed the parent's overlay of {commit.device} back")
-    for disk in disks:
-        if disk not in active and disk.parent_overlay.exists():
-            disk.parent_overlay.unlink()  # never used by the parent: holds no guest data
-            result.did(f"deleted the unused overlay {disk.parent_overlay.name}")
-
-
-def commit_offline(disks: list[ForkedDisk], result: Any) -> None:
-    """The parent's QEMU is gone: fold each overlay's writes into its frozen image."""
-    for disk in disks:
-        if not disk.parent_overlay.exists():
-            continue
-        process.run(["qemu-img", "commit", "-q", "-f", "qcow2", disk.parent_overlay],
-                    timeout=3600)
-        disk.parent_overlay.unlink()
-        result.did(f"committed {disk.parent_overlay.name} into {disk.frozen.name} offline "
-                   "(the VM was not running)")
+    pid = process.same_process(state.parent)
+    return QmpBackend(socket, pid, running=pid is not None and socket.exists(),
+                      connect_timeout=RECOVERY_CONNECT_TIMEOUT)

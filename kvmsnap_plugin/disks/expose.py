@@ -29,11 +29,6 @@ from kvmsnap_plugin.vm.qemu_args import escape
 log = logging.getLogger("kvmsnap")
 
 
-
-
-
-
-
 class Recorder(Protocol):
     """Where each export, loop device and mount is noted before it is made (the journal)."""
 
@@ -190,19 +185,3 @@ def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float
         if time.monotonic() > deadline:
             raise HostError(f"the FUSE exports did not appear within {timeout:g} s")
         time.sleep(0.02)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

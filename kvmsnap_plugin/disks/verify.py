@@ -20,10 +20,6 @@ if TYPE_CHECKING:
     from kvmsnap_plugin.model import ExposedFilesystem
 
 
-
-
-
-
 def probe_fstype(device: Path | str) -> str:
     """Filesystem type of a block device or image file ("" when none is recognised)."""
     result = process.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30,
@@ -72,8 +68,6 @@ def read_file(device: Path | str, path: str) -> bytes | None:
     if "File not found" in result.stderr or result.returncode != 0:
         return None
     return result.stdout.encode()
-
-
 
 
 def verdicts(filesystems: Iterable[ExposedFilesystem]) -> list[Verdict]:

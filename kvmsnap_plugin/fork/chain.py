@@ -1,4 +1,4 @@
-"""The parent's disk chain: give it back, and keep standalone copies of the clone's disks.
+"""The parent's disk chain given back: each overlay committed into its frozen image, deleted.
 
 Order matters: the frozen images are the backing files of the clone's overlays. Once the
 parent's overlay is committed into a frozen image, the clone's view of that disk changes,
@@ -10,32 +10,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
-from kvmsnap_plugin.host import faults
-from kvmsnap_plugin.model import Commit
-from kvmsnap_plugin.vm.qmp import QmpSession
-
-if TYPE_CHECKING:
-    from kvmsnap_plugin.model import ForkedDisk
+from kvmsnap_plugin.backends import Backend
+from kvmsnap_plugin.errors import KvmsnapError, VMError
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import COMMIT_TIMEOUT, Commit, ForkedDisk, Recovery
 
 log = logging.getLogger("kvmsnap")
 
 
-
-
-def commit_back(session: QmpSession, disks: Sequence[ForkedDisk],
-                timeout: float = 3600.0) -> list[Commit]:
-    """Live-commit each parent overlay into its frozen image, then delete the overlay.
+def commit_back(backend: Backend, disks: Sequence[ForkedDisk],
+                timeout: float = COMMIT_TIMEOUT) -> list[Commit]:
+    """Live-commit each parent overlay that is a disk's active layer, then delete it.
 
     An active commit: QEMU copies the overlay down while the guest keeps writing, mirrors
-    new writes, and on ``block-job-complete`` pivots the disk back onto the frozen image,
-    which then holds every write. Every disk is attempted even if one fails.
+    new writes, and pivots the disk back onto the frozen image, which then holds every
+    write. An overlay that is not (or no longer) on top holds no write the VM still needs.
+    Every disk is attempted even if one fails.
     """
-    jobs = {disk.overlay_node: f"kvmsnap-commit-{i}" for i, disk in enumerate(disks)}
-    return commit_each(disks, lambda disk: _commit_one(session, disk, jobs[disk.overlay_node],
-                                                       timeout))
+    def give_back(disk: ForkedDisk) -> Commit:
+        started = time.monotonic()
+        written = 0
+        if backend.active_overlays([disk]):
+            log.info("committing the parent's writes on %s back into %s", disk.disk.device,
+                     disk.frozen.name)
+            written = backend.commit_one(disk, timeout)
+        else:
+            log.debug("%s is not the active layer; nothing to commit", disk.parent_overlay.name)
+        backend.detach_overlays([disk])
+        delete_overlay(disk)
+        return Commit(disk.disk.device, time.monotonic() - started, written)
+
+    return commit_each(disks, give_back)
 
 
 def commit_each(disks: Sequence[ForkedDisk],
@@ -53,49 +59,24 @@ def commit_each(disks: Sequence[ForkedDisk],
     return done
 
 
-def _commit_one(session: QmpSession, disk: ForkedDisk, job: str, timeout: float) -> Commit:
-    started = time.monotonic()
-    written = 0
-    running = {j["device"] for j in session.execute("query-block-jobs")}
-    if disk.overlay_node not in _top_nodes(session) and job not in running:
-        log.debug("%s is not active; nothing to commit", disk.overlay_node)
-    else:
-        log.info("committing the parent's writes on %s back into %s", disk.disk.device,
-                 disk.frozen.name)
-        if job in running:  # left by an interrupted run: finish it rather than start anew
-            if any(j["device"] == job and j.get("ready") for j in
-                   session.execute("query-block-jobs")):
-                session.execute("block-job-complete", {"device": job})
-        else:
-            session.execute("block-commit", {"job-id": job, "device": disk.overlay_node,
-                                             "base-node": disk.disk.node})
-            faults.point("commit")
-        ready = _wait_job(session, job, ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"), timeout)
-        if ready.name == "BLOCK_JOB_READY":
-            session.execute("block-job-complete", {"device": job})
-            ready = _wait_job(session, job, ("BLOCK_JOB_COMPLETED",), timeout)
-        if ready.data.get("error"):
-            raise VMError(f"block-commit of {disk.disk.device} failed: {ready.data['error']}")
-        written = int(ready.data.get("len", 0))
+def commit_offline(disks: Sequence[ForkedDisk], result: Recovery) -> None:
+    """The parent's QEMU is gone: fold each overlay's writes into its frozen image."""
+    for disk in disks:
+        if not disk.parent_overlay.exists():
+            continue
+        process.run(["qemu-img", "commit", "-q", "-f", "qcow2", disk.parent_overlay],
+                    timeout=3600)
+        delete_overlay(disk)
+        result.did(f"committed {disk.parent_overlay.name} into {disk.frozen.name} offline "
+                   "(the VM was not running)")
+
+
+def delete_overlay(disk: ForkedDisk) -> bool:
+    """Delete the parent's overlay of ``disk``: the one place kvmsnap does. Callers have
+    made sure it holds no write the VM still needs (committed, or never the VM's layer).
+    True if there was a file to delete."""
     try:
-        session.execute("blockdev-del", {"node-name": disk.overlay_node})
-    except KvmsnapError as exc:
-        log.debug("blockdev-del %s: %s", disk.overlay_node, exc)
-    disk.parent_overlay.unlink(missing_ok=True)
-    return Commit(disk.disk.device, time.monotonic() - started, written)
-
-
-def _wait_job(session: QmpSession, job: str, names: tuple[str, ...], timeout: float):
-    try:
-        event = session.wait_event(names, timeout, lambda e: e.data.get("device") == job)
-    except StepTimeout:
-        session.execute("block-job-cancel", {"device": job, "force": True})
-        raise
-    return event
-
-
-def _top_nodes(session: QmpSession) -> set[str]:
-    return {b["inserted"]["node-name"] for b in session.execute("query-block")
-            if b.get("inserted")}
-
-
+        disk.parent_overlay.unlink()
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,4 +1,4 @@
-"""Loop devices and mounts: attach read-only, find partitions, mount and unmount.
+"""Loop devices and mounts: attach, find partitions, mount and unmount.
 
 The host side of exposing a disk image (and of the test guests' builders): ``losetup -r``
 (+ ``partx --add``, since some kernels' ``losetup -P`` never scans), read-only mounts that
@@ -8,7 +8,9 @@ replay no journal, and the undo of each, tolerant of what is already undone.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvmsnap_plugin.errors import HostError, KvmsnapError
@@ -18,17 +20,46 @@ from kvmsnap_plugin.host import process
 MOUNT_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "ext2": "ro", "xfs": "ro,norecovery",
                  "vfat": "ro", "btrfs": "ro,nologreplay"}
 
+#: the kernel writes space, tab, newline and backslash in mount points as octal escapes
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def mount_points(table: str | None = None) -> list[str]:
+    """The mount points in a mount table (default: ``/proc/self/mounts``), unescaped."""
+    if table is None:
+        table = Path("/proc/self/mounts").read_text()
+    return [_ESCAPE.sub(lambda m: chr(int(m[1], 8)), line.split()[1])
+            for line in table.splitlines() if line.strip()]
+
 
 def is_mountpoint(path: Path) -> bool:
-    target = str(path).replace(" ", "\\040")
-    with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
+    return str(path) in mount_points()
 
 
-def attach_loop(image: Path) -> Path:
-    out = process.run(["losetup", "--read-only", "--partscan", "--find", "--show", image],
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    top = str(path.resolve())
+    found = [m for m in mount_points() if m == top or m.startswith(top.rstrip("/") + "/")]
+    return sorted(found, key=len, reverse=True)
+
+
+def attach_loop(image: Path, *, writable: bool = False) -> Path:
+    """Attach ``image`` to a free loop device (read-only unless ``writable``), scanning its
+    partition table."""
+    mode = [] if writable else ["--read-only"]
+    out = process.run(["losetup", *mode, "--partscan", "--find", "--show", image],
                       timeout=60).stdout.strip()
     return Path(out)
+
+
+@contextlib.contextmanager
+def loop_attached(image: Path, *, writable: bool = False) -> Iterator[Path]:
+    """:func:`attach_loop` for the duration of the block; always detached after."""
+    loop = attach_loop(image, writable=writable)
+    try:
+        yield loop
+    finally:
+        detach_loop(loop)
 
 
 def detach_loop(loop: Path) -> None:
@@ -79,22 +110,44 @@ def block_devices(loop: Path, timeout: float) -> list[tuple[str, Path]]:
     return devices
 
 
+def mount(source: str | Path, mountpoint: Path, fstype: str,
+          options: str = "defaults") -> None:
+    process.run(["mount", "-t", fstype, "-o", options, source, mountpoint], timeout=120)
+
+
+def bind_mount(source: Path, mountpoint: Path) -> None:
+    process.run(["mount", "--bind", source, mountpoint], timeout=60)
+
+
 def mount_read_only(device: Path, mountpoint: Path, fstype: str) -> None:
-    process.run(["mount", "-t", fstype, "-o", MOUNT_OPTIONS[fstype], device, mountpoint],
-                timeout=120)
+    mount(device, mountpoint, fstype, MOUNT_OPTIONS[fstype])
 
 
-def unmount(mountpoint: Path) -> None:
-    """Unmount (lazily if busy) and remove the mount point; a no-op if not mounted."""
-    if not is_mountpoint(mountpoint):
+@contextlib.contextmanager
+def mounted(device: str | Path, mountpoint: Path, fstype: str,
+            options: str = "defaults") -> Iterator[Path]:
+    """Mount for the duration of the block (creating the mount point); :func:`unmount`
+    after, first what was mounted below it meanwhile (whose mount points stay)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    mount(device, mountpoint, fstype, options)
+    try:
+        yield mountpoint
+    finally:
+        for target in mounts_under(mountpoint):
+            unmount(Path(target), remove=False)
+        unmount(mountpoint)
+
+
+def unmount(mountpoint: Path, *, remove: bool = True) -> None:
+    """Unmount (lazily if busy) and remove the mount point unless ``remove`` is False; a
+    no-op if not mounted."""
+    if is_mountpoint(mountpoint):
+        try:
+            process.run(["umount", mountpoint], timeout=120)
+        except KvmsnapError:
+            # Someone still reads it (a killed archiver?): detach lazily, never leave it.
+            process.run(["umount", "-l", mountpoint], timeout=60, check=False)
+    if remove:
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
-        return
-    try:
-        process.run(["umount", mountpoint], timeout=120)
-    except KvmsnapError:
-        # Someone still reads it (an archiver that was killed?): detach lazily, never leave it.
-        process.run(["umount", "-l", mountpoint], timeout=60, check=False)
-    with contextlib.suppress(OSError):
-        mountpoint.rmdir()
 

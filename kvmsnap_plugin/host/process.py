@@ -1,10 +1,14 @@
-"""The one place that starts programs.
+"""The one place that starts and ends programs.
 
 Rules, as in borgmatic's execute.py: argv lists only (never a shell), every call has a
 timeout, secrets travel only in the environment and are masked wherever a command line or
 its output is logged. Long-lived programs (QEMU, qemu-storage-daemon) are started with
 :func:`spawn` and owned by a context manager elsewhere; kvmsnap only ever signals PIDs it
-started itself.
+started itself, and always through :func:`end`.
+
+:func:`run` drives a program through :mod:`subprocess`; :class:`ShProgram` drives one
+through the ``sh`` library (the product owner's choice for restic). Both describe, mask,
+time out and fail through the same :class:`Call`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ SECRET_ENV = frozenset({
     "AZURE_ACCOUNT_KEY",
 })
 
+#: how long a SIGKILLed process may take to go
+KILL_WAIT = 60.0
+
 MASK = "***"
 
 #: Every PID spawned by this process, so tests can prove nothing survives.
@@ -53,6 +60,7 @@ class Result:
     stderr: str
 
 
+# -- masking ---------------------------------------------------------------------------------
 def secret_values(env: Mapping[str, str] | None) -> list[str]:
     """The secret values in ``env`` (and in our own environment), longest first."""
     merged = dict(os.environ)
@@ -72,6 +80,14 @@ def describe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     return mask(shlex.join(str(a) for a in argv), secret_values(env))
 
 
+def child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(os.environ)
+    merged.update(env or {})
+    # Programs we parse must speak plain C-locale English.
+    merged.setdefault("LC_ALL", "C.UTF-8")
+    return merged
+
+
 def find_program(name: str, package: str | None = None) -> str:
     """Absolute path of ``name``: our venv's bin dir first (borg, borgmatic), then PATH."""
     venv_bin = Path(sys.executable).parent
@@ -85,14 +101,43 @@ def find_program(name: str, package: str | None = None) -> str:
     raise HostError(f"program not found: {name}", fix)
 
 
-def child_env(env: Mapping[str, str] | None) -> dict[str, str]:
-    merged = dict(os.environ)
-    merged.update(env or {})
-    # Programs we parse must speak plain C-locale English.
-    merged.setdefault("LC_ALL", "C.UTF-8")
-    return merged
+# -- one call: how it is shown, how it fails ---------------------------------------------------
+@dataclass(frozen=True)
+class Call:
+    """One run of a program: its argv, the secrets to mask, its time limit."""
+
+    argv: tuple[str, ...]
+    secrets: tuple[str, ...]
+    timeout: float
+
+    @classmethod
+    def of(cls, argv: Iterable[object], secrets: Iterable[str], timeout: float) -> Call:
+        return cls(tuple(str(a) for a in argv), tuple(secrets), timeout)
+
+    @property
+    def shown(self) -> str:
+        """The command line as it may be logged (secrets masked)."""
+        return mask(shlex.join(self.argv), self.secrets)
+
+    def result(self, returncode: int, stdout: str, stderr: bytes) -> Result:
+        return Result(self.argv, returncode, stdout,
+                      mask(stderr.decode(errors="replace"), self.secrets))
+
+    def timed_out(self) -> ProcessError:
+        return ProcessError(f"{Path(self.argv[0]).name} did not finish within "
+                            f"{self.timeout:g} s: {self.shown}",
+                            "raise the timeout, or check why the program hangs")
+
+    def failed(self, returncode: int, stderr: bytes) -> ProcessError:
+        text = mask(stderr.decode(errors="replace"), self.secrets)
+        last = text.strip().splitlines()[-1:] or ["(no error output)"]
+        return ProcessError(f"{Path(self.argv[0]).name} failed with exit code "
+                            f"{returncode}: {last[0]}",
+                            f"run it by hand to see more: {self.shown}",
+                            returncode=returncode, stderr=text)
 
 
+# -- starting --------------------------------------------------------------------------------
 def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -106,41 +151,20 @@ def run(
     cwd: os.PathLike[str] | str | None = None,
 ) -> Result:
     """Run a program to completion; raise :class:`ProcessError` on failure or timeout."""
-    args = tuple(str(a) for a in argv)
-    secrets = secret_values(env)
-    shown = mask(shlex.join(args), secrets)
-    log.debug("run: %s", shown)
+    call = Call.of(argv, secret_values(env), timeout)
+    log.debug("run: %s", call.shown)
     try:
-        proc = subprocess.run(
-            args,
-            input=input,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            env=child_env(env),
-            timeout=timeout,
-            pass_fds=tuple(pass_fds),
-            cwd=cwd,
-            check=False,
-        )
+        proc = subprocess.run(call.argv, input=input, stdout=stdout, stderr=subprocess.PIPE,
+                              env=child_env(env), timeout=timeout, pass_fds=tuple(pass_fds),
+                              cwd=cwd, check=False)
     except FileNotFoundError as exc:
-        raise HostError(f"program not found: {args[0]}") from exc
+        raise HostError(f"program not found: {call.argv[0]}") from exc
     except subprocess.TimeoutExpired as exc:
-        raise ProcessError(
-            f"{args[0]} did not finish within {timeout:g} s: {shown}",
-            "raise the timeout, or check why the program hangs",
-        ) from exc
-    out = proc.stdout.decode(errors="replace") if proc.stdout is not None else ""
-    err = proc.stderr.decode(errors="replace")
-    result = Result(args, proc.returncode, out, mask(err, secrets))
+        raise call.timed_out() from exc
     if check and proc.returncode not in set(ok_codes):
-        last = result.stderr.strip().splitlines()[-1:] or ["(no error output)"]
-        raise ProcessError(
-            f"{Path(args[0]).name} failed with exit code {proc.returncode}: {last[0]}",
-            f"run it by hand to see more: {shown}",
-            returncode=proc.returncode,
-            stderr=result.stderr,
-        )
-    return result
+        raise call.failed(proc.returncode, proc.stderr)
+    out = proc.stdout.decode(errors="replace") if proc.stdout is not None else ""
+    return call.result(proc.returncode, out, proc.stderr)
 
 
 def spawn(
@@ -152,7 +176,7 @@ def spawn(
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived program; the caller owns it and must reap it."""
+    """Start a long-lived program; the caller owns it and must reap it (:func:`stop`)."""
     args = [str(a) for a in argv]
     log.debug("spawn: %s", describe(args, env))
     try:
@@ -173,23 +197,12 @@ def spawn(
     return proc
 
 
-def stop(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> int:
-    """Hard end of a program we spawned: SIGTERM, then SIGKILL. Returns its exit code."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace)
-    return proc.returncode
-
-
 class ShProgram:
     """A program driven through the ``sh`` library (the product owner's choice for restic).
 
-    The same rules as :func:`run`: arguments as a list, secrets only in the environment and
-    masked in logs and errors, a timeout on every call.
+    A thin layer over :class:`Call`: the same rules as :func:`run` (arguments as a list,
+    secrets only in the environment and masked in logs and errors, a timeout on every call),
+    and programs left running are registered like :func:`spawn`'s and ended by :func:`end`.
     """
 
     def __init__(self, name: str, package: str, *, env: Mapping[str, str] | None = None,
@@ -197,56 +210,32 @@ class ShProgram:
         import sh
 
         self.path = find_program(name, package)
-        self.env = child_env(env)
         self.secrets = secret_values(env)
         self.timeout = timeout
-        self._command = sh.Command(self.path).bake(_env=self.env, _tty_out=False,
-                                                   _truncate_exc=False)
+        # In the background so that every call, waited for at once or not, ends in finish().
+        self._command = sh.Command(self.path).bake(
+            _env=child_env(env), _tty_out=False, _truncate_exc=False, _timeout=timeout,
+            _bg=True, _bg_exc=False)
 
     def run(self, args: Sequence[str], *, cwd: Path | None = None,
             ok_codes: Iterable[int] = (0,)) -> Result:
-        import sh
-
-        argv = (self.path, *map(str, args))
-        log.debug("run (sh): %s", mask(shlex.join(argv), self.secrets))
-        try:
-            done = self._command(*argv[1:], _cwd=str(cwd) if cwd else None,
-                                 _timeout=self.timeout, _ok_code=list(ok_codes),
-                                 _return_cmd=True, _in=None)
-        except sh.ErrorReturnCode as exc:
-            raise self._failure(argv, exc.exit_code, exc.stderr) from None
-        except sh.TimeoutException:
-            raise ProcessError(f"{Path(self.path).name} did not finish within "
-                               f"{self.timeout:g} s", "raise the timeout") from None
-        return Result(argv, done.exit_code, str(done), mask(done.stderr.decode(errors="replace"),
-                                                             self.secrets))
+        """Run to completion; raise :class:`ProcessError` on failure or timeout."""
+        return self.finish(self._launch("run (sh)", args, _cwd=str(cwd) if cwd else None,
+                                        _ok_code=list(ok_codes), _in=None))
 
     def run_to_file(self, args: Sequence[str], out: Any) -> None:
         """Run with stdout written to the open binary file ``out`` (large outputs)."""
-        import sh
-
-        argv = (self.path, *map(str, args))
-        log.debug("run (sh): %s > file", mask(shlex.join(argv), self.secrets))
-        try:
-            self._command(*argv[1:], _timeout=self.timeout, _out=out, _in=None)
-        except sh.ErrorReturnCode as exc:
-            raise self._failure(argv, exc.exit_code, exc.stderr) from None
-        except sh.TimeoutException:
-            raise ProcessError(f"{Path(self.path).name} did not finish within "
-                               f"{self.timeout:g} s", "raise the timeout") from None
+        self.finish(self._launch("run (sh) > file", args, _out=out, _in=None))
 
     def start(self, args: Sequence[str], *, stdin_fd: int, cwd: Path | None = None,
               ok_codes: Iterable[int] = (0,)):
         """Start in the background reading ``stdin_fd``; returns sh's RunningCommand.
 
         The child gets a duplicate of ``stdin_fd`` as its stdin (no copying thread); the
-        caller closes its own copy.
+        caller closes its own copy, and ends with :meth:`finish` or :meth:`abort`.
         """
-        argv = (self.path, *map(str, args))
-        log.debug("start (sh): %s", mask(shlex.join(argv), self.secrets))
-        running = self._command(*argv[1:], _cwd=str(cwd) if cwd else None,
-                                _timeout=self.timeout, _ok_code=list(ok_codes), _bg=True,
-                                _bg_exc=False, _in=stdin_fd)
+        running = self._launch("start (sh)", args, _cwd=str(cwd) if cwd else None,
+                               _ok_code=list(ok_codes), _in=stdin_fd)
         SPAWNED_PIDS.append(running.pid)
         return running
 
@@ -254,27 +243,100 @@ class ShProgram:
         """Wait for a started program; raise :class:`ProcessError` if it failed."""
         import sh
 
-        argv = tuple(str(a) for a in running.cmd)
+        call = self._call(running.cmd[1:])
         try:
             running.wait()
-        except sh.ErrorReturnCode as exc:
-            raise self._failure(argv, exc.exit_code, exc.stderr) from None
-        except sh.SignalException as exc:
-            raise self._failure(argv, exc.exit_code, exc.stderr) from None
+        except sh.ErrorReturnCode as exc:  # a signal too (sh.SignalException)
+            raise call.failed(exc.exit_code, exc.stderr) from None
         except sh.TimeoutException:
-            raise ProcessError(f"{Path(self.path).name} did not finish within "
-                               f"{self.timeout:g} s", "raise the timeout") from None
-        return Result(argv, running.exit_code, str(running),
-                      mask(running.stderr.decode(errors="replace"), self.secrets))
+            raise call.timed_out() from None
+        return call.result(running.exit_code, str(running), running.stderr)
 
-    def _failure(self, argv: Sequence[str], code: int, stderr: bytes) -> ProcessError:
-        text = mask(stderr.decode(errors="replace"), self.secrets)
-        last = text.strip().splitlines()[-1:] or ["(no error output)"]
-        return ProcessError(f"{Path(self.path).name} failed with exit code {code}: {last[0]}",
-                            f"run it by hand to see more: {mask(shlex.join(argv), self.secrets)}",
-                            returncode=code, stderr=text)
+    def abort(self, running) -> None:
+        """End a started program at once (SIGKILL, no SIGTERM first) and reap it."""
+        end(running.pid, soft=False)
+        with contextlib.suppress(Exception):
+            running.wait()
+
+    def _launch(self, doing: str, args: Sequence[str], **options: Any):
+        call = self._call(args)
+        log.debug("%s: %s", doing, call.shown)
+        return self._command(*call.argv[1:], **options)
+
+    def _call(self, args: Iterable[object]) -> Call:
+        return Call.of((self.path, *args), self.secrets, self.timeout)
 
 
+# -- ending ----------------------------------------------------------------------------------
+def end(target: subprocess.Popen[bytes] | int, *, grace: float = 5.0,
+        soft: bool = True) -> str:
+    """End a program kvmsnap started, soft -> hard: SIGTERM, then SIGKILL after ``grace``
+    seconds (at once with ``soft=False``). Returns the rung that ended it, "terminate" or
+    "kill".
+
+    ``target`` is our own child (a Popen: reaped here, so its exit code is known), or a PID
+    only (recovery's orphans, checked with :func:`same_process` first; or restic under sh,
+    which reaps its own children): then "ended" means gone or a zombie.
+    """
+    gone = _child_gone if isinstance(target, subprocess.Popen) else _pid_gone
+    if soft:
+        _signal(target, signal.SIGTERM)
+        if gone(target, grace):
+            return "terminate"
+    _signal(target, signal.SIGKILL)
+    # A killed process only lingers in uninterruptible sleep (a hung FUSE or NFS read):
+    # say so rather than wait forever.
+    if not gone(target, KILL_WAIT):
+        log.error("process %s did not end %g s after SIGKILL (stuck in the kernel?)",
+                  getattr(target, "pid", target), KILL_WAIT)
+    return "kill"
+
+
+def stop(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> int:
+    """Hard end of a program we spawned (:func:`end`). Returns its exit code."""
+    end(proc, grace=grace)
+    return proc.returncode
+
+
+def end_pid(pid: int, grace: float = 10.0) -> None:
+    """:func:`end` for a process kvmsnap started that is known by PID only (recovery finds
+    it in the journal, checked with :func:`same_process`)."""
+    end(pid, grace=grace)
+
+
+def _signal(target: subprocess.Popen[bytes] | int, signum: int) -> None:
+    if isinstance(target, subprocess.Popen):
+        target.send_signal(signum)  # a no-op once the child has been reaped
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(target, signum)
+
+
+def _child_gone(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and not _is_zombie(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+# -- processes known by PID -------------------------------------------------------------------
 def identity(pid: int) -> str:
     """``PID:START`` - a process, told apart from a later one that reuses its PID."""
     try:
@@ -313,24 +375,3 @@ def environment(values: Mapping[str, str], unset: Iterable[str] = ()) -> Iterato
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def end_pid(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds: a process kvmsnap started, known by
-    PID only (recovery finds it in the journal, checked with :func:`same_process`)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True

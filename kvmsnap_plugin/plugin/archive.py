@@ -1,29 +1,22 @@
-"""The archive step: hand the exposed disks to each configured archive target.
+"""What archivers share: the mounted trees to archive, and repository paths made absolute.
 
 An archive target is one repository of one archiver type (borg, restic, or a plugin's).
-The archivers themselves are plugins implementing ``kvmsnap_archive``.
+The archivers themselves are plugins implementing ``kvmsnap_archive``; the pipeline hands
+them the exposed disks (see :mod:`kvmsnap_plugin.run.pipeline`). This module imports no
+plugin machinery, so the built-in archivers can import it.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.errors import ArchiveError
-from kvmsnap_plugin.host import faults
-from kvmsnap_plugin.model import ArchiveResult
-
-if TYPE_CHECKING:
-    from kvmsnap_plugin.model import BackupJob, Exposure
-    from kvmsnap_plugin.plugin.manager import Hooks
-
-log = logging.getLogger("kvmsnap")
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, Exposure
 
 
-
-
-
+def targets_of(job: BackupJob, archiver_type: str) -> list[ArchiveTarget]:
+    """The job's archive targets of one archiver type: what that archiver must check."""
+    return [target for target in job.targets if target.type == archiver_type]
 
 
 def mounted_trees(exposure: Exposure) -> list[str]:
@@ -43,15 +36,3 @@ def absolute_repository(repository: str, base: Path) -> str:
     if ":" in head or not repository:
         return repository
     return str((base / repository).resolve())
-
-
-def archive_all(hooks: Hooks, job: BackupJob, exposure: Exposure,
-                label: str) -> list[ArchiveResult]:
-    """Run every target of ``job``; the first failure stops the rest and propagates."""
-    results: list[ArchiveResult] = []
-    faults.point("archiving")
-    for target in job.targets:
-        log.info("archiving %s into %s (%s, %s)", job.name, target.name, target.type,
-                 target.mode)
-        results += hooks.archive(job, target, exposure, label)
-    return results

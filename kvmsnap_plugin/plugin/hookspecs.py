@@ -12,7 +12,9 @@ and restic archivers are plugins like any other. A backup of one VM calls:
 6. :func:`kvmsnap_cleanup` (always, on success and on failure)
 
 Each hook's arguments are keyword-only in spirit: an implementation may accept any subset of
-them, by name. The argument types are the dataclasses named below.
+them, by name. The argument types are the records of :mod:`kvmsnap_plugin.model`, named
+below, and every one of them is importable from the package root: a plugin needs
+``import kvmsnap_plugin`` and nothing deeper (``from kvmsnap_plugin import ArchiveResult``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
         BackupReport,
         Exposure,
         ForkPoint,
+        Label,
         Parent,
     )
 
@@ -55,9 +58,10 @@ def kvmsnap_archiver_types() -> dict[str, frozenset[str]]:
 def kvmsnap_pre_backup(job: BackupJob, parent: Parent) -> str | None:
     """Before the fork: last checks; a chance to refuse.
 
-    Runs after the VM was found and described (``parent``) and before it is paused. A
-    plugin may quiesce the guest here (e.g. guest-agent fsfreeze, thawed in
-    :func:`kvmsnap_snapshot`).
+    Runs after the VM was found and described (``parent``, a :class:`Parent` with its
+    :class:`ParentDisk` list; ``job``, the :class:`BackupJob` with its
+    :class:`ArchiveTarget` list) and before it is paused. A plugin may quiesce the guest
+    here (e.g. guest-agent fsfreeze, thawed in :func:`kvmsnap_snapshot`).
 
     Return ``None`` to go ahead, or a string: the reason to skip this VM. A skip ends the
     backup of this VM without an error (exit code 75, borgmatic's soft failure);
@@ -71,9 +75,9 @@ def kvmsnap_pre_backup(job: BackupJob, parent: Parent) -> str | None:
 def kvmsnap_snapshot(job: BackupJob, fork: ForkPoint) -> None:
     """The fork point is taken: disks frozen, RAM saved, the parent runs again.
 
-    ``fork`` holds the frozen images, the parent's temporary overlays, the RAM snapshot
-    method and the measured pause. The clone has not started yet. Thaw what
-    :func:`kvmsnap_pre_backup` froze here.
+    ``fork`` (a :class:`ForkPoint`) holds the frozen images and the parent's temporary
+    overlays (one :class:`ForkedDisk` each), the :class:`RamMethod` and the measured pause.
+    The clone has not started yet. Thaw what :func:`kvmsnap_pre_backup` froze here.
 
     Not firstresult: every plugin is called; return values are ignored. An exception fails
     the backup (the parent is given its chain back first).
@@ -82,15 +86,16 @@ def kvmsnap_snapshot(job: BackupJob, fork: ForkPoint) -> None:
 
 @hookspec
 def kvmsnap_post_shutdown(job: BackupJob, fork: ForkPoint, exposure: Exposure,
-                          label: str) -> None:
+                          label: Label) -> None:
     """The clone has shut down and its disks are exposed read-only.
 
-    ``exposure.root`` holds one mounted tree per disk (``ROOT/<disk>`` or
-    ``ROOT/<disk>/p<N>``); ``exposure.disks[i].image`` is a raw read-only view of each whole
-    disk. ``label`` is ``"clean"``, or ``"crash-consistent"`` when the clone did not shut
-    down and policy allowed falling back to the frozen images. Runs before any archiver.
-    Reads only: the disks are read-only, and the parent's chain is committed back after
-    the last hook returns.
+    ``exposure`` (an :class:`Exposure`): ``exposure.root`` holds one mounted tree per disk
+    (``ROOT/<disk>`` or ``ROOT/<disk>/p<N>``); ``exposure.disks[i].image`` is a raw
+    read-only view of each whole disk (an :class:`ExposedDisk`). ``label`` is
+    :attr:`Label.CLEAN` (``"clean"``), or :attr:`Label.CRASH_CONSISTENT`
+    (``"crash-consistent"``) when the clone did not shut down and policy allowed falling
+    back to the frozen images. Runs before any archiver. Reads only: the disks are
+    read-only, and the parent's chain is committed back after the last hook returns.
 
     Not firstresult: every plugin is called; return values are ignored. An exception fails
     the backup before any archiver runs.
@@ -99,13 +104,15 @@ def kvmsnap_post_shutdown(job: BackupJob, fork: ForkPoint, exposure: Exposure,
 
 @hookspec(firstresult=True)
 def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
-                    label: str) -> list[ArchiveResult] | None:
+                    label: Label) -> list[ArchiveResult] | None:
     """Archive the exposed disks into one target; called once per configured target.
 
     Implement it for the archiver types you declared in :func:`kvmsnap_archiver_types`:
-    return ``None`` for a ``target.type`` that is not yours. ``target.mode`` is
-    ``"files"`` (archive the mounted trees under ``exposure.root``), ``"image"`` (one raw
-    image per disk, from ``exposure.disks[i].image``) or ``"both"``.
+    return ``None`` for a ``target.type`` that is not yours. ``target`` is an
+    :class:`ArchiveTarget`; its :class:`Mode` is ``"files"`` (archive the mounted trees
+    under ``exposure.root``), ``"image"`` (one raw image per disk, from
+    ``exposure.disks[i].image``) or ``"both"``. ``exposure`` and ``label`` are as in
+    :func:`kvmsnap_post_shutdown`.
 
     firstresult: the first plugin returning a list of :class:`ArchiveResult` handles the
     target. Raise :class:`kvmsnap_plugin.ArchiveError` on failure: nothing partial may be
@@ -119,10 +126,10 @@ def kvmsnap_cleanup(job: BackupJob, report: BackupReport | None,
     """The backup of one VM is over; runs always, on success, skip and failure.
 
     By now kvmsnap has unmounted the disks, stopped the clone and committed the parent's
-    overlays back. ``report`` is the result (``None`` if the backup failed or was skipped
-    before a report existed); ``error`` the exception that ended it, if any. Release what
-    your plugin holds; do not raise (an exception here is logged, not propagated, so that
-    every plugin's cleanup runs).
+    overlays back. ``report`` is the :class:`BackupReport` (``None`` if the backup failed or
+    was skipped before a report existed); ``error`` the exception that ended it, if any.
+    Release what your plugin holds; do not raise (an exception here is logged, not
+    propagated, so that every plugin's cleanup runs).
 
     Not firstresult: every plugin is called, the last registered first; return values are
     ignored.

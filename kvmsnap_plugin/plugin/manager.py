@@ -1,8 +1,8 @@
 """The plugin manager, and a typed facade so call sites never touch ``pm.hook``.
 
 One project name, ``kvmsnap``, for the markers, the PluginManager and the entry-point group
-(as pytest and tox do). Built-in archivers are registered first, then third-party plugins
-from entry points; ``check_pending()`` turns a misspelt ``kvmsnap_*`` hook into an error.
+(as pytest and tox do). ``check_pending()`` turns a misspelt ``kvmsnap_*`` hook into an
+error.
 """
 
 from __future__ import annotations
@@ -17,19 +17,12 @@ from kvmsnap_plugin.errors import ArchiveError, UsageError
 from kvmsnap_plugin.plugin import hookspecs
 
 if TYPE_CHECKING:
-    from kvmsnap_plugin.model import (
-        ArchiveResult,
-        ArchiveTarget,
-        BackupJob,
-        BackupReport,
-        Exposure,
-        ForkPoint,
-        Parent,
-    )
+    import kvmsnap_plugin.model as model
 
 log = logging.getLogger("kvmsnap")
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
+CLEANUP = "kvmsnap_cleanup"
 
 
 def builtin_plugins() -> list[object]:
@@ -39,19 +32,27 @@ def builtin_plugins() -> list[object]:
 
 
 def plugin_manager(extra: Iterable[object] = (), entry_points: bool = True) -> pluggy.PluginManager:
+    """The hooks of the installed plugins, the built-in archivers and ``extra``.
+
+    pluggy calls a hook's implementations last registered first. As in pluggy's own example,
+    third-party plugins are loaded from entry points before the built-ins are registered, so
+    the built-in archivers run first: their checks in ``kvmsnap_pre_backup`` (does the
+    repository open?) fail a backup before a plugin has quiesced the guest, and in
+    ``kvmsnap_cleanup`` they let go first, leaving the last word to the plugins that were
+    there before them. ``extra`` (the embedding program's own plugins, e.g. a test's) is
+    registered last and so called first, like the host's own code around the hooks.
+    """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    for plugin in builtin_plugins():
-        pm.register(plugin)
     if entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    for plugin in extra:
+    for plugin in [*builtin_plugins(), *extra]:
         pm.register(plugin)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise UsageError(f"a kvmsnap plugin implements an unknown hook: {exc}",
-                         "fix the hook's name (see kvmsnap_plugin/hookspecs.py)") from None
+                         "fix the hook's name (see kvmsnap_plugin/plugin/hookspecs.py)") from None
     return pm
 
 
@@ -71,19 +72,19 @@ class Hooks:
                 merged[name] = frozenset(keys)
         return merged
 
-    def pre_backup(self, job: BackupJob, parent: Parent) -> str | None:
+    def pre_backup(self, job: model.BackupJob, parent: model.Parent) -> str | None:
         reasons = [r for r in self.pm.hook.kvmsnap_pre_backup(job=job, parent=parent) if r]
         return reasons[0] if reasons else None
 
-    def snapshot(self, job: BackupJob, fork: ForkPoint) -> None:
+    def snapshot(self, job: model.BackupJob, fork: model.ForkPoint) -> None:
         self.pm.hook.kvmsnap_snapshot(job=job, fork=fork)
 
-    def post_shutdown(self, job: BackupJob, fork: ForkPoint, exposure: Exposure,
-                      label: str) -> None:
+    def post_shutdown(self, job: model.BackupJob, fork: model.ForkPoint,
+                      exposure: model.Exposure, label: model.Label) -> None:
         self.pm.hook.kvmsnap_post_shutdown(job=job, fork=fork, exposure=exposure, label=label)
 
-    def archive(self, job: BackupJob, target: ArchiveTarget, exposure: Exposure,
-                label: str) -> list[ArchiveResult]:
+    def archive(self, job: model.BackupJob, target: model.ArchiveTarget,
+                exposure: model.Exposure, label: model.Label) -> list[model.ArchiveResult]:
         results = self.pm.hook.kvmsnap_archive(job=job, target=target, exposure=exposure,
                                                label=label)
         if results is None:
@@ -91,12 +92,20 @@ class Hooks:
                                "install the plugin that provides it")
         return list(results)
 
-    def cleanup(self, job: BackupJob, report: BackupReport | None,
+    def cleanup(self, job: model.BackupJob, report: model.BackupReport | None,
                 error: BaseException | None) -> None:
-        """Every plugin's cleanup runs, even if another's raises."""
-        arguments = {"job": job, "report": report, "error": error}
-        for impl in reversed(self.pm.hook.kvmsnap_cleanup.get_hookimpls()):
+        """Every plugin's cleanup runs, even if another's raises.
+
+        One call through pluggy per plugin, in pluggy's own order (last registered first),
+        each leaving the other plugins' implementations out: wrappers and tracing still see
+        every call, and one plugin's exception cannot stop the next plugin's cleanup.
+        """
+        impls = [impl for impl in self.pm.hook.kvmsnap_cleanup.get_hookimpls()
+                 if not (impl.wrapper or impl.hookwrapper)]
+        for impl in reversed(impls):
+            others = [other.plugin for other in impls if other is not impl]
             try:
-                impl.function(**{name: arguments[name] for name in impl.argnames})
+                self.pm.subset_hook_caller(CLEANUP, remove_plugins=others)(
+                    job=job, report=report, error=error)
             except Exception as exc:  # a plugin's cleanup must not stop the others
                 log.error("cleanup of plugin %s failed: %s", impl.plugin_name, exc)

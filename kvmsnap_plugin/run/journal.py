@@ -139,6 +139,6 @@ def read_state(path: Path) -> JournalState:
     """A journal file's state; a file that cannot be read raises :class:`VMError`."""
     try:
         return JournalState.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise VMError(f"the journal {path} cannot be read: {exc}",
                       "inspect it, undo what it lists by hand, then delete it") from None

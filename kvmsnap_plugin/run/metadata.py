@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from kvmsnap_plugin.model import ForkPoint, RecordedDisk, VmRecord
+from kvmsnap_plugin.model import ForkPoint, Label, RecordedDisk, VmRecord
 
 
-def record_of(point: ForkPoint, run: str, label: str, vm: str) -> VmRecord:
+def record_of(point: ForkPoint, run: str, label: Label, vm: str) -> VmRecord:
+    """The record of one backup; ``taken_at`` is stamped now, seconds after the fork."""
     disks = [RecordedDisk(d.device, d.filename, d.format, d.virtual_size)
              for d in point.parent.writable_disks]
     return VmRecord(vm, run, datetime.now(UTC).isoformat(timespec="seconds"), label,

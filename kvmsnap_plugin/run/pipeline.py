@@ -1,9 +1,12 @@
 """The pipeline: fork -> clone -> shutdown -> expose -> archive -> verify -> cleanup.
 
-Each step is a module; data flows one way through small frozen dataclasses. Cleanup is an
-ExitStack filled as resources come into being, so it always runs, in reverse order:
-whatever reads the clone's disks has finished before the parent's overlays are committed
-back into the frozen images those disks are built on.
+Each step is a function taking the records of the steps before it (from
+:mod:`kvmsnap_plugin.model`) and returning its own. Cleanup is an ExitStack filled as
+resources come into being, so it always runs, in reverse order: whatever reads the clone's
+disks has finished before the parent's overlays are committed back into the frozen images
+those disks are built on. The connection to the parent is opened around that stack, so the
+commit back still has it, and a split backup (:func:`mount`) empties the stack and leaves
+everything in place but that connection.
 """
 
 from __future__ import annotations
@@ -14,16 +17,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmsnap_plugin.backends import ParentBackend
-from kvmsnap_plugin.backends.qmp import QmpParent
 from kvmsnap_plugin.disks import verify
 from kvmsnap_plugin.disks.expose import add_file, expose, unexpose
 from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
-from kvmsnap_plugin.fork.engine import parent_overlay_path, plan_fork
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.fork.engine import ParentHandle, open_parent, parent_overlay_path, plan_fork
+from kvmsnap_plugin.host import faults, process
 from kvmsnap_plugin.host.hugepages import collapse_before_fork
 from kvmsnap_plugin.host.images import keep_images
 from kvmsnap_plugin.model import (
@@ -34,19 +35,21 @@ from kvmsnap_plugin.model import (
     ClonePlan,
     Collapse,
     Commit,
+    Exposure,
     ForkOptions,
     ForkPoint,
     FsState,
     Label,
+    OnUnclean,
     Parent,
     Phase,
     Plan,
+    RamMethod,
     Recovery,
-    ShutdownPolicy,
     ShutdownResult,
+    Verdict,
 )
 from kvmsnap_plugin.paths import safe_name, socket_dir
-from kvmsnap_plugin.plugin.archive import archive_all
 from kvmsnap_plugin.plugin.manager import Hooks
 from kvmsnap_plugin.run import metadata
 from kvmsnap_plugin.run.journal import Journal, read_state
@@ -56,10 +59,48 @@ from kvmsnap_plugin.vm.shutdown import shut_down
 
 log = logging.getLogger("kvmsnap")
 
+#: how an offline backup's "clone" ended: there was none, the VM was already shut off
+OFFLINE = ShutdownResult(clean=True, ended_by="offline", seconds=0.0, presses=0,
+                         reason="shut off before the backup")
 
 
+@dataclass(frozen=True)
+class Run:
+    """One run of the pipeline on one VM: what every step needs to know."""
+
+    job: BackupJob
+    hooks: Hooks
+    journal: Journal
+    workdir: Path  # private (0700): it holds the guest's RAM
+    id: str  # names the parent's overlays and ties the archives of this run together
+    commits: list[Commit] = field(default_factory=list)  # filled as the parent is given back
+
+    @property
+    def root(self) -> Path:
+        return mount_root(self.job)
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """The clone is down: how it ended, and the images whose disks are to be archived."""
+
+    point: ForkPoint
+    shutdown: ShutdownResult
+    restore_s: float  # loading the clone from the RAM state
+    label: Label
+    images: list[tuple[str, Path]]  # (device, clone overlay or frozen image)
+
+
+@dataclass(frozen=True)
+class Results:
+    """What was made of the exposed disks."""
+
+    archives: list[ArchiveResult]
+    verdicts: list[Verdict]
+    kept: list[str]
+
+
+# -- the entry points ---------------------------------------------------------------------------
 def backup(job: BackupJob, hooks: Hooks | None = None) -> BackupReport:
     """Back up one VM. Plugins' cleanup hooks run whatever happens."""
     return _with_cleanup_hooks(job, hooks or Hooks(), detach=False)
@@ -98,6 +139,29 @@ def recover_all() -> list[Recovery]:
     return results
 
 
+def plan(job: BackupJob) -> Plan:
+    """Describe what :func:`backup` would do, touching nothing."""
+    with open_parent(job) as handle:
+        parent = handle.describe()
+    argv: list[str] = []
+    if not parent.offline:
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = list(plan_clone(parent, Path(tmp), Path(tmp)).argv)
+    disks = [{"device": d.device, "image": d.filename,
+              "overlay": "none (shut off: read as it is)" if parent.offline else
+              str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
+             for d in parent.writable_disks]
+    return Plan(parent.name, parent.pid, disks, argv,
+                [f"{t.name} ({t.type}, {t.mode})" for t in job.targets],
+                str(mount_root(job)))
+
+
+def mount_root(job: BackupJob) -> Path:
+    """Stable per VM: restic records absolute paths, and borgmatic names a fixed path."""
+    return job.fork.mount_root or job.fork.workdir / "mnt" / safe_name(job.name)
+
+
+# -- around a run: the plugins' cleanup, the lock, recovery before and after ---------------------
 def _with_cleanup_hooks(job: BackupJob, hooks: Hooks, detach: bool) -> BackupReport:
     report, error = None, None
     try:
@@ -140,88 +204,31 @@ def _recover_or_fail(journal: Journal) -> Recovery:
     return done
 
 
-def plan(job: BackupJob) -> Plan:
-    """Describe what :func:`backup` would do, touching nothing."""
-    with open_backend(job) as backend:
-        parent = backend.describe()
-    argv: list[str] = []
-    if not parent.offline:
-        with tempfile.TemporaryDirectory() as tmp:
-            argv = list(plan_clone(parent, Path(tmp), Path(tmp)).argv)
-    disks = [{"device": d.device, "image": d.filename,
-              "overlay": "none (shut off: read as it is)" if parent.offline else
-              str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
-             for d in parent.writable_disks]
-    return Plan(parent.name, parent.pid, disks, argv,
-                [f"{t.name} ({t.type}, {t.mode})" for t in job.targets],
-                str(mount_root(job)))
-
-
-def open_backend(job: BackupJob) -> ParentBackend:
-    """The parent VM's backend: libvirt for a domain, else its QMP socket."""
-    if job.domain:
-        from kvmsnap_plugin.backends.libvirt import LibvirtParent
-
-        return LibvirtParent(job.domain, job.libvirt_uri)
-    return QmpParent(job.qmp, job.fork.pid)
-
-
-def mount_root(job: BackupJob) -> Path:
-    """Stable per VM: restic records absolute paths, and borgmatic names a fixed path."""
-    return job.fork.mount_root or job.fork.workdir / "mnt" / safe_name(job.name)
-
-
+# -- the run ------------------------------------------------------------------------------------
 def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> BackupReport:
     started = time.monotonic()
-    options = job.fork
-    root = mount_root(job)
-    commits: list[Commit] = []
-    with contextlib.ExitStack() as cleanup:
-        backend = cleanup.enter_context(open_backend(job))
-        parent = backend.describe()
+    with open_parent(job) as handle:
+        parent = handle.describe()
         # Before pre_backup: a plugin may freeze the guest's filesystems there until the fork.
-        huge_pages = _collapse_huge_pages(parent, options)
+        huge_pages = _collapse_huge_pages(parent, job.fork)
         reason = hooks.pre_backup(job, parent)
         if reason:
             raise SkipBackup(f"{job.name}: skipped by a plugin: {reason}")
-        journal.start(vm=job.name, identity=job.identity, phase=Phase.PREPARING,
-                      mount_root=str(root), **backend.journal_fields())
-        workdir = _make_workdir(options.workdir, parent)
-        journal.record(workdir=str(workdir))
-        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-        run_id = f"{os.getpid()}-{int(time.time())}"
-        if parent.offline:  # a shut-off VM: its images are consistent as they are
-            point, stopped, restore_s = _offline_point(parent, workdir), OFFLINE, 0.0
-            hooks.snapshot(job, point)
-            label, images = Label.CLEAN, [(d.device, Path(d.filename)) for d in parent.writable_disks]
-            log.info("%s is shut off: archiving its disk images as they are, without a fork",
-                     parent.name)
-        else:
-            point, stopped, restore_s, label, images = _fork_and_shut_down(
-                job, hooks, backend, parent, journal, cleanup, workdir, run_id, commits)
-        journal.record(clone=None, phase=Phase.SHUT_DOWN)
-        exposed_disks = expose(images, workdir, root, recorder=journal)
-        cleanup.callback(unexpose, exposed_disks)
-        exposure = exposed_disks.view
-        add_file(exposure, METADATA_FILE,
-                 metadata.record_of(point, run_id, label, job.name).to_json(), journal)
-        journal.record(phase=Phase.EXPOSED)
-        hooks.post_shutdown(job, point, exposure, label)
-        archives: list[ArchiveResult] = archive_all(hooks, job, exposure, label)
-        verdicts = verify.verdicts(exposure.filesystems)
-        kept = ([str(p) for p in keep_images(images, options.keep_dir)]
-                if options.keep_dir else [])
-        if detach:
-            journal.record(phase=Phase.MOUNTED)
-            cleanup.pop_all()  # everything stays, for `kvmsnap release`
-            backend.__exit__(None, None, None)
-    report = BackupReport(parent.name, label, point.method, point.pause_ms,
-                          point.disk_snapshot_ms, point.ram_bytes, point.ram_save_s,
-                          point.qemu_downtime_ms, restore_s, stopped, verdicts, archives, kept,
-                          commits, time.monotonic() - started, _warnings(label, verdicts,
-                                                                         archives),
-                          huge_pages=huge_pages)
-    log.info("%s: %s in %.1f s", job.name, f"mounted at {root}" if detach else "done",
+        with contextlib.ExitStack() as cleanup:
+            run = _start(job, hooks, journal, handle, parent)
+            cleanup.callback(shutil.rmtree, run.workdir, ignore_errors=True)
+            if parent.offline:  # a shut-off VM: its images are consistent as they are
+                stopped = _offline(run, parent)
+            else:
+                stopped = _fork_and_shut_down(run, handle, parent, cleanup)
+            exposure = _expose(run, stopped, cleanup)
+            hooks.post_shutdown(job, stopped.point, exposure, stopped.label)
+            results = _archive_and_verify(run, stopped, exposure)
+            if detach:
+                journal.record(phase=Phase.MOUNTED)
+                cleanup.pop_all()  # everything stays, for `kvmsnap release`
+    report = _report(run, stopped, results, huge_pages, time.monotonic() - started)
+    log.info("%s: %s in %.1f s", job.name, f"mounted at {run.root}" if detach else "done",
              report.total_s)
     return report
 
@@ -229,82 +236,19 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
 def _collapse_huge_pages(parent: Parent, options: ForkOptions) -> Collapse | None:
     """Opt-in: shorter background-snapshot pauses, see hugepages.py."""
     if (not options.collapse_huge_pages or parent.offline
-            or options.method == "stop-and-copy"):  # its pause copies RAM, pages or not
+            or options.method is RamMethod.STOP_AND_COPY):  # its pause copies RAM, pages or not
         return None
     return collapse_before_fork(parent.pid)
 
 
-def _fork_and_shut_down(job: BackupJob, hooks: Hooks, backend: ParentBackend, parent: Parent,
-                        journal: Journal, cleanup: contextlib.ExitStack, workdir: Path,
-                        run_id: str, commits: list[Commit]):
-    """fork -> clone -> shutdown; the commit back is left on ``cleanup``."""
-    options = job.fork
-    sockets = cleanup.enter_context(socket_dir())
-    journal.record(sockets=str(sockets))
-    clone_plan = plan_clone(parent, workdir, sockets, options.clone_console)
-    prepare_overlays(clone_plan, parent.writable_disks)
-    planned = plan_fork(parent, run_id, options.overlay_dir)
-    journal.record(phase=Phase.FORKING, overlays=planned)
-    point = backend.fork(parent, planned, workdir / "ram.state", options.method)
-    journal.record(phase=Phase.FORKED)
-
-    def give_back() -> None:
-        commits.extend(backend.commit_back(point.disks))
-        journal.record(overlays=[])
-
-    cleanup.callback(give_back)
-    hooks.snapshot(job, point)
-    stopped, restore_s = _run_clone(clone_plan, point.state_file, options.shutdown,
-                                    lambda pid: journal.record(clone=process.identity(pid)))
-    label = _label(stopped, options.shutdown)
-    return point, stopped, restore_s, label, _images(clone_plan, label)
-
-
-#: how an offline backup's "clone" ended: there was none, the VM was already shut off
-OFFLINE = ShutdownResult(clean=True, ended_by="offline", seconds=0.0, presses=0,
-                         reason="shut off before the backup")
-
-
-def _offline_point(parent: Parent, workdir: Path) -> ForkPoint:
-    """The "fork point" of a shut-off VM: no pause, no RAM, no overlays."""
-    return ForkPoint(parent, (), workdir / "no-ram-state", "offline", 0.0, 0.0, 0.0, 0, None)
-
-
-def _run_clone(clone_plan: ClonePlan, state_file: Path, policy: ShutdownPolicy,
-               on_start: Callable[[int], None]) -> tuple[ShutdownResult, float]:
-    with running_clone(clone_plan, state_file, on_start=on_start) as clone:
-        return shut_down(clone, policy, clone_plan.agent_socket), clone.restore_s
-
-
-def _images(clone_plan: ClonePlan, label: str) -> list[tuple[str, Path]]:
-    """The clone's disks, or the frozen (crash-consistent) images for a labelled fallback."""
-    if label == Label.CLEAN:
-        return [(d.device, d.overlay) for d in clone_plan.disks]
-    return [(d.device, d.frozen) for d in clone_plan.disks]
-
-
-def _label(stopped: ShutdownResult, policy: ShutdownPolicy) -> str:
-    if stopped.clean:
-        return Label.CLEAN
-    if policy.on_unclean == "crash-consistent":
-        log.warning("the clone did not shut down cleanly (%s): using the crash-consistent "
-                    "images of the fork instant, labelled as such", stopped.reason)
-        return Label.CRASH_CONSISTENT
-    raise VMError(f"the clone did not shut down cleanly ({stopped.reason}); nothing was "
-                  "archived or kept",
-                  "raise --shutdown-timeout, check the guest handles the ACPI power button, "
-                  "or accept --on-unclean crash-consistent")
-
-
-def _warnings(label: str, verdicts: list[verify.Verdict],
-              archives: list[ArchiveResult]) -> list[str]:
-    warnings = []
-    if label != Label.CLEAN:
-        warnings.append(f"archived the {label} images: the clone did not shut down cleanly")
-    warnings += [f"{v.disk}{('/' + v.partition) if v.partition else ''}: {v.detail}"
-                 for v in verdicts if v.state is FsState.NEEDS_RECOVERY]
-    warnings += [f"{a.target}: {w}" for a in archives for w in a.warnings]
-    return warnings
+def _start(job: BackupJob, hooks: Hooks, journal: Journal, handle: ParentHandle,
+           parent: Parent) -> Run:
+    """Journal the run, then make its work directory."""
+    journal.start(vm=job.name, identity=job.identity, phase=Phase.PREPARING,
+                  mount_root=str(mount_root(job)), **handle.journal_fields())
+    workdir = _make_workdir(job.fork.workdir, parent)
+    journal.record(workdir=str(workdir))
+    return Run(job, hooks, journal, workdir, f"{os.getpid()}-{int(time.time())}")
 
 
 def _make_workdir(base: Path, parent: Parent) -> Path:
@@ -315,3 +259,127 @@ def _make_workdir(base: Path, parent: Parent) -> Path:
     except OSError as exc:
         raise HostError(f"cannot create a work directory in {base}: {exc.strerror}",
                         "pass a writable --workdir with room for the VM's RAM") from None
+
+
+def _offline(run: Run, parent: Parent) -> Stopped:
+    """A shut-off VM: no fork, no clone; its own images are archived as they are."""
+    point = ForkPoint(parent, (), run.workdir / "no-ram-state", RamMethod.OFFLINE,
+                      0.0, 0.0, 0.0, 0, None)
+    run.hooks.snapshot(run.job, point)
+    log.info("%s is shut off: archiving its disk images as they are, without a fork",
+             parent.name)
+    images = [(d.device, Path(d.filename)) for d in parent.writable_disks]
+    return Stopped(point, OFFLINE, 0.0, Label.CLEAN, images)
+
+
+# -- fork -> clone -> shutdown ------------------------------------------------------------------
+def _fork_and_shut_down(run: Run, handle: ParentHandle, parent: Parent,
+                        cleanup: contextlib.ExitStack) -> Stopped:
+    """The commit back is left on ``cleanup``: it runs once nothing reads the disks."""
+    sockets = cleanup.enter_context(socket_dir())
+    run.journal.record(sockets=str(sockets))
+    clone_plan = plan_clone(parent, run.workdir, sockets, run.job.fork.clone_console)
+    prepare_overlays(clone_plan, parent.writable_disks)
+    point = _fork(run, handle, parent)
+    cleanup.callback(_give_back, run, handle, point)
+    run.hooks.snapshot(run.job, point)
+    return _shut_down_clone(run, clone_plan, point)
+
+
+def _fork(run: Run, handle: ParentHandle, parent: Parent) -> ForkPoint:
+    planned = plan_fork(parent, run.id, run.job.fork.overlay_dir)
+    run.journal.record(phase=Phase.FORKING, overlays=planned)
+    point = handle.fork(parent, planned, run.workdir / "ram.state", run.job.fork.method)
+    run.journal.record(phase=Phase.FORKED)
+    return point
+
+
+def _give_back(run: Run, handle: ParentHandle, point: ForkPoint) -> None:
+    """Commit the parent's overlays back into its frozen images."""
+    run.commits.extend(handle.commit_back(point.disks))
+    run.journal.record(overlays=[])
+
+
+def _shut_down_clone(run: Run, clone_plan: ClonePlan, point: ForkPoint) -> Stopped:
+    policy = run.job.fork.shutdown
+
+    def started(pid: int) -> None:
+        run.journal.record(clone=process.identity(pid))
+
+    with running_clone(clone_plan, point.state_file, on_start=started) as clone:
+        result = shut_down(clone, policy, clone_plan.agent_socket)
+        restore_s = clone.restore_s
+    label = _label(result, policy.on_unclean)
+    return Stopped(point, result, restore_s, label, _images(clone_plan, label))
+
+
+def _label(result: ShutdownResult, on_unclean: OnUnclean) -> Label:
+    if result.clean:
+        return Label.CLEAN
+    if on_unclean is OnUnclean.CRASH_CONSISTENT:
+        log.warning("the clone did not shut down cleanly (%s): using the crash-consistent "
+                    "images of the fork instant, labelled as such", result.reason)
+        return Label.CRASH_CONSISTENT
+    raise VMError(f"the clone did not shut down cleanly ({result.reason}); nothing was "
+                  "archived or kept",
+                  "raise --shutdown-timeout, check the guest handles the ACPI power button, "
+                  "or accept --on-unclean crash-consistent")
+
+
+def _images(clone_plan: ClonePlan, label: Label) -> list[tuple[str, Path]]:
+    """The clone's disks, or the frozen (crash-consistent) images for a labelled fallback."""
+    if label is Label.CLEAN:
+        return [(d.device, d.overlay) for d in clone_plan.disks]
+    return [(d.device, d.frozen) for d in clone_plan.disks]
+
+
+# -- expose -> archive -> verify ----------------------------------------------------------------
+def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposure:
+    """The disks to archive, read-only, with the VM's record beside them."""
+    run.journal.record(clone=None, phase=Phase.SHUT_DOWN)
+    exposed = expose(stopped.images, run.workdir, run.root, recorder=run.journal)
+    cleanup.callback(unexpose, exposed)
+    record = metadata.record_of(stopped.point, run.id, stopped.label, run.job.name)
+    add_file(exposed.view, METADATA_FILE, record.to_json(), run.journal)
+    run.journal.record(phase=Phase.EXPOSED)
+    return exposed.view
+
+
+def _archive_and_verify(run: Run, stopped: Stopped, exposure: Exposure) -> Results:
+    archives = _archive(run, exposure, stopped.label)
+    verdicts = verify.verdicts(exposure.filesystems)
+    keep_dir = run.job.fork.keep_dir
+    kept = [str(p) for p in keep_images(stopped.images, keep_dir)] if keep_dir else []
+    return Results(archives, verdicts, kept)
+
+
+def _archive(run: Run, exposure: Exposure, label: Label) -> list[ArchiveResult]:
+    """Every target of the job in turn; the first failure stops the rest and propagates."""
+    results: list[ArchiveResult] = []
+    faults.point("archiving")
+    for target in run.job.targets:
+        log.info("archiving %s into %s (%s, %s)", run.job.name, target.name, target.type,
+                 target.mode)
+        results += run.hooks.archive(run.job, target, exposure, label)
+    return results
+
+
+# -- the report ---------------------------------------------------------------------------------
+def _report(run: Run, stopped: Stopped, results: Results, huge_pages: Collapse | None,
+            total_s: float) -> BackupReport:
+    point = stopped.point
+    return BackupReport(
+        point.parent.name, stopped.label, point.method, point.pause_ms, point.disk_snapshot_ms,
+        point.ram_bytes, point.ram_save_s, point.qemu_downtime_ms, stopped.restore_s,
+        stopped.shutdown, results.verdicts, results.archives, results.kept, run.commits,
+        total_s, _warnings(stopped.label, results), huge_pages=huge_pages)
+
+
+def _warnings(label: Label, results: Results) -> list[str]:
+    warnings = []
+    if label is not Label.CLEAN:
+        warnings.append(f"archived the {label} images: the clone did not shut down cleanly")
+    warnings += [f"{v.where}: {v.detail}" for v in results.verdicts
+                 if v.state is FsState.NEEDS_RECOVERY]
+    warnings += [f"{a.target}: {w}" for a in results.archives for w in a.warnings]
+    return warnings

@@ -19,18 +19,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from kvmsnap_plugin.backends import restore_parent
 from kvmsnap_plugin.errors import KvmsnapError, VMError
+from kvmsnap_plugin.fork.recovery import give_back
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.host.mounts import detach_loops_of, detach_orphaned_loop, is_mountpoint, unmount
 from kvmsnap_plugin.model import JournalState, Recovery
 from kvmsnap_plugin.run.journal import Journal
 
 log = logging.getLogger("kvmsnap")
-
-
-
-
 
 
 def recover(journal: Journal) -> Recovery:
@@ -81,7 +77,7 @@ def _unexpose(state: JournalState, journal: Journal, result: Recovery) -> None:
 
 
 def _restore_parent(state: JournalState, journal: Journal, result: Recovery) -> None:
-    restore_parent(state, list(state.overlays), result)
+    give_back(state, result)
     journal.record(overlays=[])
 
 
@@ -99,8 +95,5 @@ def _remove_files(state: JournalState, journal: Journal, result: Recovery) -> No
             for child in sorted(Path(root).rglob("*"), reverse=True):
                 child.rmdir()
             Path(root).rmdir()
-
-
-# -- processes we started -------------------------------------------------------------------------
 
 

@@ -1,59 +1,56 @@
-"""What a backup of one VM produced: the report printed (or emitted as JSON) at the end."""
+"""How a run's results read to a person: the report of a backup, and a dry run's plan.
+
+The records themselves (:class:`~kvmsnap_plugin.model.BackupReport`,
+:class:`~kvmsnap_plugin.model.Plan`) live in the model and give their JSON form with
+``as_dict()``; this module renders them as the lines ``kvmsnap`` prints.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from kvmsnap_plugin.model import ArchiveResult, BackupReport, Collapse, Plan, Verdict
 
-from kvmsnap_plugin.model import ArchiveResult, Collapse, Commit, Label, ShutdownResult, Verdict
+MIB = 2**20
 
 
-@dataclass(frozen=True)
-class BackupReport:
-    vm: str
-    label: str  # "clean", or "crash-consistent" for a labelled fallback
-    method: str
-    pause_ms: float
-    disk_snapshot_ms: float
-    ram_bytes: int
-    ram_save_s: float
-    qemu_downtime_ms: int | None
-    clone_restore_s: float
-    shutdown: ShutdownResult
-    verdicts: list[Verdict]
-    archives: list[ArchiveResult]
-    kept: list[str]
-    commits: list[Commit]
-    total_s: float
-    warnings: list[str] = field(default_factory=list)
-    huge_pages: Collapse | None = None  # with collapse_huge_pages: what re-collapsing did
+def render_report(report: BackupReport) -> str:
+    """One summary line, then one line per verdict, archive, kept image and warning."""
+    lines = [f"{report.vm}: {report.label} ({report.method}); parent paused "
+             f"{report.pause_ms:.1f} ms; clone restored in {report.clone_restore_s:.1f} s, "
+             f"shut down in {report.shutdown.seconds:.1f} s ({report.shutdown.reason}); "
+             f"{report.total_s:.1f} s in all"]
+    if report.huge_pages:
+        lines.append(_huge_pages(report.huge_pages))
+    lines += [_verdict(v) for v in report.verdicts]
+    lines += [_archive(a) for a in report.archives]
+    lines += [f"  kept     {path}" for path in report.kept]
+    lines += [f"  warning  {w}" for w in report.warnings]
+    return "\n".join(lines)
 
-    @property
-    def clean(self) -> bool:
-        return self.label == Label.CLEAN and all(v.clean for v in self.verdicts)
 
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["clean"] = self.clean
-        return data
+def render_plan(plan: Plan) -> str:
+    """What ``--dry-run`` prints: the disks to freeze, the clone, the mounts, the targets."""
+    lines = [f"{plan.vm} (QEMU pid {plan.pid}) would be forked:"]
+    lines += [f"  disk {d['device']}: {d['image']} frozen; parent writes to {d['overlay']}"
+              for d in plan.disks]
+    lines.append(f"  clone: {' '.join(plan.clone_argv)}")
+    lines.append(f"  filesystems mounted under {plan.mount_root}")
+    lines += [f"  archive into {t}" for t in plan.targets] or ["  no archive targets"]
+    return "\n".join(lines)
 
-    def render(self) -> str:
-        lines = [f"{self.vm}: {self.label} ({self.method}); parent paused "
-                 f"{self.pause_ms:.1f} ms; clone restored in {self.clone_restore_s:.1f} s, "
-                 f"shut down in {self.shutdown.seconds:.1f} s ({self.shutdown.reason}); "
-                 f"{self.total_s:.1f} s in all"]
-        if self.huge_pages:
-            hp = self.huge_pages
-            lines.append(f"  huge pages {100 * hp.share_before:.0f}% -> "
-                         f"{100 * hp.share_after:.0f}% of guest RAM before the pause "
-                         f"({hp.seconds:.2f} s)")
-        for v in self.verdicts:
-            where = v.disk + (f"/{v.partition}" if v.partition else "")
-            lines.append(f"  verdict  {where:18} {v.fstype:6} {v.state.value:15} {v.detail}")
-        for a in self.archives:
-            stored = f", {a.stored_bytes / 2**20:.1f} MiB new" if a.stored_bytes is not None else ""
-            lines.append(f"  archive  {a.target:18} {a.kind:6} {a.name}  "
-                         f"({a.bytes / 2**20:.1f} MiB read{stored}, {a.seconds:.1f} s)")
-        lines += [f"  kept     {path}" for path in self.kept]
-        lines += [f"  warning  {w}" for w in self.warnings]
-        return "\n".join(lines)
+
+def _huge_pages(collapse: Collapse) -> str:
+    return (f"  huge pages {100 * collapse.share_before:.0f}% -> "
+            f"{100 * collapse.share_after:.0f}% of guest RAM before the pause "
+            f"({collapse.seconds:.2f} s)")
+
+
+def _verdict(verdict: Verdict) -> str:
+    return (f"  verdict  {verdict.where:18} {verdict.fstype:6} {verdict.state.value:15} "
+            f"{verdict.detail}")
+
+
+def _archive(archive: ArchiveResult) -> str:
+    stored = (f", {archive.stored_bytes / MIB:.1f} MiB new"
+              if archive.stored_bytes is not None else "")
+    return (f"  archive  {archive.target:18} {archive.kind:6} {archive.name}  "
+            f"({archive.bytes / MIB:.1f} MiB read{stored}, {archive.seconds:.1f} s)")

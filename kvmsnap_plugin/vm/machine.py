@@ -153,9 +153,4 @@ class Machine:
                 log.debug("%s: %s: %s", self.name, command, exc)
             if self.wait_exit(wait):
                 return step
-        self.proc.terminate()
-        if self.wait_exit(5):
-            return "terminate"
-        self.proc.kill()
-        self.proc.wait()
-        return "kill"
+        return process.end(self.proc, grace=5)

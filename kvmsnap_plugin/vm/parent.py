@@ -26,10 +26,6 @@ UNCLONABLE_DEVICES = (
 )
 
 
-
-
-
-
 def discover(session: QmpSession, qmp_socket: Path, pid: int) -> Parent:
     """Describe the running VM behind ``session``; refuse what kvmsnap cannot fork."""
     check_runstate(session)

@@ -22,9 +22,8 @@ from kvmsnap_plugin.vm.machine import Machine
 
 log = logging.getLogger("kvmsnap")
 
-
-
-
+#: presses of the power button before the guest agent is asked
+PRESSES = 2
 
 
 def shut_down(clone: Machine, policy: ShutdownPolicy,
@@ -32,49 +31,75 @@ def shut_down(clone: Machine, policy: ShutdownPolicy,
     """Run the (paused) clone, press its power button, and wait for it to end."""
     clone.qmp.events()
     clone.qmp.execute("cont")
-    started = time.monotonic()
-    presses = 0
-    agent: socket.socket | None = None
-    agent_asked = False
-    reason = "no shutdown event"
-    next_press = started
-    deadline = started + policy.timeout
-    while time.monotonic() < deadline:
-        if time.monotonic() >= next_press and presses < 2:
-            _press(clone)
-            faults.point("clone-shutdown")
-            presses += 1
-            next_press = time.monotonic() + policy.repress_after
-        elif time.monotonic() >= next_press and agent_socket and not agent_asked:
-            agent, agent_asked = _ask_agent(agent_socket), True
-        try:
-            event = clone.qmp.wait_event("SHUTDOWN", min(1.0, max(0.05, deadline -
-                                                                  time.monotonic())))
-            reason = event.data.get("reason", "unknown")
-            break
-        except StepTimeout:
-            if not clone.running():
-                reason = f"QEMU exited without a shutdown event ({clone.stderr_tail()})"
-                break
-            continue
-        except KvmsnapError:
-            reason = "QEMU exited without a shutdown event"
-            break
-    else:
-        log.warning("the clone did not shut down within %g s; stopping it hard",
-                    policy.timeout)
-        reason = f"timed out after {policy.timeout:g} s"
-    if agent is not None:
-        agent.close()
+    ladder = _Ladder(clone, policy, agent_socket)
+    try:
+        reason = ladder.climb()
+    finally:
+        ladder.close()
     guest_did_it = reason == "guest-shutdown"
     if guest_did_it:
         clone.wait_exit(30)
         clone.ended_by = "guest"
     ended_by = clone.shutdown(powerdown_timeout=0, quit_timeout=10)
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - ladder.started
     log.info("clone %s after %.1f s (%s)", "shut down cleanly" if guest_did_it else
              "was stopped", seconds, reason)
-    return ShutdownResult(guest_did_it, ended_by, seconds, presses, reason, agent_asked)
+    return ShutdownResult(guest_did_it, ended_by, seconds, ladder.presses, reason,
+                          ladder.agent_asked)
+
+
+class _Ladder:
+    """The rungs, one at a time, until QEMU reports a shutdown or the time is up."""
+
+    def __init__(self, clone: Machine, policy: ShutdownPolicy,
+                 agent_socket: Path | None) -> None:
+        self.clone = clone
+        self.policy = policy
+        self.agent_socket = agent_socket
+        self.started = time.monotonic()
+        self.deadline = self.started + policy.timeout
+        self.next_rung = self.started
+        self.presses = 0
+        self.agent_asked = False
+        self._agent: socket.socket | None = None
+
+    def climb(self) -> str:
+        """Why the clone ended: QEMU's SHUTDOWN reason, or what happened instead."""
+        while time.monotonic() < self.deadline:
+            if time.monotonic() >= self.next_rung:
+                self._next_rung()
+            reason = self._wait_for_shutdown()
+            if reason is not None:
+                return reason
+        log.warning("the clone did not shut down within %g s; stopping it hard",
+                    self.policy.timeout)
+        return f"timed out after {self.policy.timeout:g} s"
+
+    def close(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+
+    def _next_rung(self) -> None:
+        if self.presses < PRESSES:
+            _press(self.clone)
+            faults.point("clone-shutdown")
+            self.presses += 1
+            self.next_rung = time.monotonic() + self.policy.repress_after
+        elif self.agent_socket and not self.agent_asked:
+            self._agent, self.agent_asked = _ask_agent(self.agent_socket), True
+
+    def _wait_for_shutdown(self) -> str | None:
+        """QEMU's SHUTDOWN reason, why QEMU is gone without one, or None: still running."""
+        remaining = self.deadline - time.monotonic()
+        try:
+            event = self.clone.qmp.wait_event("SHUTDOWN", min(1.0, max(0.05, remaining)))
+        except StepTimeout:
+            if self.clone.running():
+                return None
+            return f"QEMU exited without a shutdown event ({self.clone.stderr_tail()})"
+        except KvmsnapError:
+            return "QEMU exited without a shutdown event"
+        return event.data.get("reason", "unknown")
 
 
 def _ask_agent(socket_path: Path) -> socket.socket | None:

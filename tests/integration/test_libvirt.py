@@ -17,11 +17,19 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kvmsnap_demo.disk import read_disk
-from kvmsnap_plugin.backends.libvirt import LibvirtParent, restore
+from kvmsnap_plugin.backends.libvirt import LibvirtBackend
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.fork.engine import plan_fork
+from kvmsnap_plugin.fork.engine import ParentHandle, plan_fork
+from kvmsnap_plugin.fork.recovery import give_back
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState, Recovery
+from kvmsnap_plugin.model import (
+    ArchiveTarget,
+    BackupJob,
+    ForkOptions,
+    FsState,
+    JournalState,
+    Recovery,
+)
 from kvmsnap_plugin.run.journal import state_dir
 from kvmsnap_plugin.run.pipeline import backup
 
@@ -131,12 +139,18 @@ def fork_only(domain: Domain, tmp_path: Path):
     """Fork the domain through the backend and stop there, as a crash would."""
     state = tmp_path / "run"
     state.mkdir()
-    with LibvirtParent(domain.name, domain.uri) as backend:
+    with ParentHandle(LibvirtBackend(domain.name, domain.uri)) as backend:
         parent = backend.describe()
         planned = plan_fork(parent, "crash", None)
         point = backend.fork(parent, planned, state / "ram.state", "auto")
         fields = backend.journal_fields()
     return point, {**fields, "phase": "forked"}
+
+
+def restore(data: dict, disks: list, result: Recovery) -> None:
+    """Recovery of the parent, from a journal with these fields and overlays."""
+    give_back(JournalState.from_dict({**data, "overlays": [d.as_dict() for d in disks]}),
+              result)
 
 
 def test_recovery_commits_a_running_domain_back_online(start_domain, tmp_path):
@@ -157,7 +171,7 @@ def test_recovery_commits_a_running_domain_back_online(start_domain, tmp_path):
 def test_recovery_resumes_a_domain_our_fork_left_paused(start_domain, tmp_path):
     domain = start_domain()
     domain.wait_counter(3)
-    with LibvirtParent(domain.name, domain.uri) as backend:
+    with ParentHandle(LibvirtBackend(domain.name, domain.uri)) as backend:
         parent = backend.describe()
         planned = plan_fork(parent, "crash", None)
         data = {**backend.journal_fields(), "phase": "forking"}
@@ -193,8 +207,7 @@ def test_recovery_of_a_domain_gone_commits_offline_and_fixes_its_definition(star
 BACKUP_SCRIPT = """
 import sys
 from pathlib import Path
-from kvmsnap_plugin.plugin.archive import ArchiveTarget
-from kvmsnap_plugin.config import BackupJob, ForkOptions
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions
 from kvmsnap_plugin.run.pipeline import backup
 name, uri, work, repo = sys.argv[1:]
 backup(BackupJob(name, None, ForkOptions(workdir=Path(work)),

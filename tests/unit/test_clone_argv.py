@@ -9,7 +9,7 @@ import pytest
 
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.model import CloneDisk, ParentDisk
-from kvmsnap_plugin.vm.clone import agent_chardev_ids, copy_master_key, rewrite_argv
+from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, copy_master_key, rewrite_argv
 from kvmsnap_plugin.vm.parent import refuse_unclonable
 from kvmsnap_plugin.vm.qemu_args import KeyVal, parse_argv
 

@@ -8,6 +8,16 @@ import pytest
 
 from kvmsnap_plugin.config import command_line_targets, load_config
 from kvmsnap_plugin.errors import UsageError
+from kvmsnap_plugin.model import (
+    DEFAULT_LIBVIRT_URI,
+    REPRESS_AFTER,
+    SHUTDOWN_TIMEOUT,
+    ForkOptions,
+    Mode,
+    OnUnclean,
+    RamMethod,
+    ShutdownPolicy,
+)
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,3 +85,18 @@ def test_bad_configs_are_refused_with_the_reason(tmp_path, text, message):
 def test_a_missing_config_file_says_so(tmp_path):
     with pytest.raises(UsageError, match="no such config file"):
         load_config(tmp_path / "nope.toml", TYPES)
+
+
+def test_unset_options_take_the_model_defaults(tmp_path):
+    path = write(tmp_path, '[[vm]]\ndomain = "web"\narchivers = ["b"]\n'
+                           '[archiver.b]\ntype = "borg"\nrepository = "/srv/borg"\n')
+    [job] = load_config(path, TYPES)
+    assert job.libvirt_uri == DEFAULT_LIBVIRT_URI and job.name == "web" and job.qmp is None
+    assert job.fork == ForkOptions()  # every default, one place: the model
+    assert job.fork.shutdown == ShutdownPolicy(SHUTDOWN_TIMEOUT, REPRESS_AFTER, OnUnclean.FAIL)
+    assert job.fork.method is RamMethod.AUTO and job.targets[0].mode is Mode.FILES
+
+
+def test_the_repress_delay_never_outlasts_the_timeout(tmp_path):
+    [job] = load_config(write(tmp_path, '[[vm]]\nqmp = "/a"\nshutdown_timeout = 30\n'), TYPES)
+    assert job.fork.shutdown.timeout == 30 and job.fork.shutdown.repress_after == 30

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
 from kvmsnap_plugin.errors import HostError, ProcessError
@@ -38,3 +42,87 @@ def test_arguments_never_go_through_a_shell(tmp_path):
     result = process.run(["echo", evil], timeout=10)
     assert result.stdout.strip() == evil
     assert not (tmp_path / "pwned").exists()
+
+
+# -- the sh layer (restic's): the same masking, failures and time limits -----------------------
+def test_sh_program_runs_and_masks_secrets_in_failures():
+    env = {"RESTIC_PASSWORD": "sh-secret-42"}
+    shell = process.ShProgram("sh", "dash", env=env, timeout=10)
+    assert shell.run(["-c", "echo hello"]).stdout == "hello\n"
+    assert shell.run(["-c", "exit 3"], ok_codes=(0, 3)).returncode == 3
+    with pytest.raises(ProcessError, match="failed with exit code 2") as info:
+        shell.run(["-c", 'echo "no: $RESTIC_PASSWORD" >&2; exit 2'])
+    assert "sh-secret-42" not in info.value.stderr
+    assert process.MASK in info.value.stderr
+    assert info.value.returncode == 2
+
+
+def test_sh_program_times_out_like_run():
+    shell = process.ShProgram("sh", "dash", timeout=0.2)
+    with pytest.raises(ProcessError, match=r"did not finish within 0\.2 s"):
+        shell.run(["-c", "sleep 5"])
+
+
+def test_sh_program_writes_large_output_to_a_file(tmp_path):
+    shell = process.ShProgram("sh", "dash", timeout=10)
+    with open(tmp_path / "out", "wb") as out:
+        shell.run_to_file(["-c", "head -c 1000000 /dev/zero"], out)
+    assert (tmp_path / "out").stat().st_size == 1000000
+    with open(tmp_path / "out", "wb") as out, pytest.raises(ProcessError):
+        shell.run_to_file(["-c", "exit 1"], out)
+
+
+def test_sh_program_started_reads_its_stdin_and_is_registered():
+    shell = process.ShProgram("sh", "dash", timeout=10)
+    read_end, write_end = os.pipe()
+    running = shell.start(["-c", "wc -c"], stdin_fd=read_end)
+    os.close(read_end)
+    assert running.pid in process.SPAWNED_PIDS
+    os.write(write_end, b"12345")
+    os.close(write_end)
+    assert shell.finish(running).stdout.strip() == "5"
+
+
+def test_sh_program_abort_kills_at_once_with_stdin_still_open():
+    shell = process.ShProgram("sh", "dash", timeout=30)
+    read_end, write_end = os.pipe()
+    running = shell.start(["-c", "exec cat >/dev/null"], stdin_fd=read_end)
+    os.close(read_end)
+    started = time.monotonic()
+    shell.abort(running)
+    assert time.monotonic() - started < 3
+    assert process.same_process(process.identity(running.pid)) is None
+    os.close(write_end)
+
+
+# -- ending: one ladder, for our children and for PIDs ---------------------------------------
+def test_end_a_child_that_obeys_sigterm():
+    proc = process.spawn(["sleep", "30"])
+    assert process.end(proc, grace=5) == "terminate"
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_end_a_child_that_ignores_sigterm_is_killed_after_grace():
+    proc = process.spawn(["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"])
+    time.sleep(0.2)  # the trap is set
+    assert process.end(proc, grace=0.3) == "kill"
+    assert proc.returncode == -signal.SIGKILL
+    assert process.stop(proc) == -signal.SIGKILL  # ending it again is harmless
+
+
+def test_end_pid_of_a_process_known_by_pid_only():
+    proc = process.spawn(["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"])
+    time.sleep(0.2)
+    recorded = process.identity(proc.pid)
+    assert process.same_process(recorded) == proc.pid
+    process.end_pid(proc.pid, grace=0.3)
+    assert process.same_process(recorded) is None  # a zombie until reaped
+    proc.wait(5)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_end_without_sigterm_first():
+    proc = process.spawn(["sleep", "30"])
+    assert process.end(proc.pid, soft=False, grace=5) == "kill"
+    proc.wait(5)
+    assert proc.returncode == -signal.SIGKILL

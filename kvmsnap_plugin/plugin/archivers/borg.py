@@ -17,8 +17,8 @@ from pathlib import Path
 
 from kvmsnap_plugin.errors import ArchiveError, KvmsnapError, ProcessError
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import ArchiveResult, ArchiveTarget, BackupJob, Exposure
-from kvmsnap_plugin.plugin.archive import mounted_trees
+from kvmsnap_plugin.model import ArchiveResult, ArchiveTarget, BackupJob, Exposure, Label, Mode
+from kvmsnap_plugin.plugin.archive import mounted_trees, targets_of
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 
 TYPE = "borg"
@@ -35,12 +35,32 @@ def kvmsnap_archiver_types() -> dict[str, frozenset[str]]:
 @hookimpl
 def kvmsnap_pre_backup(job: BackupJob) -> None:
     """Before the VM is touched: borg is there, and each repository opens (passphrase)."""
-    for target in job.targets:
-        if target.type == TYPE:
-            _check(target)
+    for target in targets_of(job, TYPE):
+        _check(target)
+
+
+@hookimpl
+def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
+                    label: Label) -> list[ArchiveResult] | None:
+    if target.type != TYPE:
+        return None
+    now = datetime.now()
+    mode = Mode(target.mode)
+    results = []
+    if mode.files:
+        results.append(_create(job, target, "files", target.archive_name(job.name, now, "files"),
+                               exposure.root, mounted_trees(exposure), []))
+    if mode.image:
+        names = [d.image.name for d in exposure.disks] + exposure.extra_files
+        results.append(_create(job, target, "image", target.archive_name(job.name, now, "image"),
+                               exposure.images_dir, names,
+                               ["--chunker-params", target.option("chunker_params",
+                                                                  IMAGE_CHUNKER)]))
+    return results
 
 
 def _check(target: ArchiveTarget) -> None:
+    """borg runs, and the repository opens with the passphrase it is given."""
     repository = _repository(target)
     try:
         process.run([process.find_program("borg", "borgbackup (pip install borgbackup)"),
@@ -48,25 +68,6 @@ def _check(target: ArchiveTarget) -> None:
                     env=target.option("env", {}))
     except ProcessError as exc:
         raise _explain(exc, repository) from None
-
-
-@hookimpl
-def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
-                    label: str) -> list[ArchiveResult] | None:
-    if target.type != TYPE:
-        return None
-    now = datetime.now()
-    results = []
-    if target.mode in ("files", "both"):
-        results.append(_create(job, target, "files", target.archive_name(job.name, now, "files"),
-                               exposure.root, mounted_trees(exposure), []))
-    if target.mode in ("image", "both"):
-        names = [d.image.name for d in exposure.disks] + exposure.extra_files
-        results.append(_create(job, target, "image", target.archive_name(job.name, now, "image"),
-                               exposure.images_dir, names,
-                               ["--chunker-params", target.option("chunker_params",
-                                                                  IMAGE_CHUNKER)]))
-    return results
 
 
 def _create(job: BackupJob, target: ArchiveTarget, kind: str, name: str, cwd: Path,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -141,12 +140,9 @@ def backup_image(restic: process.ShProgram, target: ArchiveTarget, job: BackupJo
     except BaseException:
         # Kill restic while its stdin is still open: it must not mistake a broken stream
         # for the end of the disk and save a truncated snapshot.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(running.pid, signal.SIGKILL)
+        restic.abort(running)
         with contextlib.suppress(OSError):
             os.close(write_end)
-        with contextlib.suppress(Exception):
-            running.wait()
         raise
     with contextlib.suppress(OSError):
         os.close(write_end)

@@ -1,0 +1,103 @@
+"""Giving the parent its chain back from a journal: the decisions, against a fake backend."""
+
+from __future__ import annotations
+
+import pytest
+from test_fork_engine import FakeBackend, FakeMonitor, planned_in
+
+from kvmsnap_plugin.backends.libvirt import LibvirtBackend
+from kvmsnap_plugin.backends.qmp import QmpBackend
+from kvmsnap_plugin.fork import chain, recovery
+from kvmsnap_plugin.model import JournalState, Phase, Recovery
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """The parent recovery reopens; its QEMU is the one the journal names."""
+    fake = FakeBackend(FakeMonitor())
+    monkeypatch.setattr(recovery, "reopen", lambda state: fake)
+    monkeypatch.setattr(recovery.process, "same_process", lambda recorded: 4242)
+    return fake
+
+
+def journal(tmp_path, phase, disks=2):
+    planned = planned_in(tmp_path, disks)
+    for disk in planned:
+        disk.parent_overlay.write_bytes(b"writes")
+    return JournalState(vm="web", phase=phase, parent="4242:99", overlays=planned)
+
+
+def test_a_parent_left_paused_mid_fork_is_resumed_after_its_ram_snapshot_ends(backend,
+                                                                             tmp_path):
+    state = journal(tmp_path, Phase.FORKING)
+    backend.monitor.state = "paused"
+    backend.monitor.migration = "active"
+    backend.monitor.execute = settle_after(backend.monitor, queries=2)
+    result = Recovery("web")
+    recovery.give_back(state, result)
+    assert result.actions == ["let an unfinished RAM snapshot end (completed)",
+                              "resumed the parent (it was paused)",
+                              "deleted the unused overlay d0.qcow2.kvmsnap-7-1.qcow2",
+                              "deleted the unused overlay d1.qcow2.kvmsnap-7-1.qcow2"]
+    assert backend.monitor.state == "running" and backend.monitor.capabilities == [False]
+
+
+def settle_after(monitor, queries):
+    """``query-migrate`` answers "active" ``queries`` times, then "completed"."""
+    real = monitor.execute
+
+    def execute(command, arguments=None, *, timeout=None):
+        answer = real(command, arguments, timeout=timeout)
+        if command == "query-migrate":
+            monitor.migration = "active" if monitor.commands.count(command) < queries \
+                else "completed"
+        return answer
+
+    return execute
+
+
+def test_active_overlays_are_committed_and_unused_ones_deleted(backend, tmp_path):
+    state = journal(tmp_path, Phase.EXPOSED)  # a run killed while archiving
+    backend.on_top = {state.overlays[1].overlay_node}
+    result = Recovery("web")
+    recovery.give_back(state, result)
+    assert result.actions == ["committed the parent's overlay of vdb back",
+                              "deleted the unused overlay d0.qcow2.kvmsnap-7-1.qcow2"]
+    assert ("detach", state.overlays[0].overlay_node) in backend.calls
+    assert not any(d.parent_overlay.exists() for d in state.overlays)
+
+
+def test_after_the_fork_a_paused_parent_is_not_ours_to_resume(backend, tmp_path):
+    backend.monitor.state = "paused"  # paused by its owner after our fork ended
+    recovery.give_back(journal(tmp_path, Phase.FORKED), Recovery("web"))
+    assert ("resume",) not in backend.calls and backend.monitor.state == "paused"
+
+
+def test_a_parent_whose_qemu_is_gone_is_committed_offline(backend, tmp_path, monkeypatch):
+    backend.running = False
+    ran = []
+    monkeypatch.setattr(chain.process, "run", lambda argv, timeout: ran.append(argv[-1]))
+    state = journal(tmp_path, Phase.FORKED)
+    result = Recovery("web")
+    recovery.give_back(state.updated(domain="web"), result)
+    assert ran == [d.parent_overlay for d in state.overlays]
+    assert backend.config_pointed == ["vda", "vdb"]
+    assert result.actions[-1] == "pointed the configuration of web back at its images " \
+                                 "(vda, vdb)"
+    assert backend.monitor.commands == []  # no monitor: its QEMU is gone
+
+
+def test_a_run_that_gave_the_chain_back_leaves_the_monitor_alone(backend, tmp_path):
+    state = JournalState(vm="web", phase=Phase.EXPOSED, overlays=())
+    recovery.give_back(state, Recovery("web"))
+    assert backend.calls == [] and backend.monitor.commands == []
+
+
+def test_the_journal_says_which_backend_to_reopen(tmp_path):
+    gone = JournalState(backend="qmp", qmp=str(tmp_path / "no.sock"), parent="1:1")
+    with recovery.reopen(gone) as qmp:  # its QEMU is gone: no connection is tried
+        assert isinstance(qmp, QmpBackend) and not qmp.online()
+    domain = recovery.reopen(JournalState(backend="libvirt", domain="web", uuid="u-1",
+                                          libvirt_uri="qemu:///session"))
+    assert isinstance(domain, LibvirtBackend)
+    assert (domain.domain, domain.uuid, domain.uri) == ("web", "u-1", "qemu:///session")
