@@ -7,6 +7,7 @@ and every record a hook receives or returns (from :mod:`kvmsnap_plugin.model`), 
 plugin imports ``kvmsnap_plugin`` and nothing deeper. The package itself never imports it.
 """
 
+from kvmsnap_plugin import model
 from kvmsnap_plugin.errors import (
     ArchiveError,
     HostError,
@@ -17,66 +18,15 @@ from kvmsnap_plugin.errors import (
     UsageError,
     VMError,
 )
-from kvmsnap_plugin.model import (
-    VERSION,
-    ArchiveResult,
-    ArchiveTarget,
-    BackupJob,
-    BackupReport,
-    Collapse,
-    Commit,
-    ExposedDisk,
-    ExposedFilesystem,
-    Exposure,
-    ForkedDisk,
-    ForkOptions,
-    ForkPoint,
-    FsState,
-    Label,
-    Mode,
-    OnUnclean,
-    Parent,
-    ParentDisk,
-    RamMethod,
-    ShutdownPolicy,
-    ShutdownResult,
-    Verdict,
-)
+from kvmsnap_plugin.model import *  # noqa: F403 - every record, enum and default
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 
-__version__ = VERSION
+__version__ = model.VERSION
 
-__all__ = [
-    "ArchiveError",
-    "ArchiveResult",
-    "ArchiveTarget",
-    "BackupJob",
-    "BackupReport",
-    "Collapse",
-    "Commit",
-    "ExposedDisk",
-    "ExposedFilesystem",
-    "Exposure",
-    "ForkOptions",
-    "ForkPoint",
-    "ForkedDisk",
-    "FsState",
-    "HostError",
-    "KvmsnapError",
-    "Label",
-    "Mode",
-    "OnUnclean",
-    "Parent",
-    "ParentDisk",
-    "ProcessError",
-    "RamMethod",
-    "ShutdownPolicy",
-    "ShutdownResult",
-    "SkipBackup",
-    "StepTimeout",
-    "UsageError",
-    "VMError",
-    "Verdict",
+__all__ = [  # the model's names, then the errors and the marker
+    *model.__all__,
+    *(error.__name__ for error in (ArchiveError, HostError, KvmsnapError, ProcessError,
+                                   SkipBackup, StepTimeout, UsageError, VMError)),
     "__version__",
     "hookimpl",
 ]

@@ -38,7 +38,7 @@ EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 13
 #: what --method offers: a shut-off VM is found, not asked for
 METHODS = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

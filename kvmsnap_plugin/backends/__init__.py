@@ -9,33 +9,11 @@ shutdown, expose, archive, verify) does not know the difference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from kvmsnap_plugin.model import ForkedDisk, Parent
-from kvmsnap_plugin.vm.qmp import Event
-
-
-class Monitor(Protocol):
-    """QEMU's monitor: :class:`~kvmsnap_plugin.vm.qmp.QmpSession` for a bare QEMU,
-    :class:`~kvmsnap_plugin.backends.libvirt.DomainMonitor` (QMP through libvirt) for a domain."""
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                *, timeout: float | None = None) -> Any:
-        """Run a QMP command; its ``return`` value. Raises VMError if QEMU refuses it."""
-
-    def send_fd(self, fd: int, name: str) -> None:
-        """Hand QEMU an open file descriptor under ``name`` (QMP ``getfd``)."""
-
-    def runstate(self) -> str:
-        """QEMU's run state (``running``, ``paused``, ``finish-migrate``, ...)."""
-
-    def events(self) -> list[Event]:
-        """The events received and not consumed yet, oldest first (and forget them)."""
-
-    def wait_event(self, names: str | Iterable[str], timeout: float,
-                   match: Callable[[Event], bool] = ...) -> Event:
-        """The first event named in ``names`` that ``match`` accepts; StepTimeout if none."""
+from kvmsnap_plugin.vm.qmp import Monitor
 
 
 class Backend(Protocol):

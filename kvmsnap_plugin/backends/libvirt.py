@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from kvmsnap_plugin.backends.libvirt_host import check_disks, find_qemu_pid, offline_disk
+from kvmsnap_plugin.backends.libvirt_host import find_qemu_pid, offline_disk
 from kvmsnap_plugin.backends.libvirt_xml import (
     disk_by_target,
     domain_disks,
@@ -38,10 +38,16 @@ from kvmsnap_plugin.backends.libvirt_xml import (
 from kvmsnap_plugin.errors import HostError, StepTimeout, VMError
 from kvmsnap_plugin.host import faults, process
 from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, ForkedDisk, JournalState, Parent
-from kvmsnap_plugin.vm.parent import block_disks, check_runstate, read_cmdline, refuse_unclonable
+from kvmsnap_plugin.vm.parent import (
+    block_disks,
+    check_disks,
+    check_runstate,
+    read_cmdline,
+    refuse_unclonable,
+)
 from kvmsnap_plugin.vm.qmp import Event
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 _loop_lock = threading.Lock()
 _loop_started = False

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +57,3 @@ def offline_disk(disk: DomainDisk) -> ParentDisk:
                       virtual_size=int(top.get("virtual-size", 0)),
                       read_only=disk.read_only,
                       chain=tuple(i.get("filename", "") for i in info))
-
-
-def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:
-    """Refuse a domain kvmsnap cannot back up: no writable disk, or one that is not a file."""
-    if not any(not d.read_only for d in disks):
-        raise VMError(f"{name} has no writable disk: there is nothing to back up",
-                      "attach the domain's disks read-write, or back the images up directly")
-    for disk in disks:
-        if not disk.read_only and not (disk.filename.startswith("/")
-                                       and Path(disk.filename).is_file()):
-            raise VMError(f"disk {disk.device} of {name} is not a local image file "
-                          f"({disk.filename})", "kvmsnap needs file-backed disks (qcow2/raw)")

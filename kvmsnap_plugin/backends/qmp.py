@@ -19,7 +19,7 @@ from kvmsnap_plugin.model import ForkedDisk, JournalState, Parent
 from kvmsnap_plugin.vm.parent import discover
 from kvmsnap_plugin.vm.qmp import Event, QmpSession, peer_pid
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 #: how long recovery waits for a QMP socket that exists
 RECOVERY_CONNECT_TIMEOUT = 30.0

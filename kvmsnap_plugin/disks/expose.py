@@ -26,7 +26,7 @@ from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.qemu_args import escape
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 
 class Recorder(Protocol):

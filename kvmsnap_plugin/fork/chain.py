@@ -16,7 +16,7 @@ from kvmsnap_plugin.errors import KvmsnapError, VMError
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import COMMIT_TIMEOUT, Commit, ForkedDisk, Recovery
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 
 def commit_back(backend: Backend, disks: Sequence[ForkedDisk],

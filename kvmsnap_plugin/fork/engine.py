@@ -40,10 +40,10 @@ from kvmsnap_plugin.model import (
     ParentDisk,
     RamMethod,
 )
-from kvmsnap_plugin.vm.clone import copy_master_key
+from kvmsnap_plugin.vm.clone_argv import copy_master_key
 from kvmsnap_plugin.vm.qmp import Event
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 
 # -- the facade the pipeline uses ----------------------------------------------------------------

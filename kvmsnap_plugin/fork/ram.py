@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin.backends import Backend, Monitor
+from kvmsnap_plugin.backends import Backend
 from kvmsnap_plugin.errors import HostError, KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.host import probes, process
 from kvmsnap_plugin.model import MIGRATION_FAILED, MIGRATION_UNFINISHED, RamMethod
+from kvmsnap_plugin.vm.qmp import Monitor
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 STATE_FD_NAME = "kvmsnap-state"
 #: what a failed RAM state write tells the user to do

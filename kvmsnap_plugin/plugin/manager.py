@@ -19,7 +19,7 @@ from kvmsnap_plugin.plugin import hookspecs
 if TYPE_CHECKING:
     import kvmsnap_plugin.model as model
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 CLEANUP = "kvmsnap_cleanup"

@@ -57,7 +57,7 @@ from kvmsnap_plugin.run.recovery import recover
 from kvmsnap_plugin.vm.clone import plan_clone, prepare_overlays, running_clone
 from kvmsnap_plugin.vm.shutdown import shut_down
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 #: how an offline backup's "clone" ended: there was none, the VM was already shut off
 OFFLINE = ShutdownResult(clean=True, ended_by="offline", seconds=0.0, presses=0,

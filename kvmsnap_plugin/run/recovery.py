@@ -26,7 +26,7 @@ from kvmsnap_plugin.host.mounts import detach_loops_of, detach_orphaned_loop, is
 from kvmsnap_plugin.model import JournalState, Recovery
 from kvmsnap_plugin.run.journal import Journal
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 
 def recover(journal: Journal) -> Recovery:

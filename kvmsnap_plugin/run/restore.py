@@ -22,7 +22,7 @@ from kvmsnap_plugin.model import METADATA_FILE, VmRecord
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.qemu_args import escape
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 NOTE = "HOW-TO-BOOT.txt"
 #: options of the original command line that belong to the running original alone

@@ -22,10 +22,9 @@ from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.model import CloneDisk, ClonePlan, Parent, ParentDisk
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
-from kvmsnap_plugin.vm.clone_argv import copy_master_key as copy_master_key  # backends/libvirt
 from kvmsnap_plugin.vm.machine import Machine
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 STATE_FD_NAME = "kvmsnap-incoming"
 

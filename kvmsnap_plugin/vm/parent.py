@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import UsageError, VMError
 from kvmsnap_plugin.model import Parent, ParentDisk
 from kvmsnap_plugin.vm.qemu_args import KeyVal, Option, parse_argv
-from kvmsnap_plugin.vm.qmp import QmpSession
+from kvmsnap_plugin.vm.qmp import Monitor
 
 #: -device drivers whose state lives outside QEMU, so a second copy cannot run.
 UNCLONABLE_DEVICES = (
@@ -26,7 +27,7 @@ UNCLONABLE_DEVICES = (
 )
 
 
-def discover(session: QmpSession, qmp_socket: Path, pid: int) -> Parent:
+def discover(session: Monitor, qmp_socket: Path, pid: int) -> Parent:
     """Describe the running VM behind ``session``; refuse what kvmsnap cannot fork."""
     check_runstate(session)
     argv = read_cmdline(pid)
@@ -34,6 +35,13 @@ def discover(session: QmpSession, qmp_socket: Path, pid: int) -> Parent:
     version = session.execute("query-version")["qemu"]
     name = session.execute("query-name").get("name") or f"vm-{pid}"
     disks = block_disks(session.execute("query-block"))
+    check_disks(name, disks)
+    return Parent(qmp_socket, pid, name, tuple(argv),
+                  (version["major"], version["minor"], version["micro"]), disks)
+
+
+def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:
+    """Refuse a VM kvmsnap cannot back up: no writable disk, or one that is not a file."""
     if not any(not d.read_only for d in disks):
         raise VMError(f"{name} has no writable disk: there is nothing to back up",
                       "attach the VM's disks read-write, or back the images up directly")
@@ -41,11 +49,9 @@ def discover(session: QmpSession, qmp_socket: Path, pid: int) -> Parent:
         if not disk.read_only and not _is_local_file(disk.filename):
             raise VMError(f"disk {disk.device} of {name} is not a local image file "
                           f"({disk.filename})", "kvmsnap needs file-backed disks (qcow2/raw)")
-    return Parent(qmp_socket, pid, name, tuple(argv),
-                  (version["major"], version["minor"], version["micro"]), disks)
 
 
-def check_runstate(session: QmpSession) -> None:
+def check_runstate(session: Monitor) -> None:
     state = session.runstate()
     if state in ("inmigrate", "postmigrate", "finish-migrate", "prelaunch") or \
             session.execute("query-migrate").get("status") in ("active", "setup",

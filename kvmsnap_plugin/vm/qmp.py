@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
@@ -36,6 +36,29 @@ class Event:
         stamp = msg.get("timestamp", {})
         when = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
         return cls(msg["event"], dict(msg.get("data", {})), when)
+
+
+class Monitor(Protocol):
+    """QEMU's monitor: :class:`~kvmsnap_plugin.vm.qmp.QmpSession` for a bare QEMU,
+    :class:`~kvmsnap_plugin.backends.libvirt.DomainMonitor` (QMP through libvirt) for a domain."""
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                *, timeout: float | None = None) -> Any:
+        """Run a QMP command; its ``return`` value. Raises VMError if QEMU refuses it."""
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor under ``name`` (QMP ``getfd``)."""
+
+    def runstate(self) -> str:
+        """QEMU's run state (``running``, ``paused``, ``finish-migrate``, ...)."""
+
+    def events(self) -> list[Event]:
+        """The events received and not consumed yet, oldest first (and forget them)."""
+
+    def wait_event(self, names: str | Iterable[str], timeout: float,
+                   match: Callable[[Event], bool] = ...) -> Event:
+        """The first event named in ``names`` that ``match`` accepts; StepTimeout if none."""
+
 
 
 def peer_pid(path: Path, timeout: float = 5.0) -> int:

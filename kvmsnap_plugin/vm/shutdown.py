@@ -20,7 +20,7 @@ from kvmsnap_plugin.host import faults
 from kvmsnap_plugin.model import ShutdownPolicy, ShutdownResult
 from kvmsnap_plugin.vm.machine import Machine
 
-log = logging.getLogger("kvmsnap")
+log = logging.getLogger(__name__)
 
 #: presses of the power button before the guest agent is asked
 PRESSES = 2

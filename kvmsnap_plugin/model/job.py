@@ -1,0 +1,153 @@
+"""A backup job, and what a run reports: the backup, a dry-run plan, a recovery, the
+VM's record in every archive."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmsnap_plugin.errors import UsageError
+from kvmsnap_plugin.model.defaults import DEFAULT_LIBVIRT_URI, Label, RamMethod
+from kvmsnap_plugin.model.disks import ArchiveResult, ArchiveTarget, Verdict
+from kvmsnap_plugin.model.vm import Collapse, Commit, ShutdownPolicy, ShutdownResult
+from kvmsnap_plugin.paths import DEFAULT_WORKDIR
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class ForkOptions:
+    method: RamMethod = RamMethod.AUTO
+    shutdown: ShutdownPolicy = field(default_factory=ShutdownPolicy)
+    keep_dir: Path | None = None  # write the clone's disks out as standalone images here
+    workdir: Path = DEFAULT_WORKDIR  # RAM state, clone overlays, mounts (0700)
+    overlay_dir: Path | None = None  # the parent's temporary overlays (default: beside images)
+    clone_console: Path | None = None  # capture the clone's first serial port (debugging)
+    pid: int | None = None  # the QEMU process, if peer credentials cannot tell
+    mount_root: Path | None = None  # where the clone's filesystems appear (default: workdir)
+    #: rebuild the parent's guest RAM huge pages before the pause (see hugepages.py)
+    collapse_huge_pages: bool = False
+
+    def __post_init__(self) -> None:
+        choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
+        if self.method not in choices:
+            raise UsageError(f"unknown RAM snapshot method {self.method!r}",
+                             f"use one of: {', '.join(choices)}")
+        object.__setattr__(self, "method", RamMethod(self.method))
+
+
+@dataclass(frozen=True)
+class BackupJob:
+    """Everything needed to back up one VM."""
+
+    name: str
+    qmp: Path | None  # a bare QEMU's QMP socket, or None for a libvirt domain
+    fork: ForkOptions = field(default_factory=ForkOptions)
+    targets: tuple[ArchiveTarget, ...] = ()
+    dry_run: bool = False
+    domain: str | None = None  # a libvirt domain's name
+    libvirt_uri: str = DEFAULT_LIBVIRT_URI
+
+    @property
+    def identity(self) -> str:
+        """What names this VM across runs (the journal and lock are keyed on it)."""
+        if self.domain:
+            return f"libvirt:{self.libvirt_uri}:{self.domain}"
+        return os.path.realpath(self.qmp or "")
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackupReport:
+    vm: str
+    label: Label
+    method: RamMethod
+    pause_ms: float
+    disk_snapshot_ms: float
+    ram_bytes: int
+    ram_save_s: float
+    qemu_downtime_ms: int | None
+    clone_restore_s: float
+    shutdown: ShutdownResult
+    verdicts: list[Verdict]
+    archives: list[ArchiveResult]
+    kept: list[str]
+    commits: list[Commit]
+    total_s: float
+    warnings: list[str] = field(default_factory=list)
+    huge_pages: Collapse | None = None  # with collapse_huge_pages: what re-collapsing did
+
+    @property
+    def clean(self) -> bool:
+        return self.label is Label.CLEAN and all(v.clean for v in self.verdicts)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["clean"] = self.clean
+        return data
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a backup would do (``--dry-run``): nothing is touched to make it."""
+
+    vm: str
+    pid: int
+    disks: list[dict[str, str]]
+    clone_argv: list[str]
+    targets: list[str]
+    mount_root: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class Recovery:
+    """What a recovery (or a release) did, for the report."""
+
+    vm: str
+    actions: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def did(self, action: str) -> None:
+        log.info("%s: %s", self.vm, action)
+        self.actions.append(action)
+
+    def failed(self, problem: str) -> None:
+        log.error("%s: %s", self.vm, problem)
+        self.problems.append(problem)
+
+
+@dataclass(frozen=True)
+class RecordedDisk:
+    device: str
+    image: str  # the parent's image file at backup time
+    format: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """``kvmsnap-vm.json``: what an archive says about the VM it came from."""
+
+    vm: str
+    run: str  # ties together the archives and snapshots of one backup
+    taken_at: str  # when this record was written, seconds after the fork; ISO 8601 UTC
+    label: str  # "clean" or "crash-consistent"
+    method: str
+    argv: list[str]
+    disks: list[RecordedDisk]
+    version: int = 1
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> VmRecord:
+        data: dict[str, Any] = json.loads(text)
+        data["disks"] = [RecordedDisk(**d) for d in data.get("disks", [])]
+        return cls(**data)

@@ -1,0 +1,146 @@
+"""Records of the VM's side: the parent, the fork point, the clone and its shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvmsnap_plugin.errors import UsageError
+from kvmsnap_plugin.model.defaults import REPRESS_AFTER, SHUTDOWN_TIMEOUT, OnUnclean, RamMethod
+
+
+@dataclass(frozen=True)
+class ParentDisk:
+    """One disk of the parent, as QEMU (or libvirt) sees it at discovery time."""
+
+    device: str  # a name for people and mount points: libvirt's target, the qdev id, ...
+    node: str  # the top block node; it is the frozen node after the fork
+    filename: str  # the top image file; it is the frozen image after the fork
+    format: str
+    virtual_size: int
+    read_only: bool
+    chain: tuple[str, ...]  # image files from the top down to the base
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The VM being backed up, described once at the start of a run."""
+
+    qmp_socket: Path | None
+    pid: int
+    name: str
+    argv: tuple[str, ...]
+    qemu_version: tuple[int, int, int]
+    disks: tuple[ParentDisk, ...]
+    #: a shut-off VM (libvirt): its disks are consistent as they are, no fork is needed
+    offline: bool = False
+
+    @property
+    def writable_disks(self) -> tuple[ParentDisk, ...]:
+        return tuple(d for d in self.disks if not d.read_only)
+
+
+# -- fork -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ForkedDisk:
+    """A parent disk split at the fork: frozen below, the parent's overlay on top."""
+
+    disk: ParentDisk
+    parent_overlay: Path  # the parent writes here until the commit
+    overlay_node: str
+
+    @property
+    def frozen(self) -> Path:
+        return Path(self.disk.filename)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"disk": asdict(self.disk), "parent_overlay": str(self.parent_overlay),
+                "overlay_node": self.overlay_node}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ForkedDisk:
+        disk = dict(data["disk"])
+        disk["chain"] = tuple(disk.get("chain", ()))
+        return cls(ParentDisk(**disk), Path(data["parent_overlay"]), data["overlay_node"])
+
+
+@dataclass(frozen=True)
+class ForkPoint:
+    """One instant of the parent's disks and RAM."""
+
+    parent: Parent
+    disks: tuple[ForkedDisk, ...]
+    state_file: Path
+    method: RamMethod
+    pause_ms: float  # STOP to RESUME, by QEMU's event timestamps
+    disk_snapshot_ms: float
+    ram_save_s: float
+    ram_bytes: int
+    qemu_downtime_ms: int | None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One parent overlay given back to its frozen image."""
+
+    device: str
+    seconds: float
+    bytes: int  # what the guest wrote during the backup, as the job counted it
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """What re-collapsing the guest RAM's huge pages did before the pause."""
+
+    seconds: float
+    share_before: float
+    share_after: float
+    errors: tuple[str, ...] = ()
+
+
+# -- clone and shutdown ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class CloneDisk:
+    device: str
+    overlay: Path  # qcow2 whose backing file is the frozen image
+    frozen: Path
+    frozen_format: str
+
+
+@dataclass(frozen=True)
+class ClonePlan:
+    argv: tuple[str, ...]
+    disks: tuple[CloneDisk, ...]
+    workdir: Path
+    qmp_path: Path
+    console_log: Path | None
+    agent_socket: Path | None = None  # the guest agent's channel, if the VM has one
+
+
+@dataclass(frozen=True)
+class ShutdownPolicy:
+    timeout: float = SHUTDOWN_TIMEOUT
+    repress_after: float = REPRESS_AFTER
+    on_unclean: OnUnclean = OnUnclean.FAIL
+
+    def __post_init__(self) -> None:
+        if self.timeout < 1:
+            raise UsageError(f"shutdown timeout {self.timeout:g} s is too small",
+                             "give the guest at least a few seconds, e.g. "
+                             "--shutdown-timeout 120")
+        try:
+            object.__setattr__(self, "on_unclean", OnUnclean(self.on_unclean))
+        except ValueError:
+            raise UsageError(f"unknown on-unclean policy {self.on_unclean!r}",
+                             "use fail or crash-consistent") from None
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    clean: bool
+    ended_by: str  # "guest", "offline", or the ladder rung that ended the clone
+    seconds: float  # from the first press to the end of the clone
+    presses: int
+    reason: str  # QEMU's SHUTDOWN reason, or why there was none
+    agent_asked: bool = False  # the guest agent was asked to power off
