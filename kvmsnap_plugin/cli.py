@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 from kvmsnap_plugin.errors import KvmsnapError, UsageError
 from kvmsnap_plugin.model import (
     DEFAULT_LIBVIRT_URI,
+    MAX_PAUSE,
+    MIN_FREE,
     REPRESS_AFTER,
     SHUTDOWN_TIMEOUT,
     VERSION,
@@ -62,8 +64,9 @@ def _job_from_args(args: argparse.Namespace,
         raise UsageError("name one VM", "pass --qmp SOCKET or --domain NAME")
     settings = {key: getattr(args, key) for key in (
         "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
-        "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages")
-        if getattr(args, key, None)}
+        "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages",
+        "min_free", "max_pause")
+        if getattr(args, key, None) is not None}
     dry_run = getattr(args, "dry_run", False)
     if args.domain:
         return BackupJob(args.name or args.domain, None, fork_options(settings),
@@ -108,7 +111,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.run.pipeline import recover_all
 
-    results = recover_all()
+    results = recover_all(force=args.force)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
@@ -254,8 +257,14 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--collapse-huge-pages", action="store_true",
                      help="rebuild the guest RAM's huge pages before the pause: a shorter "
                      "pause for back-to-back background snapshots, for some host CPU time")
-
-
+    cmd.add_argument("--min-free", metavar="SIZE",
+                     help="space to leave free, beyond the RAM state, where the parent's "
+                     "overlays and the work directory go; checked before the pause "
+                     f"(e.g. 512M, 2G; default {MIN_FREE >> 30}G)")
+    cmd.add_argument("--max-pause", type=float, metavar="SECONDS",
+                     help="the longest pause of the VM allowed; a method that cannot keep "
+                     "to it (stop-and-copy of a large RAM) is refused before pausing "
+                     f"(default {MAX_PAUSE:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--run", help="with --restic: the backup's run id (default: latest)")
     restore.add_argument("--vm", help="with --restic: the latest backup of this VM")
     restore.add_argument("--to", required=True, metavar="DIR", help="an empty directory")
-    add("recover", cmd_recover, "finish or undo every interrupted kvmsnap run on this host")
+    recover = add("recover", cmd_recover, "finish or undo every interrupted kvmsnap run on "
+                  "this host")
+    recover.add_argument("--force", action="store_true",
+                         help="also take down split backups still mounted for their reader "
+                         "(`kvmsnap mount` without `kvmsnap release`)")
     backup = add("backup", cmd_backup, "back up running VMs consistently into borg/restic")
     add_fork_arguments(backup)
     backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and archivers")

@@ -30,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import UsageError
+from kvmsnap_plugin.host.resources import parse_size
 from kvmsnap_plugin.model import (
     DEFAULT_LIBVIRT_URI,
+    MAX_PAUSE,
+    MIN_FREE,
     REPRESS_AFTER,
     SHUTDOWN_TIMEOUT,
     ArchiveTarget,
@@ -48,7 +51,7 @@ from kvmsnap_plugin.plugin.archive import absolute_repository
 #: keys allowed in [defaults] and, as overrides, in each [[vm]]
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
                       "repress_after", "on_unclean", "keep", "mount_root",
-                      "collapse_huge_pages"})
+                      "collapse_huge_pages", "min_free", "max_pause"})
 VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
@@ -112,6 +115,8 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         raise UsageError(f"collapse_huge_pages in {where} must be true or false, "
                          f"not {collapse!r}", "write collapse_huge_pages = true")
     return ForkOptions(
+        min_free=parse_size(settings.get("min_free", MIN_FREE), f"min_free in {where}"),
+        max_pause=_max_pause(settings.get("max_pause", MAX_PAUSE), where),
         method=settings.get("method", RamMethod.AUTO),
         shutdown=ShutdownPolicy(timeout=timeout, repress_after=min(repress, timeout),
                                 on_unclean=settings.get("on_unclean", OnUnclean.FAIL)),
@@ -123,6 +128,17 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         mount_root=path("mount_root"),
         collapse_huge_pages=collapse,
     )
+
+
+def _max_pause(value: Any, where: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(value, bool) or not seconds > 0:
+        raise UsageError(f"max_pause in {where} must be a number of seconds above 0, not "
+                         f"{value!r}", "e.g. max_pause = 5 (--max-pause 5)")
+    return seconds
 
 
 def _archiver(name: str, table: Mapping[str, Any],

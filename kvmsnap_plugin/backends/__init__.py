@@ -47,18 +47,24 @@ class Backend(Protocol):
     def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
         """Put every planned overlay on top of its disk, all at one instant."""
 
-    def active_overlays(self, planned: Sequence[ForkedDisk]) -> list[ForkedDisk]:
-        """The planned overlays that are a disk's active layer now (or being committed)."""
-
     def commit_one(self, disk: ForkedDisk, timeout: float) -> int:
         """Live-commit one active overlay into its frozen image and pivot the disk back
         onto that image; the bytes copied."""
+
+    def commit_below(self, disk: ForkedDisk, root: str, timeout: float) -> int:
+        """Commit one overlay that another snapshot sits on (``root``: the node at the top
+        of that chain) into its frozen image: the layer above then backs onto the frozen
+        image and the overlay leaves the chain; the bytes copied."""
 
     def journal_fields(self) -> dict[str, Any]:
         """What :func:`reopen` needs to find this VM again after a crash."""
 
     def online(self) -> bool:
         """Does the VM's QEMU run (its chain can be given back live)?"""
+
+    def offline_refusal(self, disks: Sequence[ForkedDisk]) -> str | None:
+        """For a VM that is not running: why its overlays must not be committed offline
+        (it is only suspended, elsewhere, or something still uses them), or None."""
 
     def point_config_back(self, disks: Sequence[ForkedDisk]) -> list[str]:
         """For a VM that is not running: make its stored configuration name the frozen

@@ -4,13 +4,12 @@ libvirt must keep believing what is true, so every change to the domain's state 
 goes through libvirt: the pause is ``virDomainSuspend``, the disk snapshot a disk-only,
 metadata-less, atomic external snapshot (``snapshotCreateXML``) onto overlays kvmsnap
 created beforehand, and the chain is given back with an active ``blockCommit`` into the
-frozen image + pivot. Raw QMP snapshots behind libvirt's back leave it with a stale view
+frozen image + pivot (or, under another snapshot, a ``blockCommit`` from our overlay down
+to the frozen image, no pivot). Raw QMP snapshots behind libvirt's back leave it with a stale view
 ("Need a root block node").
 
-Only the RAM snapshot goes through QEMU's monitor (libvirt has no background snapshot):
-:class:`DomainMonitor` passes QMP through libvirt (``qemuMonitorCommandWithFiles`` hands
-QEMU the state file's descriptor; ``migrate exec:`` would be killed by libvirt's seccomp
-sandbox) and delivers QEMU's events with their timestamps.
+Only the RAM snapshot goes through QEMU's monitor (libvirt has no background snapshot),
+through :class:`~kvmsnap_plugin.backends.libvirt_monitor.DomainMonitor`.
 
 The clone is a bare QEMU started from the domain's ``/proc/PID/cmdline`` (see
 :mod:`kvmsnap_plugin.vm.clone`): libvirt never learns of it.
@@ -19,15 +18,18 @@ The clone is a bare QEMU started from the domain's ``/proc/PID/cmdline`` (see
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
 from kvmsnap_plugin.backends.libvirt_host import find_qemu_pid, offline_disk
+from kvmsnap_plugin.backends.libvirt_monitor import (
+    DomainMonitor,
+    libvirt_errors,
+    libvirt_module,
+)
 from kvmsnap_plugin.backends.libvirt_xml import (
     disk_by_target,
     domain_disks,
@@ -35,7 +37,7 @@ from kvmsnap_plugin.backends.libvirt_xml import (
     pointed_back,
     snapshot_xml,
 )
-from kvmsnap_plugin.errors import HostError, StepTimeout, VMError
+from kvmsnap_plugin.errors import StepTimeout, VMError
 from kvmsnap_plugin.host import faults, process
 from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, ForkedDisk, JournalState, Parent
 from kvmsnap_plugin.vm.parent import (
@@ -45,42 +47,15 @@ from kvmsnap_plugin.vm.parent import (
     read_cmdline,
     refuse_unclonable,
 )
-from kvmsnap_plugin.vm.qmp import Event
 
 log = logging.getLogger(__name__)
 
-_loop_lock = threading.Lock()
-_loop_started = False
-
-
-def _libvirt() -> Any:
-    """libvirt-python, with its event loop running (events need it; once per process)."""
-    global _loop_started
-    try:
-        import libvirt
-    except ImportError:
-        raise HostError("libvirt-python is not installed",
-                        "pip install libvirt-python (needs libvirt-dev and pkg-config), "
-                        "or run `make venv`") from None
-    with _loop_lock:
-        if not _loop_started:
-            # Errors arrive as exceptions; libvirt would also print each one to stderr.
-            libvirt.registerErrorHandler(lambda *_: None, None)
-            libvirt.virEventRegisterDefaultImpl()
-            threading.Thread(target=_run_loop, args=(libvirt,), name="libvirt-events",
-                             daemon=True).start()
-            _loop_started = True
-    return libvirt
-
-
-def _run_loop(libvirt: Any) -> None:
-    while True:
-        libvirt.virEventRunDefaultImpl()
+__all__ = ["DomainMonitor", "LibvirtBackend", "connect", "find_domain", "reopen"]
 
 
 def connect(uri: str) -> Any:
     """A connection to libvirt; refuses URIs of other hosts (the clone runs here)."""
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     host = urlparse(uri).hostname
     if host not in (None, "", "localhost", "127.0.0.1", "::1"):
         raise VMError(f"{uri} is a remote libvirt: kvmsnap forks VMs on its own host only",
@@ -96,96 +71,13 @@ def connect(uri: str) -> Any:
 def find_domain(conn: Any, name: str, uuid: str | None = None) -> Any | None:
     """The domain by UUID if known (a new domain may have taken the name), else by name;
     None if there is none."""
-    libvirt = _libvirt()
+    libvirt = libvirt_module()
     try:
         return conn.lookupByUUIDString(uuid) if uuid else conn.lookupByName(name)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
         raise VMError(f"cannot look up domain {name!r}: {exc}") from None
-
-
-@contextlib.contextmanager
-def libvirt_errors(what: str, fix: str | None = None) -> Iterator[None]:
-    """libvirt's exceptions as one-line VMErrors saying what was being done."""
-    libvirt = _libvirt()
-    try:
-        yield
-    except libvirt.libvirtError as exc:
-        raise VMError(f"{what}: {exc}", fix) from None
-
-
-class DomainMonitor:
-    """QMP through libvirt, with QEMU's events (and their timestamps) as they arrive."""
-
-    def __init__(self, conn: Any, dom: Any) -> None:
-        import libvirt_qemu
-
-        self._qemu = libvirt_qemu
-        self.conn = conn
-        self.dom = dom
-        self._pending: list[Event] = []
-        self._arrived = threading.Condition()
-        self._callback = libvirt_qemu.qemuMonitorEventRegister(conn, dom, None,
-                                                               self._on_event, None, 0)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._qemu.qemuMonitorEventDeregister(self.conn, self._callback)
-
-    def _on_event(self, _conn: Any, _dom: Any, name: str, seconds: int, micros: int,
-                  details: str | None, _opaque: Any) -> None:
-        data = json.loads(details) if details else {}
-        with self._arrived:
-            self._pending.append(Event(name, data, seconds + micros / 1e6))
-            self._arrived.notify_all()
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                *, timeout: float | None = None) -> Any:
-        return self._qmp(command, arguments, ())
-
-    def send_fd(self, fd: int, name: str) -> None:
-        self._qmp("getfd", {"fdname": name}, (fd,))
-
-    def runstate(self) -> str:
-        return self.execute("query-status")["status"]
-
-    def _qmp(self, command: str, arguments: dict[str, Any] | None,
-             files: Sequence[int]) -> Any:
-        message = json.dumps({"execute": command, **({"arguments": arguments}
-                                                     if arguments else {})})
-        log.debug("qmp (libvirt) %s", message)
-        with libvirt_errors(f"QMP {command} through libvirt",
-                            "is the domain still running? see its log in /var/log/libvirt"):
-            if files:
-                answer, _ = self._qemu.qemuMonitorCommandWithFiles(self.dom, message,
-                                                                    list(files), 0)
-            else:
-                answer = self._qemu.qemuMonitorCommand(self.dom, message, 0)
-        reply = json.loads(answer)
-        if "error" in reply:
-            raise VMError(f"QMP {command} failed: {reply['error'].get('desc')}",
-                          "the VM refused the command; see the message")
-        return reply.get("return")
-
-    def events(self) -> list[Event]:
-        with self._arrived:
-            taken, self._pending = self._pending, []
-        return taken
-
-    def wait_event(self, names: str | Iterable[str], timeout: float,
-                   match: Callable[[Event], bool] = lambda e: True) -> Event:
-        wanted = {names} if isinstance(names, str) else set(names)
-
-        def first() -> Event | None:
-            return next((e for e in self._pending if e.name in wanted and match(e)), None)
-
-        with self._arrived:
-            event = self._arrived.wait_for(first, timeout)
-            if event is None:
-                raise StepTimeout(f"no {'/'.join(sorted(wanted))} event within {timeout:g} s")
-            self._pending.remove(event)
-            return event
 
 
 class LibvirtBackend:
@@ -245,9 +137,15 @@ class LibvirtBackend:
     def describe(self) -> Parent:
         with libvirt_errors(f"describing domain {self.domain}",
                             "is it still defined and running? see `virsh list --all`"):
-            libvirt = _libvirt()
+            libvirt = libvirt_module()
             state, _reason = self.dom.state()
             if state == libvirt.VIR_DOMAIN_SHUTOFF:
+                reason = suspended_reason(libvirt, self.dom)
+                if reason:
+                    raise VMError(f"domain {self.domain} is not shut off but {reason}: its "
+                                  "disks are those of a running guest",
+                                  f"start it (`virsh start {self.domain}`) and back it up "
+                                  "running, or shut it down properly")
                 return self._describe_offline()
             if state == libvirt.VIR_DOMAIN_PAUSED:
                 raise VMError(f"domain {self.domain} is paused: a paused guest cannot shut "
@@ -277,7 +175,7 @@ class LibvirtBackend:
         # An empty CD drive has no source; a writable disk without a file (a pool volume,
         # a network disk) stays in, to be refused by name below rather than skipped.
         disks = tuple(offline_disk(d) for d in
-                      domain_disks(self.dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE))
+                      domain_disks(self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE))
                       if d.source or not d.read_only)
         check_disks(self.domain, disks)
         log.info("%s is shut off: backing up its disk images as they are, without a fork",
@@ -300,7 +198,7 @@ class LibvirtBackend:
         """Nothing: an overlay that is no disk's layer is not open."""
 
     def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
-        libvirt = _libvirt()
+        libvirt = libvirt_module()
         flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
@@ -310,16 +208,11 @@ class LibvirtBackend:
             xml = snapshot_xml(planned, domain_disks(self.dom.XMLDesc(0)), name)
             self.dom.snapshotCreateXML(xml, flags)
 
-    def active_overlays(self, planned: Sequence[ForkedDisk]) -> list[ForkedDisk]:
-        with libvirt_errors(f"reading the disks of {self.domain}"):
-            tops = {d.source for d in domain_disks(self.dom.XMLDesc(0))}
-        return [d for d in planned if str(d.parent_overlay) in tops]
-
     # -- the commit back --------------------------------------------------------------------
     def commit_one(self, disk: ForkedDisk, timeout: float) -> int:
         """Like ``virsh blockcommit --active --pivot --base FROZEN``: without the base,
         libvirt would merge into the *bottom* of the chain."""
-        libvirt = _libvirt()
+        libvirt = libvirt_module()
         target = disk.disk.device
         with libvirt_errors(f"block commit of {target}"):
             current = disk_by_target(self.dom.XMLDesc(0), target)
@@ -337,9 +230,37 @@ class LibvirtBackend:
                               "wait for it to finish (`virsh blockjob`), then recover")
             return self._pivot_when_ready(target, timeout)
 
+    def commit_below(self, disk: ForkedDisk, root: str, timeout: float) -> int:
+        """Like ``virsh blockcommit --base FROZEN --top OVERLAY`` (not --active): libvirt
+        rewrites the upper image's backing and drops the overlay from the chain."""
+        libvirt = libvirt_module()
+        target = disk.disk.device
+        with libvirt_errors(f"block commit of {target} below another snapshot"):
+            job = self.dom.blockJobInfo(target, 0)
+            if not job:
+                self.dom.blockCommit(target, str(disk.frozen), str(disk.parent_overlay), 0, 0)
+                faults.point("commit")
+            elif job.get("type") != libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT:
+                raise VMError(f"{target} is busy with another block job (type {job['type']})",
+                              "wait for it to finish (`virsh blockjob`), then recover")
+            return self._wait_job_gone(target, timeout)
+
+    def _wait_job_gone(self, target: str, timeout: float) -> int:
+        """A commit that needs no pivot: until libvirt no longer lists the job."""
+        deadline = time.monotonic() + timeout
+        written = 0
+        while info := self.dom.blockJobInfo(target, 0):
+            written = max(written, int(info.get("end", 0)))
+            if time.monotonic() > deadline:
+                with contextlib.suppress(libvirt_module().libvirtError):
+                    self.dom.blockJobAbort(target, 0)
+                raise StepTimeout(f"committing {target} took more than {timeout:g} s")
+            time.sleep(0.05)
+        return written
+
     def _pivot_when_ready(self, target: str, timeout: float) -> int:
         """Pivot once libvirt has seen the job ready (it refuses before: retried)."""
-        libvirt = _libvirt()
+        libvirt = libvirt_module()
         deadline = time.monotonic() + timeout
         written = 0
         while True:
@@ -363,10 +284,29 @@ class LibvirtBackend:
             time.sleep(0.05)
 
     # -- recovery ---------------------------------------------------------------------------
+    def offline_refusal(self, disks: Sequence[ForkedDisk]) -> str | None:
+        """Not running is not shut off: a managed-saved, saved or migrated domain still runs
+        on the overlays (its memory image, or another host, writes or will write them)."""
+        if self.dom is None:
+            return None  # undefined since: nothing of libvirt's uses the overlays
+        with libvirt_errors(f"asking libvirt about {self.domain}"):
+            reason = suspended_reason(libvirt_module(), self.dom)
+            if reason:
+                return f"domain {self.domain} is not shut off but {reason}"
+            xml = self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE)
+        ours = {str(d.parent_overlay) for d in disks}
+        for disk in domain_disks(xml):
+            if disk.source and disk.source not in ours and disk.kind == "file":
+                above = set(offline_disk(disk).chain[1:]) & ours
+                if above:
+                    return (f"{disk.source} of domain {self.domain} is backed by "
+                            f"{', '.join(sorted(above))}")
+        return None
+
     def point_config_back(self, disks: Sequence[ForkedDisk]) -> list[str]:
         """A shut-off domain whose persistent XML still names our overlay (libvirt writes
         an external snapshot into it) would next start from a deleted file."""
-        libvirt = _libvirt()
+        libvirt = libvirt_module()
         with libvirt_errors(f"redefining {self.domain} on its own images"):
             if self.dom is None or not self.dom.isPersistent():
                 return []
@@ -375,6 +315,20 @@ class LibvirtBackend:
             if changed:
                 self.conn.defineXML(xml)
         return changed
+
+
+def suspended_reason(libvirt: Any, dom: Any) -> str | None:
+    """Why a domain that is not running is not shut off either, or None: a managed-save
+    image, a saved state, a migration to another host, a snapshot reverted to."""
+    if dom.hasManagedSaveImage(0):
+        return "managed-saved (`virsh start` resumes it from its memory image)"
+    state, reason = dom.state()
+    if state != libvirt.VIR_DOMAIN_SHUTOFF:
+        return None
+    return {libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved to a file (`virsh restore` resumes it)",
+            libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated to another host",
+            libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "reverted to a snapshot",
+            }.get(reason)
 
 
 def reopen(state: JournalState) -> LibvirtBackend:

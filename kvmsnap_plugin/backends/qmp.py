@@ -3,12 +3,14 @@
 The overlays are attached (``blockdev-add``) before the pause and put on top of the disks
 by one ``transaction`` of ``blockdev-snapshot`` actions; the chain is given back by an
 active ``block-commit`` and ``block-job-complete``, which pivots each disk back onto its
-frozen image.
+frozen image; an overlay that another tool's snapshot sits on is committed through the
+middle of the chain (``block-commit`` with ``top-node``/``base-node``), no pivot.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,14 @@ log = logging.getLogger(__name__)
 
 #: how long recovery waits for a QMP socket that exists
 RECOVERY_CONNECT_TIMEOUT = 30.0
+#: how long a QMP command of the parent may take
+COMMAND_TIMEOUT = 30.0
+#: tests only: a shorter command timeout, to make a hung QEMU (SIGSTOP) time out quickly
+TEST_TIMEOUT_ENV = "KVMSNAP_TEST_QMP_TIMEOUT"
+
+
+def command_timeout() -> float:
+    return float(os.environ.get(TEST_TIMEOUT_ENV) or COMMAND_TIMEOUT)
 
 
 class QmpBackend:
@@ -36,7 +46,7 @@ class QmpBackend:
         self.running = running
         self.pid = pid or (peer_pid(socket) if running else 0)
         self.connect_timeout = connect_timeout
-        self.monitor = QmpSession(socket, name="parent")
+        self.monitor = QmpSession(socket, name="parent", command_timeout=command_timeout())
 
     def __enter__(self) -> QmpBackend:
         if self.running:
@@ -81,11 +91,8 @@ class QmpBackend:
             {"type": "blockdev-snapshot", "data": {"node": d.disk.node, "overlay": d.overlay_node}}
             for d in planned]})
 
-    def active_overlays(self, planned: Sequence[ForkedDisk]) -> list[ForkedDisk]:
-        tops = {b["inserted"]["node-name"] for b in self.monitor.execute("query-block")
-                if b.get("inserted")}
-        jobs = {j["device"] for j in self.monitor.execute("query-block-jobs")}
-        return [d for d in planned if d.overlay_node in tops or commit_job(d) in jobs]
+    def offline_refusal(self, disks: Sequence[ForkedDisk]) -> str | None:
+        return None  # its QEMU is gone: nothing else knows of the overlays
 
     def point_config_back(self, disks: Sequence[ForkedDisk]) -> list[str]:
         return []  # a bare QEMU has no stored configuration
@@ -93,7 +100,7 @@ class QmpBackend:
     # -- the commit back ------------------------------------------------------------------
     def commit_one(self, disk: ForkedDisk, timeout: float) -> int:
         job = commit_job(disk)
-        jobs = {j["device"]: j for j in self.monitor.execute("query-block-jobs")}
+        jobs = self._jobs()
         if job in jobs:  # left by an interrupted run: finish it rather than start anew
             if jobs[job].get("ready"):
                 self.monitor.execute("block-job-complete", {"device": job})
@@ -108,6 +115,23 @@ class QmpBackend:
         if ended.data.get("error"):
             raise VMError(f"block-commit of {disk.disk.device} failed: {ended.data['error']}")
         return int(ended.data.get("len", 0))
+
+    def commit_below(self, disk: ForkedDisk, root: str, timeout: float) -> int:
+        """An intermediate commit: QEMU rewrites the upper image's backing file to the frozen
+        image and drops our overlay from the chain; no pivot."""
+        job = commit_job(disk)
+        if job not in self._jobs():
+            self.monitor.execute("block-commit", {
+                "job-id": job, "device": root, "top-node": disk.overlay_node,
+                "base-node": disk.disk.node})
+            faults.point("commit")
+        ended = self._wait_job(job, ("BLOCK_JOB_COMPLETED",), timeout)
+        if ended.data.get("error"):
+            raise VMError(f"block-commit of {disk.disk.device} failed: {ended.data['error']}")
+        return int(ended.data.get("len", 0))
+
+    def _jobs(self) -> dict[str, dict[str, Any]]:
+        return {j["device"]: j for j in self.monitor.execute("query-block-jobs")}
 
     def _wait_job(self, job: str, names: tuple[str, ...], timeout: float) -> Event:
         try:

@@ -14,6 +14,7 @@ time out and fail through the same :class:`Call`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -33,14 +34,9 @@ log = logging.getLogger(__name__)
 
 #: Environment variables whose values must never be shown.
 SECRET_ENV = frozenset({
-    "BORG_PASSPHRASE",
-    "BORG_PASSCOMMAND",
-    "BORG_NEW_PASSPHRASE",
-    "RESTIC_PASSWORD",
-    "RESTIC_PASSWORD_COMMAND",
-    "AWS_SECRET_ACCESS_KEY",
-    "B2_ACCOUNT_KEY",
-    "AZURE_ACCOUNT_KEY",
+    "BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE",
+    "RESTIC_PASSWORD", "RESTIC_PASSWORD_COMMAND",
+    "AWS_SECRET_ACCESS_KEY", "B2_ACCOUNT_KEY", "AZURE_ACCOUNT_KEY",
 })
 
 #: how long a SIGKILLed process may take to go
@@ -337,25 +333,49 @@ def _is_zombie(pid: int) -> bool:
 
 
 # -- processes known by PID -------------------------------------------------------------------
-def identity(pid: int) -> str:
-    """``PID:START`` - a process, told apart from a later one that reuses its PID."""
+#: the kernel's random id of this boot: a PID and start time name one process of one boot
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+@functools.cache
+def boot_id() -> str:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return f"{pid}:gone"
-    return f"{pid}:{fields[19]}"  # field 22 of stat: start time in clock ticks
+        return BOOT_ID_FILE.read_text().strip()
+    except OSError:  # no procfs entry (an odd container): PID and start time must do
+        return "unknown"
+
+
+def identity(pid: int) -> str:
+    """``PID:START:BOOT`` - a process, told apart from a later one that reuses its PID, in
+    this boot or (after a reboot, when start times begin again) in another."""
+    start = _start_time(pid)
+    return f"{pid}:gone" if start is None else f"{pid}:{start}:{boot_id()}"
 
 
 def same_process(recorded: str | None) -> int | None:
-    """The PID of the recorded process if it is still alive (and not a zombie), else None."""
+    """The PID of the recorded process if it is still alive (and not a zombie), else None.
+
+    Identities recorded before the boot id was (``PID:START``) still read: they are
+    compared on PID and start time alone, as they always were.
+    """
     if not recorded or recorded.endswith(":gone"):
         return None
-    pid = int(recorded.split(":", 1)[0])
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+    pid_text, _, rest = recorded.partition(":")
+    start, _, boot = rest.partition(":")
+    pid = int(pid_text)
+    # A process of an earlier boot: whatever has its PID (and even its start time) now is
+    # another. A zombie, or a process that is gone, is no process to talk to either.
+    if (boot and boot != boot_id()) or _is_zombie(pid):
         return None
-    return pid if state != "Z" and identity(pid) == recorded else None
+    return pid if str(_start_time(pid)) == start else None
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/PID/stat``: the process's start, in clock ticks since boot."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

@@ -9,6 +9,10 @@ SHUTDOWN_TIMEOUT = 300.0  # power button to a stopped clone, in all
 REPRESS_AFTER = 60.0  # a second press of the power button after this long
 FORK_TIMEOUT = 600.0  # the RAM snapshot, from the pause to its last byte
 COMMIT_TIMEOUT = 3600.0  # committing one overlay back into its frozen image
+MAX_PAUSE = 5.0  # seconds a fork may pause the VM: a longer stop-and-copy is refused
+#: space left free, beyond what kvmsnap knows it will write, on each filesystem the run
+#: writes to: the parent's overlays grow with every write the guest makes meanwhile
+MIN_FREE = 1 << 30
 DEFAULT_NAME_TEMPLATE = "{vm}-{now:%Y-%m-%dT%H:%M:%S}"
 METADATA_FILE = "kvmsnap-vm.json"  # the VmRecord in every archive
 VERSION = "0.1.0"

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import UsageError
-from kvmsnap_plugin.model.defaults import DEFAULT_LIBVIRT_URI, Label, RamMethod
+from kvmsnap_plugin.model.defaults import (
+    DEFAULT_LIBVIRT_URI,
+    MAX_PAUSE,
+    MIN_FREE,
+    Label,
+    RamMethod,
+)
 from kvmsnap_plugin.model.disks import ArchiveResult, ArchiveTarget, Verdict
 from kvmsnap_plugin.model.vm import Collapse, Commit, ShutdownPolicy, ShutdownResult
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
@@ -30,6 +36,10 @@ class ForkOptions:
     mount_root: Path | None = None  # where the clone's filesystems appear (default: workdir)
     #: rebuild the parent's guest RAM huge pages before the pause (see hugepages.py)
     collapse_huge_pages: bool = False
+    #: bytes to leave free on the filesystems of the overlays and the work directory
+    min_free: int = MIN_FREE
+    #: the longest pause of the parent kvmsnap may cause (seconds); refused before pausing
+    max_pause: float = MAX_PAUSE
 
     def __post_init__(self) -> None:
         choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]

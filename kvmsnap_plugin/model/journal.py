@@ -17,6 +17,7 @@ class JournalState:
     identity: str = ""
     phase: Phase = Phase.PREPARING
     pid: int = 0  # the kvmsnap process of the run
+    boot: str | None = None  # the host's boot id when the run started
     mount_root: str | None = None
     # the parent, per backend
     backend: str = "qmp"  # "qmp" or "libvirt"
@@ -29,6 +30,11 @@ class JournalState:
     workdir: str | None = None
     sockets: str | None = None
     overlays: tuple[ForkedDisk, ...] = ()
+    #: the parent's migration settings before kvmsnap changed them, until they are put back
+    migration_settings: dict[str, Any] | None = None
+    #: kvmsnap sent ``migrate`` (its RAM snapshot): recovery may let it end or cancel it;
+    #: a migration it did not start is never touched
+    migration_started: bool = False
     clone: str | None = None  # PID:START of the clone's QEMU
     files: tuple[str, ...] = ()
     mounts: tuple[str, ...] = ()

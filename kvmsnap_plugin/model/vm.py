@@ -49,6 +49,9 @@ class ForkedDisk:
     disk: ParentDisk
     parent_overlay: Path  # the parent writes here until the commit
     overlay_node: str
+    #: the frozen image's (size, mtime_ns, inode) right after the fork: what proves
+    #: it unchanged before an offline commit (None: the fork did not get that far)
+    frozen_stamp: tuple[int, ...] | None = None
 
     @property
     def frozen(self) -> Path:
@@ -56,13 +59,16 @@ class ForkedDisk:
 
     def as_dict(self) -> dict[str, Any]:
         return {"disk": asdict(self.disk), "parent_overlay": str(self.parent_overlay),
-                "overlay_node": self.overlay_node}
+                "overlay_node": self.overlay_node,
+                "frozen_stamp": list(self.frozen_stamp) if self.frozen_stamp else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ForkedDisk:
         disk = dict(data["disk"])
         disk["chain"] = tuple(disk.get("chain", ()))
-        return cls(ParentDisk(**disk), Path(data["parent_overlay"]), data["overlay_node"])
+        stamp = data.get("frozen_stamp")
+        return cls(ParentDisk(**disk), Path(data["parent_overlay"]), data["overlay_node"],
+                   tuple(stamp) if stamp else None)
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,10 @@ class Commit:
     device: str
     seconds: float
     bytes: int  # what the guest wrote during the backup, as the job counted it
+    #: where the overlay was: "active" (the disk's top: live commit and pivot), "below"
+    #: (another tool's snapshot on top of it: committed through the middle of the chain),
+    #: "unused" (never the disk's layer: nothing to commit)
+    layer: str = "active"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ disks has finished before the parent's overlays are committed back into the froz
 those disks are built on. The connection to the parent is opened around that stack, so the
 commit back still has it, and a split backup (:func:`mount`) empties the stack and leaves
 everything in place but that connection.
+
+Before the pause the run must fit (space and memory, :mod:`kvmsnap_plugin.host.resources`),
+and between steps the parent must run: stopped on an I/O error, it ends the run early.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from pathlib import Path
 
 from kvmsnap_plugin.disks import verify
 from kvmsnap_plugin.disks.expose import add_file, expose, unexpose
-from kvmsnap_plugin.errors import HostError, KvmsnapError, SkipBackup, VMError
+from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, VMError
 from kvmsnap_plugin.fork.engine import ParentHandle, open_parent, parent_overlay_path, plan_fork
+from kvmsnap_plugin.fork.watchdog import guarding
 from kvmsnap_plugin.host import faults, process
 from kvmsnap_plugin.host.hugepages import collapse_before_fork
 from kvmsnap_plugin.host.images import keep_images
+from kvmsnap_plugin.host.resources import make_workdir
 from kvmsnap_plugin.model import (
     METADATA_FILE,
     ArchiveResult,
@@ -40,7 +45,6 @@ from kvmsnap_plugin.model import (
     ForkPoint,
     FsState,
     Label,
-    OnUnclean,
     Parent,
     Phase,
     Plan,
@@ -52,9 +56,22 @@ from kvmsnap_plugin.model import (
 from kvmsnap_plugin.paths import safe_name, socket_dir
 from kvmsnap_plugin.plugin.manager import Hooks
 from kvmsnap_plugin.run import metadata
-from kvmsnap_plugin.run.journal import Journal, read_state
+from kvmsnap_plugin.run.journal import (
+    Journal,
+    held_mount,
+    pending_journal,
+    refuse_if_mounted,
+    vm_identity,
+)
 from kvmsnap_plugin.run.recovery import recover
-from kvmsnap_plugin.vm.clone import plan_clone, prepare_overlays, running_clone
+from kvmsnap_plugin.vm.clone import (
+    check_room,
+    images_to_archive,
+    label_of,
+    plan_clone,
+    prepare_overlays,
+    running_clone,
+)
 from kvmsnap_plugin.vm.shutdown import shut_down
 
 log = logging.getLogger(__name__)
@@ -73,6 +90,7 @@ class Run:
     journal: Journal
     workdir: Path  # private (0700): it holds the guest's RAM
     id: str  # names the parent's overlays and ties the archives of this run together
+    parent: ParentHandle | None = None  # a running parent (None: shut off, no fork)
     commits: list[Commit] = field(default_factory=list)  # filled as the parent is given back
 
     @property
@@ -115,27 +133,29 @@ def mount(job: BackupJob, hooks: Hooks | None = None) -> BackupReport:
 
 def release(job: BackupJob) -> Recovery:
     """The second half of a split backup: unmount, stop the exports, commit the parent."""
-    with Journal.acquire(job.identity) as journal:
-        if not journal.pending:
-            return Recovery(job.name, ["nothing to release"])
+    journal = pending_journal(job)
+    if journal is None:
+        return Recovery(job.name, ["nothing to release"])
+    with journal:
         return _recover_or_fail(journal)
 
 
-def recover_all() -> list[Recovery]:
-    """Finish or undo every interrupted run this host has a journal of."""
+def recover_all(force: bool = False) -> list[Recovery]:
+    """Finish or undo every interrupted run this host has a journal of. A split backup
+    still mounted for its reader is left alone (unless ``force``); a journal that cannot
+    be read is set aside as ``*.corrupt`` and reported; either way the others go on."""
     results = []
     for path in Journal.all_pending():
         try:
-            state = read_state(path)
+            with Journal.acquire_file(path, quarantine=True) as journal:
+                if not journal.pending:
+                    continue
+                where = None if force else held_mount(journal.current)
+                results.append(recover(journal) if where is None else Recovery(
+                    journal.current.vm, [f"left alone: mounted at {where}, waiting for "
+                                         "`kvmsnap release` (or `kvmsnap recover --force`)"]))
         except KvmsnapError as exc:
-            results.append(Recovery(path.stem, problems=[str(exc)]))
-            continue
-        try:
-            with Journal.acquire(state.identity) as journal:
-                if journal.pending:
-                    results.append(recover(journal))
-        except KvmsnapError as exc:
-            results.append(Recovery(state.vm or path.stem, problems=[str(exc)]))
+            results.append(Recovery(path.stem, problems=[exc.one_line()]))
     return results
 
 
@@ -175,7 +195,8 @@ def _with_cleanup_hooks(job: BackupJob, hooks: Hooks, detach: bool) -> BackupRep
 
 
 def _locked(job: BackupJob, hooks: Hooks, detach: bool) -> BackupReport:
-    with Journal.acquire(job.identity) as journal:
+    with Journal.acquire(vm_identity(job)) as journal:
+        refuse_if_mounted(job, journal)
         if journal.pending:
             log.warning("%s: a previous run did not finish; cleaning up after it first",
                         job.name)
@@ -209,6 +230,9 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
     started = time.monotonic()
     with open_parent(job) as handle:
         parent = handle.describe()
+        if not parent.offline:  # refuse what cannot fit while the VM runs untouched
+            check_room(parent, handle.backend.monitor, job.fork, {parent_overlay_path(
+                d, "RUN", job.fork.overlay_dir).parent for d in parent.writable_disks})
         # Before pre_backup: a plugin may freeze the guest's filesystems there until the fork.
         huge_pages = _collapse_huge_pages(parent, job.fork)
         reason = hooks.pre_backup(job, parent)
@@ -222,6 +246,7 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
             else:
                 stopped = _fork_and_shut_down(run, handle, parent, cleanup)
             exposure = _expose(run, stopped, cleanup)
+            _check_parent(run)
             hooks.post_shutdown(job, stopped.point, exposure, stopped.label)
             results = _archive_and_verify(run, stopped, exposure)
             if detach:
@@ -244,21 +269,19 @@ def _collapse_huge_pages(parent: Parent, options: ForkOptions) -> Collapse | Non
 def _start(job: BackupJob, hooks: Hooks, journal: Journal, handle: ParentHandle,
            parent: Parent) -> Run:
     """Journal the run, then make its work directory."""
-    journal.start(vm=job.name, identity=job.identity, phase=Phase.PREPARING,
+    journal.start(vm=job.name, identity=journal.identity, phase=Phase.PREPARING,
                   mount_root=str(mount_root(job)), **handle.journal_fields())
-    workdir = _make_workdir(job.fork.workdir, parent)
+    workdir = make_workdir(job.fork.workdir, parent.name)
     journal.record(workdir=str(workdir))
-    return Run(job, hooks, journal, workdir, f"{os.getpid()}-{int(time.time())}")
+    return Run(job, hooks, journal, workdir, f"{os.getpid()}-{int(time.time())}",
+               None if parent.offline else handle)
 
 
-def _make_workdir(base: Path, parent: Parent) -> Path:
-    """A private (0700) directory for this run: it will hold the guest's RAM."""
-    try:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"run-{safe_name(parent.name)[:40]}-", dir=base))
-    except OSError as exc:
-        raise HostError(f"cannot create a work directory in {base}: {exc.strerror}",
-                        "pass a writable --workdir with room for the VM's RAM") from None
+def _check_parent(run: Run) -> None:
+    """Between steps: abort early when the parent stopped on an I/O error (e.g. its
+    overlay's filesystem is full); the cleanup then commits back and resumes it."""
+    if run.parent is not None:
+        run.parent.check_healthy()
 
 
 def _offline(run: Run, parent: Parent) -> Stopped:
@@ -283,14 +306,18 @@ def _fork_and_shut_down(run: Run, handle: ParentHandle, parent: Parent,
     point = _fork(run, handle, parent)
     cleanup.callback(_give_back, run, handle, point)
     run.hooks.snapshot(run.job, point)
-    return _shut_down_clone(run, clone_plan, point)
+    stopped = _shut_down_clone(run, clone_plan, point)
+    _check_parent(run)
+    return stopped
 
 
 def _fork(run: Run, handle: ParentHandle, parent: Parent) -> ForkPoint:
     planned = plan_fork(parent, run.id, run.job.fork.overlay_dir)
     run.journal.record(phase=Phase.FORKING, overlays=planned)
-    point = handle.fork(parent, planned, run.workdir / "ram.state", run.job.fork.method)
-    run.journal.record(phase=Phase.FORKED)
+    with guarding(handle.journal_fields()):  # resumes the parent if kvmsnap dies paused
+        point = handle.fork(parent, planned, run.workdir / "ram.state", run.job.fork.method,
+                            max_pause=run.job.fork.max_pause, record=run.journal.record)
+    run.journal.record(phase=Phase.FORKED, overlays=point.disks)  # with the images' stamps
     return point
 
 
@@ -309,28 +336,8 @@ def _shut_down_clone(run: Run, clone_plan: ClonePlan, point: ForkPoint) -> Stopp
     with running_clone(clone_plan, point.state_file, on_start=started) as clone:
         result = shut_down(clone, policy, clone_plan.agent_socket)
         restore_s = clone.restore_s
-    label = _label(result, policy.on_unclean)
-    return Stopped(point, result, restore_s, label, _images(clone_plan, label))
-
-
-def _label(result: ShutdownResult, on_unclean: OnUnclean) -> Label:
-    if result.clean:
-        return Label.CLEAN
-    if on_unclean is OnUnclean.CRASH_CONSISTENT:
-        log.warning("the clone did not shut down cleanly (%s): using the crash-consistent "
-                    "images of the fork instant, labelled as such", result.reason)
-        return Label.CRASH_CONSISTENT
-    raise VMError(f"the clone did not shut down cleanly ({result.reason}); nothing was "
-                  "archived or kept",
-                  "raise --shutdown-timeout, check the guest handles the ACPI power button, "
-                  "or accept --on-unclean crash-consistent")
-
-
-def _images(clone_plan: ClonePlan, label: Label) -> list[tuple[str, Path]]:
-    """The clone's disks, or the frozen (crash-consistent) images for a labelled fallback."""
-    if label is Label.CLEAN:
-        return [(d.device, d.overlay) for d in clone_plan.disks]
-    return [(d.device, d.frozen) for d in clone_plan.disks]
+    label = label_of(result, policy.on_unclean)
+    return Stopped(point, result, restore_s, label, images_to_archive(clone_plan, label))
 
 
 # -- expose -> archive -> verify ----------------------------------------------------------------
@@ -361,6 +368,7 @@ def _archive(run: Run, exposure: Exposure, label: Label) -> list[ArchiveResult]:
         log.info("archiving %s into %s (%s, %s)", run.job.name, target.name, target.type,
                  target.mode)
         results += run.hooks.archive(run.job, target, exposure, label)
+        _check_parent(run)
     return results
 
 

@@ -9,7 +9,9 @@ The order is the pipeline's in reverse: stop the clone, unmount, detach loop dev
 the export daemon, give the parent its chain back (resume it if we paused it, commit its
 overlays), delete the RAM state and the work directory. Nothing the guest wrote is lost:
 an overlay holding writes is committed, online if the parent runs, offline with
-``qemu-img commit`` if its QEMU is gone, and only then deleted.
+``qemu-img commit`` if its QEMU is gone, and only then deleted. When recovery cannot tell
+(QEMU does not answer, the frozen image changed, the domain is only suspended), it keeps
+the overlays and the journal, and says what to do.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def _unexpose(state: JournalState, journal: Journal, result: Recovery) -> None:
 
 
 def _restore_parent(state: JournalState, journal: Journal, result: Recovery) -> None:
-    give_back(state, result)
-    journal.record(overlays=[])
+    give_back(state, result)  # raises, keeping the journal's record, when unsure
+    journal.record(overlays=[], migration_settings=None, migration_started=False)
 
 
 def _remove_files(state: JournalState, journal: Journal, result: Recovery) -> None:

@@ -13,16 +13,38 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.host import faults
 from kvmsnap_plugin.host.images import create_overlay
-from kvmsnap_plugin.model import CloneDisk, ClonePlan, Parent, ParentDisk
+from kvmsnap_plugin.host.resources import (
+    CloneMemory,
+    SpaceNeed,
+    check_clone_memory,
+    check_space,
+    default_huge_page_size,
+    hugetlbfs_page_size,
+    make_oom_victim,
+    parse_size,
+)
+from kvmsnap_plugin.model import (
+    CloneDisk,
+    ClonePlan,
+    ForkOptions,
+    Label,
+    OnUnclean,
+    Parent,
+    ParentDisk,
+    ShutdownResult,
+)
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
 from kvmsnap_plugin.vm.machine import Machine
+from kvmsnap_plugin.vm.parent import option_fields
+from kvmsnap_plugin.vm.qemu_args import parse_argv
+from kvmsnap_plugin.vm.qmp import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +72,76 @@ def prepare_overlays(plan: ClonePlan, disks: Sequence[ParentDisk]) -> None:
         create_overlay(clone_disk.overlay, disk.filename, disk.format, disk.virtual_size)
 
 
+# -- the clone's memory ---------------------------------------------------------------------
+# What each memory backend means for a second copy of the guest's RAM:
+# - ordinary RAM (memory-backend-ram, -m): the clone needs as much again, from MemAvailable.
+# - huge pages (memory-backend-file on hugetlbfs, memory-backend-memfd hugetlb=on): they
+#   come from a fixed pool, not from MemAvailable; the clone needs as many free pages again,
+#   checked against the pool. (Legacy -mem-path and share=on are refused with the parent.)
+# - prealloc: the clone commits all of its RAM as it starts instead of as the state loads;
+#   the check already asks for all of it, so it only comes sooner: allowed.
+# - mem-lock / mlock: the clone locks a second copy that can be neither swapped nor
+#   reclaimed. Root may lock it (the memory check stands); anyone else only within
+#   RLIMIT_MEMLOCK: refused above it, since QEMU would fail to start.
+def clone_memory(parent: Parent, monitor: Monitor) -> CloneMemory:
+    """What a clone of ``parent`` takes: its RAM as QEMU reports it, and how it is backed."""
+    summary = monitor.execute("query-memory-size-summary")
+    ram = int(summary.get("base-memory", 0)) + int(summary.get("plugged-memory") or 0)
+    huge: dict[int, int] = {}
+    locked = False
+    for option in parse_argv(list(parent.argv))[1]:
+        value = option.value or ""
+        if option.name == "object":
+            fields = option_fields(value, "qom-type")
+            page_size = _huge_page_size(fields, parent.pid)
+            if page_size:
+                huge[page_size] = huge.get(page_size, 0) + parse_size(fields.get("size", 0))
+        elif option.name in ("overcommit", "realtime"):
+            fields = option_fields(value, "")
+            # on, yes, true, or (QEMU 9) on-fault: the clone locks what it loads
+            locked = locked or any(fields.get(key, "off") not in ("off", "no", "false")
+                                   for key in ("mem-lock", "mlock"))
+    return CloneMemory(ram, huge, locked)
+
+
+def check_room(parent: Parent, monitor: Monitor, options: ForkOptions,
+               overlay_dirs: Iterable[Path]) -> None:
+    """Before the pause, refuse (HostError) a run that cannot fit: the RAM state and the
+    clone's overlays in the work directory, the parent's overlays, the clone's memory."""
+    memory = clone_memory(parent, monitor)
+    check_space([SpaceNeed(options.workdir, memory.ram, "the RAM state (the guest's RAM) "
+                           "and the clone's overlays", "--workdir"),
+                 *(SpaceNeed(d, 0, "the parent's overlays", "--overlay-dir")
+                   for d in sorted(overlay_dirs))], options.min_free)
+    check_clone_memory(memory)
+
+
+def _huge_page_size(fields: dict[str, str], pid: int) -> int | None:
+    kind = fields.get("qom-type", "")
+    if kind == "memory-backend-memfd" and fields.get("hugetlb") in ("on", "true", "yes"):
+        size = fields.get("hugetlbsize")
+        return parse_size(size) if size else default_huge_page_size()
+    if kind == "memory-backend-file" and fields.get("mem-path"):
+        return hugetlbfs_page_size(fields["mem-path"], pid)
+    return None
+
+
 class Clone(Machine):
-    """A running clone: loaded from the RAM state, NICs unplugged, still paused."""
+    """A running clone: loaded from the RAM state, NICs unplugged, still paused.
+
+    The OOM killer's first choice from its first instant: if memory runs out while it
+    runs, the kernel ends the clone (the backup fails) and never the parent.
+    """
 
     def __init__(self, plan: ClonePlan, on_start: Callable[[int], None] | None) -> None:
+        def started(pid: int) -> None:
+            make_oom_victim(pid)  # before it loads a byte of the guest's RAM
+            if on_start:
+                on_start(pid)
+
         super().__init__(plan.argv, qmp_path=plan.qmp_path, name="clone",
                          console_log=plan.console_log,
-                         stderr_log=plan.workdir / "clone.stderr", on_start=on_start)
+                         stderr_log=plan.workdir / "clone.stderr", on_start=started)
         self.plan = plan
         self.restore_s = 0.0
 
@@ -117,3 +202,25 @@ def _unplug_nics(clone: Clone) -> None:
     for name in nic_names(clone):
         clone.qmp.execute("set_link", {"name": name, "up": False})
         log.debug("clone NIC %s: link down", name)
+
+
+# -- what the clone leaves ----------------------------------------------------------------
+def label_of(result: ShutdownResult, on_unclean: OnUnclean) -> Label:
+    """What the archived disks will be, from how the clone ended (or raise, by policy)."""
+    if result.clean:
+        return Label.CLEAN
+    if on_unclean is OnUnclean.CRASH_CONSISTENT:
+        log.warning("the clone did not shut down cleanly (%s): using the crash-consistent "
+                    "images of the fork instant, labelled as such", result.reason)
+        return Label.CRASH_CONSISTENT
+    raise VMError(f"the clone did not shut down cleanly ({result.reason}); nothing was "
+                  "archived or kept",
+                  "raise --shutdown-timeout, check the guest handles the ACPI power button, "
+                  "or accept --on-unclean crash-consistent")
+
+
+def images_to_archive(clone_plan: ClonePlan, label: Label) -> list[tuple[str, Path]]:
+    """The clone's disks, or the frozen (crash-consistent) images for a labelled fallback."""
+    if label is Label.CLEAN:
+        return [(d.device, d.overlay) for d in clone_plan.disks]
+    return [(d.device, d.frozen) for d in clone_plan.disks]

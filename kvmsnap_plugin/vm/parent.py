@@ -6,6 +6,7 @@ Everything later steps need to know about the running VM is read here, once, int
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -194,3 +195,15 @@ def find_parent_socket(value: str) -> Path:
         raise UsageError(f"no such QMP socket: {path}",
                          "start QEMU with -qmp unix:PATH,server=on,wait=off and pass PATH")
     return path
+
+
+def qemu_uuid(pid: int) -> str | None:
+    """The ``-uuid`` on a QEMU's command line, if it has one."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for flag, value in itertools.pairwise(argv):
+        if flag in ("-uuid", "--uuid") and value:
+            return value.lower()
+    return None

@@ -8,12 +8,14 @@ arrival order with QEMU's own timestamps, so the fork can measure STOP -> RESUME
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +25,9 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from kvmsnap_plugin.errors import StepTimeout, VMError
 
 log = logging.getLogger(__name__)
+
+#: what asyncio says when a queued stop ends run_until_complete before its future
+STALE_STOP = "Event loop stopped before Future completed."
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,11 @@ class Monitor(Protocol):
 
 
 
-def peer_pid(path: Path, timeout: float = 5.0) -> int:
-    """PID of the process serving a QMP unix socket, checking that it speaks QMP.
-
-    A QMP socket serves one client at a time; this short connection is closed before the
-    real session starts.
-    """
+@contextlib.contextmanager
+def _connected(path: Path, timeout: float) -> Iterator[tuple[socket.socket, int]]:
+    """A short connection to a unix socket, and the PID of the process listening on it
+    (the kernel hands a client its listener's credentials at ``connect``, before any
+    ``accept``, so this works while another client holds a QMP socket)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -74,11 +78,23 @@ def peer_pid(path: Path, timeout: float = 5.0) -> int:
         except FileNotFoundError:
             raise VMError(f"no such QMP socket: {path}",
                           "start QEMU with -qmp unix:PATH,server=on,wait=off") from None
+        except BlockingIOError:  # its queue is full: one client holds it, others wait
+            raise VMError(f"{path} is busy (its queue of waiting clients is full)",
+                          "wait for the other QMP clients to finish, or pass --pid") from None
         except OSError as exc:
-            raise VMError(f"cannot connect to {path}: {exc.strerror}",
+            raise VMError(f"cannot connect to {path}: {exc.strerror or exc}",
                           "is the VM running, and is the path its QMP socket?") from None
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, _uid, _gid = struct.unpack("3i", creds)
+        yield sock, struct.unpack("3i", creds)[0]
+
+
+def peer_pid(path: Path, timeout: float = 5.0) -> int:
+    """PID of the process serving a QMP unix socket, checking that it speaks QMP.
+
+    A QMP socket serves one client at a time; this short connection is closed before the
+    real session starts.
+    """
+    with _connected(path, timeout) as (sock, pid):
         try:
             greeting = sock.recv(4096)
         except TimeoutError:
@@ -89,6 +105,55 @@ def peer_pid(path: Path, timeout: float = 5.0) -> int:
                       "pass the VM's QMP socket (-qmp unix:PATH,server=on), not its monitor "
                       "or serial socket")
     return pid
+
+
+def socket_owner(path: Path, timeout: float = 5.0) -> int:
+    """The PID of the process listening on the unix socket ``path``.
+
+    Found in /proc without connecting where it can be: a QMP socket serves one client at a
+    time, and a connection QEMU has to accept and drop is a detour for the real one. Else
+    by connecting: the kernel hands a client its listener's credentials at ``connect``,
+    before any ``accept``, so this works while another client holds the socket.
+    """
+    if not path.exists():
+        raise VMError(f"no such QMP socket: {path}",
+                      "start QEMU with -qmp unix:PATH,server=on,wait=off")
+    pid = _listener_from_proc(path)
+    if pid:
+        return pid
+    with _connected(path, timeout) as (_, owner):
+        return owner
+
+
+def _listener_from_proc(path: Path) -> int | None:
+    """The one process listening on the socket file ``path``: the socket's inode in
+    /proc/net/unix (by the file it is bound to, however reached: a symlink, a bind mount),
+    then the process holding it. None if not found (another network namespace) or if
+    several processes hold it (only the listener's own credentials tell then)."""
+    target = path.stat()
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split(None, 7)  # the path, last, may hold spaces
+        if len(fields) < 8 or not int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: listening
+            continue
+        with contextlib.suppress(OSError):
+            bound = os.stat(fields[7])
+            if (bound.st_dev, bound.st_ino) == (target.st_dev, target.st_ino):
+                inodes.add(f"socket:[{fields[6]}]")
+    pids = [name for name in os.listdir("/proc") if name.isdigit()] if inodes else []
+    holders = {int(pid) for pid in pids if inodes & _open_files(pid)}
+    return holders.pop() if len(holders) == 1 else None
+
+
+def _open_files(pid: str) -> set[str]:
+    """What process ``pid``'s descriptors point at (as far as it can be seen: it may end,
+    and another user's are hidden unless we are root)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
 
 
 class QmpSession:
@@ -202,4 +267,14 @@ class QmpSession:
             self._pending.append(Event.from_message(msg))
 
     def _sync(self, awaitable: Any, timeout: float) -> Any:
-        return self._loop.run_until_complete(asyncio.wait_for(awaitable, timeout))
+        future = asyncio.ensure_future(asyncio.wait_for(awaitable, timeout), loop=self._loop)
+        for _ in range(3):
+            try:
+                return self._loop.run_until_complete(future)
+            except RuntimeError as exc:
+                # An earlier call interrupted by a signal (SIGTERM, Ctrl-C) after its future
+                # completed leaves that future's done-callback, a loop.stop(), queued: it
+                # ends this run early. Run the loop again; the stale stop is spent.
+                if future.done() or str(exc) != STALE_STOP:
+                    raise
+        return self._loop.run_until_complete(future)

@@ -8,11 +8,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.run.journal import Journal
+from kvmsnap_plugin.model import BackupJob
+from kvmsnap_plugin.run.journal import Journal, vm_identity
 
 pytestmark = pytest.mark.qemu
 
@@ -87,9 +89,77 @@ def test_an_unwritable_work_directory(start_demo):
 
 def test_two_runs_on_one_vm(start_demo):
     vm = start_demo()
-    with Journal.acquire(os.path.realpath(vm.paths.backup_qmp)):
+    with Journal.acquire(vm_identity(BackupJob("demo", vm.paths.backup_qmp))):
         done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp))
+        other_socket = kvmsnap("fork", "--qmp", str(vm.paths.qmp))  # the same VM
     assert_one_line_error(done, "another kvmsnap run", f"pid {os.getpid()}")
+    assert_one_line_error(other_socket, "another kvmsnap run", f"pid {os.getpid()}")
+    assert never_paused(vm)
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--min-free", "lots", "min_free in the command line must be a size"),
+    ("--max-pause", "0", "max_pause in the command line must be a number of seconds"),
+])
+def test_a_bad_margin_or_pause_cap(start_demo, option, value, needle):
+    vm = start_demo()
+    assert_one_line_error(kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), option, value),
+                          needle)
+    assert never_paused(vm)
+
+
+def test_a_pause_longer_than_allowed(start_demo):
+    vm = start_demo()  # 256 MiB: stop-and-copy pauses about a second for it
+    done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--method", "stop-and-copy",
+                   "--max-pause", "0.1")
+    assert_one_line_error(done, "would pause the VM", "more than the 0.1 s allowed",
+                          "--max-pause")
+    assert never_paused(vm)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    directory = tmp_path / "small"
+    directory.mkdir()
+    process.run(["mount", "-t", "tmpfs", "-o", "size=16m", "kvmsnap-test", directory],
+                timeout=30)
+    yield directory
+    process.run(["umount", directory], timeout=30)
+
+
+def test_overlays_on_a_filesystem_without_the_margin(start_demo, small_tmpfs, tmp_path):
+    vm = start_demo()
+    done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--overlay-dir",
+                   str(small_tmpfs), "--workdir", str(tmp_path / "work"))
+    assert_one_line_error(done, f"not enough free space in {small_tmpfs} for the parent's "
+                          "overlays", "16 MiB free", "the VM was not paused", "--overlay-dir",
+                          "--min-free")
+    assert never_paused(vm)
+    assert list(small_tmpfs.iterdir()) == []
+
+
+@pytest.fixture
+def huge_page_pool():
+    """``grow(pages)``: more 2 MiB huge pages in the host's pool, for this test only."""
+    pool = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+    before = int(pool.read_text())
+
+    def grow(pages: int) -> None:
+        pool.write_text(f"{before + pages}\n")
+        assert int(pool.read_text()) == before + pages, "the kernel found no huge pages"
+
+    yield grow
+    pool.write_text(f"{before}\n")
+
+
+def test_a_vm_in_huge_pages_without_free_ones_for_the_clone(start_demo, huge_page_pool):
+    huge_page_pool(64)  # exactly the parent's 128 MiB
+    vm = start_demo(memory_mib=128, extra_args=(
+        "-object", "memory-backend-memfd,id=ram0,size=128M,hugetlb=on,hugetlbsize=2M,"
+                   "prealloc=on", "-machine", "memory-backend=ram0"))
+    done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp))
+    assert_one_line_error(done, "not enough free 2 MiB huge pages for the clone: 0 free, "
+                          "64 needed", "nr_hugepages")
     assert never_paused(vm)
 
 

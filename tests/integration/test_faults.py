@@ -89,20 +89,40 @@ def test_a_clone_that_crashes_gives_a_clear_verdict(start_demo, tmp_path):
     assert_nothing_left(vm, work)
 
 
+class FillUp:
+    """Fills the work directory's filesystem after kvmsnap's space check (which runs before
+    the plugins' pre_backup) and before the pause: the RAM state write then fails."""
+
+    def __init__(self, directory: Path, leave: int) -> None:
+        self.filler = directory / "filler"
+        self.leave = leave
+
+    @hookimpl
+    def kvmsnap_pre_backup(self):
+        free = os.statvfs(self.filler.parent).f_bavail * os.statvfs(self.filler.parent).f_frsize
+        with open(self.filler, "wb") as out:
+            out.truncate(0)
+            out.write(b"\xff" * max(0, free - self.leave))
+
+
 # background-snapshot writes through kvmsnap's writer process, stop-and-copy has QEMU write
-# the file itself: each way, a full disk is one clear error and the guest runs on.
+# the file itself: each way, a disk that fills during the RAM save is one clear error and the
+# guest runs on. (A disk too small from the start is refused before the pause:
+# test_run_safety.py.)
 @pytest.mark.parametrize("method", ["background-snapshot", "stop-and-copy"])
-def test_a_full_work_directory_fails_cleanly(start_demo, tmp_path, method):
+def test_a_work_directory_that_fills_up_fails_cleanly(start_demo, tmp_path, method):
     small = tmp_path / "small"
     small.mkdir()
-    process.run(["mount", "-t", "tmpfs", "-o", "size=2m", "kvmsnap-test", small], timeout=30)
+    process.run(["mount", "-t", "tmpfs", "-o", "size=320m", "kvmsnap-test", small], timeout=30)
     try:
         vm = start_demo(memory_mib=256, fill_mib=64)  # 64 MiB of RAM that will not fit
         with pytest.raises(KvmsnapError, match="cannot write the RAM state") as info:
-            run(vm, tmp_path, workdir=small / "work", method=method)
+            run(vm, tmp_path, FillUp(small, leave=2 << 20), workdir=small / "work",
+                method=method, min_free=0)
         assert "free space" in info.value.hint
         assert vm.qmp.runstate() == "running"
         assert vm.wait_counter(vm.counter() + 3)  # the guest runs on
+        (small / "filler").unlink()
         assert_nothing_left(vm, small / "work")
         vm.power_off_cleanly()
     finally:

@@ -11,12 +11,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from kvmsnap_demo.disk import read_disk
+from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.backends.libvirt import LibvirtBackend
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.fork.engine import ParentHandle, plan_fork
@@ -30,6 +32,7 @@ from kvmsnap_plugin.model import (
     JournalState,
     Recovery,
 )
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.journal import state_dir
 from kvmsnap_plugin.run.pipeline import backup
 
@@ -40,11 +43,12 @@ pytestmark = pytest.mark.qemu
 pytest_plugins = ["libvirt_fixtures"]  # the libvirtd and start_domain fixtures
 
 
-def run(domain: Domain, tmp_path: Path, *targets: ArchiveTarget, **options) -> object:
+def run(domain: Domain, tmp_path: Path, *targets: ArchiveTarget, plugins: tuple = (),
+        **options) -> object:
     options.setdefault("workdir", tmp_path / "work")
     job = BackupJob(domain.name, None, ForkOptions(**options), tuple(targets),
                     domain=domain.name, libvirt_uri=domain.uri)
-    return backup(job)
+    return backup(job, Hooks(plugin_manager(list(plugins), entry_points=False)))
 
 
 def stopped_at(text: str) -> int:
@@ -202,6 +206,61 @@ def test_recovery_of_a_domain_gone_commits_offline_and_fixes_its_definition(star
     domain.console.rename(tmp_path / "first-boot.log")
     domain.dom.create()  # and it starts again from its own image
     domain.wait_console("KVMSNAP-READY", 60)
+
+
+class AdminSnapshot:
+    """libvirt takes an external disk snapshot on top of kvmsnap's overlay mid-backup."""
+
+    def __init__(self, domain: Domain, overlay: Path) -> None:
+        self.domain = domain
+        self.overlay = overlay
+
+    @hookimpl
+    def kvmsnap_post_shutdown(self):
+        self.domain.virsh("snapshot-create-as", self.domain.name, "--disk-only",
+                          "--no-metadata", "--atomic", "--diskspec", f"vda,file={self.overlay}")
+        self.domain.wait_counter(self.domain.counter() + 3)
+
+
+def test_a_snapshot_on_top_of_our_overlay_is_committed_through_the_middle(start_domain,
+                                                                          tmp_path):
+    domain = start_domain()
+    before = domain.wait_counter(5)
+    admin = tmp_path / "admin.qcow2"
+    report = run(domain, tmp_path, plugins=(AdminSnapshot(domain, admin),))
+    assert report.clean and [c.layer for c in report.commits] == ["below"]
+    assert domain.blklist() == [("vda", str(admin))]  # backed by the image itself now
+    assert domain.state() == "running" and not leftover_overlays(domain)
+    domain.wait_counter(domain.counter() + 3)
+    domain.shut_down()
+    last = stopped_at(domain.console_text())
+    disk = read_disk(admin, tmp_path / "after.raw")
+    assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) == last > before
+
+
+def test_a_managed_saved_domain_is_not_taken_for_shut_off(start_domain, tmp_path):
+    domain = start_domain()
+    domain.wait_counter(5)
+    point, data = fork_only(domain, tmp_path)
+    domain.wait_counter(domain.counter() + 3)
+    domain.virsh("managedsave", domain.name)  # not running, yet it runs on the overlay
+    with pytest.raises(VMError, match=r"not shut off but managed-saved .*: its overlays hold "
+                                      "writes it still needs and are kept"):
+        restore(data, list(point.disks), Recovery(domain.name))
+    assert all(d.parent_overlay.exists() for d in point.disks)
+    with pytest.raises(VMError, match="not shut off but managed-saved"):
+        run(domain, tmp_path)  # nor backed up as if its images were at rest
+    domain.dom.create()  # resumes from its memory image, on the overlay
+    result = Recovery(domain.name)
+    restore(data, list(point.disks), result)  # now committed back while it runs
+    assert not result.problems and domain.blklist() == [("vda", str(domain.disks[0]))]
+    assert not leftover_overlays(domain)
+    time.sleep(2)  # the guest runs on (its console file may have started afresh)
+    domain.wait_counter(domain.counter() + 3)
+    domain.shut_down()
+    last = stopped_at(domain.console_text())
+    disk = read_disk(domain.disks[0], tmp_path / "after.raw")
+    assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) == last
 
 
 BACKUP_SCRIPT = """

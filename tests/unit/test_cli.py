@@ -3,14 +3,16 @@ from __future__ import annotations
 import pytest
 
 from kvmsnap_plugin import cli
-from kvmsnap_plugin.errors import HostError, VMError
+from kvmsnap_plugin.errors import HostError, UsageError, VMError
 from kvmsnap_plugin.model import (
     DEFAULT_LIBVIRT_URI,
+    MIN_FREE,
     REPRESS_AFTER,
     SHUTDOWN_TIMEOUT,
     BackupJob,
     Plan,
     RamMethod,
+    Recovery,
 )
 from kvmsnap_plugin.run import pipeline
 
@@ -87,3 +89,31 @@ def test_one_failed_vm_of_many_prints_one_line_and_the_others_run(monkeypatch, c
     assert captured.err.splitlines() == [
         "kvmsnap: error: bad: bad is not running (fix: start it)"]
     assert "bad: FAILED" in captured.out and "good (QEMU pid 1) would be forked:" in captured.out
+
+
+def test_the_margin_and_the_pause_cap_reach_the_job():
+    args = cli.build_parser().parse_args(["fork", "--domain", "web", "--min-free", "512M",
+                                          "--max-pause", "2.5"])
+    job = cli._job_from_args(args)
+    assert job.fork.min_free == 512 << 20 and job.fork.max_pause == 2.5
+    default = cli._job_from_args(cli.build_parser().parse_args(["mount", "--domain", "web"]))
+    assert default.fork.min_free == MIN_FREE and default.fork.max_pause == 5.0
+    for bad in (["--min-free", "lots"], ["--max-pause", "0"], ["--max-pause", "-3"]):
+        args = cli.build_parser().parse_args(["fork", "--domain", "web", *bad])
+        with pytest.raises(UsageError, match=r"min_free|max_pause"):
+            cli._job_from_args(args)
+
+
+def test_recover_passes_force_on(monkeypatch, capsys):
+    seen = []
+
+    def fake_recover_all(force=False):
+        seen.append(force)
+        return [Recovery("web", ["left alone: mounted at /mnt/web, waiting for `kvmsnap "
+                                 "release`"])]
+
+    monkeypatch.setattr(pipeline, "recover_all", fake_recover_all)
+    assert cli.main(["recover"]) == cli.EXIT_OK
+    assert cli.main(["recover", "--force"]) == cli.EXIT_OK
+    assert seen == [False, True]
+    assert "web: left alone: mounted at /mnt/web" in capsys.readouterr().out

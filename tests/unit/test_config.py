@@ -10,6 +10,7 @@ from kvmsnap_plugin.config import command_line_targets, load_config
 from kvmsnap_plugin.errors import UsageError
 from kvmsnap_plugin.model import (
     DEFAULT_LIBVIRT_URI,
+    MIN_FREE,
     REPRESS_AFTER,
     SHUTDOWN_TIMEOUT,
     ForkOptions,
@@ -71,13 +72,18 @@ def test_relative_local_repositories_are_made_absolute(tmp_path):
     ('[[vm]]\nqmp = "/a"\nshutdown_timeout = "soon"\n', "bad timeout"),
     ('[[vm]]\nqmp = "/a"\non_unclean = "ignore"\n', "on-unclean"),
     ('[[vm]]\nqmp = "/a"\ncollapse_huge_pages = "yes"\n', "must be true or false"),
+    ('[[vm]]\nqmp = "/a"\nmin_free = "lots"\n', "min_free in .* must be a size"),
+    ('[[vm]]\nqmp = "/a"\nmin_free = -1\n', "min_free in .* must be a size"),
+    ('[[vm]]\nqmp = "/a"\nmax_pause = 0\n', "max_pause in .* above 0"),
+    ('[[vm]]\nqmp = "/a"\nmax_pause = "soon"\n', "max_pause in .* above 0"),
+    ('[[vm]]\nqmp = "/a"\nmax_pause = true\n', "max_pause in .* above 0"),
     ('[archiver.x]\ntype = "borg"\nenv = "BORG_PASSPHRASE=x"\n[[vm]]\nqmp = "/a"\n',
      "env must be a table"),
     ("[[vm]\n", "not valid TOML"),
     ("", "lists no [[vm]]"),
 ])
 def test_bad_configs_are_refused_with_the_reason(tmp_path, text, message):
-    with pytest.raises(UsageError, match=message.replace("[", r"\[")) as info:
+    with pytest.raises(UsageError, match=message.replace("[[", r"\[\[")) as info:
         load_config(write(tmp_path, text), TYPES)
     assert info.value.hint
 
@@ -100,3 +106,14 @@ def test_unset_options_take_the_model_defaults(tmp_path):
 def test_the_repress_delay_never_outlasts_the_timeout(tmp_path):
     [job] = load_config(write(tmp_path, '[[vm]]\nqmp = "/a"\nshutdown_timeout = 30\n'), TYPES)
     assert job.fork.shutdown.timeout == 30 and job.fork.shutdown.repress_after == 30
+
+
+def test_the_margin_and_the_pause_cap_read_as_sizes_and_seconds(tmp_path):
+    path = write(tmp_path, '[defaults]\nmin_free = "2G"\nmax_pause = 1.5\n'
+                           '[[vm]]\nqmp = "/run/a.qmp"\n'
+                           '[[vm]]\nqmp = "/run/b.qmp"\nmin_free = 0\nmax_pause = 30\n')
+    a, b = load_config(path, TYPES)
+    assert (a.fork.min_free, a.fork.max_pause) == (2 << 30, 1.5)
+    assert (b.fork.min_free, b.fork.max_pause) == (0, 30.0)
+    [job] = load_config(REPO / "contrib" / "kvmsnap.toml", TYPES)[:1]
+    assert job.fork.min_free == MIN_FREE == 1 << 30 and job.fork.max_pause == 5

@@ -13,24 +13,42 @@ from typing import Any
 
 import pytest
 
-from kvmsnap_plugin.errors import StepTimeout, VMError
+from kvmsnap_plugin.errors import HostError, StepTimeout, VMError
 from kvmsnap_plugin.fork import engine, ram
 from kvmsnap_plugin.model import ForkedDisk, Parent, ParentDisk, RamMethod
 from kvmsnap_plugin.vm.qmp import Event
 
 
+def nested(files: Sequence[str]) -> dict[str, Any] | None:
+    """A QMP ImageInfo for ``files``, top down."""
+    image = None
+    for filename in reversed(files):
+        image = {"filename": filename, **({"backing-image": image} if image else {})}
+    return image
+
+
 class FakeMonitor:
-    """QEMU's monitor as the engine sees it; ``on_migrate`` plays the RAM snapshot."""
+    """QEMU's monitor as the engine sees it; ``on_migrate`` plays the RAM snapshot.
+
+    The block graph is ``chains`` (a device's image files, top down) plus ``attached``
+    (overlays added with blockdev-add and in no chain yet, by file name).
+    """
 
     def __init__(self, on_migrate: str = "qemu-7.2") -> None:
         self.on_migrate = on_migrate
         self.commands: list[str] = []
         self.capabilities: list[bool] = []
+        self.bandwidths: list[int] = []
         self.pending: list[Event] = []
         self.state = "running"
         self.migration = "none"
         self.runstates: list[str] = []  # run states to report before ``state``
         self.clock = 1000.0
+        self.chains: dict[str, list[str]] = {}
+        self.attached: dict[str, str] = {}
+        self.io_status = "ok"
+        self.ram = 256 << 20
+        self.hung_for: set[str] = set()  # commands that get no answer
 
     def emit(self, name: str) -> None:
         self.clock += 0.040
@@ -39,21 +57,49 @@ class FakeMonitor:
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
                 *, timeout: float | None = None) -> Any:
         self.commands.append(command)
-        if command == "query-migrate":
-            return {"status": self.migration, "total-time": 2500, "ram": {"total": 4096},
-                    "downtime": 7, "error-desc": "boom"}
-        if command == "query-migrate-capabilities":
-            return [{"capability": "background-snapshot", "state": False}]
+        if command in self.hung_for or "*" in self.hung_for:
+            raise StepTimeout(f"QMP {command} got no answer within 30 s")
+        answers = {
+            "query-migrate": lambda: {"status": self.migration, "total-time": 2500,
+                                      "ram": {"total": 4096}, "downtime": 7,
+                                      "error-desc": "boom"},
+            "query-migrate-capabilities": lambda: [
+                {"capability": "background-snapshot", "state": False}],
+            "query-migrate-parameters": lambda: {"max-bandwidth": 33554432},
+            "query-memory-size-summary": lambda: {"base-memory": self.ram},
+            "query-block": self.blocks,
+            "query-named-block-nodes": self.nodes,
+        }
+        if command in answers:
+            return answers[command]()
         if command == "migrate-set-capabilities":
             self.capabilities.append(arguments["capabilities"][0]["state"])
+        if command == "migrate-set-parameters":
+            self.bandwidths.append(arguments["max-bandwidth"])
         if command == "migrate":
             self._migrate()
         return {}
+
+    def blocks(self) -> list[dict[str, Any]]:
+        return [{"device": device, "io-status": self.io_status,
+                 "inserted": {"node-name": f"top-{device}", "file": files[0],
+                              "image": nested(files)}}
+                for device, files in self.chains.items()]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        found = [{"node-name": f"{device}-{depth}", "file": files[depth],
+                  "image": nested(files[depth:])}
+                 for device, files in self.chains.items() for depth in range(len(files))]
+        in_chains = {f for files in self.chains.values() for f in files}
+        return found + [{"node-name": node, "file": path, "image": nested([path])}
+                        for path, node in self.attached.items() if path not in in_chains]
 
     def _migrate(self) -> None:
         if self.on_migrate == "fail":
             self.migration = "failed"
             return
+        if self.on_migrate == "refuse":  # another migration runs
+            raise VMError("QMP migrate failed: There's a migration process in progress")
         self.migration = "completed"
         if self.on_migrate == "qemu-7.2":  # resumes the VM itself after the capture
             self.state = "running"
@@ -67,6 +113,8 @@ class FakeMonitor:
         self.commands.append(f"getfd {name}")
 
     def runstate(self) -> str:
+        if "*" in self.hung_for:
+            raise StepTimeout("QMP query-status got no answer within 30 s")
         return self.runstates.pop(0) if self.runstates else self.state
 
     def events(self) -> list[Event]:
@@ -84,7 +132,7 @@ class FakeMonitor:
 
 
 class FakeBackend:
-    """A parent whose disks are a set of overlays on top; records what was asked of it."""
+    """A parent whose disks are chains of image files; records what was asked of it."""
 
     kind = "fake"
 
@@ -92,10 +140,10 @@ class FakeBackend:
         self.monitor = monitor or FakeMonitor()
         self.running = running
         self.calls: list[tuple[str, ...]] = []
-        self.on_top: set[str] = set()
-        self.fail_snapshot = False
+        self.fail_snapshot: BaseException | None = None
         self.fail_commit: set[str] = set()
         self.config_pointed: list[str] = []
+        self.refusal: str | None = None
 
     def __enter__(self) -> FakeBackend:
         return self
@@ -118,31 +166,50 @@ class FakeBackend:
 
     def attach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
         self.calls.append(("attach", *(d.overlay_node for d in planned)))
+        self.monitor.attached |= {str(d.parent_overlay): d.overlay_node for d in planned}
 
     def detach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
         self.calls.append(("detach", *(d.overlay_node for d in planned)))
+        in_use = {f for files in self.monitor.chains.values() for f in files}
+        for disk in planned:  # blockdev-del refuses a node in use
+            if str(disk.parent_overlay) not in in_use:
+                self.monitor.attached.pop(str(disk.parent_overlay), None)
 
     def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
         self.calls.append(("snapshot", *(d.overlay_node for d in planned)))
         if self.fail_snapshot:
-            raise VMError("the disk snapshot failed")
-        self.on_top |= {d.overlay_node for d in planned}
+            raise self.fail_snapshot
+        for disk in planned:
+            self.stack(disk)
 
-    def active_overlays(self, planned: Sequence[ForkedDisk]) -> list[ForkedDisk]:
-        return [d for d in planned if d.overlay_node in self.on_top]
+    def stack(self, disk: ForkedDisk, *above: str) -> None:
+        """Put ``disk``'s overlay on top of its disk (and ``above`` on top of that)."""
+        chain = self.monitor.chains.setdefault(disk.disk.device, [disk.disk.filename])
+        chain[:0] = [*above, str(disk.parent_overlay)]
+
+    def on_top(self) -> set[str]:
+        return {files[0] for files in self.monitor.chains.values()}
 
     def commit_one(self, disk: ForkedDisk, timeout: float) -> int:
         self.calls.append(("commit", disk.overlay_node))
         if disk.overlay_node in self.fail_commit:
             raise VMError("block-commit failed")
-        self.on_top.discard(disk.overlay_node)
+        self.monitor.chains[disk.disk.device].remove(str(disk.parent_overlay))
         return 1000
+
+    def commit_below(self, disk: ForkedDisk, root: str, timeout: float) -> int:
+        self.calls.append(("commit-below", disk.overlay_node, root))
+        self.monitor.chains[disk.disk.device].remove(str(disk.parent_overlay))
+        return 500
 
     def journal_fields(self) -> dict[str, Any]:
         return {"backend": self.kind}
 
     def online(self) -> bool:
         return self.running
+
+    def offline_refusal(self, disks: Sequence[ForkedDisk]) -> str | None:
+        return self.refusal
 
     def point_config_back(self, disks: Sequence[ForkedDisk]) -> list[str]:
         self.config_pointed = [d.disk.device for d in disks]
@@ -182,11 +249,15 @@ def no_host(monkeypatch):
         writer.finish(timeout=10)
 
 
-def fork(backend: FakeBackend, tmp_path: Path, method: str = "auto", disks: int = 2):
+def fork(backend: FakeBackend, tmp_path: Path, method: str = "auto", disks: int = 2,
+         **options: Any):
     planned = planned_in(tmp_path, disks)
+    for disk in planned:
+        disk.frozen.write_bytes(b"frozen")
     (tmp_path / "run").mkdir()
     return planned, engine.take_fork(backend, parent_of(disks, tmp_path), planned,
-                                     tmp_path / "run" / "ram.state", method=method, timeout=5)
+                                     tmp_path / "run" / "ram.state", method=method, timeout=5,
+                                     **options)
 
 
 def test_the_overlays_are_ready_before_the_pause_and_qemu_72_resumes_by_itself(tmp_path):
@@ -197,10 +268,29 @@ def test_the_overlays_are_ready_before_the_pause_and_qemu_72_resumes_by_itself(t
     assert all(d.parent_overlay.exists() for d in planned)
     commands = backend.monitor.commands
     assert commands.index("getfd kvmsnap-state") < commands.index("migrate")
-    assert point.method is RamMethod.BACKGROUND and point.disks == planned
+    assert point.method is RamMethod.BACKGROUND
+    assert [d.parent_overlay for d in point.disks] == [d.parent_overlay for d in planned]
     assert point.pause_ms == pytest.approx(40.0)  # STOP to RESUME, QEMU's timestamps
     assert (point.ram_bytes, point.ram_save_s, point.qemu_downtime_ms) == (4096, 2.5, 7)
     assert backend.monitor.capabilities == [True, False]  # on for the fork, then put back
+
+
+def test_the_forked_disks_carry_the_frozen_images_stamps(tmp_path):
+    _, point = fork(FakeBackend(), tmp_path)
+    for disk in point.disks:
+        info = disk.frozen.stat()
+        assert disk.frozen_stamp == (info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+def test_the_migration_settings_are_put_back_and_journaled_until_they_are(tmp_path):
+    backend = FakeBackend()
+    recorded: list[dict[str, Any]] = []
+    fork(backend, tmp_path, record=lambda **fields: recorded.append(fields))
+    assert backend.monitor.bandwidths == [1 << 40, 33554432]  # unthrottled, then as it was
+    assert recorded == [
+        {"migration_settings": {"background-snapshot": False, "max-bandwidth": 33554432}},
+        {"migration_started": True},
+        {"migration_settings": None, "migration_started": False}]
 
 
 def test_qemu_9_leaves_the_vm_paused_after_the_capture_so_we_resume_it_once(tmp_path):
@@ -219,6 +309,26 @@ def test_stop_and_copy_resumes_only_once_qemu_left_finish_migrate(tmp_path):
     assert (tmp_path / "run" / "ram.state").exists()
 
 
+def test_a_stop_and_copy_longer_than_max_pause_is_refused_before_anything(tmp_path):
+    monitor = FakeMonitor("stop-and-copy")
+    monitor.ram = 8 << 30  # 8 GiB at 256 MiB/s: ~32 s
+    backend = FakeBackend(monitor)
+    with pytest.raises(VMError, match=r"8192 MiB would pause the VM for about 32\.0 s, more "
+                                      r"than the 5 s allowed") as info:
+        fork(backend, tmp_path, method=RamMethod.STOP_AND_COPY, max_pause=5)
+    assert "--max-pause 32" in info.value.hint and "background snapshot" in info.value.hint
+    assert backend.calls == []  # no overlay, no pause
+    assert not list(tmp_path.glob("*.kvmsnap-*"))
+    assert monitor.bandwidths[-1] == 33554432  # its settings put back
+
+
+def test_max_pause_does_not_limit_a_background_snapshot(tmp_path):
+    monitor = FakeMonitor("qemu-7.2")
+    monitor.ram = 64 << 30
+    _, point = fork(FakeBackend(monitor), tmp_path, max_pause=1)
+    assert point.method is RamMethod.BACKGROUND
+
+
 def test_a_failure_after_the_disk_snapshot_commits_back_and_resumes(tmp_path):
     backend = FakeBackend(FakeMonitor("fail"))
     planned = planned_in(tmp_path)
@@ -230,17 +340,84 @@ def test_a_failure_after_the_disk_snapshot_commits_back_and_resumes(tmp_path):
     assert not any(d.parent_overlay.exists() for d in planned)
     assert not (tmp_path / "run" / "ram.state").exists()
     assert backend.monitor.capabilities[-1] is False
+    assert backend.monitor.bandwidths[-1] == 33554432
 
 
 def test_a_failure_before_the_disk_snapshot_detaches_and_commits_nothing(tmp_path):
     backend = FakeBackend(FakeMonitor("qemu-7.2"))
-    backend.fail_snapshot = True
+    backend.fail_snapshot = VMError("the disk snapshot failed")
     planned = planned_in(tmp_path)
     with pytest.raises(VMError, match="the disk snapshot failed"):
         fork(backend, tmp_path)
     assert not [c for c in backend.calls if c[0] == "commit"]
     assert backend.calls[-2:] == [("resume",), ("detach", "kvmsnap-7-1-0", "kvmsnap-7-1-1")]
     assert not any(d.parent_overlay.exists() for d in planned)
+    assert "migrate_cancel" not in backend.monitor.commands
+
+
+class LateSnapshot(FakeBackend):
+    """The disk snapshot takes in QEMU, but its reply never comes back in time."""
+
+    def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
+        self.calls.append(("snapshot", *(d.overlay_node for d in planned)))
+        for disk in planned:
+            self.stack(disk)
+        raise StepTimeout("QMP transaction got no answer within 3 s")
+
+
+def test_a_snapshot_whose_reply_times_out_but_took_is_committed_back(tmp_path):
+    backend = LateSnapshot()
+    planned = planned_in(tmp_path)
+    with pytest.raises(StepTimeout):
+        fork(backend, tmp_path)
+    assert [c[0] for c in backend.calls if c[0] == "commit"] == ["commit", "commit"]
+    assert not any(d.parent_overlay.exists() for d in planned)
+    assert backend.monitor.state == "running"
+
+
+def test_a_monitor_that_does_not_answer_keeps_every_overlay(tmp_path):
+    backend = LateSnapshot()
+    backend.monitor.hung_for = {"query-block"}  # asked three times, never answered
+    planned = planned_in(tmp_path)
+    with pytest.raises(VMError, match="whether the VM's disks moved onto kvmsnap's overlays "
+                                      "is unknown: every file is kept") as info:
+        fork(backend, tmp_path)
+    assert "kvmsnap recover" in info.value.hint
+    assert isinstance(info.value.__cause__, StepTimeout)
+    assert backend.monitor.commands.count("query-block") == 3
+    assert all(d.parent_overlay.exists() for d in planned)  # the VM may write to them
+    assert not [c for c in backend.calls if c[0] in ("commit", "detach")]
+    assert ("resume",) in backend.calls and backend.monitor.state == "running"
+
+
+def test_a_snapshot_that_did_not_take_is_detached_and_deleted(tmp_path):
+    backend = FakeBackend()
+    backend.fail_snapshot = StepTimeout("QMP transaction got no answer within 3 s")
+    planned = planned_in(tmp_path)
+    with pytest.raises(StepTimeout):
+        fork(backend, tmp_path)
+    assert backend.calls[-1] == ("detach", "kvmsnap-7-1-0", "kvmsnap-7-1-1")
+    assert not any(d.parent_overlay.exists() for d in planned)
+
+
+def test_a_migration_that_is_not_ours_is_never_settled_or_cancelled(tmp_path):
+    monitor = FakeMonitor("refuse")  # someone else's migration started meanwhile
+    backend = FakeBackend(monitor)
+    with pytest.raises(VMError, match="migration process in progress"):
+        fork(backend, tmp_path)
+    after = monitor.commands[monitor.commands.index("migrate"):]
+    assert "query-migrate" not in after and "migrate_cancel" not in after
+    assert backend.monitor.state == "running"  # our pause ended all the same
+
+
+def test_an_interrupt_with_an_unknown_snapshot_keeps_the_files_and_propagates(tmp_path):
+    backend = FakeBackend()
+    backend.fail_snapshot = KeyboardInterrupt()
+    backend.monitor.hung_for = {"query-named-block-nodes"}
+    planned = planned_in(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        fork(backend, tmp_path)
+    assert all(d.parent_overlay.exists() for d in planned)
 
 
 def test_a_failed_attach_deletes_the_overlays_and_never_pauses(tmp_path):
@@ -276,4 +453,17 @@ def test_the_facade_delegates_to_the_backend(tmp_path):
     with engine.ParentHandle(backend) as parent:
         assert parent.describe().name == "web"
         assert parent.journal_fields() == {"backend": "fake"}
+        parent.check_healthy()  # running: nothing to say
     assert backend.calls == [("closed",)]
+
+
+def test_a_parent_stopped_on_an_io_error_is_unhealthy(tmp_path):
+    backend = FakeBackend()
+    backend.stack(planned_in(tmp_path, 1)[0])
+    backend.monitor.state = "io-error"
+    backend.monitor.io_status = "nospace"
+    handle = engine.ParentHandle(backend)
+    handle.describe()
+    with pytest.raises(HostError, match=rf"web stopped on an I/O error during the backup: no "
+                                        rf"space left for .* on the filesystem of {tmp_path}"):
+        handle.check_healthy()

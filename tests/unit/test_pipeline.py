@@ -25,6 +25,7 @@ from kvmsnap_plugin.model import (
 )
 from kvmsnap_plugin.run import pipeline
 from kvmsnap_plugin.run.report import render_report
+from kvmsnap_plugin.vm.clone import images_to_archive, label_of
 
 CLEAN_STOP = ShutdownResult(True, "guest", 4.2, 1, "guest-shutdown")
 HUNG = ShutdownResult(False, "kill", 300.0, 2, "no SHUTDOWN event within 300 s")
@@ -37,17 +38,17 @@ ARCHIVE = ArchiveResult("borg", "borg", "files", "web-files", "/mnt", 3 << 20, 1
 
 
 def test_a_clean_shutdown_archives_the_clones_disks():
-    label = pipeline._label(CLEAN_STOP, OnUnclean.FAIL)
+    label = label_of(CLEAN_STOP, OnUnclean.FAIL)
     assert label is Label.CLEAN
-    assert pipeline._images(PLAN, label) == [("vda", Path("/w/vda.qcow2"))]
+    assert images_to_archive(PLAN, label) == [("vda", Path("/w/vda.qcow2"))]
 
 
 def test_an_unclean_shutdown_falls_back_to_the_frozen_images_only_if_allowed():
-    label = pipeline._label(HUNG, OnUnclean.CRASH_CONSISTENT)
+    label = label_of(HUNG, OnUnclean.CRASH_CONSISTENT)
     assert label is Label.CRASH_CONSISTENT
-    assert pipeline._images(PLAN, label) == [("vda", Path("/i/web.qcow2"))]
+    assert images_to_archive(PLAN, label) == [("vda", Path("/i/web.qcow2"))]
     with pytest.raises(VMError, match="did not shut down cleanly") as info:
-        pipeline._label(HUNG, OnUnclean.FAIL)
+        label_of(HUNG, OnUnclean.FAIL)
     assert "--on-unclean crash-consistent" in info.value.hint
 
 

@@ -126,3 +126,41 @@ def test_end_without_sigterm_first():
     assert process.end(proc.pid, soft=False, grace=5) == "kill"
     proc.wait(5)
     assert proc.returncode == -signal.SIGKILL
+
+
+# -- identities: a PID, its start time and the boot ----------------------------------------
+def test_an_identity_names_the_boot_and_finds_its_process_again():
+    proc = process.spawn(["sleep", "30"])
+    try:
+        recorded = process.identity(proc.pid)
+        pid, start, boot = recorded.split(":")
+        assert int(pid) == proc.pid and int(start) > 0
+        assert boot == process.BOOT_ID_FILE.read_text().strip()
+        assert process.same_process(recorded) == proc.pid
+    finally:
+        process.end(proc)
+    assert process.same_process(recorded) is None
+
+
+def test_an_identity_from_an_earlier_boot_never_matches(monkeypatch):
+    """After a reboot PIDs and start times begin again: the same pair is another process."""
+    recorded = process.identity(os.getpid())
+    assert process.same_process(recorded) == os.getpid()
+    monkeypatch.setattr(process, "boot_id", lambda: "another-boot")
+    assert process.same_process(recorded) is None
+    # ... while what is recorded in this (new) boot matches
+    assert process.same_process(process.identity(os.getpid())) == os.getpid()
+
+
+def test_identities_recorded_before_the_boot_id_still_read():
+    pid, start, _boot = process.identity(os.getpid()).split(":")
+    assert process.same_process(f"{pid}:{start}") == os.getpid()
+    assert process.same_process(f"{pid}:{int(start) + 1}") is None  # a PID reused
+    assert process.same_process(f"{pid}:gone") is None
+    assert process.same_process(None) is None and process.same_process("") is None
+
+
+def test_a_process_that_is_gone_has_a_gone_identity():
+    proc = process.spawn(["true"])
+    proc.wait(5)
+    assert process.identity(proc.pid) == f"{proc.pid}:gone"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from test_fork_engine import FakeBackend, FakeMonitor, planned_in
 
 from kvmsnap_plugin.backends.libvirt import LibvirtBackend
 from kvmsnap_plugin.backends.qmp import QmpBackend
+from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.fork import chain, recovery
 from kvmsnap_plugin.model import JournalState, Phase, Recovery
 
@@ -20,16 +23,16 @@ def backend(monkeypatch):
     return fake
 
 
-def journal(tmp_path, phase, disks=2):
+def journal(tmp_path, phase, disks=2, **fields):
     planned = planned_in(tmp_path, disks)
     for disk in planned:
         disk.parent_overlay.write_bytes(b"writes")
-    return JournalState(vm="web", phase=phase, parent="4242:99", overlays=planned)
+    return JournalState(vm="web", phase=phase, parent="4242:99", overlays=planned, **fields)
 
 
 def test_a_parent_left_paused_mid_fork_is_resumed_after_its_ram_snapshot_ends(backend,
                                                                              tmp_path):
-    state = journal(tmp_path, Phase.FORKING)
+    state = journal(tmp_path, Phase.FORKING, migration_started=True)
     backend.monitor.state = "paused"
     backend.monitor.migration = "active"
     backend.monitor.execute = settle_after(backend.monitor, queries=2)
@@ -40,6 +43,26 @@ def test_a_parent_left_paused_mid_fork_is_resumed_after_its_ram_snapshot_ends(ba
                               "deleted the unused overlay d0.qcow2.kvmsnap-7-1.qcow2",
                               "deleted the unused overlay d1.qcow2.kvmsnap-7-1.qcow2"]
     assert backend.monitor.state == "running" and backend.monitor.capabilities == [False]
+
+
+def test_a_migration_kvmsnap_did_not_start_is_left_alone(backend, tmp_path):
+    state = journal(tmp_path, Phase.FORKING)  # killed before its RAM snapshot began
+    backend.monitor.state = "postmigrate"  # someone else's migration moved the VM away
+    backend.monitor.migration = "active"
+    result = Recovery("web")
+    recovery.give_back(state, result)
+    assert result.actions[0] == "left alone a migration that kvmsnap did not start"
+    assert "migrate_cancel" not in backend.monitor.commands
+    assert ("resume",) not in backend.calls  # running it here too would run it twice
+
+
+def test_the_journaled_migration_settings_are_put_back(backend, tmp_path):
+    state = journal(tmp_path, Phase.FORKED, migration_settings={
+        "background-snapshot": False, "max-bandwidth": 1234})
+    result = Recovery("web")
+    recovery.give_back(state, result)
+    assert backend.monitor.bandwidths == [1234] and backend.monitor.capabilities == [False]
+    assert result.actions[0] == "put the VM's migration settings back"
 
 
 def settle_after(monitor, queries):
@@ -56,15 +79,38 @@ def settle_after(monitor, queries):
     return execute
 
 
-def test_active_overlays_are_committed_and_unused_ones_deleted(backend, tmp_path):
-    state = journal(tmp_path, Phase.EXPOSED)  # a run killed while archiving
-    backend.on_top = {state.overlays[1].overlay_node}
+def test_overlays_are_given_back_where_they_are_and_unused_ones_deleted(backend, tmp_path):
+    state = journal(tmp_path, Phase.EXPOSED, disks=3)  # a run killed while archiving
+    backend.stack(state.overlays[1])
+    backend.stack(state.overlays[2], str(tmp_path / "admin.qcow2"))
     result = Recovery("web")
     recovery.give_back(state, result)
-    assert result.actions == ["committed the parent's overlay of vdb back",
-                              "deleted the unused overlay d0.qcow2.kvmsnap-7-1.qcow2"]
+    assert result.actions == ["deleted the unused overlay d0.qcow2.kvmsnap-7-1.qcow2",
+                              "committed the parent's overlay of vdb back",
+                              "committed the parent's overlay of vdc back through the middle "
+                              "of its chain (another snapshot sits on top of it)"]
     assert ("detach", state.overlays[0].overlay_node) in backend.calls
     assert not any(d.parent_overlay.exists() for d in state.overlays)
+
+
+def test_a_monitor_that_does_not_answer_fails_recovery_and_keeps_everything(backend,
+                                                                          tmp_path):
+    state = journal(tmp_path, Phase.FORKED)
+    backend.monitor.hung_for = {"query-block"}
+    with pytest.raises(VMError, match="vda: QMP query-block got no answer"):
+        recovery.give_back(state, Recovery("web"))
+    assert all(d.parent_overlay.exists() for d in state.overlays)
+
+
+def test_a_parent_stopped_on_an_io_error_is_committed_and_resumed(backend, tmp_path):
+    state = journal(tmp_path, Phase.EXPOSED, disks=1)
+    backend.stack(state.overlays[0])
+    backend.monitor.state = "io-error"
+    backend.monitor.io_status = "nospace"
+    result = Recovery("web")
+    recovery.give_back(state, result)
+    assert result.actions[-1].startswith("the VM had stopped on an I/O error (no space left")
+    assert backend.monitor.state == "running"
 
 
 def test_after_the_fork_a_paused_parent_is_not_ours_to_resume(backend, tmp_path):
@@ -76,15 +122,37 @@ def test_after_the_fork_a_paused_parent_is_not_ours_to_resume(backend, tmp_path)
 def test_a_parent_whose_qemu_is_gone_is_committed_offline(backend, tmp_path, monkeypatch):
     backend.running = False
     ran = []
-    monkeypatch.setattr(chain.process, "run", lambda argv, timeout: ran.append(argv[-1]))
+
+    def run(argv, timeout):
+        ran.append([str(a) for a in argv])
+        return type("Done", (), {"stdout": '[{"depth": 0}]'})
+
+    monkeypatch.setattr(chain.process, "run", run)
     state = journal(tmp_path, Phase.FORKED)
+    for disk in state.overlays:
+        disk.frozen.write_bytes(b"frozen")
+    state = state.updated(overlays=[replace(d, frozen_stamp=chain.stamp_of(d.frozen))
+                                    for d in state.overlays])
     result = Recovery("web")
     recovery.give_back(state.updated(domain="web"), result)
-    assert ran == [d.parent_overlay for d in state.overlays]
+    assert [argv[1] for argv in ran] == ["map", "commit", "map", "commit"]
     assert backend.config_pointed == ["vda", "vdb"]
     assert result.actions[-1] == "pointed the configuration of web back at its images " \
                                  "(vda, vdb)"
+    assert not any(d.parent_overlay.exists() for d in state.overlays)
     assert backend.monitor.commands == []  # no monitor: its QEMU is gone
+
+
+def test_a_domain_that_is_only_suspended_is_not_committed_offline(backend, tmp_path):
+    backend.running = False
+    backend.refusal = "domain web is not shut off but managed-saved"
+    state = journal(tmp_path, Phase.FORKED)
+    with pytest.raises(VMError, match="managed-saved: its overlays hold writes it still "
+                                      "needs and are kept") as info:
+        recovery.give_back(state, Recovery("web"))
+    assert "kvmsnap recover" in info.value.hint
+    assert all(d.parent_overlay.exists() for d in state.overlays)
+    assert backend.config_pointed == []
 
 
 def test_a_run_that_gave_the_chain_back_leaves_the_monitor_alone(backend, tmp_path):
