@@ -1,17 +1,24 @@
 """The BorgBackup archiver (a built-in plugin), through borg's command line.
 
 files: ``borg create`` of the mounted trees, run inside the mount root so the archive holds
-``vdisk0/...`` paths. image: ``borg create`` of each disk's raw read-only view (a FUSE
-export, a regular file), with fixed-size chunks suited to disk images; borg stores zero
-runs as deduplicated chunks, so sparse disks stay small. borg's exit code 1 is a warning
-(kept in the result), 2 and above an error. The passphrase comes only from the environment
+``vdisk0/...`` paths. image: ``borg create --read-special`` of each disk's read-only loop
+device, named ``DISK.raw`` by a symlink, with fixed-size chunks suited to disk images; borg
+stores zero runs as deduplicated chunks, so sparse disks stay small. Not the FUSE view
+itself: qemu-storage-daemon reports the current time as its mtime/ctime, and borg warns
+"file changed while we backed it up" (exit 1) whenever a read crosses a second boundary; a
+device node's timestamps do not move while it is read. borg's exit code 1 is a warning (kept
+in the result), 2 and above an error. The passphrase comes only from the environment
 (BORG_PASSPHRASE, BORG_PASSCOMMAND, or the target's ``env`` table).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -51,12 +58,25 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
         results.append(_create(job, target, "files", target.archive_name(job.name, now, "files"),
                                exposure.root, mounted_trees(exposure), []))
     if mode.image:
-        names = [d.image.name for d in exposure.disks] + exposure.extra_files
-        results.append(_create(job, target, "image", target.archive_name(job.name, now, "image"),
-                               exposure.images_dir, names,
-                               ["--chunker-params", target.option("chunker_params",
-                                                                  IMAGE_CHUNKER)]))
+        with _device_view(exposure) as (view, names):
+            results.append(_create(job, target, "image",
+                                   target.archive_name(job.name, now, "image"), view, names,
+                                   ["--read-special", "--chunker-params",
+                                    target.option("chunker_params", IMAGE_CHUNKER)]))
     return results
+
+
+@contextlib.contextmanager
+def _device_view(exposure: Exposure) -> Iterator[tuple[Path, list[str]]]:
+    """A private directory of ``DISK.raw -> /dev/loopN`` symlinks and the extra files, so the
+    archive holds ``DISK.raw`` items read from devices with stable timestamps."""
+    with tempfile.TemporaryDirectory(prefix="borg-view-", dir=exposure.images_dir.parent) as tmp:
+        view = Path(tmp)
+        for disk in exposure.disks:
+            (view / disk.image.name).symlink_to(disk.loop)
+        for name in exposure.extra_files:
+            shutil.copy2(exposure.images_dir / name, view / name)
+        yield view, [d.image.name for d in exposure.disks] + exposure.extra_files
 
 
 def _check(target: ArchiveTarget) -> None:
