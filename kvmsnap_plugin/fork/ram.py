@@ -13,7 +13,6 @@ import fcntl
 import logging
 import math
 import os
-import select
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 from kvmsnap_plugin.backends import Backend
 from kvmsnap_plugin.errors import HostError, KvmsnapError, StepTimeout, VMError
-from kvmsnap_plugin.host import probes, process
+from kvmsnap_plugin.host import outliving, probes
 from kvmsnap_plugin.model import MIGRATION_FAILED, MIGRATION_UNFINISHED, RamMethod
 from kvmsnap_plugin.vm.qmp import Monitor
 
@@ -153,32 +152,20 @@ class StateWriter(StateSink):
         with contextlib.suppress(OSError):  # fewer, larger transfers
             fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, 1 << 20)
         out = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        ready_r, ready_w = os.pipe()
         try:
             with open(self._errors, "wb") as err:
-                self._proc = process.spawn(
-                    [sys.executable, "-m", "kvmsnap_plugin.fork.statewriter", str(ready_w)],
-                    stdin=read_end, stdout=out, stderr=err, pass_fds=(ready_w,))
+                proc = outliving.spawn_ready(
+                    [sys.executable, "-m", "kvmsnap_plugin.fork.statewriter"],
+                    "the RAM state writer", stdin=read_end, stdout=out, stderr=err)
         finally:
-            for fd in (read_end, out, ready_w):
+            for fd in (read_end, out):
                 os.close(fd)
-        try:
-            self._wait_ready(ready_r)
-        except BaseException:
+        if proc is None:
             self.close()
-            process.stop(self._proc, grace=1)
-            raise
-        finally:
-            os.close(ready_r)
-
-    def _wait_ready(self, ready: int, timeout: float = 30.0) -> None:
-        """Until the writer runs: its interpreter start-up (~30 ms of CPU) must not overlap
-        the guest's pause."""
-        readable, _, _ = select.select([ready], [], [], timeout)
-        if not readable or os.read(ready, 1) != b"1":
             reason = self._errors.read_text(errors="replace").strip()
             raise HostError(f"the RAM state writer did not start: {reason or 'no answer'}",
                             "run `kvmsnap doctor`; rerun with --debug")
+        self._proc = proc
 
     def handed_over(self) -> None:
         """QEMU has its own copy of the write end: ours must go, or EOF never comes."""

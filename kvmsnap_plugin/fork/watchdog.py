@@ -21,7 +21,7 @@ snapshot running then is kvmsnap's: QEMU runs one at a time); only on the parent
 kvmsnap recorded (PID and start time; for a bare QEMU, the one serving the socket); and
 only from a run state the fork leaves (paused, finish-migrate, postmigrate). Under a
 systemd service it runs in a scope of its own, or it would die with kvmsnap (see
-:func:`launchers`).
+:func:`kvmsnap_plugin.host.outliving.launchers`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import select
-import shutil
-import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,7 +41,8 @@ from kvmsnap_plugin.backends.libvirt import LibvirtBackend
 from kvmsnap_plugin.backends.qmp import QmpBackend
 from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.fork import ram
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host import outliving, process
+from kvmsnap_plugin.vm.qmp import socket_owner
 
 log = logging.getLogger(__name__)
 
@@ -82,37 +79,20 @@ class Watchdog:
     """kvmsnap's end of the pipe to a running watchdog process."""
 
     def __init__(self, fields: dict[str, Any]) -> None:
-        argv = [sys.executable, "-m", MODULE, json.dumps(fields)]
-        *preferred, fallback = launchers()
-        for launcher in preferred:
-            try:
-                self._start([*launcher, *argv])
-                return
-            except HostError as exc:
-                log.warning("%s; starting it without a scope of its own", exc)
-        self._start([*fallback, *argv])
-
-    def _start(self, argv: list[str]) -> None:
         read_end, self._control = os.pipe()  # not inheritable: no other child holds it
-        ready_r, ready_w = os.pipe()
         try:
             # stderr is kvmsnap's: what the watchdog did after kvmsnap died lands in the same
             # terminal or journal.
-            self._proc = process.spawn([*argv, str(ready_w)], stdin=read_end, stderr=None,
-                                       pass_fds=(ready_w,))
-        except BaseException:
+            proc = outliving.spawn_ready([sys.executable, "-m", MODULE, json.dumps(fields)],
+                                         "the watchdog", timeout=START_TIMEOUT,
+                                         stdin=read_end, stderr=None)
+        finally:
+            os.close(read_end)
+        if proc is None:
             os.close(self._control)
-            raise
-        finally:
-            for fd in (read_end, ready_w):
-                os.close(fd)
-        try:
-            _wait_ready(ready_r)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            os.close(ready_r)
+            raise HostError("the watchdog that resumes the VM if kvmsnap dies did not start",
+                            "see its message above; run `kvmsnap doctor`; rerun with --debug")
+        self._proc = proc
 
     @property
     def pid(self) -> int:
@@ -144,32 +124,6 @@ class Watchdog:
             process.stop(self._proc, grace=1)
 
 
-def under_systemd_service() -> bool:
-    """Is kvmsnap a process of a systemd unit (systemd sets INVOCATION_ID for them)?"""
-    return bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
-
-
-def _wait_ready(ready: int) -> None:
-    readable, _, _ = select.select([ready], [], [], START_TIMEOUT)
-    if not readable or os.read(ready, 1) != b"1":
-        raise HostError("the watchdog that resumes the VM if kvmsnap dies did not start",
-                        "see its message above; run `kvmsnap doctor`; rerun with --debug")
-
-
-def launchers() -> list[list[str]]:
-    """What to start the watchdog with, best first.
-
-    A systemd service's processes all die with it: when kvmsnap (its main process) is
-    killed, systemd SIGKILLs the rest of the unit at once (KillMode=mixed) - the watchdog
-    too, before it could resume anything. Under systemd it therefore runs in a transient
-    scope of its own (``systemd-run --scope`` execs the command in place: same PID, same
-    file descriptors); if that fails, as a plain child.
-    """
-    systemd_run = shutil.which("systemd-run")
-    if under_systemd_service() and systemd_run:
-        return [[systemd_run, "--scope", "--quiet", "--collect",
-                 "--description=kvmsnap watchdog (resumes the VM if kvmsnap dies)"], []]
-    return [[]]
 
 
 # -- the watchdog's side -------------------------------------------------------------------------
@@ -219,22 +173,18 @@ def _backend(fields: dict[str, Any], pid: int | None) -> Backend:
         return LibvirtBackend(str(fields.get("domain") or ""), fields.get("libvirt_uri"),
                               fields.get("uuid") or None, must_exist=False)
     path = Path(str(fields.get("qmp") or ""))
-    if pid is not None and served_by(path) not in (pid, None):
+    if pid is not None and _served_by(path) not in (pid, None):
         raise HostError(f"{path} is no longer served by the QEMU kvmsnap paused (PID {pid})",
                         "resume the VM by hand if it is paused, then run `kvmsnap recover`")
     return QmpBackend(path, pid, connect_timeout=CONNECT_TIMEOUT)
 
 
-def served_by(path: Path) -> int | None:
-    """The PID listening on a unix socket (known at connect, before QEMU accepts); None if
-    it cannot be reached."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return None
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0]
+def _served_by(path: Path) -> int | None:
+    """The PID listening on the socket; None if it cannot be told."""
+    try:
+        return socket_owner(path)
+    except KvmsnapError:
+        return None
 
 
 def _preload(fields: dict[str, Any]) -> None:

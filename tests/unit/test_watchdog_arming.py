@@ -13,7 +13,7 @@ import pytest
 
 from kvmsnap_plugin.fork import watchdog
 from kvmsnap_plugin.fork.watchdog import ARM, DISARM, PREFIX, armed_at_eof, guarding
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host import outliving, process
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a parent whose QEMU is gone: the watchdog must say so and touch nothing
@@ -109,10 +109,10 @@ SCOPE = 'while [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n'
 
 def test_under_a_systemd_service_it_runs_in_a_scope_of_its_own(monkeypatch, tmp_path):
     # systemd SIGKILLs the rest of a service's cgroup when its main process dies
-    monkeypatch.setattr(watchdog, "under_systemd_service", lambda: True)
+    monkeypatch.setattr(outliving, "under_systemd_service", lambda: True)
     runner = fake_systemd_run(tmp_path, SCOPE)
-    monkeypatch.setattr(watchdog.shutil, "which", lambda name: runner)
-    scoped, plain = watchdog.launchers()
+    monkeypatch.setattr(outliving.shutil, "which", lambda name: runner)
+    scoped, plain = outliving.launchers()
     assert scoped[:2] == [runner, "--scope"] and plain == []
     with guarding(GONE):  # the exec keeps the PID and the pipe
         pid = process.SPAWNED_PIDS[-1]
@@ -121,15 +121,15 @@ def test_under_a_systemd_service_it_runs_in_a_scope_of_its_own(monkeypatch, tmp_
 
 
 def test_without_a_scope_it_runs_as_a_plain_child(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(watchdog, "under_systemd_service", lambda: True)
+    monkeypatch.setattr(outliving, "under_systemd_service", lambda: True)
     runner = fake_systemd_run(tmp_path, "echo 'Failed to connect to bus' >&2\nexit 1\n")
-    monkeypatch.setattr(watchdog.shutil, "which", lambda name: runner)
+    monkeypatch.setattr(outliving.shutil, "which", lambda name: runner)
     with guarding(GONE):
         pid = process.SPAWNED_PIDS[-1]
         assert watchdog.MODULE in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
-    assert "starting it without a scope of its own" in caplog.text
-    monkeypatch.setattr(watchdog, "under_systemd_service", lambda: False)
-    assert watchdog.launchers() == [[]]
+    assert "the watchdog did not start in a scope of its own" in caplog.text
+    monkeypatch.setattr(outliving, "under_systemd_service", lambda: False)
+    assert outliving.launchers() == [[]]
 
 
 def unit_settings(path: Path) -> dict[str, str]:
@@ -141,3 +141,20 @@ def test_stopping_the_service_signals_kvmsnap_alone_and_waits_for_it():
     settings = unit_settings(ROOT / "contrib/kvmsnap-backup.service")
     assert settings["KillMode"] == "mixed"  # SIGTERM to kvmsnap, not to its state writer
     assert settings["TimeoutStopSec"].endswith("min")  # minutes to unwind, not 90 s
+
+
+def test_the_ram_state_writer_runs_in_a_scope_of_its_own_too(monkeypatch, tmp_path):
+    """Killed with kvmsnap by systemd, the writer would fail QEMU's background-snapshot write,
+    which hangs a QEMU 7.2 parent."""
+    from kvmsnap_plugin.fork import ram
+
+    monkeypatch.setattr(outliving, "under_systemd_service", lambda: True)
+    record = tmp_path / "ran-with"
+    runner = fake_systemd_run(tmp_path, f'echo "$@" > {record}\n' + SCOPE)
+    monkeypatch.setattr(outliving.shutil, "which", lambda name: runner)
+    writer = ram.StateWriter(tmp_path / "ram.state")
+    os.write(writer.write_end, b"guest RAM")
+    writer.handed_over()
+    writer.finish(timeout=10)
+    assert (tmp_path / "ram.state").read_bytes() == b"guest RAM"
+    assert record.read_text().startswith("--scope")
