@@ -5,34 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_error, kvmsnap, tmpfs
 
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import BackupJob
 from kvmsnap_plugin.run.journal import Journal, vm_identity
 
 pytestmark = pytest.mark.qemu
-
-
-def kvmsnap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvmsnap_plugin.cli", *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("kvmsnap: error:")]
-    assert len(errors) == 1, done.stderr
-    assert re.search(r"\(fix: .+\)$", errors[0]), errors[0]
-    assert "Traceback" not in done.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def never_paused(vm) -> bool:
@@ -119,12 +103,8 @@ def test_a_pause_longer_than_allowed(start_demo):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    directory = tmp_path / "small"
-    directory.mkdir()
-    process.run(["mount", "-t", "tmpfs", "-o", "size=16m", "kvmsnap-test", directory],
-                timeout=30)
-    yield directory
-    process.run(["umount", directory], timeout=30)
+    with tmpfs(tmp_path / "small", "16m") as directory:
+        yield directory
 
 
 def test_overlays_on_a_filesystem_without_the_margin(start_demo, small_tmpfs, tmp_path):

@@ -4,12 +4,11 @@ on its original disk chain, nothing behind, and no write of the guest lost."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import kvmsnap
 
 from kvmsnap_demo.disk import read_disk
 from kvmsnap_plugin.host.faults import POINTS
@@ -17,12 +16,6 @@ from kvmsnap_plugin.model import FsState
 from kvmsnap_plugin.run.journal import state_dir
 
 pytestmark = pytest.mark.qemu
-
-
-def kvmsnap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvmsnap_plugin.cli", *args],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
 
 
 def chain(vm) -> list[str]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import clone_pid
 
 from kvmsnap_demo.disk import read_disk
 from kvmsnap_plugin import hookimpl
@@ -50,17 +51,6 @@ def assert_nothing_left(vm, workdir: Path) -> None:
     alive = [pid for pid in process.SPAWNED_PIDS[_first_pid_of_this_test:]
              if process.same_process(process.identity(pid))]
     assert alive == [vm.pid]  # only the parent: no clone, no export daemon
-
-
-def clone_pid(workdir: Path) -> int | None:
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "-incoming" in text and str(workdir) in text:
-            return int(cmdline.parent.name)
-    return None
 
 
 def test_a_clone_that_crashes_gives_a_clear_verdict(start_demo, tmp_path):

@@ -14,13 +14,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_helpers import kvmsnap, tmpfs
 
 from kvmsnap_demo.disk import read_disk
 from kvmsnap_plugin import hookimpl
@@ -40,12 +39,6 @@ def run(vm, tmp_path: Path, *plugins, **options):
     options.setdefault("workdir", tmp_path / "work")
     job = BackupJob("demo", vm.paths.backup_qmp, ForkOptions(**options))
     return backup(job, Hooks(plugin_manager(list(plugins), entry_points=False)))
-
-
-def kvmsnap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvmsnap_plugin.cli", *args],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
 
 
 def chain(vm) -> list[str]:
@@ -225,15 +218,9 @@ class FillTheOverlay:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    process.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kvmsnap-test", mountpoint],
-                timeout=30)
-    try:
-        yield mountpoint
-    finally:
-        process.run(["umount", "-l", mountpoint], timeout=30)
+def small_tmpfs(tmp_path):
+    with tmpfs(tmp_path / "small", "4m") as directory:
+        yield directory
 
 
 def test_a_full_overlay_filesystem_leaves_the_parent_running_with_every_write(

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_error, clone_pid, kvmsnap, tmpfs
 
 from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.host import process
@@ -23,23 +22,6 @@ from kvmsnap_plugin.run.journal import read_state, state_dir
 from kvmsnap_plugin.run.pipeline import backup
 
 pytestmark = pytest.mark.qemu
-
-
-def kvmsnap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvmsnap_plugin.cli", *args],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
-    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
-    errors = [line for line in done.stderr.splitlines() if line.startswith("kvmsnap: error:")]
-    assert len(errors) == 1, done.stderr
-    assert re.search(r"\(fix: .+\)$", errors[0]), errors[0]
-    assert "Traceback" not in done.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def stops(vm) -> int:
@@ -60,12 +42,8 @@ def mounted(path: Path) -> bool:
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    directory = tmp_path / "small"
-    directory.mkdir()
-    process.run(["mount", "-t", "tmpfs", "-o", "size=16m", "kvmsnap-test", directory],
-                timeout=30)
-    yield directory
-    process.run(["umount", directory], timeout=30)
+    with tmpfs(tmp_path / "small", "16m") as directory:
+        yield directory
 
 
 # -- room before the pause ------------------------------------------------------------------
@@ -87,15 +65,6 @@ def test_a_work_directory_too_small_for_the_ram_is_refused_before_the_pause(star
 
 
 # -- the clone goes first when memory runs out ----------------------------------------------
-def clone_pid(workdir: Path) -> int | None:
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "-incoming" in text and str(workdir) in text:
-            return int(cmdline.parent.name)
-    return None
 
 
 def test_the_clone_is_the_oom_killers_first_choice_and_the_parent_is_not(start_demo,
