@@ -151,5 +151,12 @@ def reopen(state: JournalState) -> QmpBackend:
     """The parent a journal names: online if the same QEMU still serves its socket."""
     socket = Path(state.qmp or "")
     pid = process.same_process(state.parent)
-    return QmpBackend(socket, pid, running=pid is not None and socket.exists(),
+    if pid is not None and not socket.exists():
+        # Its QEMU runs, on the overlay: only its monitor can commit it. "Offline" here
+        # would unlink or commit a file the VM is still writing to.
+        raise VMError(f"the VM's QEMU (pid {pid}) still runs but its QMP socket {socket} "
+                      "cannot be seen from here; its overlays are kept",
+                      "run `kvmsnap recover` where the socket is visible (not in a private "
+                      "/tmp or another mount namespace)")
+    return QmpBackend(socket, pid, running=pid is not None,
                       connect_timeout=RECOVERY_CONNECT_TIMEOUT)

@@ -231,8 +231,10 @@ def stamp_of(image: Path) -> tuple[int, ...]:
 
 
 def holds_writes(overlay: Path) -> bool:
-    """Does the overlay hold any cluster of its own? (``qemu-img commit`` empties it.)"""
-    extents = json.loads(process.run(["qemu-img", "map", "-U", "-f", "qcow2",
+    """Does the overlay hold any cluster of its own? (``qemu-img commit`` empties it.)
+    Without ``-U``: an overlay some process still holds open fails here, never counts as
+    empty."""
+    extents = json.loads(process.run(["qemu-img", "map", "-f", "qcow2",
                                       "--output=json", overlay], timeout=600).stdout)
     return any(extent.get("depth") == 0 for extent in extents)
 

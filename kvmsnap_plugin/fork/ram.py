@@ -251,23 +251,27 @@ def wait_migration_finalized(monitor: Monitor, timeout: float = 10.0) -> None:
         time.sleep(0.002)
 
 
-def settle_migration(monitor: Monitor, timeout: float = 120.0) -> str | None:
-    """Let an unfinished RAM snapshot end; cancel it only if it does not.
+def settle_migration(monitor: Monitor, stall: float = 120.0) -> str | None:
+    """Let an unfinished RAM snapshot end; cancel it only if it makes no progress.
 
     Cancelling a background snapshot while it write-protects guest RAM can leave the guest
-    hung (seen with QEMU 7.2); letting it finish costs seconds and a file we delete anyway.
-    Returns the final migration status.
+    hung (seen with QEMU 7.2); letting it finish costs seconds (minutes for a large VM) and
+    a file we delete anyway. So it is cancelled only after ``stall`` seconds without a byte
+    transferred. Returns the final migration status.
     """
-    deadline = time.monotonic() + timeout
-    status = monitor.execute("query-migrate").get("status")
-    while status in MIGRATION_UNFINISHED:
-        if time.monotonic() > deadline:
+    info = monitor.execute("query-migrate")
+    progress, since = None, time.monotonic()
+    while info.get("status") in MIGRATION_UNFINISHED:
+        moved = info.get("ram", {}).get("transferred")
+        if moved != progress:
+            progress, since = moved, time.monotonic()
+        elif time.monotonic() - since > stall:
             monitor.execute("migrate_cancel")
-            log.warning("cancelled a RAM snapshot that did not finish in %g s", timeout)
+            log.warning("cancelled a RAM snapshot that made no progress for %g s", stall)
             return "cancelled"
         time.sleep(0.05)
-        status = monitor.execute("query-migrate").get("status")
-    return status
+        info = monitor.execute("query-migrate")
+    return info.get("status")
 
 
 def resume_if_paused(backend: Backend, timeout: float = 30.0,

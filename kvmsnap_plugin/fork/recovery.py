@@ -31,10 +31,13 @@ def give_back(state: JournalState, result: Recovery) -> None:
             return
         if state.phase is Phase.FORKING and process.same_process(state.parent):
             _resume(backend, state, result)
-        if state.migration_settings is not None and \
-                ram.restore_settings(backend.monitor, state.migration_settings):
-            result.did("put the VM's migration settings back")
         _commit_online(backend, state, result)
+        if state.migration_settings is not None:
+            if not ram.restore_settings(backend.monitor, state.migration_settings):
+                raise VMError("could not put the VM's migration settings back (see the "
+                              "warning above); the journal keeps them",
+                              "run `kvmsnap recover` again once no other migration runs")
+            result.did("put the VM's migration settings back")
 
 
 def reopen(state: JournalState) -> Backend:

@@ -246,6 +246,9 @@ class ShProgram:
             raise call.failed(exc.exit_code, exc.stderr) from None
         except sh.TimeoutException:
             raise call.timed_out() from None
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM, a failing watch): never orphan it
+            self.abort(running)
+            raise
         return call.result(running.exit_code, str(running), running.stderr)
 
     def abort(self, running) -> None:

@@ -64,6 +64,7 @@ from kvmsnap_plugin.run.journal import (
     vm_identity,
 )
 from kvmsnap_plugin.run.recovery import recover
+from kvmsnap_plugin.run.watch import watching
 from kvmsnap_plugin.vm.clone import (
     check_room,
     images_to_archive,
@@ -245,10 +246,11 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
                 stopped = _offline(run, parent)
             else:
                 stopped = _fork_and_shut_down(run, handle, parent, cleanup)
-            exposure = _expose(run, stopped, cleanup)
+            with watching(run.parent):  # a parent stopped on ENOSPC ends these steps now
+                exposure = _expose(run, stopped, cleanup)
+                hooks.post_shutdown(job, stopped.point, exposure, stopped.label)
+                results = _archive_and_verify(run, stopped, exposure)
             _check_parent(run)
-            hooks.post_shutdown(job, stopped.point, exposure, stopped.label)
-            results = _archive_and_verify(run, stopped, exposure)
             if detach:
                 journal.record(phase=Phase.MOUNTED)
                 cleanup.pop_all()  # everything stays, for `kvmsnap release`
@@ -306,9 +308,8 @@ def _fork_and_shut_down(run: Run, handle: ParentHandle, parent: Parent,
     point = _fork(run, handle, parent)
     cleanup.callback(_give_back, run, handle, point)
     run.hooks.snapshot(run.job, point)
-    stopped = _shut_down_clone(run, clone_plan, point)
-    _check_parent(run)
-    return stopped
+    with watching(handle):
+        return _shut_down_clone(run, clone_plan, point)
 
 
 def _fork(run: Run, handle: ParentHandle, parent: Parent) -> ForkPoint:
@@ -368,7 +369,6 @@ def _archive(run: Run, exposure: Exposure, label: Label) -> list[ArchiveResult]:
         log.info("archiving %s into %s (%s, %s)", run.job.name, target.name, target.type,
                  target.mode)
         results += run.hooks.archive(run.job, target, exposure, label)
-        _check_parent(run)
     return results
 
 

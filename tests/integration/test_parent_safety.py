@@ -27,7 +27,7 @@ from kvmsnap_plugin.disks import verify
 from kvmsnap_plugin.errors import HostError, VMError
 from kvmsnap_plugin.fork.engine import open_parent, plan_fork
 from kvmsnap_plugin.host import images, process
-from kvmsnap_plugin.model import BackupJob, ForkOptions, FsState, RamMethod
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState, Mode, RamMethod
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.journal import state_dir
 from kvmsnap_plugin.run.pipeline import backup
@@ -242,6 +242,49 @@ def test_a_full_overlay_filesystem_leaves_the_parent_running_with_every_write(
     assert_every_line_after_a_clean_shutdown(vm, image, tmp_path / "after.raw", before)
     raw = images.raw_copy(image, tmp_path / "filled.raw")
     assert verify.read_file(raw, "/fill") == bytes(16 << 20)
+
+
+class FillDuringASlowArchive:
+    """An archiver that takes ten minutes (a large borg run) while the guest fills the
+    parent's overlay: the run must not leave the guest stopped until it ends."""
+
+    def __init__(self, writer: socket.socket, mib: int) -> None:
+        self.writer = writer
+        self.mib = mib
+
+    @hookimpl
+    def kvmsnap_archiver_types(self):
+        return {"slow": frozenset()}
+
+    @hookimpl
+    def kvmsnap_archive(self, target):
+        if target.type != "slow":
+            return None
+        self.writer.sendall(f"W {self.mib} fill\n".encode())
+        time.sleep(600)
+        return []
+
+
+def test_a_parent_that_stops_on_enospc_mid_archive_is_resumed_within_seconds(
+        start_demo, tmp_path, small_tmpfs):
+    writer = GuestWriter(tmp_path / "writer.sock")
+    vm = start_demo(writer=True, extra_args=writer.qemu_args)
+    image = vm.paths.disks[0]
+    before = vm.wait_counter(5)
+    job = BackupJob("demo", vm.paths.backup_qmp,
+                    ForkOptions(workdir=tmp_path / "work", overlay_dir=small_tmpfs, min_free=0),
+                    (ArchiveTarget("slow", "slow", Mode.FILES),))
+    with writer.connected() as sock:
+        started = time.monotonic()
+        with pytest.raises(HostError, match="stopped on an I/O error"):
+            backup(job, Hooks(plugin_manager([FillDuringASlowArchive(sock, 16)],
+                                             entry_points=False)))
+        assert time.monotonic() - started < 120  # not the archiver's ten minutes
+        assert vm.qmp.runstate() == "running"
+        vm.wait_console(r"KVMSNAP-WROTE fill 16\b", 60)  # the write QEMU held is done
+    assert chain(vm) == [str(image)] and not list(small_tmpfs.iterdir())
+    assert not list(state_dir().glob("*.json"))
+    assert_every_line_after_a_clean_shutdown(vm, image, tmp_path / "after.raw", before)
 
 
 # -- 5. migration settings, and the pause limit ----------------------------------------------------

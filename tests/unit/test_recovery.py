@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ from test_fork_engine import FakeBackend, FakeMonitor, planned_in
 from kvmsnap_plugin.backends.libvirt import LibvirtBackend
 from kvmsnap_plugin.backends.qmp import QmpBackend
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.fork import chain, recovery
+from kvmsnap_plugin.fork import chain, ram, recovery
 from kvmsnap_plugin.model import JournalState, Phase, Recovery
 
 
@@ -62,7 +63,7 @@ def test_the_journaled_migration_settings_are_put_back(backend, tmp_path):
     result = Recovery("web")
     recovery.give_back(state, result)
     assert backend.monitor.bandwidths == [1234] and backend.monitor.capabilities == [False]
-    assert result.actions[0] == "put the VM's migration settings back"
+    assert result.actions[-1] == "put the VM's migration settings back"
 
 
 def settle_after(monitor, queries):
@@ -169,3 +170,71 @@ def test_the_journal_says_which_backend_to_reopen(tmp_path):
                                           libvirt_uri="qemu:///session"))
     assert isinstance(domain, LibvirtBackend)
     assert (domain.domain, domain.uuid, domain.uri) == ("web", "u-1", "qemu:///session")
+
+
+def test_settings_that_cannot_be_put_back_stay_in_the_journal(backend, tmp_path):
+    """recover reports a problem (so the journal keeps them and the next recover retries)
+    instead of forgetting settings it could not restore."""
+    state = journal(tmp_path, Phase.FORKED, migration_settings={
+        "background-snapshot": False, "max-bandwidth": 1234})
+    backend.monitor.hung_for = {"migrate-set-parameters"}
+    with pytest.raises(VMError, match="migration settings back"):
+        recovery.give_back(state, Recovery("web"))
+
+
+def test_a_live_qemu_whose_socket_cannot_be_seen_is_not_taken_for_shut_off(tmp_path):
+    """(e.g. recover run in a private /tmp): offline recovery would commit or unlink the
+    overlay the running VM writes to."""
+    from kvmsnap_plugin.backends import qmp
+    from kvmsnap_plugin.host import process
+
+    state = journal(tmp_path, Phase.FORKED, qmp=str(tmp_path / "gone.qmp"))
+    state = replace(state, parent=process.identity(os.getpid()))  # alive: this process
+    with pytest.raises(VMError, match="still runs but its QMP socket"):
+        qmp.reopen(state)
+    assert all(disk.parent_overlay.exists() for disk in state.overlays)
+
+
+class Transferring(FakeMonitor):
+    """A RAM snapshot that moves ``rate`` bytes per query for ``queries`` queries, then
+    stops moving, and never ends by itself."""
+
+    def __init__(self, rate: int, queries: int) -> None:
+        super().__init__()
+        self.migration, self.rate, self.queries, self.moved = "active", rate, queries, 0
+
+    def execute(self, command, arguments=None, *, timeout=None):
+        answer = super().execute(command, arguments, timeout=timeout)
+        if command == "query-migrate":
+            if self.queries > 0:
+                self.queries -= 1
+                self.moved += self.rate
+            answer["ram"] = {"transferred": self.moved}
+        if command == "migrate_cancel":
+            self.migration = "cancelled"
+        return answer
+
+
+def test_a_slow_ram_snapshot_that_makes_progress_is_never_cancelled():
+    monitor = Transferring(rate=1 << 20, queries=12)  # ~0.6 s of progress, stall 0.3 s
+    monitor.execute = _ends_after(monitor, queries=12)
+    assert ram.settle_migration(monitor, stall=0.3) == "completed"
+    assert "migrate_cancel" not in monitor.commands
+
+
+def test_a_ram_snapshot_that_stops_moving_is_cancelled():
+    monitor = Transferring(rate=1 << 20, queries=3)
+    assert ram.settle_migration(monitor, stall=0.3) == "cancelled"
+    assert monitor.commands.count("migrate_cancel") == 1
+
+
+def _ends_after(monitor, queries):
+    real = monitor.execute
+
+    def execute(command, arguments=None, *, timeout=None):
+        answer = real(command, arguments, timeout=timeout)
+        if command == "query-migrate" and monitor.commands.count(command) >= queries:
+            monitor.migration = answer["status"] = "completed"
+        return answer
+
+    return execute

@@ -1,0 +1,80 @@
+"""Watching the parent while the backup's long steps run.
+
+After the fork the parent runs on its overlay. If that overlay's filesystem fills up, QEMU
+stops the guest on the I/O error and holds the failed write until it is resumed. The run
+must not leave it stopped for as long as a clone's shutdown or an archiver takes (minutes,
+hours): while those steps run, a thread asks the parent every few seconds, and on an I/O
+error interrupts them. The run then unwinds as after any failure: the parent's writes are
+committed back into its images (which have their space) and the guest is resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+from kvmsnap_plugin.errors import KvmsnapError
+
+log = logging.getLogger(__name__)
+
+#: how often the parent is asked (a query-block over QMP: cheap)
+EVERY = 2.0
+
+
+class Checkable(Protocol):
+    def check_healthy(self) -> None:
+        """Raise when the parent stopped on an I/O error."""
+
+
+@contextlib.contextmanager
+def watching(parent: Checkable | None, every: float = EVERY) -> Iterator[None]:
+    """Run the block while a thread checks ``parent`` every ``every`` seconds; an unhealthy
+    parent ends the block with the check's error. While the block runs, nothing else may use
+    the parent's monitor (its QMP session is not thread-safe): the watch is its only user."""
+    if parent is None:  # an offline backup: no running parent to watch
+        yield
+        return
+    found: list[KvmsnapError] = []
+    active = threading.Lock()  # held while the block runs: the only window to interrupt it
+    active.acquire()
+    stop = threading.Event()
+    thread = threading.Thread(target=_poll, args=(parent, every, stop, active, found),
+                              name="kvmsnap-parent-watch", daemon=True)
+    thread.start()
+    try:
+        try:
+            yield
+        finally:
+            active.release()
+            stop.set()
+            thread.join()
+    except KeyboardInterrupt:
+        if found:
+            raise found[0] from None  # our interrupt, not the user's
+        raise
+    if found:
+        raise found[0]
+
+
+def _poll(parent: Checkable, every: float, stop: threading.Event, active: threading.Lock,
+          found: list[KvmsnapError]) -> None:
+    while not stop.wait(every):
+        try:
+            parent.check_healthy()
+        except KvmsnapError as exc:
+            found.append(exc)
+            if not active.acquire(blocking=False):  # the block still runs: end it now
+                log.error("%s", exc)
+                # A real signal to the main thread: it also ends a blocking wait (borg
+                # quietly running in subprocess.run), which a simulated one would not.
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            else:
+                active.release()
+            return
+        except Exception as exc:  # the monitor went away: the next step will say why
+            log.debug("watching the parent: %s", exc)
+            return
