@@ -83,7 +83,8 @@ class QmpBackend:
         for forked in planned:
             try:
                 self.monitor.execute("blockdev-del", {"node-name": forked.overlay_node})
-            except KvmsnapError as exc:  # never attached, or already gone
+            except KvmsnapError as exc:  # never attached, or already gone; a node still in
+                # use is refused by QEMU and then keeps its file (delete_overlay checks)
                 log.debug("blockdev-del %s: %s", forked.overlay_node, exc)
 
     def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
@@ -108,13 +109,7 @@ class QmpBackend:
             self.monitor.execute("block-commit", {"job-id": job, "device": disk.overlay_node,
                                                   "base-node": disk.disk.node})
             faults.point("commit")
-        ended = self._wait_job(job, ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"), timeout)
-        if ended.name == "BLOCK_JOB_READY":
-            self.monitor.execute("block-job-complete", {"device": job})
-            ended = self._wait_job(job, ("BLOCK_JOB_COMPLETED",), timeout)
-        if ended.data.get("error"):
-            raise VMError(f"block-commit of {disk.disk.device} failed: {ended.data['error']}")
-        return int(ended.data.get("len", 0))
+        return self._committed(disk, job, timeout)
 
     def commit_below(self, disk: ForkedDisk, root: str, timeout: float) -> int:
         """An intermediate commit: QEMU rewrites the upper image's backing file to the frozen
@@ -125,9 +120,21 @@ class QmpBackend:
                 "job-id": job, "device": root, "top-node": disk.overlay_node,
                 "base-node": disk.disk.node})
             faults.point("commit")
-        ended = self._wait_job(job, ("BLOCK_JOB_COMPLETED",), timeout)
-        if ended.data.get("error"):
-            raise VMError(f"block-commit of {disk.disk.device} failed: {ended.data['error']}")
+        return self._committed(disk, job, timeout)
+
+    def _committed(self, disk: ForkedDisk, job: str, timeout: float) -> int:
+        """Wait for the commit job to end with every byte in the frozen image (an active
+        commit pivots once ready); bytes written. Raises, and the caller keeps the overlay,
+        if the job failed or was cancelled (by us on timeout, or by anyone else)."""
+        ends = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+        ended = self._wait_job(job, ends, timeout)
+        if ended.name == "BLOCK_JOB_READY":
+            self.monitor.execute("block-job-complete", {"device": job})
+            ended = self._wait_job(job, ends[1:], timeout)
+        if ended.name == "BLOCK_JOB_CANCELLED" or ended.data.get("error"):
+            why = ended.data.get("error") or "the job was cancelled"
+            raise VMError(f"block-commit of {disk.disk.device} failed: {why}; its overlay is "
+                          "kept", "run `kvmsnap recover` to commit it again")
         return int(ended.data.get("len", 0))
 
     def _jobs(self) -> dict[str, dict[str, Any]]:

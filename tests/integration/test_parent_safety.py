@@ -223,12 +223,18 @@ def small_tmpfs(tmp_path):
         yield directory
 
 
-def test_a_full_overlay_filesystem_leaves_the_parent_running_with_every_write(
-        start_demo, tmp_path, small_tmpfs):
+@pytest.fixture
+def writing_vm(start_demo, tmp_path):
+    """A demo VM that writes on request (``W MIB NAME``), and its line count before."""
     writer = GuestWriter(tmp_path / "writer.sock")
     vm = start_demo(writer=True, extra_args=writer.qemu_args)
+    return vm, writer, vm.wait_counter(5)
+
+
+def test_a_full_overlay_filesystem_leaves_the_parent_running_with_every_write(
+        writing_vm, tmp_path, small_tmpfs):
+    vm, writer, before = writing_vm
     image = vm.paths.disks[0]
-    before = vm.wait_counter(5)
     with writer.connected() as sock:
         with pytest.raises(HostError) as info:
             run(vm, tmp_path, FillTheOverlay(vm, sock, 16), overlay_dir=small_tmpfs,
@@ -266,11 +272,9 @@ class FillDuringASlowArchive:
 
 
 def test_a_parent_that_stops_on_enospc_mid_archive_is_resumed_within_seconds(
-        start_demo, tmp_path, small_tmpfs):
-    writer = GuestWriter(tmp_path / "writer.sock")
-    vm = start_demo(writer=True, extra_args=writer.qemu_args)
+        writing_vm, tmp_path, small_tmpfs):
+    vm, writer, before = writing_vm
     image = vm.paths.disks[0]
-    before = vm.wait_counter(5)
     job = BackupJob("demo", vm.paths.backup_qmp,
                     ForkOptions(workdir=tmp_path / "work", overlay_dir=small_tmpfs, min_free=0),
                     (ArchiveTarget("slow", "slow", Mode.FILES),))
