@@ -17,7 +17,6 @@ import contextlib
 import functools
 import logging
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,20 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import HostError, ProcessError
+from kvmsnap_plugin.host.secrets import mask, secret_values, shown_command
 
 log = logging.getLogger(__name__)
 
-#: Environment variables whose values must never be shown.
-SECRET_ENV = frozenset({
-    "BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_NEW_PASSPHRASE",
-    "RESTIC_PASSWORD", "RESTIC_PASSWORD_COMMAND",
-    "AWS_SECRET_ACCESS_KEY", "B2_ACCOUNT_KEY", "AZURE_ACCOUNT_KEY",
-})
-
 #: how long a SIGKILLed process may take to go
 KILL_WAIT = 60.0
-
-MASK = "***"
 
 #: Every PID spawned by this process, so tests can prove nothing survives.
 SPAWNED_PIDS: list[int] = []
@@ -56,24 +47,10 @@ class Result:
     stderr: str
 
 
-# -- masking ---------------------------------------------------------------------------------
-def secret_values(env: Mapping[str, str] | None) -> list[str]:
-    """The secret values in ``env`` (and in our own environment), longest first."""
-    merged = dict(os.environ)
-    merged.update(env or {})
-    values = {v for k, v in merged.items() if k in SECRET_ENV and v}
-    return sorted(values, key=len, reverse=True)
-
-
-def mask(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, MASK)
-    return text
-
-
+# -- masking (what is secret, and how it is hidden: host/secrets.py) --------------------------
 def describe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     """A loggable, masked rendering of a command line."""
-    return mask(shlex.join(str(a) for a in argv), secret_values(env))
+    return shown_command(argv, secret_values(env))
 
 
 def child_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -113,7 +90,7 @@ class Call:
     @property
     def shown(self) -> str:
         """The command line as it may be logged (secrets masked)."""
-        return mask(shlex.join(self.argv), self.secrets)
+        return shown_command(self.argv, self.secrets)
 
     def result(self, returncode: int, stdout: str, stderr: bytes) -> Result:
         return Result(self.argv, returncode, stdout,

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from kvmsnap_plugin.errors import HostError, ProcessError
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host import process, secrets
 
 
 def test_secrets_from_the_environment_are_masked_in_errors():
@@ -17,7 +17,7 @@ def test_secrets_from_the_environment_are_masked_in_errors():
                     timeout=10, env=env)
     assert "hunter2-secret" not in str(info.value)
     assert "hunter2-secret" not in info.value.stderr
-    assert process.MASK in info.value.stderr
+    assert secrets.MASK in info.value.stderr
     assert info.value.returncode == 3
 
 
@@ -53,7 +53,7 @@ def test_sh_program_runs_and_masks_secrets_in_failures():
     with pytest.raises(ProcessError, match="failed with exit code 2") as info:
         shell.run(["-c", 'echo "no: $RESTIC_PASSWORD" >&2; exit 2'])
     assert "sh-secret-42" not in info.value.stderr
-    assert process.MASK in info.value.stderr
+    assert secrets.MASK in info.value.stderr
     assert info.value.returncode == 2
 
 
@@ -164,3 +164,50 @@ def test_a_process_that_is_gone_has_a_gone_identity():
     proc = process.spawn(["true"])
     proc.wait(5)
     assert process.identity(proc.pid) == f"{proc.pid}:gone"
+
+
+# -- what is never shown: URL passwords, secrets on a command line ------------------------------
+@pytest.mark.parametrize(("url", "shown"), [
+    ("sftp://bob:pw-sftp@host/srv/repo", "sftp://bob:***@host/srv/repo"),
+    ("ssh://bob:pw-ssh@host:22/./repo::archive", "ssh://bob:***@host:22/./repo::archive"),
+    ("rest:https://bob:pw-rest@host:8000/repo", "rest:https://bob:***@host:8000/repo"),
+    ("s3:https://KEY:pw-s3/with/slash@s3.example/bucket", "s3:https://KEY:***@s3.example/bucket"),
+    ("iscsi://bob%pw-iscsi@10.0.0.1/iqn.x/0", "iscsi://bob%***@10.0.0.1/iqn.x/0"),
+    ("https://host:8000/repo", "https://host:8000/repo"),  # a port is no password
+    ("sftp://host:22/repo, then mail a@b", "sftp://host:22/repo, then mail a@b"),
+])
+def test_a_url_password_is_masked_and_nothing_else(url, shown):
+    assert secrets.mask(url, []) == shown
+
+
+def test_a_url_password_is_masked_in_the_logged_argv_and_in_errors(caplog):
+    url = "sftp://bob:pw-in-url@host/repo"
+    caplog.set_level("DEBUG", logger=process.__name__)
+    with pytest.raises(ProcessError) as info:
+        process.run(["sh", "-c", 'echo "no repository at $0" >&2; exit 2', url], timeout=10)
+    assert "sftp://bob:***@host/repo" in caplog.text
+    for text in (caplog.text, str(info.value), info.value.hint, info.value.stderr):
+        assert "pw-in-url" not in text
+
+
+def test_secrets_of_a_qemu_command_line_are_masked_in_the_logged_argv(caplog):
+    caplog.set_level("DEBUG", logger=process.__name__)
+    process.run(["true", "--object", "secret,id=s0,data=pw-luks", "-object",
+                 '{"qom-type":"secret","id":"s1","data":"pw-json","format":"base64"}',
+                 "-spice", "port=5930,password=pw-spice"], timeout=10)
+    proc = process.spawn(["sleep", "0", "-drive", "file=rbd:p/i:key=pw-rbd==:conf=/c"])
+    process.stop(proc)
+    for secret in ("pw-luks", "pw-json", "pw-spice", "pw-rbd"):
+        assert secret not in caplog.text
+    assert "secret,id=s0,data=***" in caplog.text and '"id":"s1"' in caplog.text
+
+
+def test_the_sh_layer_masks_url_passwords_too(caplog):
+    caplog.set_level("DEBUG", logger=process.__name__)
+    shell = process.ShProgram("sh", "dash", timeout=10)
+    with pytest.raises(ProcessError) as info:
+        shell.run(["-c", 'echo "Fatal: unable to open $0" >&2; exit 1',
+                   "rest:https://bob:pw-rest@host/"])
+    for text in (caplog.text, str(info.value), info.value.hint, info.value.stderr):
+        assert "pw-rest" not in text
+    assert "rest:https://bob:***@host/" in info.value.stderr

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kvmsnap_plugin.errors import ArchiveError, KvmsnapError, ProcessError
 from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host.secrets import hide_url_passwords
 from kvmsnap_plugin.model import ArchiveResult, ArchiveTarget, BackupJob, Exposure, Label, Mode
 from kvmsnap_plugin.plugin.archive import mounted_trees, targets_of
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
@@ -123,7 +124,7 @@ def _repository(target: ArchiveTarget) -> str:
 
 
 def _explain(exc: ProcessError, repository: str) -> ArchiveError:
-    text = exc.stderr.lower()
+    text, repository = exc.stderr.lower(), hide_url_passwords(repository)
     if "passphrase supplied" in text and "incorrect" in text:
         return ArchiveError(f"borg: wrong passphrase for {repository}",
                             "check BORG_PASSPHRASE / BORG_PASSCOMMAND")

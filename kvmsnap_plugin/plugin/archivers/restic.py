@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kvmsnap_plugin.errors import ArchiveError, ProcessError
 from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host.secrets import hide_url_passwords
 from kvmsnap_plugin.model import (
     METADATA_FILE,
     ArchiveResult,
@@ -185,7 +186,7 @@ def _summary(stdout: str) -> dict:
 
 
 def _explain(exc: ProcessError, target: ArchiveTarget) -> ArchiveError:
-    text, repository = exc.stderr, target.option("repository")
+    text, repository = exc.stderr, hide_url_passwords(str(target.option("repository")))
     if "wrong password" in text:
         return ArchiveError(f"restic: wrong password for {repository}",
                             "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE")
