@@ -21,6 +21,8 @@ class ParentDisk:
     virtual_size: int
     read_only: bool
     chain: tuple[str, ...]  # image files from the top down to the base
+    #: how an image of the chain is encrypted ("luks", or qcow2's old "aes"); "" for none
+    encryption: str = ""
 
 
 @dataclass(frozen=True)

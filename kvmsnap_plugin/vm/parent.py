@@ -42,7 +42,8 @@ def discover(session: Monitor, qmp_socket: Path, pid: int) -> Parent:
 
 
 def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:
-    """Refuse a VM kvmsnap cannot back up: no writable disk, or one that is not a file."""
+    """Refuse a VM kvmsnap cannot back up: no writable disk, one that is not a file, or an
+    encrypted one (the overlays kvmsnap puts on it would not be)."""
     if not any(not d.read_only for d in disks):
         raise VMError(f"{name} has no writable disk: there is nothing to back up",
                       "attach the VM's disks read-write, or back the images up directly")
@@ -50,6 +51,11 @@ def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:
         if not disk.read_only and not _is_local_file(disk.filename):
             raise VMError(f"disk {disk.device} of {name} is not a local image file "
                           f"({disk.filename})", "kvmsnap needs file-backed disks (qcow2/raw)")
+        if not disk.read_only and disk.encryption:
+            kind = "" if disk.encryption == "encrypted" else f" ({disk.encryption.upper()})"
+            raise VMError(f"disk {disk.device} of {name} is encrypted{kind}: kvmsnap's "
+                          "overlays would hold the data written during the backup unencrypted",
+                          "back it up offline (its images are encrypted as they are)")
 
 
 def check_runstate(session: Monitor) -> None:
@@ -182,7 +188,23 @@ def _disk(block: dict[str, Any]) -> ParentDisk | None:
         virtual_size=int(image.get("virtual-size", 0)),
         read_only=bool(inserted.get("ro")),
         chain=tuple(chain),
+        encryption=_encryption(inserted, image),
     )
+
+
+def _encryption(inserted: dict[str, Any], image: dict[str, Any]) -> str:
+    """How the disk's chain is encrypted, "" if not at all. The whole chain counts: an
+    encrypted base under a plain top image reports ``inserted.encrypted`` false."""
+    cursor = image
+    while cursor:
+        specific = cursor.get("format-specific", {})
+        if specific.get("type") == "luks":  # a raw LUKS image (format luks)
+            return "luks"
+        encrypt = specific.get("data", {}).get("encrypt")  # qcow2's encrypt.format
+        if encrypt or cursor.get("encrypted"):
+            return str((encrypt or {}).get("format") or "encrypted")
+        cursor = cursor.get("backing-image")
+    return "encrypted" if inserted.get("encrypted") else ""
 
 
 def _is_local_file(filename: str) -> bool:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.vm.parent import block_disks, option_fields, refuse_unclonable
+from kvmsnap_plugin.vm.parent import block_disks, check_disks, option_fields, refuse_unclonable
 
 QEMU = "qemu-system-x86_64"
 
@@ -121,3 +121,48 @@ def test_block_disks_reads_query_block():
 
 def test_block_disks_of_a_vm_without_disks():
     assert block_disks([]) == ()
+
+
+# -- encrypted disks (query-block's format-specific data, the whole chain) -----------------------
+def luks_block(device: str, image: dict, *, ro: bool = False, encrypted: bool = True) -> dict:
+    return {"device": device, "qdev": "",
+            "inserted": {"node-name": f"n-{device}", "ro": ro, "drv": image["format"],
+                         "file": image["filename"], "encrypted": encrypted, "image": image}}
+
+
+LUKS_QCOW2 = {"filename": "/vm/luks.qcow2", "format": "qcow2", "encrypted": True,
+              "format-specific": {"type": "qcow2", "data": {"compat": "1.1", "encrypt": {
+                  "format": "luks", "cipher-alg": "aes-256", "slots": []}}}}
+RAW_LUKS = {"filename": "/vm/raw.luks", "format": "luks", "encrypted": True,
+            "format-specific": {"type": "luks", "data": {"cipher-alg": "aes-256"}}}
+PLAIN = {"filename": "/vm/plain.qcow2", "format": "qcow2",
+         "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}
+
+
+def test_block_disks_tell_how_a_disk_is_encrypted():
+    qcow2, raw, below, flagged, plain = block_disks([
+        luks_block("d0", LUKS_QCOW2), luks_block("d1", RAW_LUKS),
+        # QEMU says encrypted=false for a plain top image on an encrypted base
+        luks_block("d2", {**PLAIN, "backing-image": LUKS_QCOW2}, encrypted=False),
+        luks_block("d3", {"filename": "/vm/x.qcow2", "format": "qcow2"}),
+        luks_block("d4", PLAIN, encrypted=False)])
+    assert (qcow2.encryption, raw.encryption, below.encryption) == ("luks", "luks", "luks")
+    assert (flagged.encryption, plain.encryption) == ("encrypted", "")
+    assert [d.encryption for d in block_disks(QUERY_BLOCK)] == ["", "", ""]
+
+
+def test_a_writable_encrypted_disk_is_refused_naming_it(monkeypatch):
+    monkeypatch.setattr("kvmsnap_plugin.vm.parent._is_local_file", lambda _: True)
+    disks = block_disks([luks_block("vda", PLAIN, encrypted=False),
+                         luks_block("vdb", LUKS_QCOW2)])
+    with pytest.raises(VMError) as info:
+        check_disks("web", disks)
+    assert str(info.value) == ("disk vdb of web is encrypted (LUKS): kvmsnap's overlays would "
+                               "hold the data written during the backup unencrypted")
+    assert info.value.hint == "back it up offline (its images are encrypted as they are)"
+
+
+def test_a_read_only_encrypted_disk_gets_no_overlay_and_passes(monkeypatch):
+    monkeypatch.setattr("kvmsnap_plugin.vm.parent._is_local_file", lambda _: True)
+    check_disks("web", block_disks([luks_block("vda", PLAIN, encrypted=False),
+                                    luks_block("vdb", LUKS_QCOW2, ro=True)]))
