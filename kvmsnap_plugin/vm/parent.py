@@ -48,14 +48,15 @@ def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:
         raise VMError(f"{name} has no writable disk: there is nothing to back up",
                       "attach the VM's disks read-write, or back the images up directly")
     for disk in disks:
-        if not disk.read_only and not _is_local_file(disk.filename):
-            raise VMError(f"disk {disk.device} of {name} is not a local image file "
-                          f"({disk.filename})", "kvmsnap needs file-backed disks (qcow2/raw)")
+        # encrypted first: QEMU names an image opened with encryption options "json:{...}"
         if not disk.read_only and disk.encryption:
             kind = "" if disk.encryption == "encrypted" else f" ({disk.encryption.upper()})"
             raise VMError(f"disk {disk.device} of {name} is encrypted{kind}: kvmsnap's "
                           "overlays would hold the data written during the backup unencrypted",
                           "back it up offline (its images are encrypted as they are)")
+        if not disk.read_only and not _is_local_file(disk.filename):
+            raise VMError(f"disk {disk.device} of {name} is not a local image file "
+                          f"({disk.filename})", "kvmsnap needs file-backed disks (qcow2/raw)")
 
 
 def check_runstate(session: Monitor) -> None:
