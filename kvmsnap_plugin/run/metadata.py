@@ -10,6 +10,7 @@ read by whoever may restore, who must not learn the VM's credentials from it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from kvmsnap_plugin.host.secrets import redacted_argv
@@ -24,4 +25,10 @@ def record_of(point: ForkPoint, run: str, label: Label, vm: str) -> VmRecord:
     disks = [RecordedDisk(d.device, d.filename, d.format, d.virtual_size)
              for d in point.parent.writable_disks]
     return VmRecord(vm, run, datetime.now(UTC).isoformat(timespec="seconds"), label,
-                    point.method, redacted_argv(point.parent.argv, REDACTED), disks)
+                    point.method, without_secrets(point.parent.argv), disks)
+
+
+def without_secrets(argv: Sequence[str]) -> list[str]:
+    """A QEMU command line as kvmsnap writes it down or prints it (the VM record, the
+    ``--dry-run`` plan): every secret value ``<redacted>``."""
+    return redacted_argv(argv, REDACTED)

@@ -167,7 +167,7 @@ def plan(job: BackupJob) -> Plan:
     argv: list[str] = []
     if not parent.offline:
         with tempfile.TemporaryDirectory() as tmp:
-            argv = list(plan_clone(parent, Path(tmp), Path(tmp)).argv)
+            argv = metadata.without_secrets(plan_clone(parent, Path(tmp), Path(tmp)).argv)
     disks = [{"device": d.device, "image": d.filename,
               "overlay": "none (shut off: read as it is)" if parent.offline else
               str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}

@@ -156,6 +156,15 @@ def test_the_clone_reads_the_parents_secrets_from_a_private_file(start_demo, tmp
     assert b"secret,id=sec0" in clone and leaks(clone) == []
 
 
+def test_the_dry_run_plan_shows_the_clone_without_secrets(start_demo, tmp_path, borg_repo):
+    vm = start_with_a_secret(start_demo)
+    done = kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--name", "demo", "--borg",
+                   str(borg_repo), "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "secret,id=sec0,data=<redacted>,format=raw" in json.loads(done.stdout)["clone_argv"]
+    assert leaks(done.stdout.encode()) == [] and leaks(done.stderr.encode()) == []
+
+
 # -- encrypted disks -----------------------------------------------------------------------------
 def luks_image(path: Path, password: str) -> Path:
     """A LUKS-encrypted qcow2. qemu-img times its key derivation in CPU time and gives up
