@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.errors import KvmsnapError, UsageError
+from kvmsnap_plugin.host.secrets import MaskingFormatter, masked
 from kvmsnap_plugin.model import (
     DEFAULT_LIBVIRT_URI,
     MAX_PAUSE,
@@ -186,10 +187,10 @@ def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks: Hooks | Non
         except KvmsnapError as exc:
             if len(jobs) == 1:
                 raise
-            print(f"kvmsnap: error: {job.name}: {exc.one_line()}", file=sys.stderr)
+            print(f"kvmsnap: error: {job.name}: {masked(exc.one_line())}", file=sys.stderr)
             codes.append(exc.exit_code)
-            outputs.append({"vm": job.name, "status": "error", "error": str(exc),
-                            "fix": exc.hint} if args.json else f"{job.name}: FAILED")
+            outputs.append({"vm": job.name, "status": "error", "error": masked(str(exc)),
+                            "fix": masked(exc.hint)} if args.json else f"{job.name}: FAILED")
     if args.json:
         print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2, default=str))
     else:
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kvmsnap: %(message)s"))
+    handler.setFormatter(MaskingFormatter("kvmsnap: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -355,7 +356,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     except KvmsnapError as exc:
         if args.debug:
             log.exception("failed")
-        print(f"kvmsnap: error: {exc.one_line()}", file=sys.stderr)
+        print(f"kvmsnap: error: {masked(exc.one_line())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("kvmsnap: interrupted; everything started was stopped", file=sys.stderr)

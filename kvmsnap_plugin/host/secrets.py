@@ -14,6 +14,7 @@ line into the archived VM record without its secrets.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -55,6 +56,19 @@ def mask(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, MASK)
     return hide_url_passwords(text)
+
+
+class MaskingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) as they may be shown: whatever a message quotes, a
+    repository URL or a program's output, loses its URL passwords and secret env values."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return masked(super().format(record))
+
+
+def masked(text: str) -> str:
+    """:func:`mask` with the secret values of our own environment (what kvmsnap prints)."""
+    return mask(text, secret_values(None))
 
 
 def shown_command(argv: Sequence[object], secrets: Iterable[str]) -> str:

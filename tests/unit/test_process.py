@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -211,3 +212,27 @@ def test_the_sh_layer_masks_url_passwords_too(caplog):
     for text in (caplog.text, str(info.value), info.value.hint, info.value.stderr):
         assert "pw-rest" not in text
     assert "rest:https://bob:***@host/" in info.value.stderr
+
+
+def test_every_log_line_and_error_kvmsnap_prints_is_masked(capsys, monkeypatch):
+    from kvmsnap_plugin.cli import setup_logging
+
+    monkeypatch.setenv("BORG_PASSPHRASE", "pw-env-42")
+    saved = logging.getLogger().handlers[:], logging.getLogger().level
+    try:
+        setup_logging(debug=False, quiet=False)
+        logging.getLogger("kvmsnap_plugin.run.restore").info(
+            "extracting %s (passphrase %s)", "ssh://bob:pw-url@host/./repo::a", "pw-env-42")
+        try:
+            raise ValueError("from sftp://bob:pw-tb@host/x")
+        except ValueError:
+            logging.getLogger("kvmsnap_plugin").exception("failed")
+    finally:
+        logging.getLogger().handlers[:], level = saved
+        logging.getLogger().setLevel(level)
+    err = capsys.readouterr().err
+    assert "extracting ssh://bob:***@host/./repo::a (passphrase ***)" in err
+    assert "sftp://bob:***@host/x" in err  # the traceback too
+    assert not [s for s in ("pw-url", "pw-env-42", "pw-tb") if s in err]
+    assert secrets.masked("no repository at rest:https://u:pw-9@h/") == \
+        "no repository at rest:https://u:***@h/"
