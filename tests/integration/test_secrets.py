@@ -136,6 +136,12 @@ def test_no_secret_in_any_archive_log_line_or_child_command_line(start_demo, tmp
         assert leaks(tar) == [], snapshot["paths"]
         records.append(b"secret,id=sec0,data=<redacted>,format=raw" in tar)
     assert records.count(True) == 4  # borg files + image, restic files + metadata
+    # and `kvmsnap restore` still says how to boot the restored disk from the redacted record
+    restored = kvmsnap("restore", "--restic", str(restic_repo), "--to", str(tmp_path / "out"))
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    note = (tmp_path / "out" / "HOW-TO-BOOT.txt").read_text()
+    assert "secret,id=sec0,data=<redacted>,format=raw" in note
+    assert f"filename={tmp_path / 'out' / 'vdisk0.qcow2'}," in note
 
     # the command lines of kvmsnap's children (borg, restic, qemu-img, the export daemon,
     # mount, ...); the clone's own is checked below
