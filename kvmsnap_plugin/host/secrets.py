@@ -7,8 +7,9 @@ passwords written into URLs (``sftp://user:pw@host/repo``, ``rest:https://user:p
 the secrets on a QEMU command line (``-object secret,id=s0,data=PW``, libvirt's JSON
 secrets, ``password=``, an RBD ``key=``). :func:`shown_command` hides all three wherever
 :mod:`kvmsnap_plugin.host.process` logs a command line or quotes one in an error, and
-:func:`mask` in every captured stderr; :func:`redacted_argv` also writes the VM's command
-line into the archived VM record without its secrets.
+:func:`mask` in every captured stderr; the CLI's :class:`MaskingFormatter` and its error
+lines mask whatever else a message quotes. :func:`redacted_argv` also writes the VM's
+command line into the archived VM record (and the ``--dry-run`` plan) without its secrets.
 """
 
 from __future__ import annotations
