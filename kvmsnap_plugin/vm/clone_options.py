@@ -160,7 +160,7 @@ KEPT_OBJECTS = frozenset({
     "memory-backend-ram", "memory-backend-memfd", "memory-backend-file", "secret",
     "iothread", "rng-random", "rng-builtin", "rng-egd", "throttle-group", "tls-creds-anon",
     "tls-creds-psk", "tls-creds-x509", "tls-cipher-suites", "authz-simple", "authz-list",
-    "authz-listfile", "authz-pam", "main-loop", "thread-context",
+    "authz-list-file", "authz-pam", "main-loop", "thread-context",
     "cryptodev-backend-builtin", "can-bus",
 })
 DROPPED_OBJECTS = frozenset({"filter-dump", "filter-buffer", "filter-mirror",

@@ -285,3 +285,21 @@ def test_a_binary_that_is_no_qemu_is_never_run(tmp_path):
     not_qemu.write_text("#!/bin/sh\necho usage: nothing\n")
     not_qemu.chmod(0o755)
     assert qemu_help.binary_options(str(not_qemu)) is None  # its help lists no -machine
+
+
+# -- how the operator says it ----------------------------------------------------------------------
+def test_clone_drop_comes_from_the_command_line_and_the_config(tmp_path):
+    from kvmsnap_plugin import cli
+    from kvmsnap_plugin.config import load_config
+
+    args = cli.build_parser().parse_args(["fork", "--domain", "web", "--clone-drop",
+                                          "debugcon", "--clone-drop", "object:input-linux"])
+    assert cli._job_from_args(args).fork.clone_drop == ("debugcon", "object:input-linux")
+    config = tmp_path / "kvmsnap.toml"
+    config.write_text('[defaults]\nclone_drop = ["set"]\n[[vm]]\nqmp = "/run/a.qmp"\n'
+                      '[[vm]]\nqmp = "/run/b.qmp"\nclone_drop = ["-plugin"]\n')
+    a, b = load_config(config, {})
+    assert (a.fork.clone_drop, b.fork.clone_drop) == (("set",), ("plugin",))
+    config.write_text('[[vm]]\nqmp = "/run/a.qmp"\nclone_drop = "set"\n')
+    with pytest.raises(UsageError, match=r"clone_drop in .* must be a list"):
+        load_config(config, {})
