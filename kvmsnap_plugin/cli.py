@@ -267,7 +267,8 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      f"(default {MAX_PAUSE:g})")
     cmd.add_argument("--clone-drop", action="append", metavar="NAME",
                      help="leave an option kvmsnap refuses out of the clone, when it serves "
-                     "the parent alone: an option (debugcon) or object:TYPE; repeatable")
+                     "the parent alone: an option (set) or object:TYPE (object:input-barrier); "
+                     "repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,7 +134,7 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
 def _clone_drop(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise UsageError(f"clone_drop in {where} must be a list of option names, not "
-                         f"{value!r}", 'e.g. clone_drop = ["debugcon", "object:filter-dump"]')
+                         f"{value!r}", 'e.g. clone_drop = ["set", "object:input-barrier"]')
     return tuple(value)
 
 

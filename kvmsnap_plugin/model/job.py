@@ -41,8 +41,8 @@ class ForkOptions:
     min_free: int = MIN_FREE
     #: the longest pause of the parent kvmsnap may cause (seconds); refused before pausing
     max_pause: float = MAX_PAUSE
-    #: options of the parent's command line the clone leaves out (``debugcon``,
-    #: ``object:filter-dump``): ones kvmsnap would refuse, the operator knows to be the
+    #: options of the parent's command line the clone leaves out (``set``,
+    #: ``object:input-barrier``): ones kvmsnap would refuse, the operator knows to be the
     #: parent's alone
     clone_drop: tuple[str, ...] = ()
 
@@ -56,12 +56,12 @@ class ForkOptions:
 
 
 def _clone_drop(name: object) -> str:
-    """``-debugcon`` -> ``debugcon``; only an option or an ``object:TYPE``: dropping a
+    """``-set`` -> ``set``; only an option or an ``object:TYPE``: dropping a
     device, a disk or a network backend would change the machine the RAM state fits."""
     text = str(name).lstrip("-") if isinstance(name, str) else ""
     if not re.fullmatch(r"(object:)?[A-Za-z0-9][\w.-]*", text):
         raise UsageError(f"cannot drop {name!r} from the clone: name an option "
-                         "(debugcon) or an object type (object:filter-dump)",
+                         "(set) or an object type (object:input-barrier)",
                          "devices, disks and network backends cannot be dropped: the "
                          "clone's machine must be the parent's")
     return text

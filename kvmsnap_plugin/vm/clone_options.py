@@ -32,7 +32,7 @@ object                                  per type      see below
 qmp qmp-pretty monitor mon gdb s        dropped       the parent's sockets, files, terminals
 trace D d dfilter pidfile daemonize                   and ways out; kvmsnap adds its own
 runas chroot sandbox run-with add-fd                  QMP, -S, -incoming, -display none
-incoming loadvm S preconfig                           (helper code appends the sandbox)
+incoming loadvm S preconfig                           (plan_clone: its own -sandbox)
 vnc spice sdl curses display
 nographic full-screen no-shutdown
 writeconfig async-teardown dump-vmstate

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from kvmsnap_plugin.errors import UsageError, VMError
-from kvmsnap_plugin.model import ForkOptions, QemuOptions
+from kvmsnap_plugin.model import ForkOptions, Parent, QemuOptions
 from kvmsnap_plugin.vm import clone_argv, clone_options, qemu_args, qemu_help
 from kvmsnap_plugin.vm.clone_options import ClonePolicy, refuse_unclonable
 from kvmsnap_plugin.vm.qemu_args import Option, parse_argv
@@ -303,3 +303,24 @@ def test_clone_drop_comes_from_the_command_line_and_the_config(tmp_path):
     config.write_text('[[vm]]\nqmp = "/run/a.qmp"\nclone_drop = "set"\n')
     with pytest.raises(UsageError, match=r"clone_drop in .* must be a list"):
         load_config(config, {})
+
+
+class DescribedBackend:
+    """A backend that only describes a VM with the given command line."""
+
+    def __init__(self, *argv: str) -> None:
+        self.argv = (QEMU, *argv)
+
+    def describe(self) -> Parent:
+        return Parent(None, 999999999, "web", self.argv, (7, 2, 0), ())
+
+
+def test_the_parent_is_checked_as_it_is_described_with_the_operators_drops():
+    from kvmsnap_plugin.fork.engine import ParentHandle
+
+    backend = DescribedBackend("-m", "256", "-set", "device.nic0.mac=52:54:00:12:34:99")
+    with pytest.raises(VMError, match="-set, whose effect"):
+        ParentHandle(backend).describe()
+    parent = ParentHandle(backend, ("set",)).describe()
+    assert parent.clone_drop == ("set",) and parent.qemu_options is None  # no such process
+    assert clone_options.policy_of(parent) == ClonePolicy(frozenset({"set"}), None, 999999999)
