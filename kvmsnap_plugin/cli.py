@@ -66,7 +66,7 @@ def _job_from_args(args: argparse.Namespace,
     settings = {key: getattr(args, key) for key in (
         "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
         "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages",
-        "min_free", "max_pause")
+        "min_free", "max_pause", "clone_drop")
         if getattr(args, key, None) is not None}
     dry_run = getattr(args, "dry_run", False)
     if args.domain:
@@ -266,6 +266,10 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="the longest pause of the VM allowed; a method that cannot keep "
                      "to it (stop-and-copy of a large RAM) is refused before pausing "
                      f"(default {MAX_PAUSE:g})")
+    cmd.add_argument("--clone-drop", action="append", metavar="NAME",
+                     help="leave an option kvmsnap refuses out of the clone, when it serves "
+                     "the parent alone: an option (set) or object:TYPE (object:input-barrier); "
+                     "repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:

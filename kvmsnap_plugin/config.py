@@ -51,7 +51,7 @@ from kvmsnap_plugin.plugin.archive import absolute_repository
 #: keys allowed in [defaults] and, as overrides, in each [[vm]]
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
                       "repress_after", "on_unclean", "keep", "mount_root",
-                      "collapse_huge_pages", "min_free", "max_pause"})
+                      "collapse_huge_pages", "min_free", "max_pause", "clone_drop"})
 VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
@@ -127,7 +127,15 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         pid=settings.get("pid"),
         mount_root=path("mount_root"),
         collapse_huge_pages=collapse,
+        clone_drop=_clone_drop(settings.get("clone_drop", ()), where),
     )
+
+
+def _clone_drop(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"clone_drop in {where} must be a list of option names, not "
+                         f"{value!r}", 'e.g. clone_drop = ["set", "object:input-barrier"]')
+    return tuple(value)
 
 
 def _max_pause(value: Any, where: str) -> float:

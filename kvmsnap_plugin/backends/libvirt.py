@@ -45,7 +45,6 @@ from kvmsnap_plugin.vm.parent import (
     check_disks,
     check_runstate,
     read_cmdline,
-    refuse_unclonable,
 )
 
 log = logging.getLogger(__name__)
@@ -159,8 +158,7 @@ class LibvirtBackend:
 
     def _describe_running(self) -> Parent:
         self.pid = find_qemu_pid(self.domain, self.dom.UUIDString())
-        argv = read_cmdline(self.pid)
-        refuse_unclonable(argv)
+        argv = read_cmdline(self.pid)  # checked for a clone by ParentHandle.describe
         check_runstate(self.monitor)
         version = self.monitor.execute("query-version")["qemu"]
         disks = named_by_target(block_disks(self.monitor.execute("query-block")),

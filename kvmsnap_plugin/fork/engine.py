@@ -58,6 +58,7 @@ from kvmsnap_plugin.model import (
     RamMethod,
 )
 from kvmsnap_plugin.vm.clone_argv import copy_master_key
+from kvmsnap_plugin.vm.clone_options import clonable
 from kvmsnap_plugin.vm.qmp import Event
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ def _forget(**fields: Any) -> None:
 class ParentHandle:
     """The parent VM for one run, whatever its backend (``with open_parent(job) as parent``)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, clone_drop: Sequence[str] = ()) -> None:
         self.backend = backend
         self.name = "the VM"
+        self.clone_drop = tuple(clone_drop)  # --clone-drop: what the clone leaves out
 
     def __enter__(self) -> ParentHandle:
         self.backend.__enter__()
@@ -91,7 +93,7 @@ class ParentHandle:
         """The VM, checked for clonability (raises VMError otherwise)."""
         parent = self.backend.describe()
         self.name = parent.name
-        return parent
+        return parent if parent.offline else clonable(parent, self.clone_drop)
 
     def fork(self, parent: Parent, planned: tuple[ForkedDisk, ...], state_file: Path,
              method: RamMethod | str, *, max_pause: float = MAX_PAUSE,
@@ -127,8 +129,8 @@ class ParentHandle:
 def open_parent(job: BackupJob) -> ParentHandle:
     """The parent VM of ``job``: its libvirt domain if it names one, else its QMP socket."""
     if job.domain:
-        return ParentHandle(LibvirtBackend(job.domain, job.libvirt_uri))
-    return ParentHandle(QmpBackend(job.qmp, job.fork.pid))
+        return ParentHandle(LibvirtBackend(job.domain, job.libvirt_uri), job.fork.clone_drop)
+    return ParentHandle(QmpBackend(job.qmp, job.fork.pid), job.fork.clone_drop)
 
 
 def parent_overlay_path(disk: ParentDisk, run_id: str, overlay_dir: Path | None) -> Path:

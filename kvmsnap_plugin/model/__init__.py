@@ -62,6 +62,7 @@ from kvmsnap_plugin.model.vm import (
     ForkPoint,
     Parent,
     ParentDisk,
+    QemuOptions,
     ShutdownPolicy,
     ShutdownResult,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "ParentDisk",
     "Phase",
     "Plan",
+    "QemuOptions",
     "RamMethod",
     "RecordedDisk",
     "Recovery",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ class ForkOptions:
     min_free: int = MIN_FREE
     #: the longest pause of the parent kvmsnap may cause (seconds); refused before pausing
     max_pause: float = MAX_PAUSE
+    #: options of the parent's command line the clone leaves out (``set``,
+    #: ``object:input-barrier``): ones kvmsnap would refuse, the operator knows to be the
+    #: parent's alone
+    clone_drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
@@ -47,6 +52,19 @@ class ForkOptions:
             raise UsageError(f"unknown RAM snapshot method {self.method!r}",
                              f"use one of: {', '.join(choices)}")
         object.__setattr__(self, "method", RamMethod(self.method))
+        object.__setattr__(self, "clone_drop", tuple(_clone_drop(d) for d in self.clone_drop))
+
+
+def _clone_drop(name: object) -> str:
+    """``-set`` -> ``set``; only an option or an ``object:TYPE``: dropping a
+    device, a disk or a network backend would change the machine the RAM state fits."""
+    text = str(name).lstrip("-") if isinstance(name, str) else ""
+    if not re.fullmatch(r"(object:)?[A-Za-z0-9][\w.-]*", text):
+        raise UsageError(f"cannot drop {name!r} from the clone: name an option "
+                         "(set) or an object type (object:input-barrier)",
+                         "devices, disks and network backends cannot be dropped: the "
+                         "clone's machine must be the parent's")
+    return text
 
 
 @dataclass(frozen=True)

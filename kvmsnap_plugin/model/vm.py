@@ -37,6 +37,10 @@ class Parent:
     disks: tuple[ParentDisk, ...]
     #: a shut-off VM (libvirt): its disks are consistent as they are, no fork is needed
     offline: bool = False
+    #: options the operator told kvmsnap to leave out of the clone (``--clone-drop``)
+    clone_drop: tuple[str, ...] = ()
+    #: the options the parent's own QEMU binary accepts (None: not probed, QEMU 7.2's)
+    qemu_options: QemuOptions | None = None
 
     @property
     def writable_disks(self) -> tuple[ParentDisk, ...]:
@@ -156,3 +160,14 @@ class ShutdownResult:
     presses: int
     reason: str  # QEMU's SHUTDOWN reason, or why there was none
     agent_asked: bool = False  # the guest agent was asked to power off
+
+
+@dataclass(frozen=True)
+class QemuOptions:
+    """The command-line options one QEMU binary accepts, as its ``-help`` lists them."""
+
+    flags: frozenset[str]  # options that take no value (``-S``, ``-snapshot``)
+    with_value: frozenset[str]  # options followed by a value (``-m 1G``)
+
+    def knows(self, name: str) -> bool:
+        return name in self.flags or name in self.with_value

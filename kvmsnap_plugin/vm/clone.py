@@ -41,6 +41,7 @@ from kvmsnap_plugin.model import (
 )
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
+from kvmsnap_plugin.vm.clone_options import policy_of
 from kvmsnap_plugin.vm.machine import Machine
 from kvmsnap_plugin.vm.parent import option_fields
 from kvmsnap_plugin.vm.qemu_args import parse_argv
@@ -62,7 +63,7 @@ def plan_clone(parent: Parent, workdir: Path, sockets: Path,
     qmp_path = sockets / "clone-qmp.sock"
     agent = sockets / "clone-qga.sock" if agent_chardev_ids(list(parent.argv)) else None
     argv = rewrite_argv(list(parent.argv), parent.writable_disks, disks, qmp_path, console_log,
-                        workdir=workdir, agent_socket=agent)
+                        workdir=workdir, agent_socket=agent, policy=policy_of(parent))
     return ClonePlan(tuple(argv), disks, workdir, qmp_path, console_log, agent)
 
 

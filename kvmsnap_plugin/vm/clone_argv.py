@@ -1,11 +1,14 @@
 """The clone's command line: the parent's, rewritten so the copy touches nothing of the parent's.
 
-Same machine type, accelerator and devices (the RAM stream must fit them), but:
-disks -> throw-away overlays on the frozen images; network backends isolated (a user-mode
-backend is kept, it has migration state of its own, with ``restrict=on`` and no forwards;
-tap/bridge/socket backends belong to the parent and become isolated user-mode ones); every
-chardev -> null (serial, parallel, console, monitors); display and audio none; a private QMP
-socket; no daemonize/pidfile/logfile; ``-S -incoming defer``.
+What the clone may have at all is decided by the allow-list in
+:mod:`kvmsnap_plugin.vm.clone_options` (kept, rewritten, dropped or refused, with its
+table); this module does the rewriting. Same machine type, accelerator and devices (the
+RAM stream must fit them), but: disks -> throw-away overlays on the frozen images;
+network backends isolated (a user-mode backend is kept, it has migration state of its
+own, with ``restrict=on`` and no forwards; tap/bridge/socket backends belong to the parent
+and become isolated user-mode ones); every chardev -> null (serial, parallel, debugcon,
+console, monitors), the device staying; audio driver none; ``-action`` without
+``shutdown=``; a private QMP socket; ``-S -incoming defer``.
 
 libvirt's command lines (read from ``/proc/PID/cmdline``, which is what really runs, unlike
 ``domxml-to-native``) need a little more: the monitor arrives as an inherited fd and the
@@ -28,24 +31,22 @@ from typing import Any
 
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.model import CloneDisk, ParentDisk
-from kvmsnap_plugin.vm.parent import option_fields
+from kvmsnap_plugin.vm.clone_options import ClonePolicy
 from kvmsnap_plugin.vm.qemu_args import (
     KeyVal,
     Option,
     build_argv,
     escape,
+    option_fields,
     parse_argv,
     parse_blockdev,
     render_blockdev,
 )
 
-#: options whose effect belongs to the parent process alone
-DROPPED = frozenset({"qmp", "qmp-pretty", "monitor", "mon", "daemonize", "pidfile", "D",
-                     "incoming", "S", "loadvm", "vnc", "spice", "runas", "chroot",
-                     "no-shutdown", "display", "nographic", "writeconfig",
-                     "sandbox", "add-fd"})
 ISOLATED_NETDEV_KEYS = ("hostfwd", "guestfwd", "smb", "smbserver", "tftp", "bootfile")
-HARD_DISK_SHORTCUTS = ("hda", "hdb", "hdc", "hdd")
+#: ``-hda IMAGE`` and its kin: a drive named by its image alone
+IMAGE_SHORTCUTS = ("hda", "hdb", "hdc", "hdd", "pflash", "fda", "fdb", "sd", "mtdblock",
+                   "cdrom")
 #: libvirt's per-run key for the secrets it hands QEMU (in the domain's runtime directory)
 MASTER_KEY = "master-key.aes"
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
@@ -54,14 +55,20 @@ GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
                  clone_disks: Sequence[CloneDisk], qmp_path: Path,
                  console_log: Path | None, *, workdir: Path | None = None,
-                 agent_socket: Path | None = None) -> list[str]:
-    """The clone's command line; files it needs a private copy of go into ``workdir``."""
-    program, options = parse_argv(argv)
+                 agent_socket: Path | None = None,
+                 policy: ClonePolicy | None = None) -> list[str]:
+    """The clone's command line; files it needs a private copy of go into ``workdir``.
+
+    ``policy`` decides what the clone may have (:func:`clone_options.policy_of` the
+    parent: its ``--clone-drop`` and its binary's options); VMError for what it may not."""
+    policy = policy or ClonePolicy()
+    program, options = parse_argv(argv, policy.known)
     by_file = {os.path.realpath(d.filename): c for d, c in zip(parent_disks, clone_disks,
                                                                 strict=True)}
     rewriter = _Rewriter(by_file, workdir or qmp_path.parent, console_log, agent_socket,
                          agent_chardev_ids(argv), _serial_chardev_ids(options))
-    rewritten = [new for new in map(rewriter.rewrite, options) if new is not None]
+    kept = [option for option in options if policy.keeps(option)]
+    rewritten = [new for new in map(rewriter.rewrite, kept) if new is not None]
     _fix_blockdev_formats(rewritten, rewriter.file_nodes)
     _require_every_disk(clone_disks, rewriter.used)
     rewritten += [Option("display", "none"), Option("S"), Option("no-reboot"),
@@ -99,14 +106,14 @@ class _Rewriter:
         self.console_taken = self.console_log is None
 
     def rewrite(self, option: Option) -> Option | None:
-        """The clone's version of ``option``; None drops it."""
-        if option.name in DROPPED:
-            return None
+        """The clone's version of an option the policy keeps; None leaves it out."""
         handler = _HANDLERS.get(option.name)
         if handler is None:
             return option
         value = option.value or ""
         new = handler(self, option.name, value)
+        if new is None:
+            return None
         return option if new == value else Option(option.name, new)
 
     def chardev(self, _name: str, value: str) -> str:
@@ -119,10 +126,13 @@ class _Rewriter:
         self.console_taken = self.console_taken or keep_console
         if keep_console:
             return f"file,id={chardev_id},path={escape(self.console_log)}"
-        return f"null,id={chardev_id}"
+        # mux=on: several frontends share it (a serial port and a virtconsole, say)
+        mux = option_fields(value, "backend").get("mux", "off") not in ("off", "false", "no")
+        return f"null,id={chardev_id}" + (",mux=on" if mux else "")
 
     def char_port(self, name: str, value: str) -> str:
-        """``-serial``/``-parallel`` with an inline backend: the console log or null."""
+        """``-serial``/``-parallel``/``-debugcon``/``-virtioconsole`` with an inline
+        backend: the console log or null (the device stays: the RAM stream has it)."""
         if value.startswith("chardev:") or value == "none":
             return value
         if name == "serial" and not self.console_taken:
@@ -169,22 +179,35 @@ class _Rewriter:
     def audiodev(self, _name: str, value: str) -> str:
         return f"none,id={option_fields(value, 'driver').get('id')}"
 
+    def audio(self, _name: str, value: str) -> str:
+        """``-audio DRIVER,model=M``: no sound card of the host's, the same model."""
+        model = option_fields(value, "driver").get("model")
+        return "none" + (f",model={escape(model)}" if model else "")
+
+    def action(self, _name: str, value: str) -> str | None:
+        """``shutdown=pause`` would keep a powered-off clone alive: the clone's own."""
+        opts = KeyVal.parse(value)
+        opts.drop("shutdown")
+        return opts.render() or None
+
     def qom_object(self, _name: str, value: str) -> str:
         return _private_master_key(value, self.workdir) if master_key_of(value) else value
 
 
-_HANDLERS: dict[str, Callable[[_Rewriter, str, str], str]] = {
+_HANDLERS: dict[str, Callable[[_Rewriter, str, str], str | None]] = {
     "chardev": _Rewriter.chardev,
-    "serial": _Rewriter.char_port,
-    "parallel": _Rewriter.char_port,
+    **{port: _Rewriter.char_port for port in ("serial", "parallel", "debugcon",
+                                              "virtioconsole")},
     "drive": _Rewriter.drive,
     "": _Rewriter.image_path,
-    **{shortcut: _Rewriter.image_path for shortcut in HARD_DISK_SHORTCUTS},
+    **{shortcut: _Rewriter.image_path for shortcut in IMAGE_SHORTCUTS},
     "blockdev": _Rewriter.blockdev,
     "netdev": _Rewriter.network,
     "net": _Rewriter.network,
     "nic": _Rewriter.network,
     "audiodev": _Rewriter.audiodev,
+    "audio": _Rewriter.audio,
+    "action": _Rewriter.action,
     "object": _Rewriter.qom_object,
 }
 

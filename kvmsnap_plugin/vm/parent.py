@@ -1,13 +1,14 @@
-"""The parent VM: found through its QMP socket, described, and checked for clonability.
+"""The parent VM: found through its QMP socket and described.
 
 Everything later steps need to know about the running VM is read here, once, into a
 :class:`Parent`: its process and command line, and its disks as QEMU sees them now.
+Whether a clone of it can be built is decided in one place, before anything is touched:
+:mod:`kvmsnap_plugin.vm.clone_options`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,24 +16,15 @@ from typing import Any
 
 from kvmsnap_plugin.errors import UsageError, VMError
 from kvmsnap_plugin.model import Parent, ParentDisk
-from kvmsnap_plugin.vm.qemu_args import KeyVal, Option, parse_argv
+from kvmsnap_plugin.vm.qemu_args import option_fields as option_fields  # it lived here
 from kvmsnap_plugin.vm.qmp import Monitor
-
-#: -device drivers whose state lives outside QEMU, so a second copy cannot run.
-UNCLONABLE_DEVICES = (
-    (re.compile(r"^vfio"), "a VFIO passthrough device"),
-    (re.compile(r"^vhost-user"), "a vhost-user device"),
-    (re.compile(r"^vhost-(vsock|scsi|vdpa)"), "a vhost device bound to the host kernel"),
-    (re.compile(r"^ivshmem"), "shared memory with the host (ivshmem)"),
-    (re.compile(r"^(pci-assign|usb-host|usb-redir)"), "a passed-through host device"),
-)
 
 
 def discover(session: Monitor, qmp_socket: Path, pid: int) -> Parent:
-    """Describe the running VM behind ``session``; refuse what kvmsnap cannot fork."""
+    """Describe the running VM behind ``session`` (whether it can be cloned is for
+    :func:`kvmsnap_plugin.vm.clone_options.clonable` to say)."""
     check_runstate(session)
     argv = read_cmdline(pid)
-    refuse_unclonable(argv)
     version = session.execute("query-version")["qemu"]
     name = session.execute("query-name").get("name") or f"vm-{pid}"
     disks = block_disks(session.execute("query-block"))
@@ -87,81 +79,6 @@ def read_cmdline(pid: int) -> list[str]:
         raise VMError(f"process {pid} behind the socket is not QEMU ({argv[0]!r})",
                       "pass the QMP socket of a QEMU process")
     return argv
-
-
-def refuse_unclonable(argv: list[str]) -> None:
-    """Raise for devices and options a second copy of the VM cannot have."""
-    _, options = parse_argv(argv)
-    for option in options:
-        reason = _unclonable(option.name, option.value or "")
-        if reason:
-            raise VMError(f"the VM cannot be forked: it has {reason} "
-                          f"(-{option.name} {option.value or ''})".rstrip(),
-                          "back this VM up offline, or remove the device")
-    _refuse_passed_files(options)
-
-
-def option_fields(value: str, implied: str) -> dict[str, str]:
-    """An option's fields, from QEMU's JSON syntax (libvirt's) or key=value syntax.
-
-    Values are strings either way (JSON booleans as ``on``/``off``), enough to match on.
-    """
-    if value.lstrip().startswith("{"):
-        try:
-            data = json.loads(value)
-        except json.JSONDecodeError:
-            return {}
-        return {k: _scalar(v) for k, v in data.items() if not isinstance(v, dict | list)}
-    return {k: v or "" for k, v in KeyVal.parse(value, implied=implied).pairs}
-
-
-def _scalar(value: object) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return "" if value is None else str(value)
-
-
-def _unclonable(name: str, value: str) -> str | None:
-    if name == "device":
-        driver = option_fields(value, "driver").get("driver") or ""
-        for pattern, what in UNCLONABLE_DEVICES:
-            if pattern.search(driver):
-                return what
-    if name == "object":
-        opts = option_fields(value, "qom-type")
-        if opts.get("qom-type", "").startswith("memory-backend") and opts.get("share") in (
-                "on", "true", "yes"):
-            return "guest RAM shared with other processes (share=on)"
-    if name == "netdev" and option_fields(value, "type").get("type") == "vhost-user":
-        return "a vhost-user network backend"
-    if name in ("fsdev", "virtfs"):
-        return "a host directory shared into the guest (9p): the clone would write to it"
-    if name == "tpmdev" and option_fields(value, "type").get("type") == "emulator":
-        return "a TPM emulator, whose state lives in its swtpm process"
-    if name == "mem-path":
-        return "guest RAM in a file (-mem-path)"
-    if name == "snapshot":
-        return "temporary disks (-snapshot): their images cannot be reopened"
-    if name == "readconfig":
-        return f"-{name}, whose effect kvmsnap cannot see"
-    return None
-
-
-def _refuse_passed_files(options: list[Option]) -> None:
-    """``-add-fd`` is fine where only chardevs use its fd set (libvirt's serial log files:
-    the clone's chardevs are replaced anyway); a disk or anything else opened through an
-    fd set cannot be reopened by a clone, which does not inherit the parent's descriptors.
-    """
-    sets = {option_fields(o.value or "", "fd").get("set") for o in options
-            if o.name == "add-fd"}
-    for option in options:
-        if option.name in ("add-fd", "chardev"):
-            continue
-        for used in re.findall(r"/dev/fdset/(\d+)", option.value or ""):
-            if used in sets:
-                raise VMError(f"the VM cannot be forked: -{option.name} opens a file passed "
-                              f"as a descriptor (/dev/fdset/{used}), which a clone cannot "
-                              "reopen", "back this VM up offline")
 
 
 def block_disks(blocks: list[dict[str, Any]]) -> tuple[ParentDisk, ...]:

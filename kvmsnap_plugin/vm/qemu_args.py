@@ -3,13 +3,20 @@
 ``-drive file=a,,b.img,format=raw`` is QEMU's "QemuOpts" syntax: comma-separated key=value
 pairs, a doubled comma stands for a literal comma, and an implied first key (``-netdev
 user,...`` means ``type=user``). ``-blockdev`` also accepts JSON.
+
+Which options take a value is the binary's to say: :func:`parse_help` reads it from the
+``-help`` of the very binary the parent runs (see :mod:`kvmsnap_plugin.vm.qemu_help`);
+:data:`FLAGS` is QEMU 7.2's list, for when no binary is at hand.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvmsnap_plugin.model import QemuOptions
 
 #: QEMU 7.2 options that take no value.
 FLAGS = frozenset({
@@ -18,7 +25,13 @@ FLAGS = frozenset({
     "full-screen", "win2k-hack", "usb", "enable-fips", "only-migratable", "xen-attach",
     "preconfig", "s", "semihosting", "alt-grab", "ctrl-grab", "rtc-td-hack", "no-frame",
     "sdl", "curses", "portrait", "enable-sync-profile", "no-quit", "h", "help", "version",
+    "mem-prealloc", "singlestep", "async-teardown", "xen-domid-restrict", "audio-help",
 })
+#: the column QEMU's ``-help`` starts an option's description in
+HELP_COLUMN = 16
+#: options QEMU accepts without listing them in ``-help`` (measured on 7.2): ``-M`` is
+#: ``-machine``; ``-qtest`` is left out on purpose, a clone has no test harness
+UNLISTED_WITH_VALUE = frozenset({"M"})
 
 
 def escape(value: object) -> str:
@@ -39,8 +52,8 @@ class Option:
         return [f"-{self.name}"] if self.value is None else [f"-{self.name}", self.value]
 
 
-def parse_argv(argv: list[str]) -> tuple[str, list[Option]]:
-    """Split a QEMU command line into its program and options."""
+def parse_argv(argv: list[str], known: QemuOptions | None = None) -> tuple[str, list[Option]]:
+    """Split a QEMU command line into its program and options (``known``: the binary's)."""
     program, rest = argv[0], argv[1:]
     options: list[Option] = []
     i = 0
@@ -48,7 +61,7 @@ def parse_argv(argv: list[str]) -> tuple[str, list[Option]]:
         token = rest[i]
         if token.startswith("-") and len(token) > 1:
             name = token.lstrip("-")
-            if name in FLAGS or i + 1 >= len(rest):
+            if _is_flag(name, known) or i + 1 >= len(rest):
                 options.append(Option(name))
                 i += 1
             else:
@@ -58,6 +71,64 @@ def parse_argv(argv: list[str]) -> tuple[str, list[Option]]:
             options.append(Option("", token))
             i += 1
     return program, options
+
+
+def _is_flag(name: str, known: QemuOptions | None) -> bool:
+    if known is not None and known.knows(name):
+        return name in known.flags
+    return name in FLAGS
+
+
+def parse_help(text: str) -> QemuOptions:
+    """The options a QEMU binary's ``-help`` lists, and which of them take a value.
+
+    Each option's lines start ``-name`` and, when it takes one, its value right after
+    (``-m [size=]megs``, ``-dtb    file``); the description starts at column 16, or after
+    one space once a long name has passed that column (``-async-teardown enable ...``,
+    where a value looks like a metavariable instead: ``-watchdog-action reset|...``).
+    Names come alone, paired (``-fda/-fdb``) or as ``-h or -help``.
+    """
+    flags: set[str] = set()
+    with_value: set[str] = set()
+    for line in text.splitlines():
+        match = re.match(r"(--?[A-Za-z][\w-]*(?:(?:/| or )-[\w-]+)*)(.*)$", line)
+        if not match:
+            continue
+        head, rest = match.groups()
+        names = {name.lstrip("-") for name in re.split(r"/| or ", head)}
+        (with_value if _help_takes_value(len(head), rest) else flags).update(names)
+    if "machine" in with_value:
+        with_value |= UNLISTED_WITH_VALUE
+    return QemuOptions(frozenset(flags - with_value), frozenset(with_value))
+
+
+def _help_takes_value(head_length: int, rest: str) -> bool:
+    text = rest.lstrip(" ")
+    if not text:
+        return False  # the description is on the next line
+    if head_length + len(rest) - len(text) < HELP_COLUMN:
+        return True
+    return bool(re.search(r"[][<>|=,:]", text.split()[0]))
+
+
+def option_fields(value: str, implied: str) -> dict[str, str]:
+    """An option's fields, from QEMU's JSON syntax (libvirt's) or key=value syntax.
+
+    Values are strings either way (JSON booleans as ``on``/``off``), enough to match on.
+    """
+    if value.lstrip().startswith("{"):
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+        return {k: _scalar(v) for k, v in data.items() if not isinstance(v, dict | list)}
+    return {k: v or "" for k, v in KeyVal.parse(value, implied=implied).pairs}
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "" if value is None else str(value)
 
 
 def build_argv(program: str, options: list[Option]) -> list[str]:

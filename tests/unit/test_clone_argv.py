@@ -10,7 +10,7 @@ import pytest
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.model import CloneDisk, ParentDisk
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, copy_master_key, rewrite_argv
-from kvmsnap_plugin.vm.parent import refuse_unclonable
+from kvmsnap_plugin.vm.clone_options import ClonePolicy, refuse_unclonable
 from kvmsnap_plugin.vm.qemu_args import KeyVal, parse_argv
 
 
@@ -287,3 +287,61 @@ def test_a_libvirt_guest_agent_channel_becomes_the_clones_own_socket(tmp_path):
     assert ("chardev", f"socket,id=charchannel0,path={agent},server=on,wait=off") in \
         options(out)
     assert "fd=33" not in " ".join(out)
+
+
+# -- the allow-list at work ------------------------------------------------------------------------
+def test_nothing_of_the_parents_hostile_options_reaches_the_clone(tmp_path):
+    d = disk(tmp_path / "a.qcow2")
+    argv = ["qemu", "-hda", d.filename,
+            "-debugcon", "unix:/run/vm-debug.sock,server=on,wait=off",
+            "-gdb", "unix:/run/vm-gdb.sock,server=on,wait=off", "-s",
+            "-virtioconsole", "file:/var/log/vm-console.log",
+            "-trace", "events=/etc/vm-events,file=/var/log/vm-trace",
+            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+            "-object", "filter-dump,id=fd0,netdev=n0,file=/var/log/vm-dump.pcap",
+            "-audio", "alsa,model=hda,out.dev=hw:0", "-action", "shutdown=pause,panic=none",
+            "-chardev", "stdio,id=c0,mux=on", "-serial", "chardev:c0"]
+    out, _ = rewrite(argv, [d], tmp_path)
+    opts = options(out)
+    assert ("debugcon", "null") in opts and ("virtioconsole", "null") in opts
+    assert ("audio", "none,model=hda") in opts and ("action", "panic=none") in opts
+    assert ("chardev", "null,id=c0,mux=on") in opts  # shared by several frontends
+    names = [n for n, _ in opts]
+    for gone in ("gdb", "s", "trace"):
+        assert gone not in names
+    assert not any(n == "object" and "filter-dump" in v for n, v in opts)
+    assert "/run/vm-" not in " ".join(out) and "/var/log/vm-" not in " ".join(out)
+    assert "alsa" not in " ".join(out) and "shutdown=pause" not in " ".join(out)
+
+
+def test_an_action_of_shutdown_alone_goes(tmp_path):
+    d = disk(tmp_path / "a.qcow2")
+    out, _ = rewrite(["qemu", "-hda", d.filename, "-action", "shutdown=pause"], [d], tmp_path)
+    assert "action" not in [n for n, _ in options(out)]
+
+
+def test_writable_disk_shortcuts_point_at_the_clone_overlays(tmp_path):
+    names = ("pflash", "fda", "sd", "mtdblock")
+    disks = [disk(tmp_path / f"{name}.img", name, "raw") for name in names]
+    code = tmp_path / "OVMF_CODE.fd"  # read-only firmware: not a disk to back up
+    argv = ["qemu", "-pflash", str(code)]
+    for name, d in zip(names, disks, strict=True):
+        argv += [f"-{name}", d.filename]
+    out, clones = rewrite(argv, disks, tmp_path)
+    opts = options(out)
+    assert ("pflash", str(code)) in opts
+    for name, clone in zip(names, clones, strict=True):
+        assert (name, str(clone.overlay)) in opts
+
+
+def test_the_clone_is_refused_or_leaves_out_what_the_operator_drops(tmp_path):
+    d = disk(tmp_path / "a.qcow2")
+    argv = ["qemu", "-hda", d.filename, "-set", "netdev.n0.restrict=off",
+            "-object", "input-linux,id=kbd,evdev=/dev/input/event0"]
+    with pytest.raises(VMError, match="-set, whose effect") as info:
+        rewrite(argv, [d], tmp_path)
+    assert "--clone-drop set" in info.value.hint
+    policy = ClonePolicy(drops=frozenset({"set", "object:input-linux"}))
+    out = rewrite_argv(argv, [d], [clone_of(d, tmp_path)], tmp_path / "clone.sock", None,
+                       policy=policy)
+    assert "set" not in [n for n, _ in options(out)] and "input-linux" not in " ".join(out)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.vm.parent import block_disks, check_disks, option_fields, refuse_unclonable
+from kvmsnap_plugin.vm.clone_options import refuse_unclonable
+from kvmsnap_plugin.vm.parent import block_disks, check_disks, option_fields
 
 QEMU = "qemu-system-x86_64"
 
@@ -25,6 +26,7 @@ QEMU = "qemu-system-x86_64"
     ("-fsdev", "local,id=f0,path=/srv", "9p"),
     ("-virtfs", "local,path=/srv,mount_tag=t", "9p"),
     ("-tpmdev", "emulator,id=t0,chardev=c0", "TPM emulator"),
+    ("-tpmdev", "passthrough,id=t0,path=/dev/tpm0", "host TPM"),
     ("-mem-path", "/dev/hugepages", "-mem-path"),
     ("-readconfig", "/etc/vm.cfg", "-readconfig"),
 ])
@@ -41,8 +43,7 @@ def test_snapshot_mode_is_refused():
 
 @pytest.mark.parametrize("argv", [
     [QEMU, "-device", "virtio-blk-pci,drive=d0", "-netdev", "user,id=n0",
-     "-object", "memory-backend-memfd,id=m0,size=1G,share=off", "-tpmdev",
-     "passthrough,id=t0"],
+     "-object", "memory-backend-memfd,id=m0,size=1G,share=off"],
     # libvirt: a serial log through an fd set is fine, only chardevs use it
     [QEMU, "-add-fd", "set=0,fd=31", "-chardev", "file,id=c0,path=/dev/fdset/0"],
 ])
