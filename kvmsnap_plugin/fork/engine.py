@@ -57,8 +57,8 @@ from kvmsnap_plugin.model import (
     ParentDisk,
     RamMethod,
 )
-from kvmsnap_plugin.vm.clone_argv import copy_master_key
 from kvmsnap_plugin.vm.clone_options import clonable
+from kvmsnap_plugin.vm.clone_secrets import write_clone_secrets
 from kvmsnap_plugin.vm.qmp import Event
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,9 @@ def take_fork(backend: Backend, parent: Parent, planned: tuple[ForkedDisk, ...],
     if parent.offline:
         raise VMError(f"{parent.name} is shut off: there is nothing to fork",
                       "back its images up directly (the pipeline does, for offline VMs)")
-    # libvirt deletes the domain's master key when it stops; the clone starts later.
-    copy_master_key(parent.argv, state_file.parent, Path(f"/proc/{parent.pid}/root"))
+    # The clone's secrets, as files: libvirt deletes the domain's master key when it
+    # stops (the clone starts later), and inline data must not reach a clone's argv.
+    write_clone_secrets(parent.argv, state_file.parent, Path(f"/proc/{parent.pid}/root"))
     monitor = backend.monitor
     settings = ram.migration_settings(monitor)
     record(migration_settings=settings)

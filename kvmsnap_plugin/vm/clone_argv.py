@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.model import CloneDisk, ParentDisk
 from kvmsnap_plugin.vm.clone_options import ClonePolicy
+from kvmsnap_plugin.vm.clone_secrets import secret_for_clone
 from kvmsnap_plugin.vm.qemu_args import (
     KeyVal,
     Option,
@@ -191,7 +191,7 @@ class _Rewriter:
         return opts.render() or None
 
     def qom_object(self, _name: str, value: str) -> str:
-        return _private_master_key(value, self.workdir) if master_key_of(value) else value
+        return secret_for_clone(value, self.workdir)
 
 
 _HANDLERS: dict[str, Callable[[_Rewriter, str, str], str | None]] = {
@@ -300,55 +300,3 @@ def _isolate_json_netdev(value: str) -> str:
         spec = {"type": "user", "id": spec.get("id")}
     spec["restrict"] = True
     return json.dumps(spec, separators=(",", ":"))
-
-
-# -- libvirt's master key ------------------------------------------------------------------------
-def master_key_of(value: str) -> Path | None:
-    """The libvirt master key file a ``-object secret`` reads, if that is what it is."""
-    fields = option_fields(value, "qom-type")
-    path = fields.get("file") or ""
-    if fields.get("qom-type") == "secret" and Path(path).name == MASTER_KEY:
-        return Path(path)
-    return None
-
-
-def clone_master_key(workdir: Path) -> Path:
-    return workdir / MASTER_KEY
-
-
-def copy_master_key(argv: Sequence[str], workdir: Path, root: Path = Path("/")) -> Path | None:
-    """Copy the parent's master key for the clone (0600), while the domain still runs.
-
-    libvirt deletes the domain's runtime directory when the domain stops; the clone starts
-    later and must still find the key its secrets are encrypted with. ``root`` is where the
-    parent's filesystem is seen from here: ``/proc/PID/root`` reaches a file as the parent
-    sees it, also when its libvirtd runs in a mount namespace of its own.
-    """
-    _, options = parse_argv(list(argv))
-    named = next((key for o in options if o.name == "object"
-                  for key in [master_key_of(o.value or "")] if key), None)
-    if named is None:
-        return None
-    source = root / str(named).lstrip("/")
-    target = clone_master_key(workdir)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with open(source, "rb") as src, os.fdopen(fd, "wb", closefd=False) as dst:
-            shutil.copyfileobj(src, dst)
-    except OSError as exc:
-        raise VMError(f"cannot copy the domain's master key {source}: {exc.strerror}",
-                      "run kvmsnap as root on the VM's host") from None
-    finally:
-        os.close(fd)
-    return target
-
-
-def _private_master_key(value: str, workdir: Path) -> str:
-    key = str(clone_master_key(workdir))
-    if value.lstrip().startswith("{"):
-        spec = json.loads(value)
-        spec["file"] = key
-        return json.dumps(spec, separators=(",", ":"))
-    opts = KeyVal.parse(value, implied="qom-type")
-    opts.set("file", key)
-    return opts.render(implied="qom-type")

@@ -9,8 +9,9 @@ import pytest
 
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.model import CloneDisk, ParentDisk
-from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, copy_master_key, rewrite_argv
+from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
 from kvmsnap_plugin.vm.clone_options import ClonePolicy, refuse_unclonable
+from kvmsnap_plugin.vm.clone_secrets import copy_master_key
 from kvmsnap_plugin.vm.qemu_args import KeyVal, parse_argv
 
 
@@ -345,3 +346,31 @@ def test_the_clone_is_refused_or_leaves_out_what_the_operator_drops(tmp_path):
     out = rewrite_argv(argv, [d], [clone_of(d, tmp_path)], tmp_path / "clone.sock", None,
                        policy=policy)
     assert "set" not in [n for n, _ in options(out)] and "input-linux" not in " ".join(out)
+
+
+# -- secrets ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [
+    "secret,id=sec0,data=CANARY-1,format=raw",
+    '{"qom-type":"secret","id":"sec0","data":"CANARY-1","format":"raw"}',
+])
+def test_an_inline_secret_reaches_the_clone_through_a_private_file(tmp_path, value):
+    from kvmsnap_plugin.vm.clone_secrets import secret_for_clone, write_clone_secrets
+
+    workdir = tmp_path / "run"
+    workdir.mkdir(mode=0o700)
+    rewritten = secret_for_clone(value, workdir)
+    assert "CANARY-1" not in rewritten and str(workdir / "secret-sec0") in rewritten
+    assert "sec0" in rewritten and "raw" in rewritten
+    (workdir / "secret-sec0").symlink_to(tmp_path / "elsewhere")  # a planted link: replaced
+    [written] = write_clone_secrets(["qemu-system-x86_64", "-object", value], workdir)
+    assert written.read_bytes() == b"CANARY-1"
+    assert written.stat().st_mode & 0o777 == 0o600 and not written.is_symlink()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_secret_read_from_a_file_is_left_as_it_is(tmp_path):
+    from kvmsnap_plugin.vm.clone_secrets import secret_for_clone, write_clone_secrets
+
+    value = "secret,id=s1,file=/etc/kvm/s1.key"
+    assert secret_for_clone(value, tmp_path) == value
+    assert write_clone_secrets(["qemu-system-x86_64", "-object", value], tmp_path) == []
