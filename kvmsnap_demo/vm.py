@@ -42,6 +42,7 @@ class DemoOptions:
     #: "blockdev" (modern, like libvirt) or "drive" (legacy) disk options; per disk
     disk_syntax: tuple[str, ...] = ("blockdev", "drive")
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    binary: str | None = None  # the QEMU to run (default: qemu-system-x86_64 on PATH)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
               f"kvmsnap.callhome={opts.callhome} kvmsnap.writer={int(opts.writer)} "
               f"kvmsnap.agent={int(opts.agent)}")
     argv = [
-        process.find_program(QEMU, "qemu-system-x86"),
+        opts.binary or process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-demo",
         "-machine", f"pc,accel={accel}",
         "-m", str(opts.memory_mib), "-smp", "1",

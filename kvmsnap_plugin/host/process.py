@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: how long a SIGKILLed process may take to go
 KILL_WAIT = 60.0
 
+#: the whole environment of QEMU-family programs (``inherit_env=False``): no secret of ours
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
 #: Every PID spawned by this process, so tests can prove nothing survives.
 SPAWNED_PIDS: list[int] = []
 
@@ -53,8 +56,8 @@ def describe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     return shown_command(argv, secret_values(env))
 
 
-def child_env(env: Mapping[str, str] | None) -> dict[str, str]:
-    merged = dict(os.environ)
+def child_env(env: Mapping[str, str] | None, inherit: bool = True) -> dict[str, str]:
+    merged = dict(os.environ) if inherit else {}
     merged.update(env or {})
     # Programs we parse must speak plain C-locale English.
     merged.setdefault("LC_ALL", "C.UTF-8")
@@ -121,15 +124,15 @@ def run(
     ok_codes: Iterable[int] = (0,),
     pass_fds: Sequence[int] = (),
     stdout: int | None = subprocess.PIPE,
-    cwd: os.PathLike[str] | str | None = None,
+    cwd: os.PathLike[str] | str | None = None, inherit_env: bool = True,
 ) -> Result:
     """Run a program to completion; raise :class:`ProcessError` on failure or timeout."""
     call = Call.of(argv, secret_values(env), timeout)
     log.debug("run: %s", call.shown)
     try:
         proc = subprocess.run(call.argv, input=input, stdout=stdout, stderr=subprocess.PIPE,
-                              env=child_env(env), timeout=timeout, pass_fds=tuple(pass_fds),
-                              cwd=cwd, check=False)
+                              env=child_env(env, inherit_env), timeout=timeout,
+                              pass_fds=tuple(pass_fds), cwd=cwd, check=False)
     except FileNotFoundError as exc:
         raise HostError(f"program not found: {call.argv[0]}") from exc
     except subprocess.TimeoutExpired as exc:
@@ -148,8 +151,10 @@ def spawn(
     stderr: int | object = subprocess.DEVNULL,
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
+    inherit_env: bool = True, executable: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived program; the caller owns it and must reap it (:func:`stop`)."""
+    """Start a long-lived program; the caller owns it and must reap it (:func:`stop`).
+    ``executable`` runs instead of argv[0] (which ``ps`` still shows)."""
     args = [str(a) for a in argv]
     log.debug("spawn: %s", describe(args, env))
     try:
@@ -158,7 +163,8 @@ def spawn(
             stdin=stdin,  # type: ignore[arg-type]
             stdout=stdout,  # type: ignore[arg-type]
             stderr=stderr,  # type: ignore[arg-type]
-            env=child_env(env),
+            env=child_env(env, inherit_env),
+            executable=executable,
             pass_fds=tuple(pass_fds),
             # Own session: a Ctrl-C at the terminal reaches kvmsnap, which then shuts
             # its children down in order, instead of killing QEMU mid-write.
@@ -247,8 +253,7 @@ class ShProgram:
 def end(target: subprocess.Popen[bytes] | int, *, grace: float = 5.0,
         soft: bool = True) -> str:
     """End a program kvmsnap started, soft -> hard: SIGTERM, then SIGKILL after ``grace``
-    seconds (at once with ``soft=False``). Returns the rung that ended it, "terminate" or
-    "kill".
+    seconds (at once with ``soft=False``). Returns the rung that ended it: terminate, kill.
 
     ``target`` is our own child (a Popen: reaped here, so its exit code is known), or a PID
     only (recovery's orphans, checked with :func:`same_process` first; or restic under sh,
@@ -260,8 +265,7 @@ def end(target: subprocess.Popen[bytes] | int, *, grace: float = 5.0,
         if gone(target, grace):
             return "terminate"
     _signal(target, signal.SIGKILL)
-    # A killed process only lingers in uninterruptible sleep (a hung FUSE or NFS read):
-    # say so rather than wait forever.
+    # A killed process only lingers in uninterruptible sleep (a hung FUSE or NFS read): say so
     if not gone(target, KILL_WAIT):
         log.error("process %s did not end %g s after SIGKILL (stuck in the kernel?)",
                   getattr(target, "pid", target), KILL_WAIT)
@@ -275,8 +279,7 @@ def stop(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> int:
 
 
 def end_pid(pid: int, grace: float = 10.0) -> None:
-    """:func:`end` for a process kvmsnap started that is known by PID only (recovery finds
-    it in the journal, checked with :func:`same_process`)."""
+    """:func:`end` for a process of ours known by PID only (recovery, :func:`same_process`)."""
     end(pid, grace=grace)
 
 
@@ -334,10 +337,8 @@ def identity(pid: int) -> str:
 
 def same_process(recorded: str | None) -> int | None:
     """The PID of the recorded process if it is still alive (and not a zombie), else None.
-
     Identities recorded before the boot id was (``PID:START``) still read: they are
-    compared on PID and start time alone, as they always were.
-    """
+    compared on PID and start time alone, as they always were."""
     if not recorded or recorded.endswith(":gone"):
         return None
     pid_text, _, rest = recorded.partition(":")
@@ -362,8 +363,7 @@ def _start_time(pid: int) -> int | None:
 def environment(values: Mapping[str, str], unset: Iterable[str] = ()) -> Iterator[None]:
     """``os.environ`` with ``values`` set and ``unset`` removed, restored on exit: how
     callers hand secrets to the programs started here without putting them in argv."""
-    keys = [*values, *unset]
-    saved = {key: os.environ.get(key) for key in keys}
+    saved = {key: os.environ.get(key) for key in [*values, *unset]}
     for key in unset:
         os.environ.pop(key, None)
     os.environ.update(values)

@@ -54,6 +54,7 @@ from kvmsnap_plugin.model.journal import (
     JournalState,
 )
 from kvmsnap_plugin.model.vm import (
+    CloneBinary,
     CloneDisk,
     ClonePlan,
     Collapse,
@@ -85,6 +86,7 @@ __all__ = [
     "ArchiveTarget",
     "BackupJob",
     "BackupReport",
+    "CloneBinary",
     "CloneDisk",
     "ClonePlan",
     "Collapse",

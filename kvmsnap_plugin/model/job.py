@@ -20,7 +20,13 @@ from kvmsnap_plugin.model.defaults import (
     RamMethod,
 )
 from kvmsnap_plugin.model.disks import ArchiveResult, ArchiveTarget, Verdict
-from kvmsnap_plugin.model.vm import Collapse, Commit, ShutdownPolicy, ShutdownResult
+from kvmsnap_plugin.model.vm import (
+    CloneBinary,
+    Collapse,
+    Commit,
+    ShutdownPolicy,
+    ShutdownResult,
+)
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
 
 log = logging.getLogger(__name__)
@@ -107,6 +113,7 @@ class BackupReport:
     total_s: float
     warnings: list[str] = field(default_factory=list)
     huge_pages: Collapse | None = None  # with collapse_huge_pages: what re-collapsing did
+    clone_binary: CloneBinary | None = None  # the QEMU the clone ran (None: no clone)
 
     @property
     def clean(self) -> bool:
@@ -115,6 +122,8 @@ class BackupReport:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["clean"] = self.clean
+        if self.clone_binary:
+            data["clone_binary"]["summary"] = self.clone_binary.describe()
         return data
 
 
@@ -128,6 +137,7 @@ class Plan:
     clone_argv: list[str]
     targets: list[str]
     mount_root: str
+    clone_binary: str = ""  # the QEMU the clone would run, and how it would be confined
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -132,6 +132,7 @@ class ClonePlan:
     qmp_path: Path
     console_log: Path | None
     agent_socket: Path | None = None  # the guest agent's channel, if the VM has one
+    binary: CloneBinary | None = None  # what the clone runs: the parent's own QEMU
 
 
 @dataclass(frozen=True)
@@ -171,3 +172,30 @@ class QemuOptions:
 
     def knows(self, name: str) -> bool:
         return name in self.flags or name in self.with_value
+
+
+@dataclass(frozen=True)
+class CloneBinary:
+    """The QEMU the clone runs: the parent's own binary (``/proc/PID/exe``), never argv[0]
+    of its command line (which that process can rewrite), confined by QEMU's sandbox."""
+
+    parent: str  # the parent's process identity (process.identity): a reused PID is refused
+    path: str  # where /proc/PID/exe pointed when planned; " (deleted)" if replaced since
+    version: tuple[int, int, int]  # the parent's query-version: the stream's own QEMU
+    sandbox: str | None  # the clone's -sandbox value, None when it cannot have one
+    confinement: str  # "sandboxed", or why not
+
+    @property
+    def replaced(self) -> bool:
+        return self.path.endswith(DELETED)
+
+    def describe(self) -> str:
+        """E.g. ``/usr/bin/qemu-system-x86_64 (QEMU 7.2.22, the parent's own); sandboxed``."""
+        where = (f"{self.path.removesuffix(DELETED)} (deleted: replaced on disk since the VM "
+                 "started)" if self.replaced else self.path)
+        version = ".".join(str(n) for n in self.version)
+        return f"{where} (QEMU {version}, the parent's own); {self.confinement}"
+
+
+#: what the kernel appends to /proc/PID/exe once the file was deleted or replaced
+DELETED = " (deleted)"

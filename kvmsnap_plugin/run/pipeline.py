@@ -37,6 +37,7 @@ from kvmsnap_plugin.model import (
     ArchiveResult,
     BackupJob,
     BackupReport,
+    CloneBinary,
     ClonePlan,
     Collapse,
     Commit,
@@ -108,6 +109,7 @@ class Stopped:
     restore_s: float  # loading the clone from the RAM state
     label: Label
     images: list[tuple[str, Path]]  # (device, clone overlay or frozen image)
+    binary: CloneBinary | None = None  # the QEMU the clone ran
 
 
 @dataclass(frozen=True)
@@ -162,19 +164,20 @@ def recover_all(force: bool = False) -> list[Recovery]:
 
 def plan(job: BackupJob) -> Plan:
     """Describe what :func:`backup` would do, touching nothing."""
+    clone = None
     with open_parent(job) as handle:
         parent = handle.describe()
-    argv: list[str] = []
-    if not parent.offline:
-        with tempfile.TemporaryDirectory() as tmp:
-            argv = metadata.without_secrets(plan_clone(parent, Path(tmp), Path(tmp)).argv)
+        if not parent.offline:
+            with tempfile.TemporaryDirectory() as tmp:
+                clone = plan_clone(parent, Path(tmp), Path(tmp), monitor=handle.backend.monitor)
     disks = [{"device": d.device, "image": d.filename,
               "overlay": "none (shut off: read as it is)" if parent.offline else
               str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
              for d in parent.writable_disks]
+    argv = metadata.without_secrets(clone.argv) if clone else []
     return Plan(parent.name, parent.pid, disks, argv,
                 [f"{t.name} ({t.type}, {t.mode})" for t in job.targets],
-                str(mount_root(job)))
+                str(mount_root(job)), clone.binary.describe() if clone and clone.binary else "")
 
 
 def mount_root(job: BackupJob) -> Path:
@@ -303,7 +306,8 @@ def _fork_and_shut_down(run: Run, handle: ParentHandle, parent: Parent,
     """The commit back is left on ``cleanup``: it runs once nothing reads the disks."""
     sockets = cleanup.enter_context(socket_dir())
     run.journal.record(sockets=str(sockets))
-    clone_plan = plan_clone(parent, run.workdir, sockets, run.job.fork.clone_console)
+    clone_plan = plan_clone(parent, run.workdir, sockets, run.job.fork.clone_console,
+                            handle.backend.monitor)
     prepare_overlays(clone_plan, parent.writable_disks)
     point = _fork(run, handle, parent)
     cleanup.callback(_give_back, run, handle, point)
@@ -338,7 +342,8 @@ def _shut_down_clone(run: Run, clone_plan: ClonePlan, point: ForkPoint) -> Stopp
         result = shut_down(clone, policy, clone_plan.agent_socket)
         restore_s = clone.restore_s
     label = label_of(result, policy.on_unclean)
-    return Stopped(point, result, restore_s, label, images_to_archive(clone_plan, label))
+    return Stopped(point, result, restore_s, label, images_to_archive(clone_plan, label),
+                   clone_plan.binary)
 
 
 # -- expose -> archive -> verify ----------------------------------------------------------------
@@ -380,7 +385,8 @@ def _report(run: Run, stopped: Stopped, results: Results, huge_pages: Collapse |
         point.parent.name, stopped.label, point.method, point.pause_ms, point.disk_snapshot_ms,
         point.ram_bytes, point.ram_save_s, point.qemu_downtime_ms, stopped.restore_s,
         stopped.shutdown, results.verdicts, results.archives, results.kept, run.commits,
-        total_s, _warnings(stopped.label, results), huge_pages=huge_pages)
+        total_s, _warnings(stopped.label, results), huge_pages=huge_pages,
+        clone_binary=stopped.binary)
 
 
 def _warnings(label: Label, results: Results) -> list[str]:

@@ -18,6 +18,8 @@ def render_report(report: BackupReport) -> str:
              f"{report.pause_ms:.1f} ms; clone restored in {report.clone_restore_s:.1f} s, "
              f"shut down in {report.shutdown.seconds:.1f} s ({report.shutdown.reason}); "
              f"{report.total_s:.1f} s in all"]
+    if report.clone_binary:
+        lines.append(f"  clone binary: {report.clone_binary.describe()}")
     if report.huge_pages:
         lines.append(_huge_pages(report.huge_pages))
     lines += [_verdict(v) for v in report.verdicts]
@@ -33,6 +35,8 @@ def render_plan(plan: Plan) -> str:
     lines += [f"  disk {d['device']}: {d['image']} frozen; parent writes to {d['overlay']}"
               for d in plan.disks]
     lines.append(f"  clone: {' '.join(plan.clone_argv)}")
+    if plan.clone_binary:
+        lines.append(f"  clone binary: {plan.clone_binary}")
     lines.append(f"  filesystems mounted under {plan.mount_root}")
     lines += [f"  archive into {t}" for t in plan.targets] or ["  no archive targets"]
     return "\n".join(lines)

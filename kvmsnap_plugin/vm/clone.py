@@ -12,12 +12,14 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.host import faults
+from kvmsnap_plugin.host import faults, process
 from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.host.resources import (
     CloneMemory,
@@ -42,6 +44,7 @@ from kvmsnap_plugin.model import (
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
 from kvmsnap_plugin.vm.clone_options import policy_of
+from kvmsnap_plugin.vm.confine import clone_binary, parents_binary
 from kvmsnap_plugin.vm.machine import Machine
 from kvmsnap_plugin.vm.parent import option_fields
 from kvmsnap_plugin.vm.qemu_args import parse_argv
@@ -53,8 +56,9 @@ STATE_FD_NAME = "kvmsnap-incoming"
 
 
 def plan_clone(parent: Parent, workdir: Path, sockets: Path,
-               console_log: Path | None = None) -> ClonePlan:
-    """The clone's command line and disks (pure: nothing is created)."""
+               console_log: Path | None = None, monitor: Monitor | None = None) -> ClonePlan:
+    """The clone's command line, disks and binary (nothing is created). ``monitor``, the
+    parent's, tells whether its binary has QEMU's sandbox."""
     if parent.offline:
         raise VMError(f"{parent.name} is shut off: there is nothing to clone",
                       "its disk images are consistent as they are: back them up directly")
@@ -64,7 +68,10 @@ def plan_clone(parent: Parent, workdir: Path, sockets: Path,
     agent = sockets / "clone-qga.sock" if agent_chardev_ids(list(parent.argv)) else None
     argv = rewrite_argv(list(parent.argv), parent.writable_disks, disks, qmp_path, console_log,
                         workdir=workdir, agent_socket=agent, policy=policy_of(parent))
-    return ClonePlan(tuple(argv), disks, workdir, qmp_path, console_log, agent)
+    binary = clone_binary(parent, monitor)
+    if binary.sandbox:  # the clone's own: the parent's -sandbox is never copied
+        argv += ["-sandbox", binary.sandbox]
+    return ClonePlan(tuple(argv), disks, workdir, qmp_path, console_log, agent, binary)
 
 
 def prepare_overlays(plan: ClonePlan, disks: Sequence[ParentDisk]) -> None:
@@ -131,7 +138,8 @@ class Clone(Machine):
     """A running clone: loaded from the RAM state, NICs unplugged, still paused.
 
     The OOM killer's first choice from its first instant: if memory runs out while it
-    runs, the kernel ends the clone (the backup fails) and never the parent.
+    runs, the kernel ends the clone (the backup fails) and never the parent. It runs the
+    parent's own binary with a clean environment (see :mod:`~kvmsnap_plugin.vm.confine`).
     """
 
     def __init__(self, plan: ClonePlan, on_start: Callable[[int], None] | None) -> None:
@@ -142,9 +150,16 @@ class Clone(Machine):
 
         super().__init__(plan.argv, qmp_path=plan.qmp_path, name="clone",
                          console_log=plan.console_log,
-                         stderr_log=plan.workdir / "clone.stderr", on_start=started)
+                         stderr_log=plan.workdir / "clone.stderr", on_start=started,
+                         env=process.CLEAN_ENV)
         self.plan = plan
         self.restore_s = 0.0
+
+    def _spawn(self, stderr: IO[bytes], executable: str | None = None) -> subprocess.Popen[bytes]:
+        if self.plan.binary is None:
+            raise VMError("the clone has no binary planned", "plan it with plan_clone")
+        with parents_binary(self.plan.binary, self.plan.workdir) as parents:
+            return super()._spawn(stderr, parents)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from kvmsnap_plugin.errors import StepTimeout, VMError
 from kvmsnap_plugin.host import process
@@ -28,7 +29,8 @@ class Machine:
     def __init__(self, argv: Sequence[str], *, qmp_path: Path, name: str = "vm",
                  console_log: Path | None = None, stderr_log: Path | None = None,
                  pass_fds: Sequence[int] = (),
-                 on_start: Callable[[int], None] | None = None) -> None:
+                 on_start: Callable[[int], None] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.argv = [str(a) for a in argv]
         self.qmp_path = qmp_path
         self.name = name
@@ -36,6 +38,7 @@ class Machine:
         self.stderr_log = stderr_log or qmp_path.with_name(f"{name}.stderr")
         self.pass_fds = tuple(pass_fds)
         self.on_start = on_start  # told the PID at once (the journal records it)
+        self.env = env  # QEMU's whole environment (None: kvmsnap's own, a demo VM's)
         self.proc: subprocess.Popen[bytes] | None = None
         self._qmp: QmpSession | None = None
         #: how the VM ended: "guest", "powerdown", "quit", "terminate", "kill"
@@ -51,7 +54,7 @@ class Machine:
 
     def start(self, connect_timeout: float = 30.0) -> None:
         with open(self.stderr_log, "wb") as err:
-            self.proc = process.spawn(self.argv, stderr=err, pass_fds=self.pass_fds)
+            self.proc = self._spawn(err)
         if self.on_start:
             self.on_start(self.proc.pid)
         deadline = time.monotonic() + connect_timeout
@@ -63,6 +66,11 @@ class Machine:
             time.sleep(0.02)
         self._qmp = QmpSession(self.qmp_path, name=self.name).connect(
             max(1.0, deadline - time.monotonic()))
+
+    def _spawn(self, stderr: IO[bytes], executable: str | None = None) -> subprocess.Popen[bytes]:
+        """Start QEMU (a clone runs its parent's binary: ``executable``, see clone.py)."""
+        return process.spawn(self.argv, stderr=stderr, pass_fds=self.pass_fds, env=self.env,
+                             inherit_env=self.env is None, executable=executable)
 
     @property
     def pid(self) -> int:
