@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from kvmsnap_plugin.errors import VMError
-from kvmsnap_plugin.host import faults, process
+from kvmsnap_plugin.host import faults
 from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.host.resources import (
     CloneMemory,
@@ -44,7 +44,7 @@ from kvmsnap_plugin.model import (
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
 from kvmsnap_plugin.vm.clone_options import policy_of
-from kvmsnap_plugin.vm.confine import clone_binary, parents_binary
+from kvmsnap_plugin.vm.confine import clone_binary, clone_env, parents_binary
 from kvmsnap_plugin.vm.machine import Machine
 from kvmsnap_plugin.vm.parent import option_fields
 from kvmsnap_plugin.vm.qemu_args import parse_argv
@@ -151,7 +151,7 @@ class Clone(Machine):
         super().__init__(plan.argv, qmp_path=plan.qmp_path, name="clone",
                          console_log=plan.console_log,
                          stderr_log=plan.workdir / "clone.stderr", on_start=started,
-                         env=process.CLEAN_ENV)
+                         env=clone_env(plan.binary))
         self.plan = plan
         self.restore_s = 0.0
 

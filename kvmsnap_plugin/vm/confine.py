@@ -11,7 +11,10 @@ needs:
 - the environment is :data:`~kvmsnap_plugin.host.process.CLEAN_ENV` alone: none of
   kvmsnap's own (``BORG_PASSPHRASE``, ``RESTIC_PASSWORD``, ...) reaches it. QEMU needs no
   more: no ``TMPDIR`` (``-snapshot`` is refused), no ``HOME`` or display variables (the clone
-  has no display or audio).
+  has no display or audio). One exception: ``QEMU_MODULE_DIR`` of the parent's own
+  environment, when it names a root-owned directory no one else may write: a QEMU
+  installed beside the system's (a newer one unpacked into a prefix) loads its modules,
+  TCG among them, from there, and would die on the system's.
 - QEMU's own seccomp sandbox, when the binary was built with it (the parent's monitor
   lists the option): no obsolete system calls, no setuid, no fork/exec, no scheduler or
   priority changes.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -114,6 +118,33 @@ def parents_binary(binary: CloneBinary, where: Path) -> Iterator[str]:
             link.parent.rmdir()
     finally:
         os.close(fd)
+
+
+def clone_env(binary: CloneBinary | None) -> dict[str, str]:
+    """The clone's whole environment: :data:`process.CLEAN_ENV`, and the parent's
+    ``QEMU_MODULE_DIR`` if it is a directory only root can change."""
+    env = dict(process.CLEAN_ENV)
+    if binary is None:
+        return env
+    pid = binary.parent.partition(":")[0]
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return env
+    for entry in raw.split(b"\0"):
+        name, _, value = entry.decode(errors="replace").partition("=")
+        if name == "QEMU_MODULE_DIR" and _root_only(Path(value)):
+            env[name] = value
+    return env
+
+
+def _root_only(directory: Path) -> bool:
+    try:
+        info = directory.stat()
+    except OSError:
+        return False
+    return (directory.is_absolute() and stat.S_ISDIR(info.st_mode) and info.st_uid == 0
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def _gone(pid: int) -> VMError:

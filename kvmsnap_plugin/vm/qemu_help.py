@@ -51,7 +51,8 @@ def binary_options(binary: str) -> QemuOptions | None:
     key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _CACHE:
         try:
-            text = process.run([binary, "-help"], timeout=HELP_TIMEOUT).stdout
+            text = process.run([binary, "-help"], timeout=HELP_TIMEOUT, env=process.CLEAN_ENV,
+                               inherit_env=False).stdout
         except KvmsnapError as exc:
             log.warning("%s -help failed (%s): assuming QEMU 7.2's options", binary, exc)
             return None

@@ -148,3 +148,23 @@ def test_thread_pinning_keeps_resource_control_allowed(thread_context):
     value, note = sandbox_option(FakeMonitor(list(SANDBOX)), argv)
     assert value == "on,obsolete=deny,elevateprivileges=deny,spawn=deny"
     assert note == "sandboxed (resource control allowed for the VM's thread-context object)"
+
+
+def test_the_clone_keeps_only_a_root_owned_module_dir_of_the_parents_environment(tmp_path):
+    from kvmsnap_plugin.vm.confine import clone_env
+
+    modules = tmp_path / "modules"
+    modules.mkdir(mode=0o755)
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    writable.chmod(0o777)
+    for directory, kept in ((modules, True), (writable, False)):
+        env = {"PATH": "/bin", "QEMU_MODULE_DIR": str(directory), "BORG_PASSPHRASE": "x"}
+        child = subprocess.Popen(["sleep", "30"], env=env)
+        try:
+            binary = CloneBinary(process.identity(child.pid), "/bin/sleep", (7, 2, 0), None, "")
+            expected = {**process.CLEAN_ENV, "QEMU_MODULE_DIR": str(directory)}
+            assert clone_env(binary) == (expected if kept else process.CLEAN_ENV)
+        finally:
+            child.kill()
+            child.wait()
