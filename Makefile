@@ -16,13 +16,14 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	restic fuse3 libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config
 
-.PHONY: help deps venv guest demo test lint bench clean
+.PHONY: help deps venv guest qemu10 demo test lint bench clean
 
 help:
 	@echo "make demo   - back up the running demo guest (sets everything up first)"
 	@echo "make test   - run the test suite with real QEMU, borg, restic, borgmatic"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (results in bench/out)"
+	@echo "make qemu10 - QEMU 10 from bookworm-backports in ~/.cache/kvmsnap/qemu-10 (not installed)"
 	@echo "make clean  - remove the venv (the demo guest cache stays in ~/.cache/kvmsnap)"
 
 deps:
@@ -46,16 +47,21 @@ venv: $(STAMP)
 guest: venv
 	$(BIN)/python -m kvmsnap_demo guest
 
+# QEMU 10.0 beside the system's 7.2, for the version matrix (tests, benchmarks): unpacked into
+# a private prefix once, never installed system-wide.
+qemu10: venv
+	$(BIN)/python -m kvmsnap_demo qemu10
+
 demo: guest
 	$(BIN)/python -m kvmsnap_demo demo
 
 lint: venv
 	$(BIN)/ruff check kvmsnap_plugin kvmsnap_demo tests bench
 
-test: guest lint
+test: guest qemu10 lint
 	$(BIN)/pytest -q
 
-bench: guest
+bench: guest qemu10
 	$(BIN)/python -m bench
 
 clean:

@@ -1,6 +1,7 @@
-"""``python -m kvmsnap_demo guest|demo``: the demo and test guests, from a checkout.
+"""``python -m kvmsnap_demo guest|demo|qemu10``: the demo and test guests, from a checkout.
 
-Not part of the product: ``make guest`` and ``make demo`` run it from the checkout's root.
+Not part of the product: ``make guest``, ``make demo`` and ``make qemu10`` run it from the
+checkout's root.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qemu10(args: argparse.Namespace) -> int:
+    from kvmsnap_demo.qemu_builds import provision_qemu10
+
+    build = provision_qemu10()
+    info = {"name": build.name, "binary": build.binary, "version": build.version}
+    print(json.dumps(info, indent=2) if args.json else
+          "\n".join(f"{k}: {v}" for k, v in info.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvmsnap_demo",
                                      description="kvmsnap's demo and test guests")
@@ -49,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     guest = sub.add_parser("guest", help="build (or find) the cached demo guest and the "
                            "accelerator")
     guest.set_defaults(func=cmd_guest)
-    for cmd in (demo, guest):
+    qemu10 = sub.add_parser("qemu10", help="download QEMU 10 from bookworm-backports into a "
+                            "private prefix (once) for the tests' QEMU version matrix")
+    qemu10.set_defaults(func=cmd_qemu10)
+    for cmd in (demo, guest, qemu10):
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,16 +37,69 @@ def check_program(name: str, program: str, package: str, required: bool = True,
         return Check(name, "fail" if required else "warn", str(exc), exc.hint)
 
 
+def ask_qemu(binary: str, commands: Sequence[str], *, machine: str = "none",
+             env: Mapping[str, str] | None = None, timeout: float = 30) -> list[dict]:
+    """What a QEMU binary answers to QMP ``commands`` (one reply dict each), no guest run.
+
+    Asking the binary is the probe: its capabilities, not a version string, tell what it
+    can do. ``machine="pc"`` also loads the firmware (a check that it is found)."""
+    script = [{"execute": "qmp_capabilities"}, *({"execute": c} for c in commands),
+              {"execute": "quit"}]
+    out = process.run([binary, "-machine", f"{machine},accel=tcg", "-S", "-nodefaults",
+                       "-display", "none", "-qmp", "stdio"], env=env, timeout=timeout,
+                      input="".join(json.dumps(line) + "\n" for line in script).encode())
+    replies = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    answers = [r for r in replies if "return" in r or "error" in r]
+    return answers[1:1 + len(commands)]
+
+
 def check_qemu() -> Check:
     try:
         version = probes.qemu_version()
+        binary = process.find_program(probes.QEMU, "qemu-system-x86")
     except KvmsnapError as exc:
         return Check("qemu", "fail", str(exc), "apt-get install qemu-system-x86 qemu-utils")
     shown = ".".join(map(str, version))
     if version < (7, 2, 0):
-        return Check("qemu", "warn", f"QEMU {shown}: background snapshots need 6.0+, "
-                     "kvmsnap is tested on 7.2", "upgrade QEMU")
-    return Check("qemu", "ok", f"QEMU {shown}")
+        return Check("qemu", "warn", f"QEMU {shown} ({binary}): background snapshots need "
+                     "6.0+, kvmsnap is tested on 7.2 and 10.0", "upgrade QEMU")
+    return Check("qemu", "ok", f"QEMU {shown} ({binary}); a VM started from another QEMU "
+                 "is cloned with its own binary")
+
+
+def check_ram_method() -> Check:
+    """Which RAM snapshot a fork of a VM on the system QEMU takes by default (auto)."""
+    try:
+        binary = process.find_program(probes.QEMU, "qemu-system-x86")
+        answer = ask_qemu(binary, ["query-migrate-capabilities"])[0]
+    except (KvmsnapError, IndexError, ValueError) as exc:
+        return Check("ram-method", "fail", f"could not ask QEMU its migration capabilities: "
+                     f"{exc}", "run `qemu-system-x86_64 -machine none -qmp stdio` by hand")
+    capabilities = {c["capability"] for c in answer.get("return", [])}
+    if "background-snapshot" not in capabilities:
+        return Check("ram-method", "warn", "stop-and-copy: this QEMU has no "
+                     "background-snapshot capability (the VM pauses for the whole RAM save)",
+                     "QEMU 6.0+")
+    uffd_ok, why = probes.uffd_wp_supported()
+    if not uffd_ok:
+        return Check("ram-method", "warn", f"stop-and-copy: QEMU can background-snapshot "
+                     f"but {why}", "run as root, or sysctl vm.unprivileged_userfaultfd=1")
+    return Check("ram-method", "ok", "background-snapshot (QEMU has the capability, the "
+                 "kernel userfaultfd write-protect); --method stop-and-copy on request")
+
+
+def check_resume_logic() -> Check:
+    """Who resumes the guest after a background snapshot: seen only at run time."""
+    try:
+        version = probes.qemu_version()
+    except KvmsnapError as exc:
+        return Check("resume-logic", "fail", str(exc), "apt-get install qemu-system-x86")
+    expected = ("QEMU restores the runstate kvmsnap paused, kvmsnap resumes the guest"
+                if version >= (9, 0, 0) else "QEMU resumes the guest itself after the capture")
+    return Check("resume-logic", "ok", "decided per run by watching RESUME (7.2: QEMU "
+                 "resumes the guest itself; 9.0+: the previous runstate is restored and "
+                 f"kvmsnap resumes it); expected for QEMU {'.'.join(map(str, version))}: "
+                 f"{expected}")
 
 
 def check_accelerator() -> Check:
@@ -119,6 +173,8 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     lambda: check_program("qemu-storage-daemon", "qemu-storage-daemon", "qemu-system-common"),
     check_accelerator,
     check_uffd,
+    check_ram_method,
+    check_resume_logic,
     check_huge_pages,
     check_fuse,
     check_loop,
