@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from kvmsnap_demo import qemu_builds
 from kvmsnap_demo.builder import DemoGuest, build_guest
 from kvmsnap_demo.debian import DebianGuest, DebianVM, build_debian_guest, debian_vm
 from kvmsnap_demo.disk import DiskContents, read_disk
 from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
+from kvmsnap_plugin.errors import KvmsnapError
 from kvmsnap_plugin.host import probes, process
 
 
@@ -83,6 +85,20 @@ def start_demo(demo_guest: DemoGuest, accel: str,
             return vm
 
         yield start
+
+
+@pytest.fixture(scope="session", params=qemu_builds.BUILDS, ids=lambda name: f"qemu{name}")
+def qemu_build(request: pytest.FixtureRequest) -> qemu_builds.QemuBuild:
+    """Each QEMU of the version matrix in turn: Debian 12's 7.2 and QEMU 10.0 from a private
+    prefix; start the parent with ``start_demo(binary=qemu_build.binary)``.
+
+    A missing build fails the test (in CI and out of it), never skips it: `make test`
+    provisions QEMU 10 first."""
+    try:
+        return qemu_builds.qemu_build(request.param)
+    except KvmsnapError as exc:
+        problem = exc.one_line()
+    pytest.fail(problem, pytrace=False)  # outside the except: one line, no chained traceback
 
 
 @pytest.fixture
