@@ -7,10 +7,13 @@ P3  the clone's cost: restore time and peak RSS against guest RAM
 P4  block-commit time against what the parent wrote during the backup (qemu-io writes and
     guest-written files)
 
-P1 and P3 come from the same forks. Results go to OUT/results.json (every sample, the
-machine, the settings), OUT/RESULTS.md (tables for the README) and OUT/*.png. A run of a
-subset (--only) keeps the other benchmarks' results from OUT/results.json (each section
-says when and how it was measured).
+P1 and P3 come from the same forks, on each QEMU build of ``--qemu`` (default: Debian 12's 7.2
+and QEMU 10.0 from bookworm-backports, ``make qemu10``): one guest per build, their forks
+interleaved (which build goes first alternates between repetitions).
+
+Results go to OUT/results.json (every sample, the machine, the settings), OUT/RESULTS.md
+(tables for the README) and OUT/*.png. A run of a subset (--only) keeps the other
+benchmarks' results from OUT/results.json (each section says when and how it was measured).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 from bench import commit_bench, e2e_bench, fork_bench, report
 from bench.common import Settings, machine_info, machine_line, progress, write_json
 from kvmsnap_demo.builder import build_guest
+from kvmsnap_demo.qemu_builds import BUILDS
 from kvmsnap_plugin.host.probes import choose_accelerator
 
 BENCHMARKS = ("P1", "P2", "P3", "P4")
@@ -51,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "RESULTS.md and the plots")
     parser.add_argument("--ram", help="P1/P3 guest RAM sizes in MiB, comma-separated "
                         "(default: 256,1024,2048, or 256 with --quick)")
+    parser.add_argument("--qemu", default=",".join(BUILDS),
+                        help="P1/P3 QEMU builds, side by side (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.qemu_builds = tuple(q.strip() for q in args.qemu.split(",") if q.strip())
+    if not args.qemu_builds or set(args.qemu_builds) - set(BUILDS):
+        parser.error(f"--qemu takes a subset of {','.join(BUILDS)}")
     only = {p.strip().upper() for p in args.only.split(",") if p.strip()}
     unknown = only - set(BENCHMARKS)
     if unknown:
@@ -74,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     # qemu.qmp logs every refused connect while a QEMU starts (kvmsnap retries): noise.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    settings = Settings.make(args.quick, args.out, args.only_set, args.reps, args.ram_mib)
+    settings = Settings.make(args.quick, args.out, args.only_set, args.reps, args.ram_mib,
+                             args.qemu_builds)
     settings.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     guest = build_guest()

@@ -39,10 +39,13 @@ class Settings:
     p2_disk_mib: int = 2048  # P2's mixed-data guest disk
     p2_reps: int = 3  # P2 repetitions (each: two runs, 4 tool/mode pairs, both sides)
     workdir_base: Path = field(default=Path("/var/tmp"))
+    #: P1/P3's QEMU builds (kvmsnap_demo/qemu_builds.py), forked side by side
+    qemu: tuple[str, ...] = ("7.2", "10.0")
 
     @classmethod
     def make(cls, quick: bool, out: Path, only: Iterable[str], reps: int | None = None,
-             ram_mib: Sequence[int] | None = None) -> Settings:
+             ram_mib: Sequence[int] | None = None,
+             qemu: Sequence[str] | None = None) -> Settings:
         if quick:
             defaults: dict[str, Any] = dict(reps=1, ram_mib=(256,), baseline_s=1.0,
                                             settle_s=0.5, warmup=False, write_mib=(0, 64),
@@ -56,6 +59,8 @@ class Settings:
             defaults["p2_reps"] = reps
         if ram_mib:
             defaults["ram_mib"] = tuple(ram_mib)
+        if qemu:
+            defaults["qemu"] = tuple(qemu)
         return cls(quick=quick, out=out, only=frozenset(only), fill_ratio=0.7, **defaults)
 
     def as_dict(self) -> dict[str, Any]:

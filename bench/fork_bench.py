@@ -26,13 +26,14 @@ Each fork records:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 import tempfile
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import ticks
 from bench.api import backup_once
@@ -40,6 +41,7 @@ from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summ
 from bench.sampler import ForkSampler
 from bench.ticks import Ticker
 from kvmsnap_demo.builder import DemoGuest
+from kvmsnap_demo.qemu_builds import QemuBuild, qemu_build
 from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
 from kvmsnap_plugin.host import hugepages
 
@@ -52,21 +54,24 @@ TIMELINE_AFTER_S = 0.5
 #: the window around the pause (each side) whose largest gap is compared with the baseline's
 #: largest gap per 1 s (+ pause) window without a fork
 WINDOW_S = 0.5
+T = TypeVar("T")
 
 
 def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
-    """All the forks; :func:`summarise` the records afterwards."""
+    """All the forks, on every QEMU build; :func:`summarise` the records afterwards."""
+    builds = [qemu_build(name) for name in settings.qemu]  # fails now if one is missing
     records: list[dict[str, Any]] = []
     boots: list[dict[str, Any]] = []
     for ram in settings.ram_mib:
         try:
-            boots.append(_one_size(settings, guest, accel, ram, records))
+            boots += _one_size(settings, guest, accel, ram, builds, records)
         except Exception as exc:  # keep the other sizes' results
             progress(f"P1/P3 at {ram} MiB failed: {type(exc).__name__}: {exc}")
             records.append({"ram_mib": ram, "variant": "-", "method": "-", "rep": -1,
                             "error": f"{type(exc).__name__}: {exc}",
                             "traceback": traceback.format_exc(limit=-6)})
-    return {"records": records, "boots": boots}
+    return {"records": records, "boots": boots,
+            "qemu": {build.name: build.version for build in builds}}
 
 
 def fork_order(reps: int, warmup: bool) -> list[tuple[int, str]]:
@@ -80,47 +85,84 @@ def fork_order(reps: int, warmup: bool) -> list[tuple[int, str]]:
     return order
 
 
-def _one_size(settings: Settings, guest: DemoGuest, accel: str, ram: int,
-              records: list[dict[str, Any]]) -> dict[str, Any]:
+def interleaved(order: list[tuple[int, str]], builds: list[T]) -> list[tuple[int, str, T]]:
+    """(rep, variant, build): each repetition's variants on one build, then on the next;
+    which build goes first alternates between repetitions (both meet the same noise)."""
+    out = []
+    for rep, group in itertools.groupby(order, key=lambda item: item[0]):
+        variants = [variant for _, variant in group]
+        for build in builds if rep % 2 == 0 else builds[::-1]:
+            out += [(rep, variant, build) for variant in variants]
+    return out
+
+
+@dataclass
+class Guest:
+    """One build's demo VM of one RAM size, with its ticker."""
+
+    build: QemuBuild
+    vm: DemoVM
+    ticker: Ticker
+    tmp: Path
+    boot: dict[str, Any]
+    forks: int = 0
+
+
+def _boot(stack: contextlib.ExitStack, settings: Settings, guest: DemoGuest, accel: str,
+          ram: int, build: QemuBuild) -> Guest:
     fill = int(ram * settings.fill_ratio)
+    sockets = stack.enter_context(short_dir())
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
+        prefix=f"kvmsnap-bench-p1-{ram}-q{build.name}-", dir=settings.workdir_base)))
+    (tmp / "vm").mkdir()
+    ticker = stack.enter_context(Ticker(sockets, tmp))
+    options = DemoOptions(memory_mib=ram, fill_mib=fill, ticker=True,
+                          extra_args=ticker.qemu_args, binary=build.binary)
+    progress(f"P1/P3: booting a {ram} MiB guest on QEMU {build.version}, {fill} MiB of it "
+             "filled")
+    started = time.monotonic()
+    vm = stack.enter_context(demo_vm(guest, accel, options, workdir=tmp / "vm"))
+    vm.wait_ready(timeout=120 + 0.1 * fill)
+    boot = {"ram_mib": ram, "fill_mib": fill, "qemu": build.name,
+            "qemu_version": build.version, "boot_s": time.monotonic() - started}
+    ticker.wait_flowing()
+    # MIGRATION events (setup/active/completed) time the phases inside the pause; the
+    # capability only makes QEMU report them.
+    vm.qmp.execute("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+    boot["guest_ram_mappings"] = len(hugepages.guest_ram(vm.pid))
+    return Guest(build, vm, ticker, tmp, boot)
+
+
+def _one_size(settings: Settings, guest: DemoGuest, accel: str, ram: int,
+              builds: list[QemuBuild], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     with contextlib.ExitStack() as stack:
-        sockets = stack.enter_context(short_dir())
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
-            prefix=f"kvmsnap-bench-p1-{ram}-", dir=settings.workdir_base)))
-        (tmp / "vm").mkdir()
-        ticker = stack.enter_context(Ticker(sockets, tmp))
-        options = DemoOptions(memory_mib=ram, fill_mib=fill, ticker=True,
-                              extra_args=ticker.qemu_args)
-        progress(f"P1/P3: booting a {ram} MiB guest, {fill} MiB of it filled")
-        started = time.monotonic()
-        vm = stack.enter_context(demo_vm(guest, accel, options, workdir=tmp / "vm"))
-        vm.wait_ready(timeout=120 + 0.1 * fill)
-        boot = {"ram_mib": ram, "fill_mib": fill, "boot_s": time.monotonic() - started}
-        ticker.wait_flowing()
-        # MIGRATION events (setup/active/completed) time the phases inside the pause; the
-        # capability only makes QEMU report them.
-        vm.qmp.execute("migrate-set-capabilities",
-                       {"capabilities": [{"capability": "events", "state": True}]})
-        boot["guest_ram_mappings"] = len(hugepages.guest_ram(vm.pid))
-        timelines: set[str] = set()
-        for index, (rep, variant) in enumerate(fork_order(settings.reps, settings.warmup)):
+        guests = [_boot(stack, settings, guest, accel, ram, build) for build in builds]
+        timelines: set[tuple[str, str]] = set()
+        for rep, variant, on in interleaved(fork_order(settings.reps, settings.warmup),
+                                            guests):
             method, recollapse = VARIANTS[variant]
-            record: dict[str, Any] = {"ram_mib": ram, "fill_mib": fill, "rep": rep,
-                                      "warmup": rep < 0, "variant": variant, "method": method}
+            record: dict[str, Any] = {"ram_mib": ram, "fill_mib": on.boot["fill_mib"],
+                                      "qemu": on.build.name, "qemu_version": on.build.version,
+                                      "rep": rep, "warmup": rep < 0, "variant": variant,
+                                      "method": method}
             if recollapse and rep >= 0:  # the warm-up meets the huge pages of a fresh boot
-                record["collapse"] = asdict(hugepages.collapse(vm.pid))
+                record["collapse"] = asdict(hugepages.collapse(on.vm.pid))
             time.sleep(settings.settle_s)
             record["thp_before"] = {"huge_share": hugepages.huge_share(
-                hugepages.guest_ram(vm.pid))}
-            record.update(_one_fork(settings, vm, ticker, tmp / f"fork{index}", method,
-                                    keep_timeline=rep >= 0 and variant not in timelines))
+                hugepages.guest_ram(on.vm.pid))}
+            first_timeline = rep >= 0 and (on.build.name, variant) not in timelines
+            record.update(_one_fork(settings, on.vm, on.ticker, on.tmp / f"fork{on.forks}",
+                                    method, keep_timeline=first_timeline))
+            on.forks += 1
             if "timeline" in record:
-                timelines.add(variant)
+                timelines.add((on.build.name, variant))
             records.append(record)
             progress(_describe(record))
-            if not vm.running():
-                raise RuntimeError(f"the {ram} MiB demo guest died during the benchmark")
-    return boot
+            if not on.vm.running():
+                raise RuntimeError(f"the {ram} MiB demo guest on QEMU {on.build.version} "
+                                   "died during the benchmark")
+    return [g.boot for g in guests]
 
 
 def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, method: str,
@@ -212,7 +254,8 @@ def _phases(pauses: list[tuple[float, float]], phases: dict[str, float]) -> dict
 
 
 def _describe(record: dict[str, Any]) -> str:
-    head = f"  {record['ram_mib']:5d} MiB {record['variant']:9s} rep {record['rep']:2d}: "
+    head = (f"  {record['ram_mib']:5d} MiB QEMU {record.get('qemu', '?'):4s} "
+            f"{record['variant']:9s} rep {record['rep']:2d}: ")
     if "error" in record:
         return head + "FAILED " + record["error"]
     gap = record["tick_gap_ms"]
@@ -242,7 +285,46 @@ PER_FORK = ("tick_gap_ms", "tick_excess_ms", "pause_ms", "qemu_downtime_ms", "di
             "ram_save_observed_s", "clone_restore_s", "shutdown_s", "total_s")
 
 
+def qemu_of(record: dict[str, Any]) -> str:
+    """The build a fork ran on ("system": results from before the version matrix)."""
+    return record.get("qemu", "system")
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per QEMU build; the first build's summary also at the top (what one-build reports
+    read), and the builds' paired ratios under "versions"."""
+    builds = list(dict.fromkeys(qemu_of(r) for r in records if r.get("variant") in VARIANTS))
+    by_qemu = {build: summarise_build([r for r in records if qemu_of(r) == build])
+               for build in builds}
+    first = by_qemu[builds[0]] if builds else summarise_build([])
+    return {**first, "qemu": builds, "by_qemu": by_qemu,
+            "versions": version_ratios(measured(records), builds)}
+
+
+def version_ratios(good: list[dict[str, Any]], builds: list[str]) -> list[dict[str, Any]]:
+    """Each later build against the first, per RAM size and variant: the same repetition's
+    forks (run one right after the other), then the median of the ratios."""
+    out = []
+    for other in builds[1:]:
+        for ram in sorted({r["ram_mib"] for r in good}):
+            for variant in VARIANTS:
+                by = {(qemu_of(r), r["rep"]): r for r in good
+                      if r["ram_mib"] == ram and r["variant"] == variant}
+                pairs = [(by[builds[0], rep], by[other, rep]) for q, rep in by
+                         if q == other and (builds[0], rep) in by]
+                if not pairs:
+                    continue
+                entry: dict[str, Any] = {"ram_mib": ram, "variant": variant,
+                                         "ratio": f"{other}/{builds[0]}", "pairs": len(pairs)}
+                for key in ("pause_ms", "tick_gap_ms", "tick_excess_ms", "clone_restore_s",
+                            "total_s"):
+                    entry[key] = summary(t[key] / b[key] for b, t in pairs
+                                         if b.get(key) and t.get(key) is not None)
+                out.append(entry)
+    return out
+
+
+def summarise_build(records: list[dict[str, Any]]) -> dict[str, Any]:
     good = measured(records)
     rows = []
     for ram in sorted({r["ram_mib"] for r in good}):

@@ -36,13 +36,21 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
               "are taken per repetition between variants run back to back on the same VM "
               "(alternating which goes first), then their median. Raw samples: "
               "`results.json`.", ""]
+    from bench import versions  # here: versions uses this module's names
+
     forks = results.get("forks")
-    if "P1" in chosen and forks and "summary" in forks:
-        lines += _p1(forks, prov.get("P1", {}).get("settings") or results["settings"])
+    builds = versions.per_build(forks) if forks and "summary" in forks else []
+    if "P1" in chosen:
+        settings = prov.get("P1", {}).get("settings") or results["settings"]
+        for index, (title, view) in enumerate(builds):
+            lines += _p1(view, settings, title, intro=index == 0)
     if "P2" in chosen and "P2" in results and "summary" in results["P2"]:
         lines += _p2(results["P2"])
-    if "P3" in chosen and forks and "summary" in forks:
-        lines += _p3(forks)
+    if "P3" in chosen:
+        for index, (title, view) in enumerate(builds):
+            lines += _p3(view, title, intro=index == 0)
+    if chosen and len(builds) > 1:
+        lines += versions.markdown(forks)
     if "P4" in chosen and "P4" in results and "summary" in results["P4"]:
         lines += _p4(results["P4"])
     failed = [r for key in ("forks", "P2", "P4") if key in results
@@ -116,12 +124,13 @@ def _load_text(records: list[dict[str, Any]], cores: int) -> str:
             f"{max(others)} QEMU processes of other users running at the same time")
 
 
-def _p1(p1: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
+        intro: bool = True) -> list[str]:
     summary = p1["summary"]
     rows = summary["rows"]
     interval = summary["baseline_interval"]
-    out = ["## P1: the parent's pause as the guest sees it", "",
-           f"A demo guest with {int(settings['fill_ratio'] * 100)}% of its RAM filled with "
+    out = [f"## P1: the parent's pause as the guest sees it{build}", ""]
+    out += [f"A demo guest with {int(settings['fill_ratio'] * 100)}% of its RAM filled with "
            "random data (in a tmpfs) prints a tick every 10 ms on a serial port; the host "
            "stamps each tick's arrival. Under TCG the guest's clock stops while it is paused, "
            "so a pause of P ms shows as one gap of about (tick interval + P).", "",
@@ -141,8 +150,8 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any]) -> list[str]:
            "figure (for stop-and-copy it leaves out the time the VM was already stopped). "
            "*Worst gap*: the largest gap anywhere during the whole backup (clone, shutdown, "
            "commit included). *THP*: share of the guest RAM in huge pages before the fork. "
-           "All times in ms.", "",
-           "| guest RAM (filled) | variant | gap | excess | +-0.5 s | RESUME->tick | "
+           "All times in ms.", ""] if intro else []
+    out += ["| guest RAM (filled) | variant | gap | excess | +-0.5 s | RESUME->tick | "
            "STOP->RESUME | QEMU downtime | disk snapshot | worst gap during backup | THP | n |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -267,17 +276,17 @@ def p1_verdicts(p1: dict[str, Any]) -> list[str]:
     return verdicts or ["no background-snapshot samples"]
 
 
-def _p3(p3: dict[str, Any]) -> list[str]:
-    out = ["## P3: the clone's cost", "",
-           "*Restore*: `clone_restore_s` (the clone QEMU loading the RAM image). *Peak RSS*: "
+def _p3(p3: dict[str, Any], build: str = "", intro: bool = True) -> list[str]:
+    out = [f"## P3: the clone's cost{build}", ""]
+    out += ["*Restore*: `clone_restore_s` (the clone QEMU loading the RAM image). *Peak RSS*: "
            "the clone QEMU's `VmHWM`, polled every 20 ms from /proc while it runs. *RAM "
            "image*: the largest size the state file reached (zero pages are not stored). "
            "*RSS - image*: the clone's own overhead beyond the guest pages it loaded (QEMU "
            "binary and libraries, TCG translation cache, device state). *RAM save*: from "
            "STOP until the state file stopped growing (observed every 20 ms), because "
            "kvmsnap's `ram_save_s` (`query-migrate` total-time) can read 0 for background "
-           "snapshots on QEMU 7.2.", "",
-           "| guest RAM (filled) | variant | restore s | clone peak RSS MiB | peak RSS / guest "
+           "snapshots on QEMU 7.2.", ""] if intro else []
+    out += ["| guest RAM (filled) | variant | restore s | clone peak RSS MiB | peak RSS / guest "
            "RAM | RAM image MiB | RSS - image MiB | RAM save s | n |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in p3["summary"]["rows"]:
@@ -585,12 +594,16 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     chosen = results["benchmarks"]
     forks = results.get("forks")
     if forks and forks.get("summary", {}).get("rows"):
+        from bench import versions  # here: versions uses this module's names
+
+        first = versions.per_build(forks)[0][1]  # the system's QEMU, named in `machine`
         if "P1" in chosen:
-            made += _plot_p1(plt, forks, out, machine)
-            made += _plot_phases(plt, forks, out, machine)
-            made += _plot_timeline(plt, forks, out, machine)
+            made += _plot_p1(plt, first, out, machine)
+            made += _plot_phases(plt, first, out, machine)
+            made += _plot_timeline(plt, first, out, machine)
         if "P3" in chosen:
-            made += _plot_p3(plt, forks, out, machine)
+            made += _plot_p3(plt, first, out, machine)
+        made += versions.plot(plt, forks, out, machine.split(", QEMU")[0])
     p2 = results.get("P2")
     if "P2" in chosen and p2 and p2.get("summary", {}).get("rows"):
         made += _plot_p2(plt, p2, out, machine)
