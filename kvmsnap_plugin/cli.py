@@ -65,7 +65,7 @@ def _job_from_args(args: argparse.Namespace,
     settings = {key: getattr(args, key) for key in (
         "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
         "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages",
-        "min_free", "max_pause")
+        "min_free", "max_pause", "allow_remote_workdir")
         if getattr(args, key, None) is not None}
     dry_run = getattr(args, "dry_run", False)
     if args.domain:
@@ -265,6 +265,9 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="the longest pause of the VM allowed; a method that cannot keep "
                      "to it (stop-and-copy of a large RAM) is refused before pausing "
                      f"(default {MAX_PAUSE:g})")
+    cmd.add_argument("--allow-remote-workdir", action="store_true",
+                     help="accept a work directory on a network or FUSE filesystem (NFS, "
+                     "CIFS, sshfs...): the guest's RAM, keys included, is written there")
 
 
 def build_parser() -> argparse.ArgumentParser:

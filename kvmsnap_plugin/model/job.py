@@ -40,6 +40,8 @@ class ForkOptions:
     min_free: int = MIN_FREE
     #: the longest pause of the parent kvmsnap may cause (seconds); refused before pausing
     max_pause: float = MAX_PAUSE
+    #: accept a work directory on a network or FUSE filesystem (the guest's RAM goes there)
+    allow_remote_workdir: bool = False
 
     def __post_init__(self) -> None:
         choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
