@@ -123,9 +123,9 @@ def _problem(info: os.stat_result, mode: int, *, private: bool, above: bool) -> 
     if above:
         sticky = bool(mode & stat.S_ISVTX)
         return "" if sticky or not mode & 0o022 else "is writable by group or others"
-    if private and mode != 0o700:
-        return "is open to group or others"
-    return "is writable by group or others" if mode & 0o022 else ""
+    if mode & 0o022:
+        return "is writable by group or others"
+    return "is not mode 0700" if private and mode != 0o700 else ""
 
 
 def _fix(path: Path, info: os.stat_result, above: bool) -> str:
