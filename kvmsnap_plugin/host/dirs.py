@@ -31,16 +31,17 @@ from kvmsnap_plugin.errors import HostError
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def private_dir(path: Path, what: str) -> Path:
+def private_dir(path: Path, what: str, *, create: bool = True) -> Path:
     """kvmsnap's own directory ``path`` (``what`` names it for people): created 0700, or
-    refused unless it is a root-owned 0700 directory."""
-    return _ensure(Path(path), what, private=True)
+    refused unless it is a root-owned 0700 directory. Without ``create``, only checked
+    (what exists of it, and above it)."""
+    return _ensure(Path(path), what, private=True, create=create)
 
 
-def user_dir(path: Path, what: str) -> Path:
+def user_dir(path: Path, what: str, *, create: bool = True) -> Path:
     """A directory the user named: created 0700, or refused if it is a symlink, not
     root-owned, or writable by group or others."""
-    return _ensure(Path(path), what, private=False)
+    return _ensure(Path(path), what, private=False, create=create)
 
 
 def create_file(path: Path, content: bytes = b"") -> None:
@@ -67,7 +68,7 @@ def trusted_owner(uid: int) -> bool:
     return uid in (0, os.geteuid())
 
 
-def _ensure(path: Path, what: str, *, private: bool) -> Path:
+def _ensure(path: Path, what: str, *, private: bool, create: bool) -> Path:
     path = path.absolute()
     missing = []  # to create, innermost first
     while not os.path.lexists(path) and path != path.parent:
@@ -80,6 +81,8 @@ def _ensure(path: Path, what: str, *, private: bool) -> Path:
     if not missing:
         _check(path, what, private=private)
         return path
+    if not create:
+        return missing[0]
     for directory in reversed(missing):
         _make(directory, what)
         leaf = directory == missing[0]

@@ -128,18 +128,19 @@ def _space_fix(group: list[SpaceNeed]) -> str:
             "margin with --min-free (min_free)")
 
 
-def workdir_base(base: Path) -> Path:
+def workdir_base(base: Path, *, create: bool = True) -> Path:
     """The work directory, created or checked (dirs.py): kvmsnap's own default must be
     0700, one the user names writable by nobody else."""
     if base == DEFAULT_WORKDIR:
-        return dirs.private_dir(base, "the work directory")
-    return dirs.user_dir(base, "the work directory")
+        return dirs.private_dir(base, "the work directory", create=create)
+    return dirs.user_dir(base, "the work directory", create=create)
 
 
 def check_workdir(base: Path, allow_remote: bool) -> None:
     """Before the pause: the work directory is safe, and on a filesystem of this host, since
-    the guest's RAM (its keys included) goes there, unless the user allows otherwise."""
-    workdir_base(base)
+    the guest's RAM (its keys included) goes there, unless the user allows otherwise.
+    Nothing is made yet (make_workdir does, after every check)."""
+    workdir_base(base, create=False)
     fstype = mounts.filesystem_type(base)
     if mounts.is_remote(fstype) and not allow_remote:
         raise HostError(f"the work directory {base} is on a {fstype} filesystem: the guest's "

@@ -113,3 +113,11 @@ def test_a_replaced_file_is_0600_and_a_symlink_there_is_replaced_not_followed(tm
     assert not (tmp_path / "note").is_symlink() and mode(tmp_path / "note") == 0o600
     assert (tmp_path / "note").read_bytes() == b"text"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["note", "victim"]
+
+
+def test_a_check_alone_makes_nothing_but_refuses_the_same(tmp_path):
+    assert dirs.private_dir(tmp_path / "a" / "b", "x", create=False) == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []
+    shared = directory(tmp_path / "shared", 0o777)
+    with pytest.raises(HostError, match="writable by group or others"):
+        dirs.user_dir(shared / "work", "the work directory", create=False)

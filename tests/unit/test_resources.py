@@ -96,6 +96,7 @@ def test_the_work_directory_on_a_network_or_fuse_filesystem_is_refused_unless_al
     resources.check_workdir(tmp_path / "work", allow_remote=True)
     monkeypatch.setattr(resources.mounts, "filesystem_type", lambda path: "ext4")
     resources.check_workdir(tmp_path / "local", allow_remote=False)
+    assert list(tmp_path.iterdir()) == []  # checked before the pause, made after
 
 
 def test_a_world_writable_work_directory_is_refused_before_anything_is_made(tmp_path):
