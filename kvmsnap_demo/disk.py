@@ -36,7 +36,7 @@ class DiskContents(WorkloadLines):
 
 def read_disk(image: Path, scratch: Path) -> DiskContents:
     """Contents of a demo data disk (qcow2 or raw); ``scratch`` is a free file path."""
-    raw = image if image.suffix == ".raw" else images.raw_copy(image, scratch)
+    raw = image if image.suffix == ".raw" else images.raw_copy(image, scratch, "qcow2")
     try:
         state, _ = verify.ext4_state(raw)
         log_text = (verify.read_file(raw, "/workload.log") or b"").decode()

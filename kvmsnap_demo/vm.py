@@ -123,7 +123,7 @@ class WorkloadVM(Machine):
         """
         self.qmp.execute("stop")
         try:
-            return raw_copy(self.paths.disks[index], dest)
+            return raw_copy(self.paths.disks[index], dest, "qcow2")
         finally:
             self.qmp.execute("cont")
 

@@ -66,7 +66,8 @@ def _job_from_args(args: argparse.Namespace,
     settings = {key: getattr(args, key) for key in (
         "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
         "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages",
-        "min_free", "max_pause", "clone_drop")
+        "min_free", "max_pause", "clone_drop",
+        "allow_remote_workdir")
         if getattr(args, key, None) is not None}
     dry_run = getattr(args, "dry_run", False)
     if args.domain:
@@ -270,6 +271,9 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="leave an option kvmsnap refuses out of the clone, when it serves "
                      "the parent alone: an option (set) or object:TYPE (object:input-barrier); "
                      "repeatable")
+    cmd.add_argument("--allow-remote-workdir", action="store_true",
+                     help="accept a work directory on a network or FUSE filesystem (NFS, "
+                     "CIFS, sshfs...): the guest's RAM, keys included, is written there")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,7 +51,8 @@ from kvmsnap_plugin.plugin.archive import absolute_repository
 #: keys allowed in [defaults] and, as overrides, in each [[vm]]
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
                       "repress_after", "on_unclean", "keep", "mount_root",
-                      "collapse_huge_pages", "min_free", "max_pause", "clone_drop"})
+                      "collapse_huge_pages", "min_free", "max_pause", "clone_drop",
+                      "allow_remote_workdir"})
 VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
@@ -110,10 +111,7 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         repress = float(settings.get("repress_after", REPRESS_AFTER))
     except (TypeError, ValueError) as exc:
         raise UsageError(f"bad timeout in {where}: {exc}", "give seconds as a number") from None
-    collapse = settings.get("collapse_huge_pages", False)
-    if not isinstance(collapse, bool):
-        raise UsageError(f"collapse_huge_pages in {where} must be true or false, "
-                         f"not {collapse!r}", "write collapse_huge_pages = true")
+    collapse = _flag(settings, "collapse_huge_pages", where)
     return ForkOptions(
         min_free=parse_size(settings.get("min_free", MIN_FREE), f"min_free in {where}"),
         max_pause=_max_pause(settings.get("max_pause", MAX_PAUSE), where),
@@ -128,6 +126,7 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         mount_root=path("mount_root"),
         collapse_huge_pages=collapse,
         clone_drop=_clone_drop(settings.get("clone_drop", ()), where),
+        allow_remote_workdir=_flag(settings, "allow_remote_workdir", where),
     )
 
 
@@ -136,6 +135,14 @@ def _clone_drop(value: Any, where: str) -> tuple[str, ...]:
         raise UsageError(f"clone_drop in {where} must be a list of option names, not "
                          f"{value!r}", 'e.g. clone_drop = ["set", "object:input-barrier"]')
     return tuple(value)
+
+
+def _flag(settings: Mapping[str, Any], key: str, where: str) -> bool:
+    value = settings.get(key, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"{key} in {where} must be true or false, not {value!r}",
+                         f"write {key} = true")
+    return value
 
 
 def _max_pause(value: Any, where: str) -> float:

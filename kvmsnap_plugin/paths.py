@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,18 @@ from pathlib import Path
 DEFAULT_WORKDIR = Path("/var/tmp/kvmsnap")
 #: journals and per-VM locks (0700): what `kvmsnap recover` reads
 STATE_DIR = Path(os.environ.get("KVMSNAP_STATE_DIR", "/var/lib/kvmsnap"))
+#: small per-run things that must not outlive a reboot: unix sockets (0700)
+RUNTIME_DIR = Path("/run/kvmsnap")
+
+
+def is_private_dir(path: Path) -> bool:
+    """A real directory (no symlink) of this user's, open to nobody else, writable."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            and stat.S_IMODE(info.st_mode) == 0o700 and os.access(path, os.W_OK))
 
 
 def cache_root() -> Path:
@@ -31,14 +44,14 @@ def safe_name(name: str) -> str:
 def socket_dir() -> Iterator[Path]:
     """A short, private (0700) directory for unix sockets, removed afterwards.
 
-    Unix socket paths are limited to 107 bytes, which deep work directories exceed.
+    Unix socket paths are limited to 107 bytes, which deep work directories exceed. The
+    base is ``/run/kvmsnap`` when it is ours alone; else (not root, or someone else's)
+    the temporary directory, where the per-run directory is made unique and 0700.
     """
-    base = Path("/run/kvmsnap")
-    try:
-        base.mkdir(mode=0o700, exist_ok=True)
-        if not os.access(base, os.W_OK):
-            raise PermissionError(base)
-    except OSError:
+    base = RUNTIME_DIR
+    with contextlib.suppress(OSError):
+        base.mkdir(mode=0o700)
+    if not is_private_dir(base):
         base = Path(tempfile.gettempdir())
     path = Path(tempfile.mkdtemp(prefix="s-", dir=base))
     try:

@@ -48,7 +48,8 @@ def read_guest_disk(image: Path, scratch: Path) -> dict[str, GuestFilesystem]:
     therefore necessary, not sufficient; the ``clean-shutdown`` marker is the proof.
     """
     scratch.mkdir(parents=True, exist_ok=True)
-    raw = image if image.suffix == ".raw" else images.raw_copy(image, scratch / "disk.raw")
+    raw = image if image.suffix == ".raw" else \
+        images.raw_copy(image, scratch / "disk.raw", "qcow2")
     try:
         with mounts.loop_attached(raw) as loop:
             devices = partition_devices(loop)

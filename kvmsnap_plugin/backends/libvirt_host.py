@@ -49,8 +49,11 @@ def offline_disk(disk: DomainDisk) -> ParentDisk:
     source = disk.source or ""
     info: list[dict[str, Any]] = []
     if disk.kind == "file" and Path(source).is_file():
-        info = json.loads(process.run(["qemu-img", "info", "--backing-chain",
-                                       "--output=json", source], timeout=60).stdout)
+        # The format libvirt opens it as (raw unless told: libvirt never probes), never
+        # one guessed from what the guest wrote into it.
+        info = json.loads(process.run(["qemu-img", "info", "-f", disk.format or "raw",
+                                       "--backing-chain", "--output=json", source],
+                                      timeout=60).stdout)
     top = info[0] if info else {}
     return ParentDisk(device=disk.target, node="", filename=source,
                       format=disk.format or top.get("format", "raw"),

@@ -3,15 +3,20 @@
 No nbd module is needed: ``qemu-storage-daemon`` exports each qcow2 as a raw file through
 FUSE (read-only), ``losetup -r -P`` turns that file into a block device with its partitions,
 and each filesystem found is mounted read-only without journal replay (ext4 ``noload``, xfs
-``norecovery``) under one mount root: ``ROOT/<disk>`` for a whole-disk filesystem,
-``ROOT/<disk>/p<N>`` for partitions. :func:`unexpose` unmounts, detaches and stops the
-daemon, in that order.
+``norecovery``) and with ``nosuid,nodev,noexec`` under one private (0700) mount root:
+``ROOT/<disk>`` for a whole-disk filesystem, ``ROOT/<disk>/p<N>`` for partitions.
+:func:`unexpose` unmounts, detaches and stops the daemon, in that order.
+
+Each image is opened in the format QEMU knows it by, never one guessed from its contents:
+a raw disk whose guest wrote a qcow2 header (naming a host file as backing file) into it
+is exposed as the raw bytes it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -21,7 +26,7 @@ from typing import Any, Protocol
 
 from kvmsnap_plugin.disks import verify
 from kvmsnap_plugin.errors import HostError
-from kvmsnap_plugin.host import mounts, process
+from kvmsnap_plugin.host import dirs, mounts, process
 from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.qemu_args import escape
@@ -58,8 +63,12 @@ class Exposed:
     mounts: list[Path] = field(default_factory=list)
 
 
+#: what to expose: (name, image file, its format as QEMU opened it: "qcow2", "raw")
+Image = tuple[str, Path, str]
+
+
 @contextlib.contextmanager
-def exposed(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
+def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
             mount: bool = True, timeout: float = 60.0,
             recorder: Recorder | None = None) -> Iterator[Exposure]:
     """:func:`expose`, undone on exit."""
@@ -70,25 +79,25 @@ def exposed(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
         unexpose(handle)
 
 
-def expose(images: Sequence[tuple[str, Path]], workdir: Path, root: Path, *,
+def expose(images: Sequence[Image], workdir: Path, root: Path, *,
            mount: bool = True, timeout: float = 60.0,
            recorder: Recorder | None = None) -> Exposed:
-    """Expose ``(name, qcow2-or-raw image)`` pairs: raw views in ``workdir/images``,
-    filesystems under ``root``. Undo with :func:`unexpose` (done here on failure).
+    """Expose ``(name, image, format)``: raw views in ``workdir/images``, filesystems under
+    ``root``. Undo with :func:`unexpose` (done here on failure).
 
     With a recorder (the journal), each export, loop device and mount is recorded before it
     is made, so recovery can undo them after a crash, and a split backup (``kvmsnap
     mount``) can leave them for ``kvmsnap release``.
     """
     record = recorder or _Nowhere()
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dirs.private_dir(root, "the mount root")
     if any(root.iterdir()):
         raise HostError(f"the mount root {root} is not empty",
                         "an interrupted run? run `kvmsnap recover`, or pick another mount root")
     handle = Exposed(Exposure(root, workdir / "images"))
     try:
         _start_exports(handle, images, timeout, record)
-        for (name, _), export in zip(images, handle.exports, strict=True):
+        for (name, _, _), export in zip(images, handle.exports, strict=True):
             record.append("loop_files", str(export))
             loop = mounts.attach_loop(export)
             record.append("loops", str(loop))
@@ -107,8 +116,7 @@ def add_file(exposure: Exposure, name: str, content: bytes,
     """Put a small file beside the exposed disks, in the mount root and the images dir."""
     for path in (exposure.root / name, exposure.images_dir / name):
         (recorder or _Nowhere()).append("files", str(path))
-        path.write_bytes(content)
-        path.chmod(0o600)
+        dirs.create_file(path, content)
     exposure.extra_files.append(name)
 
 
@@ -139,39 +147,42 @@ def _filesystem(handle: Exposed, name: str, partition: str, device: Path, mount:
     if mount and fstype in mounts.MOUNT_OPTIONS:
         top = handle.view.root / safe_name(name)
         mountpoint = top / partition if partition else top
-        mountpoint.mkdir(parents=True, exist_ok=True)
+        dirs.private_dir(mountpoint, "a mount point")
         record.append("mounts", str(mountpoint))
         mounts.mount_read_only(device, mountpoint, fstype)
         handle.mounts.append(mountpoint)
     return ExposedFilesystem(name, partition, device, fstype, mountpoint)
 
 
-def _start_exports(handle: Exposed, images: Sequence[tuple[str, Path]], timeout: float,
+def _start_exports(handle: Exposed, images: Sequence[Image], timeout: float,
                    record: Recorder) -> None:
     argv = [process.find_program("qemu-storage-daemon", "qemu-system-common")]
-    images_dir = handle.view.images_dir
-    images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for index, (name, image) in enumerate(images):
+    images_dir = dirs.private_dir(handle.view.images_dir, "the images directory")
+    for index, (name, image, image_format) in enumerate(images):
         export = images_dir / f"{safe_name(name)}.raw"
-        export.touch(mode=0o600)
+        dirs.create_file(export)  # the FUSE export's mount point
         handle.exports.append(export)
-        fmt = _image_format(image)
         argv += ["--blockdev", f"driver=file,node-name=f{index},filename={escape(image)},"
                                "read-only=on",
-                 "--blockdev", f"driver={fmt},node-name=d{index},file=f{index},read-only=on",
+                 "--blockdev", f"driver={_driver(image_format)},node-name=d{index},"
+                               f"file=f{index},read-only=on",
                  "--export", f"type=fuse,id=e{index},node-name=d{index},"
                              f"mountpoint={escape(export)},writable=off"]
     stderr_path = images_dir.parent / "qsd.stderr"
     record.record(exports=[str(e) for e in handle.exports])
+    dirs.create_file(stderr_path)
     with open(stderr_path, "wb") as err:
         handle.daemon = process.spawn(argv, stderr=err)
     record.record(qsd=process.identity(handle.daemon.pid))
     _wait_mounted(handle.exports, handle.daemon, stderr_path, timeout)
 
 
-def _image_format(image: Path) -> str:
-    with open(image, "rb") as handle:
-        return "qcow2" if handle.read(4) == b"QFI\xfb" else "raw"
+def _driver(image_format: str) -> str:
+    """The block driver for a format QEMU reported, as it is: never probed from the bytes."""
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", image_format or ""):
+        raise HostError(f"cannot expose a disk image of format {image_format!r}",
+                        "back the VM up with disks in qcow2 or raw format")
+    return image_format
 
 
 def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float) -> None:

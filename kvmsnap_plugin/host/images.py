@@ -1,12 +1,22 @@
-"""Disk image files through qemu-img: overlays, raw copies, standalone copies."""
+"""Disk image files through qemu-img: overlays, raw copies, standalone copies.
+
+The source format is always named (``-f``), never guessed from the contents: a guest can
+write a qcow2 header naming a host file as backing file into its raw disk. Every image
+written here is 0600 from its first byte: qemu-img writes into a new private file that
+replaces the target once complete.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host import dirs, process
+from kvmsnap_plugin.paths import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -18,19 +28,35 @@ def create_overlay(path: Path, backing: str, backing_format: str, size: int) -> 
     path.chmod(0o600)
 
 
-def raw_copy(image: Path, dest: Path) -> Path:
-    """A raw copy of a disk image, readable while a VM holds it (``-U``)."""
-    process.run(["qemu-img", "convert", "-U", "-O", "raw", image, dest], timeout=600)
+def convert(image: Path, image_format: str, dest: Path, dest_format: str, *,
+            shared: bool = False, timeout: float = 3600) -> Path:
+    """``image`` (read as ``image_format``) copied into ``dest`` as ``dest_format``, sparse
+    and standalone, mode 0600; ``shared`` reads an image a VM holds (``-U``)."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)  # 0600
+    os.close(fd)
+    try:
+        # qemu-img truncates and reuses the file it finds: its mode stays 0600.
+        process.run(["qemu-img", "convert", *(["-U"] if shared else []), "-f", image_format,
+                     "-O", dest_format, image, temporary], timeout=timeout)
+        os.replace(temporary, dest)  # a symlink at dest is replaced, never followed
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
     return dest
 
 
-def keep_images(overlays: Sequence[tuple[str, Path]], keep_dir: Path) -> list[Path]:
-    """Write the clone's disks out as standalone, sparse qcow2 images (no backing file)."""
-    keep_dir.mkdir(parents=True, exist_ok=True)
+def raw_copy(image: Path, dest: Path, image_format: str) -> Path:
+    """A raw copy of a disk image, readable while a VM holds it (``-U``)."""
+    return convert(image, image_format, dest, "raw", shared=True, timeout=600)
+
+
+def keep_images(images: Sequence[tuple[str, Path, str]], keep_dir: Path) -> list[Path]:
+    """Write ``(device, image, format)`` out as standalone, sparse qcow2 images (no backing
+    file), 0600, into ``keep_dir`` (created 0700, or checked: writable by nobody else)."""
+    dirs.user_dir(keep_dir, "the --keep directory")
     kept = []
-    for device, overlay in overlays:
-        target = keep_dir / f"{device}.qcow2"
+    for device, image, image_format in images:
+        target = keep_dir / f"{safe_name(device)}.qcow2"
         log.info("keeping the clone's disk %s as %s", device, target)
-        process.run(["qemu-img", "convert", "-O", "qcow2", overlay, target], timeout=3600)
-        kept.append(target)
+        kept.append(convert(image, image_format, target, "qcow2"))
     return kept

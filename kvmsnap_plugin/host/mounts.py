@@ -8,6 +8,7 @@ replay no journal, and the undo of each, tolerant of what is already undone.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -16,9 +17,18 @@ from pathlib import Path
 from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.host import process
 
-#: read-only mount options that replay no journal (the clone's disks are never written)
-MOUNT_OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "ext2": "ro", "xfs": "ro,norecovery",
-                 "vfat": "ro", "btrfs": "ro,nologreplay"}
+#: every guest filesystem: read-only, and none of the guest's setuid binaries, device
+#: nodes or programs work on the host
+SAFE_OPTIONS = "ro,nosuid,nodev,noexec"
+#: per filesystem type, what replays no journal (the clone's disks are never written)
+MOUNT_OPTIONS = {fstype: ",".join([SAFE_OPTIONS, *extra]) for fstype, extra in {
+    "ext4": ["noload"], "ext3": ["noload"], "ext2": [], "xfs": ["norecovery"], "vfat": [],
+    "btrfs": ["nologreplay"]}.items()}
+#: filesystems whose data leaves this host or passes through a user-space daemon: no place
+#: for the guest's RAM (keys included) unless the user says so
+REMOTE_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "virtiofs", "ceph", "glusterfs",
+    "lustre", "afs", "coda", "ocfs2", "gfs2", "orangefs", "beegfs", "gpfs", "davfs"})
 
 #: the kernel writes space, tab, newline and backslash in mount points as octal escapes
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -30,6 +40,30 @@ def mount_points(table: str | None = None) -> list[str]:
         table = Path("/proc/self/mounts").read_text()
     return [_ESCAPE.sub(lambda m: chr(int(m[1], 8)), line.split()[1])
             for line in table.splitlines() if line.strip()]
+
+
+def filesystem_type(path: Path, table: str | None = None) -> str:
+    """The type of the filesystem ``path`` (or, while it does not exist, where it would be
+    made) lives on, from ``/proc/self/mountinfo`` (or ``table``): "ext4", "nfs4",
+    "fuse.sshfs"."""
+    if table is None:
+        table = Path("/proc/self/mountinfo").read_text()
+    target = os.path.realpath(path)
+    found, best = "", -1
+    for line in table.splitlines():
+        fields, _, after = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not after:
+            continue
+        mountpoint = _ESCAPE.sub(lambda m: chr(int(m[1], 8)), parts[4])
+        inside = target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")
+        if inside and len(mountpoint) >= best:  # later lines are mounted on top
+            found, best = after.split()[0], len(mountpoint)
+    return found
+
+
+def is_remote(fstype: str) -> bool:
+    return fstype in REMOTE_FILESYSTEMS or fstype.split(".")[0] in ("fuse", "fuseblk")
 
 
 def is_mountpoint(path: Path) -> bool:

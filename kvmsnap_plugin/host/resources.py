@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmsnap_plugin.errors import HostError, UsageError
-from kvmsnap_plugin.paths import safe_name
+from kvmsnap_plugin.host import dirs, mounts
+from kvmsnap_plugin.paths import DEFAULT_WORKDIR, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,32 @@ def _space_fix(group: list[SpaceNeed]) -> str:
             "margin with --min-free (min_free)")
 
 
+def workdir_base(base: Path, *, create: bool = True) -> Path:
+    """The work directory, created or checked (dirs.py): kvmsnap's own default must be
+    0700, one the user names writable by nobody else."""
+    if base == DEFAULT_WORKDIR:
+        return dirs.private_dir(base, "the work directory", create=create)
+    return dirs.user_dir(base, "the work directory", create=create)
+
+
+def check_workdir(base: Path, allow_remote: bool) -> None:
+    """Before the pause: the work directory is safe, and on a filesystem of this host, since
+    the guest's RAM (its keys included) goes there, unless the user allows otherwise.
+    Nothing is made yet (make_workdir does, after every check)."""
+    workdir_base(base, create=False)
+    fstype = mounts.filesystem_type(base)
+    if mounts.is_remote(fstype) and not allow_remote:
+        raise HostError(f"the work directory {base} is on a {fstype} filesystem: the guest's "
+                        "RAM, keys included, would leave this host or pass through a "
+                        "user-space daemon; the VM was not paused",
+                        "pass a --workdir on a local filesystem, or --allow-remote-workdir "
+                        "(allow_remote_workdir = true) if that is acceptable")
+
+
 def make_workdir(base: Path, name: str) -> Path:
     """A private (0700) directory for one run of VM ``name``: it will hold the guest's RAM."""
+    base = workdir_base(base)
     try:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"run-{safe_name(name)[:40]}-", dir=base))
     except OSError as exc:
         raise HostError(f"cannot create a work directory in {base}: {exc.strerror}",

@@ -51,6 +51,8 @@ class ForkOptions:
     #: ``object:input-barrier``): ones kvmsnap would refuse, the operator knows to be the
     #: parent's alone
     clone_drop: tuple[str, ...] = ()
+    #: accept a work directory on a network or FUSE filesystem (the guest's RAM goes there)
+    allow_remote_workdir: bool = False
 
     def __post_init__(self) -> None:
         choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]

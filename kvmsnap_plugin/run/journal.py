@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.backends.libvirt import connect, find_domain
-from kvmsnap_plugin.errors import HostError, VMError
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.errors import VMError
+from kvmsnap_plugin.host import dirs, process
 from kvmsnap_plugin.host.mounts import is_mountpoint
 from kvmsnap_plugin.model import BackupJob, JournalState, Phase
 from kvmsnap_plugin.paths import STATE_DIR, safe_name
@@ -76,12 +76,7 @@ def vm_identity(job: BackupJob) -> str:
 
 def state_dir() -> Path:
     directory = Path(os.environ.get("KVMSNAP_STATE_DIR", str(STATE_DIR)))
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HostError(f"cannot create the state directory {directory}: {exc.strerror}",
-                        "run as root, or set KVMSNAP_STATE_DIR to a writable directory") from None
-    return directory
+    return dirs.private_dir(directory, "the state directory")
 
 
 class Journal:

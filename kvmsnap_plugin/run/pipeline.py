@@ -108,7 +108,7 @@ class Stopped:
     shutdown: ShutdownResult
     restore_s: float  # loading the clone from the RAM state
     label: Label
-    images: list[tuple[str, Path]]  # (device, clone overlay or frozen image)
+    images: list[tuple[str, Path, str]]  # (device, clone overlay or frozen image, format)
     binary: CloneBinary | None = None  # the QEMU the clone ran
 
 
@@ -296,7 +296,7 @@ def _offline(run: Run, parent: Parent) -> Stopped:
     run.hooks.snapshot(run.job, point)
     log.info("%s is shut off: archiving its disk images as they are, without a fork",
              parent.name)
-    images = [(d.device, Path(d.filename)) for d in parent.writable_disks]
+    images = [(d.device, Path(d.filename), d.format) for d in parent.writable_disks]
     return Stopped(point, OFFLINE, 0.0, Label.CLEAN, images)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmsnap_plugin.errors import ArchiveError, UsageError
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host import dirs, images, process
 from kvmsnap_plugin.model import METADATA_FILE, VmRecord
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.vm.qemu_args import escape
@@ -132,7 +132,7 @@ def _dump(restic: process.ShProgram, repository: str, snapshot: str, path: str,
 
 
 def _target(to: Path) -> Path:
-    to.mkdir(parents=True, exist_ok=True)
+    dirs.user_dir(to, "the restore directory")
     if any(p.name != NOTE and not p.name.startswith(".") for p in to.iterdir()):
         raise UsageError(f"{to} is not empty", "restore into an empty directory")
     return to.resolve()
@@ -151,8 +151,8 @@ def _materialize(raw: Path, disk, target: Path) -> RestoredDisk:
         raise ArchiveError(f"the archive has no image of disk {disk.device}",
                            "was it made with --mode image or both?")
     fmt = disk.format if disk.format in ("qcow2", "raw") else "qcow2"
-    dest = target / f"{safe_name(disk.device)}.{fmt}"
-    process.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, raw, dest], timeout=24 * 3600)
+    dest = images.convert(raw, "raw", target / f"{safe_name(disk.device)}.{fmt}", fmt,
+                          timeout=24 * 3600)  # 0600: the guest's data
     raw.unlink()
     return RestoredDisk(disk.device, str(dest), disk.image, fmt)
 
@@ -176,10 +176,10 @@ def boot_argv(record: VmRecord, disks: list[RestoredDisk]) -> list[str]:
 
 def _finish(record: VmRecord, disks: list[RestoredDisk], target: Path) -> Restored:
     argv = boot_argv(record, disks)
-    (target / METADATA_FILE).write_bytes(record.to_json())
-    (target / "boot-argv.json").write_text(json.dumps(argv, indent=1))
+    dirs.replace_file(target / METADATA_FILE, record.to_json())
+    dirs.replace_file(target / "boot-argv.json", json.dumps(argv, indent=1).encode())
     note = target / NOTE
-    note.write_text("\n".join([
+    dirs.replace_file(note, "\n".join([
         f"kvmsnap restored the VM {record.vm!r} as backed up at {record.taken_at}",
         f"({record.label}, RAM snapshot by {record.method}).", "",
         "Disks:",
@@ -187,6 +187,6 @@ def _finish(record: VmRecord, disks: list[RestoredDisk], target: Path) -> Restor
         "To boot it, run the VM's own QEMU command line with its disks replaced by these",
         "images (boot-argv.json holds it as a list). Check its kernel, firmware, socket,",
         "serial and network options first: they are the original VM's, which may still run.",
-        "", "  " + shlex.join(argv), ""]))
+        "", "  " + shlex.join(argv), ""]).encode())
     log.info("restored %d disk(s) of %s into %s", len(disks), record.vm, target)
     return Restored(record.vm, record.taken_at, record.label, disks, argv, str(note))

@@ -26,6 +26,7 @@ from kvmsnap_plugin.host.resources import (
     SpaceNeed,
     check_clone_memory,
     check_space,
+    check_workdir,
     default_huge_page_size,
     hugetlbfs_page_size,
     make_oom_victim,
@@ -116,6 +117,7 @@ def check_room(parent: Parent, monitor: Monitor, options: ForkOptions,
                overlay_dirs: Iterable[Path]) -> None:
     """Before the pause, refuse (HostError) a run that cannot fit: the RAM state and the
     clone's overlays in the work directory, the parent's overlays, the clone's memory."""
+    check_workdir(options.workdir, options.allow_remote_workdir)
     memory = clone_memory(parent, monitor)
     check_space([SpaceNeed(options.workdir, memory.ram, "the RAM state (the guest's RAM) "
                            "and the clone's overlays", "--workdir"),
@@ -235,8 +237,9 @@ def label_of(result: ShutdownResult, on_unclean: OnUnclean) -> Label:
                   "or accept --on-unclean crash-consistent")
 
 
-def images_to_archive(clone_plan: ClonePlan, label: Label) -> list[tuple[str, Path]]:
-    """The clone's disks, or the frozen (crash-consistent) images for a labelled fallback."""
+def images_to_archive(clone_plan: ClonePlan, label: Label) -> list[tuple[str, Path, str]]:
+    """(device, image, format): the clone's disks (qcow2 overlays kvmsnap made), or the
+    frozen (crash-consistent) images, in their own format, for a labelled fallback."""
     if label is Label.CLEAN:
-        return [(d.device, d.overlay) for d in clone_plan.disks]
-    return [(d.device, d.frozen) for d in clone_plan.disks]
+        return [(d.device, d.overlay, "qcow2") for d in clone_plan.disks]
+    return [(d.device, d.frozen, d.frozen_format) for d in clone_plan.disks]

@@ -67,7 +67,7 @@ def test_a_too_small_shutdown_timeout(start_demo):
 def test_an_unwritable_work_directory(start_demo):
     vm = start_demo()
     done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--workdir", "/proc/kvmsnap")
-    assert_one_line_error(done, "cannot create a work directory")
+    assert_one_line_error(done, "cannot create the work directory /proc/kvmsnap")
     assert never_paused(vm)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def partitioned_image(tmp_path: Path) -> Path:
 def test_partitions_are_mounted_read_only_and_torn_down(tmp_path):
     image = partitioned_image(tmp_path)
     root = tmp_path / "mnt"
-    with exposed([("vdisk0", image)], tmp_path / "work", root) as exposure:
+    with exposed([("vdisk0", image, "qcow2")], tmp_path / "work", root) as exposure:
         [disk] = exposure.disks
         assert [(f.partition, f.fstype) for f in disk.filesystems] == [("p1", "ext4"),
                                                                        ("p2", "xfs")]
@@ -45,6 +46,10 @@ def test_partitions_are_mounted_read_only_and_torn_down(tmp_path):
         with pytest.raises(OSError):
             (root / "vdisk0" / "p1" / "new").write_text("read-only, please")
         assert disk.image.stat().st_size == 512 << 20  # the raw view of the whole disk
+        for mountpoint in (root / "vdisk0" / "p1", root / "vdisk0" / "p2"):
+            assert {"ro", "nosuid", "nodev", "noexec"} <= mount_options(mountpoint)
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o700
+                   for p in (root, root / "vdisk0", tmp_path / "work" / "images"))
         verdicts = verify.verdicts(exposure.filesystems)
         assert [(v.partition, v.state) for v in verdicts] == [
             ("p1", FsState.CLEAN), ("p2", FsState.CLEAN)]
@@ -55,8 +60,49 @@ def test_partitions_are_mounted_read_only_and_torn_down(tmp_path):
 
 def test_a_mount_root_that_is_not_empty_is_refused(tmp_path):
     root = tmp_path / "mnt"
-    root.mkdir()
+    root.mkdir(mode=0o700)
     (root / "leftover").mkdir()
     with pytest.raises(HostError, match="not empty"), \
-            exposed([("vdisk0", tmp_path / "x.qcow2")], tmp_path / "work", root):
+            exposed([("vdisk0", tmp_path / "x.qcow2", "qcow2")], tmp_path / "work", root):
         pass
+
+
+def test_a_mount_root_others_can_enter_is_refused(tmp_path):
+    root = tmp_path / "mnt"
+    root.mkdir()
+    root.chmod(0o755)  # guest files with the guest's owners would be readable by host users
+    with pytest.raises(HostError, match=f"the mount root {root} is not mode 0700"), \
+            exposed([("vdisk0", tmp_path / "x.qcow2", "qcow2")], tmp_path / "work", root):
+        pass
+
+
+def mount_options(mountpoint: Path) -> set[str]:
+    """The per-mount options of ``mountpoint`` in /proc/self/mountinfo."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mountpoint):
+            return set(fields[5].split(","))
+    raise AssertionError(f"{mountpoint} is not mounted")
+
+
+def raw_disk_with_a_qcow2_header(tmp_path: Path, canary: bytes) -> Path:
+    """What a guest can write into its raw disk: a qcow2 header naming a host file (holding
+    ``canary``) as its backing file."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(canary * (1 << 20 // len(canary)))
+    disk = tmp_path / "guest-disk.img"
+    process.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw",
+                 disk, "1M"], timeout=30)
+    with open(disk, "r+b") as handle:
+        handle.truncate(1 << 20)
+    return disk
+
+
+def test_a_raw_disk_holding_a_qcow2_header_is_exposed_as_the_raw_bytes_it_is(tmp_path):
+    canary = b"KVMSNAP-CANARY-7f3a9c"
+    disk = raw_disk_with_a_qcow2_header(tmp_path, canary)
+    assert disk.read_bytes()[:4] == b"QFI\xfb"
+    with exposed([("vdisk0", disk, "raw")], tmp_path / "work", tmp_path / "mnt") as exposure:
+        view = exposure.disks[0].image.read_bytes()
+    assert view == disk.read_bytes()
+    assert canary not in view

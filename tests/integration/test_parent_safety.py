@@ -183,7 +183,7 @@ def test_recover_refuses_to_commit_onto_an_image_the_vm_ran_on_again(start_demo,
     vm.wait_exit(30)
     # The VM is started again from its original command line: it writes to its image.
     process.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x55 1M 64k", image], timeout=60)
-    newer = images.raw_copy(image, tmp_path / "newer.raw").read_bytes()
+    newer = images.raw_copy(image, tmp_path / "newer.raw", "qcow2").read_bytes()
 
     refused = kvmsnap("recover", "--json")
     assert refused.returncode != 0, refused.stdout + refused.stderr
@@ -191,7 +191,7 @@ def test_recover_refuses_to_commit_onto_an_image_the_vm_ran_on_again(start_demo,
     [problem] = result["problems"]
     assert f"{image} changed after the fork" in problem and "overwrite newer data" in problem
     assert overlay.exists() and list(state_dir().glob("*.json"))  # both kept, journal too
-    assert images.raw_copy(image, tmp_path / "still.raw").read_bytes() == newer
+    assert images.raw_copy(image, tmp_path / "still.raw", "qcow2").read_bytes() == newer
     # The owner decides the restarted VM's image wins and removes the overlay: recover ends.
     overlay.unlink()
     done = kvmsnap("recover", "--json")
@@ -246,7 +246,7 @@ def test_a_full_overlay_filesystem_leaves_the_parent_running_with_every_write(
     assert chain(vm) == [str(image)] and not list(small_tmpfs.iterdir())
     assert not list(state_dir().glob("*.json"))
     assert_every_line_after_a_clean_shutdown(vm, image, tmp_path / "after.raw", before)
-    raw = images.raw_copy(image, tmp_path / "filled.raw")
+    raw = images.raw_copy(image, tmp_path / "filled.raw", "qcow2")
     assert verify.read_file(raw, "/fill") == bytes(16 << 20)
 
 

@@ -98,6 +98,9 @@ def test_the_margin_and_the_pause_cap_reach_the_job():
     assert job.fork.min_free == 512 << 20 and job.fork.max_pause == 2.5
     default = cli._job_from_args(cli.build_parser().parse_args(["mount", "--domain", "web"]))
     assert default.fork.min_free == MIN_FREE and default.fork.max_pause == 5.0
+    assert not default.fork.allow_remote_workdir
+    args = cli.build_parser().parse_args(["fork", "--domain", "web", "--allow-remote-workdir"])
+    assert cli._job_from_args(args).fork.allow_remote_workdir
     for bad in (["--min-free", "lots"], ["--max-pause", "0"], ["--max-pause", "-3"]):
         args = cli.build_parser().parse_args(["fork", "--domain", "web", *bad])
         with pytest.raises(UsageError, match=r"min_free|max_pause"):

@@ -49,6 +49,12 @@ def test_collapse_huge_pages_is_off_unless_asked_for(tmp_path):
     assert job.fork.collapse_huge_pages is False
 
 
+def test_a_remote_work_directory_is_refused_unless_a_vm_allows_it(tmp_path):
+    path = write(tmp_path, '[[vm]]\nqmp = "/run/a.qmp"\n'
+                           '[[vm]]\nqmp = "/run/b.qmp"\nallow_remote_workdir = true\n')
+    assert [job.fork.allow_remote_workdir for job in load_config(path, TYPES)] == [False, True]
+
+
 def test_relative_local_repositories_are_made_absolute(tmp_path):
     path = write(tmp_path, '[[vm]]\nqmp = "/run/a.qmp"\narchivers = ["b"]\n'
                            '[archiver.b]\ntype = "borg"\nrepository = "repos/borg"\n')
@@ -72,6 +78,7 @@ def test_relative_local_repositories_are_made_absolute(tmp_path):
     ('[[vm]]\nqmp = "/a"\nshutdown_timeout = "soon"\n', "bad timeout"),
     ('[[vm]]\nqmp = "/a"\non_unclean = "ignore"\n', "on-unclean"),
     ('[[vm]]\nqmp = "/a"\ncollapse_huge_pages = "yes"\n', "must be true or false"),
+    ('[[vm]]\nqmp = "/a"\nallow_remote_workdir = 1\n', "allow_remote_workdir .* true or"),
     ('[[vm]]\nqmp = "/a"\nmin_free = "lots"\n', "min_free in .* must be a size"),
     ('[[vm]]\nqmp = "/a"\nmin_free = -1\n', "min_free in .* must be a size"),
     ('[[vm]]\nqmp = "/a"\nmax_pause = 0\n', "max_pause in .* above 0"),

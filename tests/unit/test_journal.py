@@ -149,7 +149,7 @@ def test_a_corrupt_journal_is_set_aside_and_kept(state_dir):
 
 def test_without_quarantine_a_corrupt_journal_refuses_and_stays(state_dir):
     path = state_dir / f"{vm_key(IDENTITY)}.json"
-    state_dir.mkdir()
+    state_dir.mkdir(mode=0o700)
     path.write_text("{not json")
     with pytest.raises(CorruptJournal):
         Journal.acquire(IDENTITY)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kvmsnap_plugin.host import mounts
 
 TABLE = """\
@@ -31,3 +33,37 @@ def test_mounts_under_lists_deepest_first_and_not_name_prefixes(tmp_path: Path):
     assert under_proc[-1] == "/proc"
     assert all(m == "/proc" or m.startswith("/proc/") for m in under_proc)
     assert [len(m) for m in under_proc] == sorted((len(m) for m in under_proc), reverse=True)
+
+
+def test_every_guest_filesystem_is_mounted_read_only_nosuid_nodev_noexec():
+    for fstype, options in mounts.MOUNT_OPTIONS.items():
+        assert {"ro", "nosuid", "nodev", "noexec"} <= set(options.split(",")), fstype
+
+
+MOUNTINFO = """\
+22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+25 22 0:21 / /run rw,nosuid shared:5 - tmpfs tmpfs rw
+40 22 0:35 / /srv/backup rw,relatime shared:20 - nfs4 nas:/backup rw,vers=4.2
+41 40 0:36 / /srv/backup/local rw shared:21 - ext4 /dev/vdb rw
+42 22 0:37 / /mnt/my\\040box rw,nosuid shared:22 - fuse.sshfs me@box:/ rw
+43 25 0:38 / /run rw shared:23 - ext4 /dev/vdc rw
+"""
+
+
+@pytest.mark.parametrize("path, fstype", [
+    ("/var/tmp/kvmsnap", "ext4"), ("/srv/backup", "nfs4"), ("/srv/backup/x/y", "nfs4"),
+    ("/srv/backup/local/work", "ext4"), ("/srv/backupx", "ext4"),
+    ("/mnt/my box/work", "fuse.sshfs"), ("/run/kvmsnap", "ext4"),  # mounted over: the top
+])
+def test_the_filesystem_of_a_path_is_the_deepest_mount_above_it(path, fstype):
+    assert mounts.filesystem_type(Path(path), MOUNTINFO) == fstype
+
+
+def test_network_and_fuse_filesystems_are_remote():
+    assert [t for t in ("ext4", "xfs", "tmpfs", "btrfs", "nfs4", "cifs", "fuse.sshfs",
+                        "fuseblk", "9p", "ceph") if mounts.is_remote(t)] == \
+        ["nfs4", "cifs", "fuse.sshfs", "fuseblk", "9p", "ceph"]
+
+
+def test_this_hosts_own_mount_table_is_read():
+    assert mounts.filesystem_type(Path("/proc/self")) == "proc"

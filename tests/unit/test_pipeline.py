@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -40,13 +41,17 @@ ARCHIVE = ArchiveResult("borg", "borg", "files", "web-files", "/mnt", 3 << 20, 1
 def test_a_clean_shutdown_archives_the_clones_disks():
     label = label_of(CLEAN_STOP, OnUnclean.FAIL)
     assert label is Label.CLEAN
-    assert images_to_archive(PLAN, label) == [("vda", Path("/w/vda.qcow2"))]
+    assert images_to_archive(PLAN, label) == [("vda", Path("/w/vda.qcow2"), "qcow2")]
 
 
 def test_an_unclean_shutdown_falls_back_to_the_frozen_images_only_if_allowed():
     label = label_of(HUNG, OnUnclean.CRASH_CONSISTENT)
     assert label is Label.CRASH_CONSISTENT
-    assert images_to_archive(PLAN, label) == [("vda", Path("/i/web.qcow2"))]
+    assert images_to_archive(PLAN, label) == [("vda", Path("/i/web.qcow2"), "qcow2")]
+    raw = dataclasses.replace(PLAN, disks=(CloneDisk("vda", Path("/w/vda.qcow2"),
+                                                     Path("/i/web.img"), "raw"),))
+    # the frozen image is read as what QEMU opened it as, whatever its bytes look like
+    assert images_to_archive(raw, label) == [("vda", Path("/i/web.img"), "raw")]
     with pytest.raises(VMError, match="did not shut down cleanly") as info:
         label_of(HUNG, OnUnclean.FAIL)
     assert "--on-unclean crash-consistent" in info.value.hint

@@ -85,6 +85,45 @@ def test_a_filesystem_without_a_size_is_left_to_the_write_itself():
                 margin=GIB)  # procfs: creating the directory fails, with its own message
 
 
+# -- the work directory ---------------------------------------------------------------------
+def test_the_work_directory_on_a_network_or_fuse_filesystem_is_refused_unless_allowed(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(resources.mounts, "filesystem_type", lambda path: "nfs4")
+    with pytest.raises(HostError, match="on a nfs4 filesystem") as info:
+        resources.check_workdir(tmp_path / "work", allow_remote=False)
+    assert "the VM was not paused" in str(info.value)
+    assert "--allow-remote-workdir" in info.value.hint
+    resources.check_workdir(tmp_path / "work", allow_remote=True)
+    monkeypatch.setattr(resources.mounts, "filesystem_type", lambda path: "ext4")
+    resources.check_workdir(tmp_path / "local", allow_remote=False)
+    assert list(tmp_path.iterdir()) == []  # checked before the pause, made after
+
+
+def test_a_world_writable_work_directory_is_refused_before_anything_is_made(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    for check in (lambda: resources.check_workdir(work, allow_remote=False),
+                  lambda: resources.make_workdir(work, "web")):
+        with pytest.raises(HostError, match=f"the work directory {work} is writable by "
+                                            "group or others"):
+            check()
+    assert list(work.iterdir()) == []
+
+
+def test_the_default_work_directory_must_be_0700_one_the_user_names_need_not(
+        tmp_path, monkeypatch):
+    shared = tmp_path / "kvmsnap"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    assert resources.make_workdir(shared, "web").parent == shared  # --workdir: 0755 will do
+    monkeypatch.setattr(resources, "DEFAULT_WORKDIR", shared)
+    with pytest.raises(HostError, match="is not mode 0700"):
+        resources.make_workdir(shared, "web")
+    run = resources.make_workdir(tmp_path / "fresh", "web")
+    assert [oct(p.stat().st_mode & 0o777) for p in (run.parent, run)] == ["0o700", "0o700"]
+
+
 # -- memory ---------------------------------------------------------------------------------
 def fake_meminfo(tmp_path: Path, available: int) -> Path:
     path = tmp_path / "meminfo"
