@@ -21,6 +21,13 @@
 #   kvmsnap.writer=1         read "W <MiB> <name>" lines on the third serial port (ttyS2) and
 #                            write that many MiB of zeros to /mnt/vda/<name> with fsync,
 #                            printing KVMSNAP-WROTE <name> <MiB> (benchmarks drive writes)
+#   kvmsnap.instant=1        also write each line's number to /mnt/vda/instant with O_DIRECT,
+#                            straight to the disk (no page cache): the disk's view of the
+#                            counter, to compare with the one in RAM (the fork's one instant);
+#                            and write non-zero 4 KiB records into /mnt/vda/stream, O_DIRECT,
+#                            each once the last is written (STREAM records, then it stops): a
+#                            guest that runs unseen between a disk and a RAM snapshot leaves
+#                            a run of zero records in its clone's copy
 #
 # Console markers: KVMSNAP-READY, KVMSNAP-COUNT n, KVMSNAP-POWER-BUTTON,
 # KVMSNAP-WORKLOAD-STOPPED n, KVMSNAP-UNMOUNTED, KVMSNAP-POWER-BUTTON-IGNORED.
@@ -31,6 +38,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
 
 DISKS=1 POWER=handle INTERVAL=0.1 PROBE=0 FILL=0 TICKER=0 CALLHOME=0 WRITER=0 AGENT=0
+INSTANT=0 STREAM=20000 STREAMING=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kvmsnap.disks=*) DISKS=${arg#*=} ;;
@@ -42,6 +50,7 @@ for arg in $(cat /proc/cmdline); do
         kvmsnap.callhome=*) CALLHOME=${arg#*=} ;;
         kvmsnap.writer=*) WRITER=${arg#*=} ;;
         kvmsnap.agent=*) AGENT=${arg#*=} ;;
+        kvmsnap.instant=*) INSTANT=${arg#*=} ;;
     esac
 done
 
@@ -99,11 +108,26 @@ call_home() {
     echo "KVMSNAP-CALLHOME-DONE carrier=$(cat /sys/class/net/eth0/carrier 2>/dev/null)"
 }
 
+if [ "$INSTANT" = 1 ]; then
+    # Written and synced once, so that its inode and block are in place on the disk (a
+    # crash copy is read without journal replay); then only its data block changes.
+    dd if=/dev/zero of=/mnt/vda/instant bs=4096 count=1 conv=fsync 2>/dev/null
+    sync
+    # Preallocated and synced (O_DIRECT extending an ext4 file may fall back to the page
+    # cache); whole 4 KiB blocks, so that every write is direct.
+    fallocate -l $((STREAM * 4096)) /mnt/vda/stream && sync
+    yes | dd of=/mnt/vda/stream bs=4096 count="$STREAM" iflag=fullblock oflag=direct \
+        conv=notrunc 2>/dev/null &
+    STREAMING=$!
+fi
+
 workload() {
     i=0
     while [ ! -e /run/stop ]; do
         i=$((i + 1))
         for name in $NAMES; do echo "line $i" >> /mnt/$name/workload.log; done
+        [ "$INSTANT" = 1 ] && echo "$i" | dd of=/mnt/vda/instant bs=4096 count=1 \
+            conv=notrunc,sync iflag=fullblock oflag=direct 2>/dev/null
         echo "KVMSNAP-COUNT $i"
         sleep "$INTERVAL"
     done
@@ -138,6 +162,7 @@ clean_shutdown() {
     wait $WORKLOAD 2>/dev/null
     while [ ! -e /run/last ]; do sleep 0.1; done
     last=$(cat /run/last)
+    [ -n "$STREAMING" ] && kill "$STREAMING" 2>/dev/null && wait "$STREAMING" 2>/dev/null
     for name in $NAMES; do echo "clean shutdown after line $last" > /mnt/$name/clean-shutdown; done
     sync
     for name in $NAMES; do umount /mnt/$name || echo "KVMSNAP-ERROR umount $name"; done

@@ -43,6 +43,9 @@ class DemoOptions:
     disk_syntax: tuple[str, ...] = ("blockdev", "drive")
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     binary: str | None = None  # the QEMU to run (default: qemu-system-x86_64 on PATH)
+    #: each line's number also on the disk (/instant) and a stream of records (/stream), both
+    #: O_DIRECT; the stream preallocates 80 MiB: give it disk_size_mib=128
+    instant: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
               f"kvmsnap.power={opts.power_button} kvmsnap.interval={opts.interval} "
               f"kvmsnap.fill={opts.fill_mib} kvmsnap.ticker={int(opts.ticker)} "
               f"kvmsnap.callhome={opts.callhome} kvmsnap.writer={int(opts.writer)} "
-              f"kvmsnap.agent={int(opts.agent)}")
+              f"kvmsnap.agent={int(opts.agent)} kvmsnap.instant={int(opts.instant)}")
     argv = [
         opts.binary or process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-demo",

@@ -1,8 +1,8 @@
 """libvirt-python, loaded once with its event loop, and QMP through libvirt.
 
 :class:`DomainMonitor` passes QMP through libvirt (``qemuMonitorCommandWithFiles`` hands
-QEMU the state file's descriptor; ``migrate exec:`` would be killed by libvirt's seccomp
-sandbox) and delivers QEMU's events with their timestamps.
+QEMU the state file's descriptor, for ``getfd`` or ``add-fd``; ``migrate exec:`` would be
+killed by libvirt's seccomp sandbox) and delivers QEMU's events with their timestamps.
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ class DomainMonitor:
 
     def send_fd(self, fd: int, name: str) -> None:
         self._qmp("getfd", {"fdname": name}, (fd,))
+
+    def add_fd(self, fd: int, opaque: str) -> int:
+        # No fdset-id: QEMU picks a free one, so libvirt's own sets are never touched.
+        return int(self._qmp("add-fd", {"opaque": opaque}, (fd,))["fdset-id"])
 
     def runstate(self) -> str:
         return self.execute("query-status")["status"]

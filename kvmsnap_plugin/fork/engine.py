@@ -8,9 +8,10 @@ the new overlays, the old images are frozen) and the start of the RAM snapshot.
 
 With ``background-snapshot`` QEMU's migration thread captures the CPU and device state and
 write-protects RAM, then resumes the VM itself (QEMU 7.2) and streams RAM copy-on-write
-while the guest runs. Newer QEMU restores the previous runstate instead, leaving a VM we
-paused paused. We never assume either: we watch for RESUME and for the migration's end,
-and resume the VM only if QEMU did not after the capture.
+while the guest runs. QEMU 9.0 on restores the previous runstate instead, leaving a VM we
+paused paused. We never assume either: we watch for RESUME and for the first RAM page
+sent, which proves the capture done (:func:`~kvmsnap_plugin.fork.ram.capture_done`), and
+resume the VM then only if QEMU did not.
 
 A stop-and-copy snapshot pauses the guest for its whole RAM save: it is refused before the
 pause when it cannot keep within ``max_pause``. When a fork fails, whether the disk
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 Record = Callable[..., None]
 #: tests only: the KVMSNAP_FAULT value that hangs the parent's QEMU before the disk snapshot
 HANG_POINT = "hang-parent"
+#: how often the pause asks whether the capture is done: each wait ends the pause later
+CAPTURE_POLL = 0.002
 
 
 def _forget(**fields: Any) -> None:
@@ -171,7 +174,7 @@ def take_fork(backend: Backend, parent: Parent, planned: tuple[ForkedDisk, ...],
     settings = ram.migration_settings(monitor)
     record(migration_settings=settings)
     try:
-        chosen = RamMethod(ram.configure_migration(monitor, method))
+        chosen = RamMethod(ram.configure_migration(monitor, method, settings))
         ram.check_pause(monitor, chosen, max_pause)  # before anything else is made
         point = _fork_on_overlays(backend, parent, planned, state_file, chosen, timeout,
                                   record)
@@ -195,7 +198,7 @@ def _fork_on_overlays(backend: Backend, parent: Parent, planned: tuple[ForkedDis
         record(migration_started=True)
         log.info("pausing %s for the fork (%s)", parent.name, method)
         point = _pause_and_snapshot(backend, parent, planned, state_file, method, timeout,
-                                    progress)
+                                    progress, writer.channel.uri)
         writer.finish()
     except BaseException as error:
         _undo(backend, planned, progress, error)
@@ -252,7 +255,7 @@ class _Progress:
 
 def _pause_and_snapshot(backend: Backend, parent: Parent, planned: Sequence[ForkedDisk],
                         state_file: Path, method: RamMethod, timeout: float,
-                        progress: _Progress) -> ForkPoint:
+                        progress: _Progress, uri: str) -> ForkPoint:
     monitor = backend.monitor
     monitor.events()  # forget older events: STOP/RESUME below must be ours
     progress.paused = True
@@ -267,7 +270,7 @@ def _pause_and_snapshot(backend: Backend, parent: Parent, planned: Sequence[Fork
     faults.point("disk-snapshot")
     progress.migrating = True
     try:
-        monitor.execute("migrate", {"uri": f"fd:{ram.STATE_FD_NAME}"})
+        monitor.execute("migrate", {"uri": uri})
     except VMError:
         progress.migrating = False  # refused: a migration that runs now is not ours
         raise
@@ -302,16 +305,16 @@ def _wait_for_resume(backend: Backend, method: str, timeout: float) -> Event:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return monitor.wait_event("RESUME", 0.02)
+            return monitor.wait_event("RESUME", CAPTURE_POLL)
         except StepTimeout:
             pass
-        status = monitor.execute("query-migrate").get("status")
-        if status == "completed":
-            # QEMU kept the VM paused after the capture (QEMU 8.2+ behaviour).
-            backend.resume()
-            return monitor.wait_event("RESUME", 10)
+        info = monitor.execute("query-migrate")
+        status = info.get("status")
         if status in MIGRATION_FAILED:
             raise VMError(f"the RAM snapshot {status}", "see the VM's QEMU log")
+        if status == "completed" or ram.capture_done(info):
+            ram.resume_after_capture(backend)
+            return monitor.wait_event("RESUME", 10)
     raise StepTimeout(f"the RAM snapshot did not capture the VM within {timeout:g} s")
 
 

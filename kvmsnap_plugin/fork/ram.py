@@ -3,7 +3,8 @@
 With ``background-snapshot`` QEMU's migration thread captures the CPU and device state and
 write-protects RAM, then streams RAM copy-on-write while the guest runs; without it
 (stop-and-copy) the whole RAM is written while the guest is paused. Either way QEMU writes
-into a file descriptor kvmsnap hands it (``getfd``), named :data:`STATE_FD_NAME`.
+into a file descriptor kvmsnap hands it: a pipe as ``fd:``, the state file itself as
+``file:/dev/fdset/N`` where QEMU has ``file:`` URIs (:func:`~kvmsnap_plugin.vm.qmp.hand_state_fd`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from kvmsnap_plugin.backends import Backend
 from kvmsnap_plugin.errors import HostError, KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.host import outliving, probes
 from kvmsnap_plugin.model import MIGRATION_FAILED, MIGRATION_UNFINISHED, RamMethod
-from kvmsnap_plugin.vm.qmp import Monitor
+from kvmsnap_plugin.vm.qmp import (
+    Monitor,
+    StateChannel,
+    file_migration_supported,
+    hand_state_fd,
+    release_state_fd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,11 @@ PAUSED = ("paused", "postmigrate", "finish-migrate")
 #: of state in 333 ms, ~540 MiB/s; halved for a guest whose RAM is all in use (zero pages cost
 #: next to nothing) and for slower disks, and applied to the whole RAM size.
 STOP_AND_COPY_RATE = 256 << 20
-#: the migration parameter kvmsnap changes; with the capability below, all it touches
+#: the migration parameter kvmsnap changes; with the capabilities below, all it touches
 MAX_BANDWIDTH = "max-bandwidth"
+#: QEMU 9.0+: RAM at fixed file offsets. Off for our snapshots: a background snapshot with
+#: it is accepted by QEMU 10 but does not load, and the clone would not expect its format.
+MAPPED_RAM = "mapped-ram"
 
 
 def migration_settings(monitor: Monitor) -> dict[str, Any]:
@@ -50,14 +60,22 @@ def migration_settings(monitor: Monitor) -> dict[str, Any]:
     capabilities = {c["capability"]: c["state"]
                     for c in monitor.execute("query-migrate-capabilities")}
     parameters = monitor.execute("query-migrate-parameters")
-    return {RamMethod.BACKGROUND.value: bool(capabilities.get(RamMethod.BACKGROUND, False)),
-            MAX_BANDWIDTH: parameters.get(MAX_BANDWIDTH)}
+    settings = {RamMethod.BACKGROUND.value: bool(capabilities.get(RamMethod.BACKGROUND, False)),
+                MAX_BANDWIDTH: parameters.get(MAX_BANDWIDTH)}
+    if capabilities.get(MAPPED_RAM):  # only a QEMU that has it; seldom on
+        settings[MAPPED_RAM] = True
+    return settings
 
 
-def configure_migration(monitor: Monitor, method: str) -> str:
-    """Set up the RAM snapshot; returns the method that will run."""
+def configure_migration(monitor: Monitor, method: str,
+                        settings: dict[str, Any] | None = None) -> str:
+    """Set up the RAM snapshot (``settings``: :func:`migration_settings`); returns the
+    method that will run."""
     # Unthrottled: the default cap (32 MiB/s) would stretch a stop-and-copy pause to seconds.
     monitor.execute("migrate-set-parameters", {MAX_BANDWIDTH: 1 << 40})
+    if settings and settings.get(MAPPED_RAM):
+        monitor.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": MAPPED_RAM, "state": False}]})
     if method in (RamMethod.AUTO, RamMethod.BACKGROUND):
         supported, why = probes.uffd_wp_supported()
         if supported:
@@ -86,6 +104,9 @@ def restore_settings(monitor: Monitor, saved: dict[str, Any]) -> bool:
          "state": bool(saved.get(RamMethod.BACKGROUND.value, False))}]})]
     if saved.get(MAX_BANDWIDTH) is not None:
         changes.append(("migrate-set-parameters", {MAX_BANDWIDTH: saved[MAX_BANDWIDTH]}))
+    if saved.get(MAPPED_RAM):
+        changes.append(("migrate-set-capabilities", {"capabilities": [
+            {"capability": MAPPED_RAM, "state": True}]}))
     for command, arguments in changes:
         try:
             monitor.execute(command, arguments)
@@ -118,9 +139,12 @@ def check_pause(monitor: Monitor, method: str, max_pause: float) -> None:
 
 # -- where the RAM goes ------------------------------------------------------------------------
 class StateSink:
-    """Where QEMU's RAM stream goes: ``write_end`` is the fd handed to QEMU."""
+    """Where QEMU's RAM stream goes: ``write_end`` is the fd handed to QEMU, ``channel``
+    the URI to migrate to (set by :func:`open_state_fd`)."""
 
     write_end: int = -1
+    channel: StateChannel = StateChannel("")
+    monitor: Monitor | None = None
 
     def handed_over(self) -> None:
         """QEMU has received its own copy of ``write_end``."""
@@ -130,6 +154,13 @@ class StateSink:
         raise NotImplementedError
 
     def close(self) -> None:
+        """Our descriptor, and QEMU's copy once the migration is over (file: URIs)."""
+        self._close_fd()
+        if self.monitor is not None:
+            release_state_fd(self.monitor, self.channel)
+            self.monitor = None
+
+    def _close_fd(self) -> None:
         if self.write_end >= 0:
             os.close(self.write_end)
             self.write_end = -1
@@ -169,7 +200,7 @@ class StateWriter(StateSink):
 
     def handed_over(self) -> None:
         """QEMU has its own copy of the write end: ours must go, or EOF never comes."""
-        self.close()
+        self._close_fd()
 
     def finish(self, timeout: float = 600.0) -> None:
         """After the migration completed: all of it is on disk, or raise."""
@@ -208,16 +239,23 @@ class StateFile(StateSink):
             raise HostError(f"cannot write the RAM state to {self.state_file.parent}: "
                             f"{exc.strerror}", STATE_SPACE_HINT) from None
         finally:
-            self.close()
+            self._close_fd()
 
 
 def open_state_fd(monitor: Monitor, state_file: Path, method: str) -> StateSink:
-    """Create the RAM state file and hand QEMU the fd that leads to it."""
-    writer = StateFile(state_file) if method == RamMethod.STOP_AND_COPY else StateWriter(state_file)
+    """Create the RAM state file and hand QEMU the fd that leads to it (before the pause:
+    the probe for ``file:`` URIs reads QEMU's schema)."""
+    stop_and_copy = method == RamMethod.STOP_AND_COPY
+    file_uris = stop_and_copy and file_migration_supported(monitor)  # a pipe goes as fd:
+    writer = StateFile(state_file) if stop_and_copy else StateWriter(state_file)
     try:
-        monitor.send_fd(writer.write_end, STATE_FD_NAME)
-    finally:
-        writer.handed_over()
+        writer.channel = hand_state_fd(monitor, writer.write_end, STATE_FD_NAME,
+                                       file_uris=file_uris)
+    except BaseException:
+        writer.close()
+        raise
+    writer.monitor = monitor
+    writer.handed_over()
     return writer
 
 
@@ -239,6 +277,48 @@ def wait_migration(monitor: Monitor, timeout: float) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise StepTimeout(f"saving the VM's RAM took more than {timeout:g} s")
         time.sleep(0.02)
+
+
+def capture_done(info: dict[str, Any]) -> bool:
+    """Has a background snapshot captured the VM (CPU and device state saved, guest RAM
+    write-protected)? Yes once ``query-migrate`` counts a RAM page sent.
+
+    QEMU's ``bg_migration_thread()`` (migration/migration.c, 7.2 and 10.0 alike) runs, in
+    order: ``ram_write_tracking_prepare()``; ``qemu_savevm_state_setup()``, where
+    ``ram_save_setup()`` writes the RAM block list and an EOS flag but no page (so
+    ``transferred`` moves in setup already); status SETUP -> ACTIVE; then under the BQL
+    ``vm_stop_force_state()`` (10.0: ``migration_stop_vm()``), the non-iterable device state
+    into a buffer, ``ram_write_tracking_start()``, ``bg_migration_vm_start_bh()`` scheduled;
+    the BQL released; and only then the loop of ``bg_migration_iteration_run()`` ->
+    ``ram_save_iterate()``, the one place that counts a page as ``normal`` or ``duplicate``
+    (zero; counters reset by ``migrate_init()``). "active" alone is too early: it is set
+    before the VM is stopped and its state saved.
+    """
+    memory = info.get("ram", {})
+    pages = int(memory.get("normal", 0)) + int(memory.get("duplicate", 0))
+    return info.get("status") == "active" and pages > 0
+
+
+def resume_after_capture(backend: Backend) -> None:
+    """Resume a parent the capture left paused, unless QEMU resumed it itself.
+
+    The start BH was scheduled under the BQL before the first page went: the main loop
+    runs it at the latest in the iteration that answered the ``query-migrate`` showing
+    that page, so by our next command it has run. QEMU 7.2's BH calls ``vm_start()``
+    (running: its RESUME is on the way); 9.0 on, ``vm_resume(vm_old_state)`` restores the
+    run state ``migrate`` found, paused by us, and the VM waits for our ``cont``. Ours can
+    thus never come before that BH (whose ``runstate_set(PAUSED)`` would then mislabel a
+    running VM); a late duplicate ``cont`` is harmless to QEMU, and libvirt may refuse to
+    resume a domain it already sees running: then only the run state counts.
+    """
+    monitor = backend.monitor
+    if monitor.runstate() == "running":
+        return
+    try:
+        backend.resume()
+    except VMError:
+        if monitor.runstate() != "running":
+            raise
 
 
 def wait_migration_finalized(monitor: Monitor, timeout: float = 10.0) -> None:

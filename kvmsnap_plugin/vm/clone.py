@@ -49,7 +49,12 @@ from kvmsnap_plugin.vm.confine import clone_binary, clone_env, parents_binary
 from kvmsnap_plugin.vm.machine import Machine
 from kvmsnap_plugin.vm.parent import option_fields
 from kvmsnap_plugin.vm.qemu_args import parse_argv
-from kvmsnap_plugin.vm.qmp import Monitor
+from kvmsnap_plugin.vm.qmp import (
+    Monitor,
+    file_migration_supported,
+    hand_state_fd,
+    release_state_fd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +192,22 @@ def running_clone(plan: ClonePlan, state_file: Path, timeout: float = 300.0,
 def _load_state(clone: Clone, state_file: Path, timeout: float) -> None:
     fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        clone.qmp.send_fd(fd, STATE_FD_NAME)
+        channel = hand_state_fd(clone.qmp, fd, STATE_FD_NAME,
+                                file_uris=file_migration_supported(clone.qmp))
     finally:
         os.close(fd)
-    clone.qmp.execute("migrate-incoming", {"uri": f"fd:{STATE_FD_NAME}"})
-    faults.point("clone-loading")
+    try:
+        clone.qmp.execute("migrate-incoming", {"uri": channel.uri})
+        faults.point("clone-loading")
+        _wait_loaded(clone, timeout)
+    finally:  # else QEMU holds the deleted file's space for the clone's whole run
+        release_state_fd(clone.qmp, channel)
+    # The state holds the guest's secrets: gone as soon as it is loaded.
+    state_file.unlink(missing_ok=True)
+    log.info("clone restored from the fork's RAM image")
+
+
+def _wait_loaded(clone: Clone, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         status = clone.qmp.execute("query-migrate").get("status")
@@ -205,9 +221,6 @@ def _load_state(clone: Clone, state_file: Path, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise VMError(f"the clone did not load its RAM within {timeout:g} s")
         time.sleep(0.02)
-    # The state holds the guest's secrets: gone as soon as it is loaded.
-    state_file.unlink(missing_ok=True)
-    log.info("clone restored from the fork's RAM image")
 
 
 def nic_names(clone: Machine) -> list[str]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +54,9 @@ class Monitor(Protocol):
 
     def send_fd(self, fd: int, name: str) -> None:
         """Hand QEMU an open file descriptor under ``name`` (QMP ``getfd``)."""
+
+    def add_fd(self, fd: int, opaque: str) -> int:
+        """Put an open file descriptor into a new fdset (QMP ``add-fd``); the set's id."""
 
     def runstate(self) -> str:
         """QEMU's run state (``running``, ``paused``, ``finish-migrate``, ...)."""
@@ -218,6 +222,11 @@ class QmpSession:
         self._client.send_fd_scm(fd)
         self.execute("getfd", {"fdname": name})
 
+    def add_fd(self, fd: int, opaque: str) -> int:
+        """Put an open file descriptor into a new fdset (QMP ``add-fd``); the set's id."""
+        self._client.send_fd_scm(fd)
+        return int(self.execute("add-fd", {"opaque": opaque})["fdset-id"])
+
     def hmp(self, command_line: str) -> str:
         return self.execute("human-monitor-command", {"command-line": command_line})
 
@@ -278,3 +287,57 @@ class QmpSession:
                 if future.done() or str(exc) != STALE_STOP:
                     raise
         return self._loop.run_until_complete(future)
+
+
+# -- descriptors for migrations ---------------------------------------------------------------
+@dataclass(frozen=True)
+class StateChannel:
+    """A descriptor handed to QEMU for a migration to or from it, and the URI naming it."""
+
+    uri: str
+    fdset: int | None = None  # ``file:`` URIs: the fdset holding QEMU's copy until removed
+
+
+def file_migration_supported(monitor: Monitor) -> bool:
+    """Does this QEMU migrate to and from ``file:`` URIs (QEMU 8.2 on)?
+
+    Asked of its QMP schema, not its version: the transport enum (``MigrationAddressType``:
+    socket, exec, rdma, file) came with the ``file`` transport. 7.2 has none.
+    """
+    schema = monitor.execute("query-qmp-schema")
+    return any(entry.get("meta-type") == "enum"
+               and {"socket", "exec", "file"} <= set(entry.get("values", ()))
+               for entry in schema)
+
+
+def hand_state_fd(monitor: Monitor, fd: int, name: str, *, file_uris: bool) -> StateChannel:
+    """Hand QEMU ``fd`` for a migration; the URI to give ``migrate``/``migrate-incoming``.
+
+    A regular file goes as ``file:/dev/fdset/N`` where QEMU has ``file:`` URIs: ``fd:`` to
+    a file is deprecated since QEMU 9.1 (a warning on its stderr, an error later). Pipes and
+    sockets stay ``fd:NAME``: ``file:`` truncates its target (ftruncate fails on a pipe), and
+    ``fd:`` keeps them (QEMU 9.2 on warns only for other descriptors). ``name`` is also the
+    fdset's opaque tag: a set a killed run left behind is removed first.
+    """
+    if not (file_uris and stat.S_ISREG(os.fstat(fd).st_mode)):
+        monitor.send_fd(fd, name)
+        return StateChannel(f"fd:{name}")
+    for stale in monitor.execute("query-fdsets"):
+        if any(entry.get("opaque") == name for entry in stale.get("fds", ())):
+            release_state_fd(monitor, StateChannel("", stale["fdset-id"]))
+    fdset = monitor.add_fd(fd, name)
+    return StateChannel(f"file:/dev/fdset/{fdset}", fdset)
+
+
+def release_state_fd(monitor: Monitor, channel: StateChannel) -> None:
+    """Close QEMU's copy of a ``file:`` channel's descriptor; never raises.
+
+    An fdset outlives the migration while a QMP client is connected: without this a
+    long-lived parent would hold every deleted RAM state file's space open.
+    """
+    if channel.fdset is None:
+        return
+    try:
+        monitor.execute("remove-fd", {"fdset-id": channel.fdset})
+    except (VMError, StepTimeout) as exc:
+        log.warning("could not remove fdset %d from QEMU: %s", channel.fdset, exc)

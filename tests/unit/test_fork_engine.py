@@ -36,6 +36,12 @@ class FakeMonitor:
 
     def __init__(self, on_migrate: str = "qemu-7.2") -> None:
         self.on_migrate = on_migrate
+        self.schema: list[dict[str, Any]] = [{"meta-type": "enum", "values": ["unix", "tcp"]}]
+        self.fdsets: dict[int, str] = {}  # fdset id -> opaque
+        self.uris: list[str] = []
+        self.mapped_ram: bool | None = None  # a QEMU without the capability
+        self.pages = 0  # RAM pages a running migration has sent
+        self.resumed_while: list[str] = []  # the migration status at each resume
         self.commands: list[str] = []
         self.capabilities: list[bool] = []
         self.bandwidths: list[int] = []
@@ -60,11 +66,14 @@ class FakeMonitor:
         if command in self.hung_for or "*" in self.hung_for:
             raise StepTimeout(f"QMP {command} got no answer within 30 s")
         answers = {
-            "query-migrate": lambda: {"status": self.migration, "total-time": 2500,
-                                      "ram": {"total": 4096}, "downtime": 7,
-                                      "error-desc": "boom"},
+            "query-migrate": self.query_migrate,
             "query-migrate-capabilities": lambda: [
-                {"capability": "background-snapshot", "state": False}],
+                {"capability": "background-snapshot", "state": False},
+                *([{"capability": "mapped-ram", "state": self.mapped_ram}]
+                  if self.mapped_ram is not None else [])],
+            "query-qmp-schema": lambda: self.schema,
+            "query-fdsets": lambda: [{"fdset-id": i, "fds": [{"fd": 30 + i, "opaque": o}]}
+                                     for i, o in self.fdsets.items()],
             "query-migrate-parameters": lambda: {"max-bandwidth": 33554432},
             "query-memory-size-summary": lambda: {"base-memory": self.ram},
             "query-block": self.blocks,
@@ -73,12 +82,29 @@ class FakeMonitor:
         if command in answers:
             return answers[command]()
         if command == "migrate-set-capabilities":
-            self.capabilities.append(arguments["capabilities"][0]["state"])
+            change = arguments["capabilities"][0]
+            if change["capability"] == "mapped-ram":
+                self.mapped_ram = change["state"]
+            else:
+                self.capabilities.append(change["state"])
+        if command == "remove-fd":
+            del self.fdsets[arguments["fdset-id"]]
         if command == "migrate-set-parameters":
             self.bandwidths.append(arguments["max-bandwidth"])
         if command == "migrate":
+            self.uris.append(arguments["uri"])
             self._migrate()
         return {}
+
+    def query_migrate(self) -> dict[str, Any]:
+        info = {"status": self.migration, "total-time": 2500, "downtime": 7,
+                "ram": {"total": 4096, "transferred": 8192, "normal": self.pages,
+                        "duplicate": 0}, "error-desc": "boom"}
+        if self.on_migrate == "qemu-10" and self.migration == "setup":
+            self.migration = "active"  # the next answer: active, no page sent yet
+        elif self.on_migrate == "qemu-10" and self.migration == "active":
+            self.pages += 1  # then the pages: the capture is done
+        return info
 
     def blocks(self) -> list[dict[str, Any]]:
         return [{"device": device, "io-status": self.io_status,
@@ -100,6 +126,9 @@ class FakeMonitor:
             return
         if self.on_migrate == "refuse":  # another migration runs
             raise VMError("QMP migrate failed: There's a migration process in progress")
+        if self.on_migrate == "qemu-10":  # leaves the VM paused; "completed" takes a while
+            self.migration = "setup"
+            return
         self.migration = "completed"
         if self.on_migrate == "qemu-7.2":  # resumes the VM itself after the capture
             self.state = "running"
@@ -111,6 +140,12 @@ class FakeMonitor:
 
     def send_fd(self, fd: int, name: str) -> None:
         self.commands.append(f"getfd {name}")
+
+    def add_fd(self, fd: int, opaque: str) -> int:
+        self.commands.append(f"add-fd {opaque}")
+        fdset = max(self.fdsets, default=-1) + 1
+        self.fdsets[fdset] = opaque
+        return fdset
 
     def runstate(self) -> str:
         if "*" in self.hung_for:
@@ -161,8 +196,11 @@ class FakeBackend:
 
     def resume(self) -> None:
         self.calls.append(("resume",))
+        self.monitor.resumed_while.append(self.monitor.migration)
         self.monitor.state = "running"
         self.monitor.emit("RESUME")
+        if self.monitor.migration == "active":  # the RAM save goes on, then completes
+            self.monitor.migration = "completed"
 
     def attach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
         self.calls.append(("attach", *(d.overlay_node for d in planned)))
@@ -298,6 +336,87 @@ def test_qemu_9_leaves_the_vm_paused_after_the_capture_so_we_resume_it_once(tmp_
     _, point = fork(backend, tmp_path)
     assert backend.calls.count(("resume",)) == 1 and backend.monitor.state == "running"
     assert point.method is RamMethod.BACKGROUND
+
+
+def test_qemu_10_is_resumed_once_a_page_is_sent_not_at_active_nor_at_the_end(tmp_path):
+    monitor = FakeMonitor("qemu-10")
+    backend = FakeBackend(monitor)
+    _, point = fork(backend, tmp_path)
+    assert monitor.resumed_while == ["active"]
+    polls = monitor.commands[monitor.commands.index("migrate") + 1:]
+    assert polls[:3] == ["query-migrate"] * 3  # setup; active with no page: not yet
+    assert point.pause_ms == pytest.approx(40.0)  # STOP to our RESUME
+    assert monitor.uris == ["fd:kvmsnap-state"]  # the writer's pipe goes as fd:
+
+
+@pytest.mark.parametrize(("info", "done"), [
+    ({"status": "setup"}, False),
+    ({"status": "active", "ram": {"transferred": 81920, "normal": 0, "duplicate": 0}}, False),
+    ({"status": "active", "ram": {"normal": 0, "duplicate": 3}}, True),
+    ({"status": "active", "ram": {"normal": 20, "duplicate": 13}}, True),
+    ({"status": "failed", "ram": {"normal": 20}}, False),
+])
+def test_the_capture_is_done_once_a_ram_page_is_counted(info, done):
+    assert ram.capture_done(info) is done
+
+
+class Refusing(FakeBackend):
+    """libvirt refusing to resume a domain it already sees running."""
+
+    def resume(self) -> None:
+        self.calls.append(("resume",))
+        raise VMError("resuming the domain: Requested operation is not valid")
+
+
+def test_a_refused_resume_of_a_running_vm_is_no_error():
+    backend = Refusing()
+    backend.monitor.runstates = ["paused"]  # then running: someone resumed it meanwhile
+    ram.resume_after_capture(backend)
+    assert backend.calls == [("resume",)]
+    backend.monitor.runstates, backend.monitor.state = ["paused"], "paused"
+    with pytest.raises(VMError, match="not valid"):
+        ram.resume_after_capture(backend)
+
+
+def test_a_running_vm_is_not_resumed_after_the_capture():
+    backend = FakeBackend()
+    ram.resume_after_capture(backend)  # QEMU 7.2 did it
+    assert backend.calls == []
+
+
+FILE_TRANSPORT = {"meta-type": "enum", "values": ["socket", "exec", "rdma", "file"]}
+
+
+def test_stop_and_copy_writes_through_an_fdset_where_qemu_has_file_uris(tmp_path):
+    monitor = FakeMonitor("stop-and-copy")
+    monitor.schema.append(FILE_TRANSPORT)
+    monitor.fdsets = {0: "kvmsnap-state", 1: "libvirt's"}  # one a killed run left
+    fork(FakeBackend(monitor), tmp_path, method=RamMethod.STOP_AND_COPY)
+    assert monitor.uris == ["file:/dev/fdset/2"]
+    assert monitor.fdsets == {1: "libvirt's"}  # ours removed: the stale one and this one
+    assert "getfd kvmsnap-state" not in monitor.commands
+
+
+def test_stop_and_copy_on_qemu_72_uses_fd_uris(tmp_path):
+    monitor = FakeMonitor("stop-and-copy")
+    fork(FakeBackend(monitor), tmp_path, method=RamMethod.STOP_AND_COPY)
+    assert monitor.uris == ["fd:kvmsnap-state"] and monitor.fdsets == {}
+
+
+def test_a_background_snapshot_never_runs_with_mapped_ram(tmp_path):
+    monitor = FakeMonitor("qemu-7.2")
+    monitor.mapped_ram = True  # left on by someone else
+    recorded: list[dict[str, Any]] = []
+    original = monitor.execute
+
+    def watch(command: str, arguments: dict[str, Any] | None = None, **kw: Any) -> Any:
+        if command == "migrate":
+            recorded.append({"mapped-ram": monitor.mapped_ram})
+        return original(command, arguments, **kw)
+
+    monitor.execute = watch
+    fork(FakeBackend(monitor), tmp_path)
+    assert recorded == [{"mapped-ram": False}] and monitor.mapped_ram is True  # put back
 
 
 def test_stop_and_copy_resumes_only_once_qemu_left_finish_migrate(tmp_path):
