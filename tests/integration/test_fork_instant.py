@@ -50,7 +50,8 @@ class FrozenInstant:
     @hookimpl
     def kvmsnap_post_shutdown(self, fork, exposure):
         self.stream = read_file(exposure.disks[0].image, "/stream") or b""
-        raw = raw_copy(fork.disks[0].frozen, self.scratch / "frozen.raw")
+        forked = fork.disks[0]
+        raw = raw_copy(forked.frozen, self.scratch / "frozen.raw", forked.disk.format)
         try:
             self.disk_count = int((read_file(raw, "/instant") or b"0").split(b"\0")[0])
         finally:
