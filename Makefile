@@ -8,12 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages: QEMU and its tools, what the demo guest is built from, the filesystem
-# checkers, restic, FUSE (disk exports without nbd), libvirt (its daemon for the tests, its
-# headers for libvirt-python), and borgbackup's build dependencies.
+# checkers, restic, FUSE (disk exports without nbd), nbdcopy (restic's image stream),
+# libvirt (its daemon for the tests, its headers for libvirt-python), and borgbackup's build
+# dependencies.
 APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	qemu-system-x86 qemu-system-common qemu-utils \
 	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
-	restic fuse3 libvirt-daemon-system libvirt-clients libvirt-dev \
+	restic fuse3 libnbd-bin libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config
 
 .PHONY: help deps venv guest qemu10 demo test lint bench clean

@@ -14,7 +14,9 @@ deduplication (the guest has written its workload lines in between). In each run
 
    - kvmsnap: ``pipeline.backup`` with one archive target: fork, clone, power button,
      expose, archive, verify, commit back; timed from the call to its return and split
-     into phases by hook timestamps (bench/api.py ``phases``);
+     into phases by hook timestamps (bench/api.py ``phases``). Its archivers read the
+     clone's disk as kvmsnap does (restic image: the NBD export through nbdcopy; borg image:
+     the FUSE export's loop device; files: a read-only mount of it);
    - baseline: the archive command alone on the copy (bench/baseline.py), timed from its
      start to its exit. *With copy* adds the run's offline copy (and, for files, the loop
      mount) to it: what a backup of a stopped VM costs in all.

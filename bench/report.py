@@ -359,8 +359,9 @@ def _p2(p2: dict[str, Any]) -> list[str]:
            f"- *kvmsnap*: one backup (`pipeline.backup`, {p2['method']}, one archive target): "
            "fork, clone, power button, expose, archive, verify, commit back, timed from the "
            "call to its return. Its archive step runs the same borg/restic command line as "
-           "the baseline (plus tags), reading the clone's disk through qemu-storage-daemon's "
-           "FUSE export (files: through a read-only loop mount of it).",
+           "the baseline (plus tags), reading the clone's disk from qemu-storage-daemon: "
+           "restic image through its NBD export (`nbdcopy`), borg image through its FUSE "
+           "export's loop device, files through a read-only loop mount of it.",
            "- *baseline*: the archive command alone, timed from its start to its exit: "
            "`borg create --compression lz4` (image: `--chunker-params fixed,4194304`, as "
            "kvmsnap) / `restic backup` (image: `--stdin --stdin-filename disk.raw` from the "

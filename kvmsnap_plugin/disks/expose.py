@@ -7,6 +7,12 @@ and each filesystem found is mounted read-only without journal replay (ext4 ``no
 ``ROOT/<disk>`` for a whole-disk filesystem, ``ROOT/<disk>/p<N>`` for partitions.
 :func:`unexpose` unmounts, detaches and stops the daemon, in that order.
 
+The same daemon also exports each disk read-only over NBD on a unix socket in a private
+(0700) socket directory (:attr:`ExposedDisk.nbd_uri`): restic's image mode streams the disk
+from there with ``nbdcopy`` (plugin/archivers/stream.py), about twice as fast as reading
+the FUSE file. The daemon binds that socket before it mounts the FUSE exports, so once
+those are mounted, the NBD exports are served too.
+
 Each image is opened in the format QEMU knows it by, never one guessed from its contents:
 a raw disk whose guest wrote a qcow2 header (naming a host file as backing file) into it
 is exposed as the raw bytes it is.
@@ -19,6 +25,7 @@ import logging
 import re
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +35,7 @@ from kvmsnap_plugin.disks import verify
 from kvmsnap_plugin.errors import HostError
 from kvmsnap_plugin.host import dirs, mounts, process
 from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure
-from kvmsnap_plugin.paths import safe_name
+from kvmsnap_plugin.paths import safe_name, socket_dir
 from kvmsnap_plugin.vm.qemu_args import escape
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,12 @@ class Exposed:
     exports: list[Path] = field(default_factory=list)
     loops: list[Path] = field(default_factory=list)
     mounts: list[Path] = field(default_factory=list)
+    #: the NBD socket's private directory, removed by :func:`unexpose`
+    sockets: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    nbd_uris: list[str] = field(default_factory=list)
 
+#: the loop devices' read-ahead, in 512-byte sectors (4 MiB)
+READ_AHEAD_SECTORS = 8192
 
 #: what to expose: (name, image file, its format as QEMU opened it: "qcow2", "raw")
 Image = tuple[str, Path, str]
@@ -97,14 +109,17 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
     handle = Exposed(Exposure(root, workdir / "images"))
     try:
         _start_exports(handle, images, timeout, record)
-        for (name, _, _), export in zip(images, handle.exports, strict=True):
+        for (name, _, _), export, nbd_uri in zip(images, handle.exports, handle.nbd_uris,
+                                                 strict=True):
             record.append("loop_files", str(export))
             loop = mounts.attach_loop(export)
             record.append("loops", str(loop))
             handle.loops.append(loop)
+            _read_ahead(loop)
             filesystems = [_filesystem(handle, name, partition, device, mount, record)
                            for partition, device in mounts.block_devices(loop, timeout)]
-            handle.view.disks.append(ExposedDisk(name, export, loop, tuple(filesystems)))
+            handle.view.disks.append(ExposedDisk(name, export, loop, tuple(filesystems),
+                                                 nbd_uri))
     except BaseException:
         unexpose(handle)
         raise
@@ -137,7 +152,16 @@ def unexpose(handle: Exposed) -> None:
         if mounts.is_mountpoint(export):
             process.run(["umount", "-l", export], timeout=30, check=False)
         export.unlink(missing_ok=True)
+    handle.sockets.close()
     handle.mounts, handle.loops, handle.exports, handle.daemon = [], [], [], None
+
+
+def _read_ahead(loop: Path) -> None:
+    """4 MiB of read-ahead instead of 128 KiB: each read of the loop device is a round trip
+    through FUSE to qemu-storage-daemon (borg's image backup of a 2 GiB disk: 4.1 s instead
+    of 4.8 s; from a raw file 3.6 s). Only speed depends on it: a failure is let be."""
+    process.run(["blockdev", "--setra", str(READ_AHEAD_SECTORS), loop], timeout=30,
+                check=False)
 
 
 def _filesystem(handle: Exposed, name: str, partition: str, device: Path, mount: bool,
@@ -156,8 +180,11 @@ def _filesystem(handle: Exposed, name: str, partition: str, device: Path, mount:
 
 def _start_exports(handle: Exposed, images: Sequence[Image], timeout: float,
                    record: Recorder) -> None:
-    argv = [process.find_program("qemu-storage-daemon", "qemu-system-common")]
     images_dir = dirs.private_dir(handle.view.images_dir, "the images directory")
+    nbd_socket = handle.sockets.enter_context(socket_dir()) / "nbd.sock"
+    record.append("files", str(nbd_socket))
+    argv = [process.find_program("qemu-storage-daemon", "qemu-system-common"),
+            "--nbd-server", f"addr.type=unix,addr.path={escape(nbd_socket)}"]
     for index, (name, image, image_format) in enumerate(images):
         export = images_dir / f"{safe_name(name)}.raw"
         dirs.create_file(export)  # the FUSE export's mount point
@@ -167,7 +194,10 @@ def _start_exports(handle: Exposed, images: Sequence[Image], timeout: float,
                  "--blockdev", f"driver={_driver(image_format)},node-name=d{index},"
                                f"file=f{index},read-only=on",
                  "--export", f"type=fuse,id=e{index},node-name=d{index},"
-                             f"mountpoint={escape(export)},writable=off"]
+                             f"mountpoint={escape(export)},writable=off",
+                 "--export", f"type=nbd,id=n{index},node-name=d{index},name=d{index},"
+                             "writable=off"]
+        handle.nbd_uris.append(nbd_uri(nbd_socket, f"d{index}"))
     stderr_path = images_dir.parent / "qsd.stderr"
     record.record(exports=[str(e) for e in handle.exports])
     dirs.create_file(stderr_path)
@@ -175,6 +205,11 @@ def _start_exports(handle: Exposed, images: Sequence[Image], timeout: float,
         handle.daemon = process.spawn(argv, stderr=err)
     record.record(qsd=process.identity(handle.daemon.pid))
     _wait_mounted(handle.exports, handle.daemon, stderr_path, timeout)
+
+
+def nbd_uri(socket: Path, export: str) -> str:
+    """``nbd+unix:///EXPORT?socket=PATH``, the path quoted as the NBD URI spec wants."""
+    return f"nbd+unix:///{export}?socket={urllib.parse.quote(str(socket), safe='/')}"
 
 
 def _driver(image_format: str) -> str:

@@ -26,6 +26,8 @@ class ExposedDisk:
     image: Path  # a raw, read-only view of the whole disk (a FUSE export)
     loop: Path
     filesystems: tuple[ExposedFilesystem, ...]
+    #: the same disk, read-only over NBD (``nbd+unix:///EXPORT?socket=PATH``); "" if none
+    nbd_uri: str = ""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from kvmsnap_plugin.errors import ArchiveError
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState
 from kvmsnap_plugin.plugin.archivers import restic as restic_archiver
+from kvmsnap_plugin.plugin.archivers import stream
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.pipeline import backup
 
@@ -38,6 +40,26 @@ def restic(*args, cwd=None):
     return process.run(["restic", *args], timeout=300, cwd=cwd).stdout
 
 
+class DiskDigest:
+    """The sha256 of each exposed clone disk, read through its FUSE view before archiving:
+    what an image archive must hold byte for byte."""
+
+    def __init__(self):
+        self.digests = {}
+
+    @hookimpl
+    def kvmsnap_post_shutdown(self, exposure):
+        self.digests = {d.name: sha256(d.image) for d in exposure.disks}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def assert_clean_workload(root: Path, at_least: int):
     lines = (root / "workload.log").read_text().splitlines()
     assert lines == [f"line {i}" for i in range(1, len(lines) + 1)]
@@ -49,8 +71,10 @@ def assert_clean_workload(root: Path, at_least: int):
 def test_borg_files_and_image_round_trip(start_demo, tmp_path, borg_repo):
     vm = start_demo()
     before = vm.wait_counter(10)
+    clone_disk = DiskDigest()
     report = run_backup(vm, tmp_path, ArchiveTarget("borg", "borg", "both",
-                                                    {"repository": str(borg_repo)}))
+                                                    {"repository": str(borg_repo)}),
+                        plugins=[clone_disk])
     assert report.clean
     names = [a["name"] for a in json.loads(borg("list", "--json", borg_repo))["archives"]]
     assert sorted(names) == sorted(a.name for a in report.archives)
@@ -64,17 +88,25 @@ def test_borg_files_and_image_round_trip(start_demo, tmp_path, borg_repo):
     borg("extract", "--sparse", f"{borg_repo}::{image.name}", cwd=out)
     disk = read_disk(out / "vdisk0.raw", out / "vdisk0.raw")
     assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) >= before
+    assert sha256(out / "vdisk0.raw") == clone_disk.digests["vdisk0"]
     assert image.bytes == (64 << 20) + len((out / "kvmsnap-vm.json").read_bytes())
     assert json.loads((out / "kvmsnap-vm.json").read_text())["vm"] == "demo"
     assert image.stored_bytes < image.bytes  # zeros dedup away
 
 
-def test_restic_files_and_image_round_trip(start_demo, tmp_path, restic_repo):
+def test_restic_files_and_image_round_trip(start_demo, tmp_path, restic_repo, monkeypatch):
+    streamed = []
+    start = stream.Streams.start
+    monkeypatch.setattr(stream.Streams, "start",
+                        lambda self, disk, hold: streamed.append(disk.name) or
+                        start(self, disk, hold))
     vm = start_demo()
     before = vm.wait_counter(10)
+    clone_disk = DiskDigest()
     report = run_backup(vm, tmp_path, ArchiveTarget("restic", "restic", "both",
                                                     {"repository": str(restic_repo),
-                                                     "tags": ["nightly"]}))
+                                                     "tags": ["nightly"]}),
+                        plugins=[clone_disk])
     snapshots = json.loads(restic("-r", restic_repo, "snapshots", "--json"))
     assert len(snapshots) == 3  # the files, the one disk, and the VM's metadata
     assert all({"kvmsnap", "vm:demo", "nightly", "state:clean"} <= set(s["tags"])
@@ -90,6 +122,9 @@ def test_restic_files_and_image_round_trip(start_demo, tmp_path, restic_repo):
                        stdout=handle, check=True, timeout=300)
     disk = read_disk(raw, raw)
     assert disk.state is FsState.CLEAN and len(disk.lines) >= before
+    assert streamed == ["vdisk0"]  # from the NBD export, through nbdcopy
+    assert image.bytes == raw.stat().st_size == 64 << 20
+    assert sha256(raw) == clone_disk.digests["vdisk0"]
 
 
 def test_restic_leaves_no_snapshot_when_the_image_stream_breaks(tmp_path, restic_repo,

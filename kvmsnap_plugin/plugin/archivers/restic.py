@@ -5,9 +5,10 @@ VM's name as host. restic records absolute paths, so the mount root is stable pe
 ForkOptions.mount_root) and later snapshots find their parent.
 
 image: one snapshot per disk through ``--stdin --stdin-filename DISK.raw`` (restic 0.14 has no
-``--stdin-from-command``). kvmsnap itself produces the stream: it copies the disk's raw view
-into restic's stdin and closes it only after the last byte was read. If reading fails,
-restic is killed *before* it sees end-of-file, so it never saves a partial snapshot.
+``--stdin-from-command``). ``nbdcopy`` streams the disk from its NBD export into restic's
+stdin (stream.py); without NBD, kvmsnap copies the disk's FUSE view itself. Either way
+restic's stdin is closed only after the last byte was read: if reading fails, restic is
+killed *before* it sees end-of-file, so it never saves a partial snapshot.
 
 The password comes only from the environment (RESTIC_PASSWORD, RESTIC_PASSWORD_FILE,
 RESTIC_PASSWORD_COMMAND, or the target's ``env`` table).
@@ -16,10 +17,12 @@ RESTIC_PASSWORD_COMMAND, or the target's ``env`` table).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from kvmsnap_plugin.errors import ArchiveError, ProcessError
 from kvmsnap_plugin.host import process
@@ -29,10 +32,12 @@ from kvmsnap_plugin.model import (
     ArchiveResult,
     ArchiveTarget,
     BackupJob,
+    ExposedDisk,
     Exposure,
     VmRecord,
 )
 from kvmsnap_plugin.plugin.archive import mounted_trees
+from kvmsnap_plugin.plugin.archivers import stream
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 
 TYPE = "restic"
@@ -40,6 +45,8 @@ OPTIONS = frozenset({"repository", "tags", "host", "timeout"})
 PASSWORD_ENV = ("RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND")
 DEFAULT_TIMEOUT = 24 * 3600.0
 CHUNK = 4 << 20
+#: restic's stdin pipe: 1 MiB instead of 64 KiB (2.0 s less per 2 GiB disk, issue #15)
+PIPE_SIZE = 1 << 20
 #: restic's exit code 3: a snapshot was made, but some files could not be read
 INCOMPLETE = 3
 
@@ -72,7 +79,9 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
     if target.mode in ("files", "both"):
         results.append(backup_files(restic, target, job, exposure, tags))
     if target.mode in ("image", "both"):
-        results += [backup_image(restic, target, job, disk.name, disk.image, tags)
+        program = stream.producer(exposure.disks)
+        results += [backup_stream(restic, target, job, disk, tags, program) if program
+                    else backup_image(restic, target, job, disk.name, disk.image, tags)
                     for disk in exposure.disks]
         results += [backup_image(restic, target, job, name, exposure.images_dir / name, tags,
                                  filename=name) for name in exposure.extra_files]
@@ -125,36 +134,74 @@ def backup_files(restic: process.ShProgram, target: ArchiveTarget, job: BackupJo
 def backup_image(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob,
                  disk: str, image: Path, tags: list[str],
                  filename: str | None = None) -> ArchiveResult:
-    """One disk as a raw stream (``DISK.raw``); no snapshot survives a failed read."""
+    """One disk (or file) as a raw stream (``DISK.raw``) that kvmsnap copies into restic;
+    no snapshot survives a failed read."""
     started = time.monotonic()
-    args = [*_common(target, job, [*tags, "image", f"disk:{disk}"]),
-            "--stdin", "--stdin-filename", filename or f"{disk}.raw"]
-    read_end, write_end = os.pipe()
+    running, write_end = _start_stdin(restic, target, job, disk, tags, filename)
     try:
-        running = restic.start(args, stdin_fd=read_end)
-    finally:
-        os.close(read_end)  # restic has its own copy; ours would hide its death from us
-    try:
-        copied = _feed(image, write_end)
+        _feed(image, write_end)
     except BrokenPipeError:
-        copied = 0  # restic exited early: its own error below says why
+        pass  # restic exited early: its own error below says why
     except BaseException:
         # Kill restic while its stdin is still open: it must not mistake a broken stream
         # for the end of the disk and save a truncated snapshot.
         restic.abort(running)
+        raise
+    finally:
         with contextlib.suppress(OSError):
             os.close(write_end)
-        raise
-    with contextlib.suppress(OSError):
+    return _finish(restic, running, target, disk, "metadata" if filename else "image", started)
+
+
+def backup_stream(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob,
+                  disk: ExposedDisk, tags: list[str], program: str) -> ArchiveResult:
+    """One disk streamed by ``nbdcopy`` from its NBD export into restic (stream.py); no
+    snapshot survives a failed read."""
+    started = time.monotonic()
+    running, write_end = _start_stdin(restic, target, job, disk.name, tags)
+    with stream.Streams(program) as streams:
+        streams.start(disk, write_end)  # restic sees EOF once the whole disk went through
+        try:
+            streams.wait(running.is_alive)
+        except ArchiveError:
+            if not running.is_alive():  # restic died first (nbdcopy then lost its reader)
+                _finish(restic, running, target, disk.name, "image", started)
+            restic.abort(running)  # still reading: killed before it sees EOF
+            raise
+        except BaseException:
+            restic.abort(running)
+            raise
+    return _finish(restic, running, target, disk.name, "image", started)
+
+
+def _start_stdin(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob, disk: str,
+                 tags: list[str], filename: str | None = None) -> tuple[Any, int]:
+    """restic reading a new pipe as ``DISK.raw``; returns it and the pipe's write end."""
+    args = [*_common(target, job, [*tags, "image", f"disk:{disk}"]),
+            "--stdin", "--stdin-filename", filename or f"{disk}.raw"]
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    try:
+        running = restic.start(args, stdin_fd=read_end)
+    except BaseException:
         os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)  # restic has its own copy; ours would hide its death from us
+    return running, write_end
+
+
+def _finish(restic: process.ShProgram, running: Any, target: ArchiveTarget, disk: str,
+            kind: str, started: float) -> ArchiveResult:
     try:
         done = restic.finish(running)
     except ProcessError as exc:
         raise _explain(exc, target) from None
     summary = _summary(done.stdout)
-    kind = "metadata" if filename else "image"
     return ArchiveResult(target.name, TYPE, kind, summary.get("snapshot_id", ""), disk,
-                         copied, summary.get("data_added"), time.monotonic() - started)
+                         int(summary.get("total_bytes_processed", 0)),
+                         summary.get("data_added"), time.monotonic() - started)
 
 
 def _feed(image: Path, write_end: int) -> int:
