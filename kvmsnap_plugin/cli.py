@@ -67,7 +67,7 @@ def _job_from_args(args: argparse.Namespace,
         "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
         "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages",
         "min_free", "max_pause", "clone_drop",
-        "allow_remote_workdir")
+        "allow_remote_workdir", "skip_partitions")
         if getattr(args, key, None) is not None}
     dry_run = getattr(args, "dry_run", False)
     if args.domain:
@@ -274,6 +274,11 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--allow-remote-workdir", action="store_true",
                      help="accept a work directory on a network or FUSE filesystem (NFS, "
                      "CIFS, sshfs...): the guest's RAM, keys included, is written there")
+    cmd.add_argument("--skip-partition", action="append", metavar="RULE",
+                     dest="skip_partitions",
+                     help="a partition known to be left out, so it does not warn (exit 1) "
+                     "every night: label:NAME, uuid:UUID, type:GUID|0xNN|KIND|FSTYPE or "
+                     "where:DISK/pN; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:

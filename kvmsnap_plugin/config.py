@@ -52,7 +52,7 @@ from kvmsnap_plugin.plugin.archive import absolute_repository
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
                       "repress_after", "on_unclean", "keep", "mount_root",
                       "collapse_huge_pages", "min_free", "max_pause", "clone_drop",
-                      "allow_remote_workdir"})
+                      "allow_remote_workdir", "skip_partitions"})
 VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
@@ -127,7 +127,15 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         collapse_huge_pages=collapse,
         clone_drop=_clone_drop(settings.get("clone_drop", ()), where),
         allow_remote_workdir=_flag(settings, "allow_remote_workdir", where),
+        skip_partitions=_skip_partitions(settings.get("skip_partitions", ()), where),
     )
+
+
+def _skip_partitions(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"skip_partitions in {where} must be a list of rules, not {value!r}",
+                         'e.g. skip_partitions = ["label:SWAP", "type:lvm-pv"]')
+    return tuple(value)
 
 
 def _clone_drop(value: Any, where: str) -> tuple[str, ...]:

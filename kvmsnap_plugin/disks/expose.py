@@ -27,14 +27,14 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvmsnap_plugin.disks import verify
-from kvmsnap_plugin.errors import HostError
+from kvmsnap_plugin.disks import classify, verify
+from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.host import dirs, mounts, process
-from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure
+from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure, Outcome, SkipRule
 from kvmsnap_plugin.paths import safe_name, socket_dir
 from kvmsnap_plugin.vm.qemu_args import escape
 
@@ -82,9 +82,11 @@ Image = tuple[str, Path, str]
 @contextlib.contextmanager
 def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
             mount: bool = True, timeout: float = 60.0,
-            recorder: Recorder | None = None) -> Iterator[Exposure]:
+            recorder: Recorder | None = None,
+            skip: Sequence[SkipRule] = ()) -> Iterator[Exposure]:
     """:func:`expose`, undone on exit."""
-    handle = expose(images, workdir, root, mount=mount, timeout=timeout, recorder=recorder)
+    handle = expose(images, workdir, root, mount=mount, timeout=timeout, recorder=recorder,
+                    skip=skip)
     try:
         yield handle.view
     finally:
@@ -93,13 +95,14 @@ def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
 
 def expose(images: Sequence[Image], workdir: Path, root: Path, *,
            mount: bool = True, timeout: float = 60.0,
-           recorder: Recorder | None = None) -> Exposed:
+           recorder: Recorder | None = None, skip: Sequence[SkipRule] = ()) -> Exposed:
     """Expose ``(name, image, format)``: raw views in ``workdir/images``, filesystems under
     ``root``. Undo with :func:`unexpose` (done here on failure).
 
     With a recorder (the journal), each export, loop device and mount is recorded before it
     is made, so recovery can undo them after a crash, and a split backup (``kvmsnap
-    mount``) can leave them for ``kvmsnap release``.
+    mount``) can leave them for ``kvmsnap release``. Every partition is classified
+    (disks/classify.py); what ``skip`` names is not mounted.
     """
     record = recorder or _Nowhere()
     dirs.private_dir(root, "the mount root")
@@ -116,7 +119,7 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
             record.append("loops", str(loop))
             handle.loops.append(loop)
             _read_ahead(loop)
-            filesystems = [_filesystem(handle, name, partition, device, mount, record)
+            filesystems = [_filesystem(handle, name, partition, device, mount, record, skip)
                            for partition, device in mounts.block_devices(loop, timeout)]
             handle.view.disks.append(ExposedDisk(name, export, loop, tuple(filesystems),
                                                  nbd_uri))
@@ -165,17 +168,27 @@ def _read_ahead(loop: Path) -> None:
 
 
 def _filesystem(handle: Exposed, name: str, partition: str, device: Path, mount: bool,
-                record: Recorder) -> ExposedFilesystem:
-    fstype = verify.probe_fstype(device)
-    mountpoint = None
-    if mount and fstype in mounts.MOUNT_OPTIONS:
-        top = handle.view.root / safe_name(name)
-        mountpoint = top / partition if partition else top
-        dirs.private_dir(mountpoint, "a mount point")
-        record.append("mounts", str(mountpoint))
-        mounts.mount_read_only(device, mountpoint, fstype)
-        handle.mounts.append(mountpoint)
-    return ExposedFilesystem(name, partition, device, fstype, mountpoint)
+                record: Recorder, skip: Sequence[SkipRule]) -> ExposedFilesystem:
+    """Classify the partition, and mount it read-only when files mode is to archive it; a
+    mount the host refuses (no vfat in its kernel) is reported, not a failed backup."""
+    probed = verify.probe(device)
+    fs = ExposedFilesystem(name, partition, device, probed.type, None,
+                           classify.kind_of(probed), probed=probed)
+    outcome, reason = classify.plan_files(fs, skip, mounts.MOUNT_OPTIONS)
+    if not (mount and outcome is Outcome.ARCHIVED):
+        return replace(fs, outcome=outcome, reason=reason)
+    top = handle.view.root / safe_name(name)
+    mountpoint = top / partition if partition else top
+    dirs.private_dir(mountpoint, "a mount point")
+    record.append("mounts", str(mountpoint))
+    try:
+        mounts.mount_read_only(device, mountpoint, fs.fstype)
+    except KvmsnapError as exc:
+        mountpoint.rmdir()
+        return replace(fs, outcome=Outcome.NOT_ARCHIVED,
+                       reason=f"mount failed ({exc.one_line()})")
+    handle.mounts.append(mountpoint)
+    return replace(fs, mountpoint=mountpoint, outcome=outcome, reason=reason)
 
 
 def _start_exports(handle: Exposed, images: Sequence[Image], timeout: float,

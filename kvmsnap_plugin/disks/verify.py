@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import FsState, Verdict
+from kvmsnap_plugin.model import FsState, ProbeInfo, Verdict
 
 if TYPE_CHECKING:
     from kvmsnap_plugin.model import ExposedFilesystem
@@ -22,9 +23,22 @@ if TYPE_CHECKING:
 
 def probe_fstype(device: Path | str) -> str:
     """Filesystem type of a block device or image file ("" when none is recognised)."""
-    result = process.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30,
-                         check=False)
-    return result.stdout.strip()
+    return probe(device).type
+
+
+#: how much of a partition without a signature is read to call it empty
+ZERO_PROBE_BYTES = 1 << 20
+
+
+def probe(device: Path | str) -> ProbeInfo:
+    """What blkid says of a device: its signature and label, its partition entry."""
+    result = process.run(["blkid", "-p", "-o", "export", device], timeout=30, check=False)
+    probed = ProbeInfo.from_blkid(result.stdout)
+    if probed.type or probed.pttype:
+        return probed
+    with open(device, "rb") as raw:
+        head = raw.read(ZERO_PROBE_BYTES)
+    return replace(probed, zeroed=not head.strip(b"\0"))
 
 
 def ext4_superblock(device: Path | str) -> dict[str, str]:

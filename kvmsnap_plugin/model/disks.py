@@ -4,11 +4,97 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from kvmsnap_plugin.errors import UsageError
 from kvmsnap_plugin.model.defaults import DEFAULT_NAME_TEMPLATE, FsState, Mode
+
+
+class PartKind(StrEnum):
+    """What a partition (or a whole disk without a partition table) holds."""
+
+    FILESYSTEM = "filesystem"
+    EFI_SYSTEM = "efi-system"  # a filesystem (vfat) in an EFI system partition
+    SWAP = "swap"
+    BIOS_BOOT = "bios-boot"  # GRUB's core image: no files
+    EXTENDED = "extended"  # an MBR container of logical partitions (listed on their own)
+    LVM_PV = "lvm-pv"
+    LUKS = "luks"
+    EMPTY = "empty"  # no signature and zeros where one would be
+    UNKNOWN = "unknown"
+
+    @property
+    def holds_files(self) -> bool:
+        """Whether a backup without it misses data (swap, BIOS boot... hold none)."""
+        return self not in (PartKind.SWAP, PartKind.BIOS_BOOT, PartKind.EXTENDED,
+                            PartKind.EMPTY)
+
+
+class Outcome(StrEnum):
+    """What the backup did with a partition."""
+
+    ARCHIVED = "archived"  # mounted: its files are in files-mode archives
+    IN_IMAGE = "in-image"  # image mode: the whole disk, this partition included
+    SKIPPED_BY_RULE = "skipped-by-rule"  # holds no files (swap, BIOS boot, ...)
+    SKIPPED_BY_CONFIG = "skipped-by-config"  # skip_partitions / --skip-partition
+    NOT_ARCHIVED = "not-archived"  # holds data files mode could not read: a warning
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """What blkid says of a partition (the fields kvmsnap classifies and matches on)."""
+
+    type: str = ""  # TYPE: ext4, swap, LVM2_member, crypto_LUKS, ...
+    label: str = ""
+    uuid: str = ""
+    part_type: str = ""  # PART_ENTRY_TYPE: a GPT GUID or an MBR id ("0x82")
+    pttype: str = ""  # PTTYPE: a partition table inside (an extended partition's)
+    zeroed: bool = False  # no signature and its first MiB all zeros
+
+    @classmethod
+    def from_blkid(cls, text: str, zeroed: bool = False) -> ProbeInfo:
+        """From ``blkid -p -o export`` output (KEY=value lines)."""
+        fields = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+        return cls(fields.get("TYPE", ""), fields.get("LABEL", ""), fields.get("UUID", ""),
+                   fields.get("PART_ENTRY_TYPE", "").lower(), fields.get("PTTYPE", ""),
+                   zeroed)
+
+
+#: the ways to name a partition to skip: label:, uuid:, type: (GUID, MBR id, kind or
+#: filesystem type) and where: (``vdisk1/p3``)
+SKIP_KEYS = ("label", "uuid", "type", "where")
+
+
+@dataclass(frozen=True)
+class SkipRule:
+    """One ``skip_partitions`` entry, e.g. ``label:SWAP`` or ``type:0x82``."""
+
+    key: str
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> SkipRule:
+        key, sep, value = str(text).partition(":")
+        if not sep or key not in SKIP_KEYS or not value:
+            raise UsageError(f"cannot read skip rule {text!r}",
+                             "write label:NAME, uuid:UUID, type:GUID|0xNN|KIND or "
+                             "where:DISK/pN")
+        return cls(key, value)
+
+    def matches(self, fs: ExposedFilesystem) -> bool:
+        probed = fs.probed
+        if self.key == "label":
+            return probed.label == self.value
+        if self.key == "uuid":
+            return probed.uuid.lower() == self.value.lower()
+        if self.key == "where":
+            return fs.disk + (f"/{fs.partition}" if fs.partition else "") == self.value
+        return self.value.lower() in (probed.part_type, probed.type.lower(), fs.kind.value)
+
+    def __str__(self) -> str:
+        return f"{self.key}:{self.value}"
 
 
 @dataclass(frozen=True)
@@ -18,6 +104,27 @@ class ExposedFilesystem:
     device: Path  # the read-only block device
     fstype: str
     mountpoint: Path | None  # None when the type cannot be mounted
+    #: what the partition holds and what files mode made of it (disks/classify.py)
+    kind: PartKind = PartKind.FILESYSTEM
+    outcome: Outcome = Outcome.ARCHIVED
+    reason: str = ""
+    probed: ProbeInfo = field(default_factory=ProbeInfo)
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    """The report's line for one partition: what it holds, what was done with it, why."""
+
+    where: str  # "vdisk1/p3", or "vdisk1" for a whole-disk filesystem
+    kind: PartKind
+    fstype: str
+    label: str
+    outcome: Outcome
+    reason: str
+
+    @property
+    def warns(self) -> bool:
+        return self.outcome is Outcome.NOT_ARCHIVED
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,13 @@ from kvmsnap_plugin.model.defaults import (
     Label,
     RamMethod,
 )
-from kvmsnap_plugin.model.disks import ArchiveResult, ArchiveTarget, Verdict
+from kvmsnap_plugin.model.disks import (
+    ArchiveResult,
+    ArchiveTarget,
+    PartitionRecord,
+    SkipRule,
+    Verdict,
+)
 from kvmsnap_plugin.model.vm import (
     CloneBinary,
     Collapse,
@@ -53,6 +59,9 @@ class ForkOptions:
     clone_drop: tuple[str, ...] = ()
     #: accept a work directory on a network or FUSE filesystem (the guest's RAM goes there)
     allow_remote_workdir: bool = False
+    #: partitions the operator knows to skip (``label:SWAP``, ``uuid:...``, ``type:...``):
+    #: reported as skipped by config, no nightly warning
+    skip_partitions: tuple[SkipRule, ...] = ()
 
     def __post_init__(self) -> None:
         choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
@@ -61,6 +70,8 @@ class ForkOptions:
                              f"use one of: {', '.join(choices)}")
         object.__setattr__(self, "method", RamMethod(self.method))
         object.__setattr__(self, "clone_drop", tuple(_clone_drop(d) for d in self.clone_drop))
+        object.__setattr__(self, "skip_partitions", tuple(
+            r if isinstance(r, SkipRule) else SkipRule.parse(r) for r in self.skip_partitions))
 
 
 def _clone_drop(name: object) -> str:
@@ -116,10 +127,15 @@ class BackupReport:
     warnings: list[str] = field(default_factory=list)
     huge_pages: Collapse | None = None  # with collapse_huge_pages: what re-collapsing did
     clone_binary: CloneBinary | None = None  # the QEMU the clone ran (None: no clone)
+    #: every partition of every disk, with what was done to it
+    partitions: list[PartitionRecord] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return self.label is Label.CLEAN and all(v.clean for v in self.verdicts)
+        """The clone shut down, every archived filesystem is verdicted clean, and nothing
+        that holds data was left out (what was skipped, by rule or config, holds none)."""
+        return (self.label is Label.CLEAN and all(v.clean for v in self.verdicts)
+                and not any(p.warns for p in self.partitions))
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmsnap_plugin.disks import verify
+from kvmsnap_plugin.disks import classify, verify
 from kvmsnap_plugin.disks.expose import add_file, expose, unexpose
 from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, VMError
 from kvmsnap_plugin.fork.engine import ParentHandle, open_parent, parent_overlay_path, plan_fork
@@ -44,9 +44,10 @@ from kvmsnap_plugin.model import (
     Exposure,
     ForkOptions,
     ForkPoint,
-    FsState,
     Label,
+    Mode,
     Parent,
+    PartitionRecord,
     Phase,
     Plan,
     RamMethod,
@@ -65,6 +66,7 @@ from kvmsnap_plugin.run.journal import (
     vm_identity,
 )
 from kvmsnap_plugin.run.recovery import recover
+from kvmsnap_plugin.run.report import warnings_of
 from kvmsnap_plugin.run.watch import watching
 from kvmsnap_plugin.vm.clone import (
     check_room,
@@ -119,6 +121,7 @@ class Results:
     archives: list[ArchiveResult]
     verdicts: list[Verdict]
     kept: list[str]
+    partitions: list[PartitionRecord]
 
 
 # -- the entry points ---------------------------------------------------------------------------
@@ -350,7 +353,8 @@ def _shut_down_clone(run: Run, clone_plan: ClonePlan, point: ForkPoint) -> Stopp
 def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposure:
     """The disks to archive, read-only, with the VM's record beside them."""
     run.journal.record(clone=None, phase=Phase.SHUT_DOWN)
-    exposed = expose(stopped.images, run.workdir, run.root, recorder=run.journal)
+    exposed = expose(stopped.images, run.workdir, run.root, recorder=run.journal,
+                     skip=run.job.fork.skip_partitions)
     cleanup.callback(unexpose, exposed)
     record = metadata.record_of(stopped.point, run.id, stopped.label, run.job.name)
     add_file(exposed.view, METADATA_FILE, record.to_json(), run.journal)
@@ -360,10 +364,11 @@ def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposu
 
 def _archive_and_verify(run: Run, stopped: Stopped, exposure: Exposure) -> Results:
     archives = _archive(run, exposure, stopped.label)
-    verdicts = verify.verdicts(exposure.filesystems)
+    image_only = bool(run.job.targets) and all(t.mode is Mode.IMAGE for t in run.job.targets)
+    verdicts = verify.verdicts(classify.to_verdict(exposure.filesystems, image_only))
     keep_dir = run.job.fork.keep_dir
     kept = [str(p) for p in keep_images(stopped.images, keep_dir)] if keep_dir else []
-    return Results(archives, verdicts, kept)
+    return Results(archives, verdicts, kept, classify.records(exposure.filesystems, image_only))
 
 
 def _archive(run: Run, exposure: Exposure, label: Label) -> list[ArchiveResult]:
@@ -385,15 +390,6 @@ def _report(run: Run, stopped: Stopped, results: Results, huge_pages: Collapse |
         point.parent.name, stopped.label, point.method, point.pause_ms, point.disk_snapshot_ms,
         point.ram_bytes, point.ram_save_s, point.qemu_downtime_ms, stopped.restore_s,
         stopped.shutdown, results.verdicts, results.archives, results.kept, run.commits,
-        total_s, _warnings(stopped.label, results), huge_pages=huge_pages,
-        clone_binary=stopped.binary)
-
-
-def _warnings(label: Label, results: Results) -> list[str]:
-    warnings = []
-    if label is not Label.CLEAN:
-        warnings.append(f"archived the {label} images: the clone did not shut down cleanly")
-    warnings += [f"{v.where}: {v.detail}" for v in results.verdicts
-                 if v.state is FsState.NEEDS_RECOVERY]
-    warnings += [f"{a.target}: {w}" for a in results.archives for w in a.warnings]
-    return warnings
+        total_s, warnings_of(stopped.label, results.verdicts, results.archives,
+                             results.partitions),
+        huge_pages=huge_pages, clone_binary=stopped.binary, partitions=results.partitions)

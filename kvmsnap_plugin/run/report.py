@@ -7,7 +7,17 @@ The records themselves (:class:`~kvmsnap_plugin.model.BackupReport`,
 
 from __future__ import annotations
 
-from kvmsnap_plugin.model import ArchiveResult, BackupReport, Collapse, Plan, Verdict
+from kvmsnap_plugin.disks import classify
+from kvmsnap_plugin.model import (
+    ArchiveResult,
+    BackupReport,
+    Collapse,
+    FsState,
+    Label,
+    PartitionRecord,
+    Plan,
+    Verdict,
+)
 
 MIB = 2**20
 
@@ -22,11 +32,32 @@ def render_report(report: BackupReport) -> str:
         lines.append(f"  clone binary: {report.clone_binary.describe()}")
     if report.huge_pages:
         lines.append(_huge_pages(report.huge_pages))
+    lines += [_partition(p) for p in report.partitions]
     lines += [_verdict(v) for v in report.verdicts]
     lines += [_archive(a) for a in report.archives]
     lines += [f"  kept     {path}" for path in report.kept]
     lines += [f"  warning  {w}" for w in report.warnings]
     return "\n".join(lines)
+
+
+def warnings_of(label: Label, verdicts: list[Verdict], archives: list[ArchiveResult],
+                partitions: list[PartitionRecord]) -> list[str]:
+    """The run's warnings, one per item; any of them makes the exit code 1:
+
+    - 0: the clone shut down, every partition that holds files was archived and verdicted
+      clean, everything else skipped by rule (holds no files) or by ``skip_partitions``;
+    - 1: a named warning per item archived but not proven clean (crash-consistent images,
+      a journal to replay, no clean-shutdown check) or NOT archived (and why);
+    - 2: refusals and errors (raised, never a warning).
+    """
+    warnings = []
+    if label is not Label.CLEAN:
+        warnings.append(f"archived the {label} images: the clone did not shut down cleanly")
+    warnings += [f"{v.where}: {v.detail}" for v in verdicts
+                 if v.state is FsState.NEEDS_RECOVERY]
+    warnings += classify.warnings(partitions, verdicts)
+    warnings += [f"{a.target}: {w}" for a in archives for w in a.warnings]
+    return warnings
 
 
 def render_plan(plan: Plan) -> str:
@@ -46,6 +77,12 @@ def _huge_pages(collapse: Collapse) -> str:
     return (f"  huge pages {100 * collapse.share_before:.0f}% -> "
             f"{100 * collapse.share_after:.0f}% of guest RAM before the pause "
             f"({collapse.seconds:.2f} s)")
+
+
+def _partition(part: PartitionRecord) -> str:
+    label = f" [{part.label}]" if part.label else ""
+    return (f"  part     {part.where:18} {part.fstype or part.kind:11} {part.outcome:17} "
+            f"{part.reason}{label}")
 
 
 def _verdict(verdict: Verdict) -> str:

@@ -25,7 +25,7 @@ from kvmsnap_plugin.model import (
     Verdict,
 )
 from kvmsnap_plugin.run import pipeline
-from kvmsnap_plugin.run.report import render_report
+from kvmsnap_plugin.run.report import render_report, warnings_of
 from kvmsnap_plugin.vm.clone import images_to_archive, label_of
 
 CLEAN_STOP = ShutdownResult(True, "guest", 4.2, 1, "guest-shutdown")
@@ -58,12 +58,11 @@ def test_an_unclean_shutdown_falls_back_to_the_frozen_images_only_if_allowed():
 
 
 def test_warnings_name_the_fallback_the_dirty_filesystems_and_the_archivers():
-    results = pipeline.Results([ARCHIVE], [CLEAN_FS, DIRTY_FS], [])
-    assert pipeline._warnings(Label.CRASH_CONSISTENT, results) == [
+    assert warnings_of(Label.CRASH_CONSISTENT, [CLEAN_FS, DIRTY_FS], [ARCHIVE], []) == [
         "archived the crash-consistent images: the clone did not shut down cleanly",
         "vda/p2: log needs replay",
         "borg: file changed while we backed it up"]
-    assert pipeline._warnings(Label.CLEAN, pipeline.Results([], [CLEAN_FS], [])) == []
+    assert warnings_of(Label.CLEAN, [CLEAN_FS], [], []) == []
 
 
 def test_the_mount_root_is_stable_per_vm(tmp_path):
