@@ -98,7 +98,7 @@ def records(filesystems: Iterable[ExposedFilesystem],
         outcome, reason = fs.outcome, fs.reason
         if image_only and outcome is not Outcome.SKIPPED_BY_CONFIG:
             outcome, reason = Outcome.IN_IMAGE, "in the whole-disk image"
-        found.append(PartitionRecord(_where(fs), fs.kind, fs.fstype, fs.probed.label,
+        found.append(PartitionRecord(fs.where, fs.kind, fs.fstype, fs.probed.label,
                                      outcome, reason))
     return found
 
@@ -122,6 +122,3 @@ def warnings(partitions: Iterable[PartitionRecord], verdicts: Iterable[Verdict])
         log.warning("%s", line)
     return found
 
-
-def _where(fs: ExposedFilesystem) -> str:
-    return fs.disk + (f"/{fs.partition}" if fs.partition else "")

@@ -90,7 +90,7 @@ class SkipRule:
         if self.key == "uuid":
             return probed.uuid.lower() == self.value.lower()
         if self.key == "where":
-            return fs.disk + (f"/{fs.partition}" if fs.partition else "") == self.value
+            return fs.where == self.value
         return self.value.lower() in (probed.part_type, probed.type.lower(), fs.kind.value)
 
     def __str__(self) -> str:
@@ -109,6 +109,10 @@ class ExposedFilesystem:
     outcome: Outcome = Outcome.ARCHIVED
     reason: str = ""
     probed: ProbeInfo = field(default_factory=ProbeInfo)
+
+    @property
+    def where(self) -> str:
+        return self.disk + (f"/{self.partition}" if self.partition else "")
 
 
 @dataclass(frozen=True)
