@@ -49,8 +49,8 @@ _RULE_REASONS = {
 }
 #: why files mode cannot read a kind that holds data (yet)
 _NOT_READ = {
-    PartKind.LVM_PV: "LVM physical volume: its logical volumes are not opened (this host "
-                     "has no device-mapper); use image mode or --skip-partition",
+    PartKind.LVM_PV: "LVM physical volume: kvmsnap does not open its logical volumes yet; "
+                     "use image mode or --skip-partition",
     PartKind.LUKS: "LUKS: no key to open it; use image mode or --skip-partition",
     PartKind.UNKNOWN: "no filesystem kvmsnap recognises; use image mode or --skip-partition",
 }
