@@ -597,7 +597,10 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     if forks and forks.get("summary", {}).get("rows"):
         from bench import versions  # here: versions uses this module's names
 
-        first = versions.per_build(forks)[0][1]  # the system's QEMU, named in `machine`
+        # the single-build plots show the system's QEMU, the one `machine` names
+        views = versions.per_build(forks)
+        system = f"QEMU {results['machine'].get('qemu_version')})"
+        first = next((view for title, view in views if title.endswith(system)), views[0][1])
         if "P1" in chosen:
             made += _plot_p1(plt, first, out, machine)
             made += _plot_phases(plt, first, out, machine)
