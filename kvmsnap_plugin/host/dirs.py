@@ -21,9 +21,11 @@ never an existing file of someone else's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvmsnap_plugin.errors import HostError
@@ -52,16 +54,24 @@ def create_file(path: Path, content: bytes = b"") -> None:
 
 
 def replace_file(path: Path, content: bytes) -> None:
-    """``path`` holding ``content``, 0600: written to a new file that then replaces
-    whatever is there (a symlink is replaced, never followed)."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
+    """``path`` holding ``content``, 0600 (see :func:`replacing`)."""
+    with replacing(path) as temporary:
+        temporary.write_bytes(content)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A new, empty 0600 file of ours beside ``path`` to write; it replaces whatever is at
+    ``path`` when the block succeeds (a symlink there is replaced, never followed), and is
+    removed when it fails. Nothing readable by others exists at any moment."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
+    os.close(fd)
+    temporary = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
+        yield temporary
         os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    finally:
+        temporary.unlink(missing_ok=True)  # ours (mkstemp); gone already after the replace
 
 
 def trusted_owner(uid: int) -> bool:

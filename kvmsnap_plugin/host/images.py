@@ -8,10 +8,7 @@ replaces the target once complete.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,16 +29,10 @@ def convert(image: Path, image_format: str, dest: Path, dest_format: str, *,
             shared: bool = False, timeout: float = 3600) -> Path:
     """``image`` (read as ``image_format``) copied into ``dest`` as ``dest_format``, sparse
     and standalone, mode 0600; ``shared`` reads an image a VM holds (``-U``)."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)  # 0600
-    os.close(fd)
-    try:
+    with dirs.replacing(dest) as temporary:
         # qemu-img truncates and reuses the file it finds: its mode stays 0600.
         process.run(["qemu-img", "convert", *(["-U"] if shared else []), "-f", image_format,
                      "-O", dest_format, image, temporary], timeout=timeout)
-        os.replace(temporary, dest)  # a symlink at dest is replaced, never followed
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
     return dest
 
 
