@@ -53,6 +53,7 @@ from kvmsnap_plugin.model.job import (
     Plan,
     RecordedDisk,
     Recovery,
+    VmOutcome,
     VmRecord,
 )
 from kvmsnap_plugin.model.journal import (
@@ -123,5 +124,6 @@ __all__ = [
     "ShutdownResult",
     "SkipRule",
     "Verdict",
+    "VmOutcome",
     "VmRecord",
 ]

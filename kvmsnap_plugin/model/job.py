@@ -146,6 +146,35 @@ class BackupReport:
 
 
 @dataclass(frozen=True)
+class VmOutcome:
+    """One VM's result in a run of many: what monitoring, notifications and ``--json`` see.
+    Every VM of a run has one, whether its backup succeeded, warned, failed or was skipped."""
+
+    vm: str
+    exit_code: int  # the VM's own exit code (see the README's "Exit codes")
+    started_at: float  # epoch seconds
+    finished_at: float
+    report: BackupReport | Plan | None = None  # None when the VM failed before a report
+    error: str = ""  # one line, secrets masked (failures only)
+    fix: str = ""  # how to fix it (failures only)
+
+    @property
+    def status(self) -> str:
+        """ok | warning | skipped | error, from the exit code."""
+        return {0: "ok", 1: "warning", 75: "skipped"}.get(self.exit_code, "error")
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"vm": self.vm, "status": self.status,
+                                "exit_code": self.exit_code, "started_at": self.started_at,
+                                "finished_at": self.finished_at}
+        if self.report is not None:
+            data.update(self.report.as_dict())
+        if self.error:
+            data.update(error=self.error, fix=self.fix)
+        return data
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a backup would do (``--dry-run``): nothing is touched to make it."""
 
