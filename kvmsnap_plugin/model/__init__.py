@@ -53,6 +53,8 @@ from kvmsnap_plugin.model.job import (
     Plan,
     RecordedDisk,
     Recovery,
+    RunSettings,
+    VmCommands,
     VmOutcome,
     VmRecord,
 )
@@ -120,10 +122,12 @@ __all__ = [
     "RamMethod",
     "RecordedDisk",
     "Recovery",
+    "RunSettings",
     "ShutdownPolicy",
     "ShutdownResult",
     "SkipRule",
     "Verdict",
+    "VmCommands",
     "VmOutcome",
     "VmRecord",
 ]

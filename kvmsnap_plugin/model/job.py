@@ -87,6 +87,29 @@ def _clone_drop(name: object) -> str:
 
 
 @dataclass(frozen=True)
+class VmCommands:
+    """Commands run after one VM's backup, by its outcome (argv lists, never a shell; like
+    vzdump's hook phases or borgmatic's ``after: error``): healthchecks, ntfy, mail."""
+
+    on_success: tuple[str, ...] = ()
+    on_warning: tuple[str, ...] = ()
+    on_failure: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run of many VMs shares: discovery, how many clones at once within the host's
+    budget, and where monitoring reads the results (``[run]`` in the config)."""
+
+    max_clones: int = 1  # clones alive at once (each needs its guest's RAM)
+    min_free_ram: int = 0  # bytes of host RAM kept free besides the clones'
+    metrics_file: Path | None = None  # node_exporter textfile-collector output
+    all_domains: bool = False  # every running libvirt domain, besides the [[vm]] tables
+    exclude: tuple[str, ...] = ()  # VM names or globs left out
+    libvirt_uri: str = DEFAULT_LIBVIRT_URI
+
+
+@dataclass(frozen=True)
 class BackupJob:
     """Everything needed to back up one VM."""
 
@@ -97,6 +120,7 @@ class BackupJob:
     dry_run: bool = False
     domain: str | None = None  # a libvirt domain's name
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
+    commands: VmCommands = field(default_factory=VmCommands)
 
     @property
     def identity(self) -> str:
