@@ -62,6 +62,9 @@ class ForkOptions:
     #: partitions the operator knows to skip (``label:SWAP``, ``uuid:...``, ``type:...``):
     #: reported as skipped by config, no nightly warning
     skip_partitions: tuple[SkipRule, ...] = ()
+    #: key files for the guest's LUKS volumes, by the volume's LUKS UUID (config
+    #: ``luks_keys = {"UUID" = "/root/keys/data.key"}``, ``--luks-key UUID=FILE``)
+    luks_keys: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self) -> None:
         choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
