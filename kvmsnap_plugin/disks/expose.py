@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import stat
 import subprocess
 import time
 import urllib.parse
@@ -202,8 +203,8 @@ def _start_exports(handle: Exposed, images: Sequence[Image], timeout: float,
         export = images_dir / f"{safe_name(name)}.raw"
         dirs.create_file(export)  # the FUSE export's mount point
         handle.exports.append(export)
-        argv += ["--blockdev", f"driver=file,node-name=f{index},filename={escape(image)},"
-                               "read-only=on",
+        argv += ["--blockdev", f"driver={_protocol(image)},node-name=f{index},"
+                               f"filename={escape(image)},read-only=on",
                  "--blockdev", f"driver={_driver(image_format)},node-name=d{index},"
                                f"file=f{index},read-only=on",
                  "--export", f"type=fuse,id=e{index},node-name=d{index},"
@@ -231,6 +232,12 @@ def _driver(image_format: str) -> str:
         raise HostError(f"cannot expose a disk image of format {image_format!r}",
                         "back the VM up with disks in qcow2 or raw format")
     return image_format
+
+
+def _protocol(image: Path) -> str:
+    """QEMU's ``file`` driver opens regular files only; a host block device (an offline
+    VM's LVM volume, say) needs ``host_device``."""
+    return "host_device" if stat.S_ISBLK(image.stat().st_mode) else "file"
 
 
 def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float) -> None:

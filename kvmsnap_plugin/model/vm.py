@@ -23,6 +23,9 @@ class ParentDisk:
     chain: tuple[str, ...]  # image files from the top down to the base
     #: how an image of the chain is encrypted ("luks", or qcow2's old "aes"); "" for none
     encryption: str = ""
+    #: the top image is a host block device (LVM volume, zvol, mapped iSCSI/RBD, loop):
+    #: the parent's overlay then cannot go beside it (see fork/engine.py)
+    host_device: bool = False
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ def plan(job: BackupJob) -> Plan:
                 clone = plan_clone(parent, Path(tmp), Path(tmp), monitor=handle.backend.monitor)
     disks = [{"device": d.device, "image": d.filename,
               "overlay": "none (shut off: read as it is)" if parent.offline else
-              str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
+              str(parent_overlay_path(d, "RUN", job.fork.overlay_dir, job.fork.workdir))}
              for d in parent.writable_disks]
     argv = metadata.without_secrets(clone.argv) if clone else []
     return Plan(parent.name, parent.pid, disks, argv,
@@ -239,7 +239,8 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
         parent = handle.describe()
         if not parent.offline:  # refuse what cannot fit while the VM runs untouched
             check_room(parent, handle.backend.monitor, job.fork, {parent_overlay_path(
-                d, "RUN", job.fork.overlay_dir).parent for d in parent.writable_disks})
+                d, "RUN", job.fork.overlay_dir, job.fork.workdir).parent
+                for d in parent.writable_disks})
         # Before pre_backup: a plugin may freeze the guest's filesystems there until the fork.
         huge_pages = _collapse_huge_pages(parent, job.fork)
         reason = hooks.pre_backup(job, parent)
@@ -320,7 +321,7 @@ def _fork_and_shut_down(run: Run, handle: ParentHandle, parent: Parent,
 
 
 def _fork(run: Run, handle: ParentHandle, parent: Parent) -> ForkPoint:
-    planned = plan_fork(parent, run.id, run.job.fork.overlay_dir)
+    planned = plan_fork(parent, run.id, run.job.fork.overlay_dir, run.job.fork.workdir)
     run.journal.record(phase=Phase.FORKING, overlays=planned)
     with guarding(handle.journal_fields()):  # resumes the parent if kvmsnap dies paused
         point = handle.fork(parent, planned, run.workdir / "ram.state", run.job.fork.method,

@@ -1,0 +1,153 @@
+"""A VM whose disk is a host block device (a loop device standing in for an LVM volume, a
+zvol or a mapped iSCSI/RBD volume): forked, archived, committed back into the device."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_one_line_error, kvmsnap
+
+from kvmsnap_demo.builder import make_data_disk
+from kvmsnap_demo.disk import read_disk
+from kvmsnap_demo.vm import DemoOptions, DemoPaths, DemoVM, demo_argv
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import FsState
+from kvmsnap_plugin.paths import socket_dir
+from kvmsnap_plugin.vm.qemu_args import escape
+
+pytestmark = pytest.mark.qemu
+
+#: how the parent names its disk: the modern way (libvirt's) and the legacy one
+ON_DEVICE = {
+    "blockdev": lambda loop: ["-blockdev", f"driver=host_device,filename={loop},"
+                                           "node-name=disk0-file",
+                              "-blockdev", "driver=raw,file=disk0-file,node-name=disk0"],
+    "drive": lambda loop: ["-drive", f"file={loop},format=raw,if=none,id=disk0"],
+}
+
+
+def loop_devices() -> list[str]:
+    return process.run(["losetup", "-a"], timeout=30).stdout.splitlines()
+
+
+@contextlib.contextmanager
+def loop_device(raw: Path) -> Iterator[Path]:
+    """``raw`` as a loop device, always detached afterwards."""
+    loop = Path(process.run(["losetup", "-f", "--show", raw], timeout=30).stdout.strip())
+    try:
+        yield loop
+    finally:
+        process.run(["losetup", "-d", loop], timeout=30, check=False)
+
+
+@pytest.fixture
+def vm_on_device(demo_guest, accel, tmp_path):
+    """Factory: ``start(syntax)`` -> (a ready demo guest whose disk is a loop device over a
+    raw copy of its data disk, the loop device, the raw file). The guest is stopped and the
+    loop device detached afterwards, whatever happens."""
+    with contextlib.ExitStack() as stack:
+        def start(syntax: str) -> tuple[DemoVM, Path, Path]:
+            qcow2 = make_data_disk(tmp_path / "data0.qcow2", 64, "data0")
+            raw = tmp_path / "data0.raw"
+            process.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow2, raw],
+                        timeout=120)
+            qcow2.unlink()
+            loop = stack.enter_context(loop_device(raw))
+            opts = DemoOptions(disk_syntax=("drive",))
+            sockets = stack.enter_context(socket_dir())
+            paths = DemoPaths(tmp_path, (loop,), sockets / "qmp.sock",
+                              sockets / "backup-qmp.sock", tmp_path / "console.log")
+            argv = demo_argv(demo_guest, accel, paths, opts)
+            at = argv.index("-drive")
+            assert argv[at + 1].startswith(f"file={escape(loop)},")
+            argv[at:at + 2] = ON_DEVICE[syntax](loop)
+            vm = stack.enter_context(DemoVM(argv, paths, opts))
+            vm.wait_ready()
+            return vm, loop, raw
+
+        yield start
+
+
+def borg_extract(repo: Path, archive: str, into: Path) -> None:
+    into.mkdir()
+    process.run([process.find_program("borg", "borgbackup"), "extract", "--sparse",
+                 f"{repo}::{archive}"], timeout=600, cwd=into)
+
+
+def our_loops(tmp_path: Path) -> list[str]:
+    return [line for line in loop_devices() if str(tmp_path) in line]
+
+
+def test_a_vm_on_a_block_device_is_backed_up_and_committed_back(vm_on_device, tmp_path,
+                                                                 borg_repo):
+    vm, loop, raw = vm_on_device("blockdev")
+    before = vm.wait_counter(10)
+    workdir = tmp_path / "work"
+    plan = kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--workdir", str(workdir),
+                   "--borg", str(borg_repo), "--dry-run", "--json")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    overlay = json.loads(plan.stdout)["disks"][0]["overlay"]
+    # never in /dev: in the work directory's own overlays directory
+    assert re.fullmatch(rf"{workdir}/overlays/{loop.name}\.kvmsnap-RUN\.qcow2", overlay)
+
+    done = kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--workdir", str(workdir),
+                   "--borg", str(borg_repo), "--mode", "files", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["clean"] and report["commits"][0]["layer"] == "active"
+    out = tmp_path / "extract"
+    borg_extract(borg_repo, report["archives"][0]["name"], out)
+    lines = (out / "vdisk0" / "workload.log").read_text().splitlines()
+    assert lines == [f"line {i}" for i in range(1, len(lines) + 1)] and len(lines) >= before
+    marker = (out / "vdisk0" / "clean-shutdown").read_text().strip()
+    assert marker == f"clean shutdown after line {len(lines)}"
+
+    # The parent ran on, on its device again: no overlay left, nothing else either.
+    after = vm.wait_counter(vm.counter() + 5)
+    assert list((workdir / "overlays").iterdir()) == []
+    assert [b["inserted"]["image"]["filename"] for b in vm.qmp.execute("query-block")
+            if b.get("inserted")] == [str(loop)]
+    assert our_loops(tmp_path) == [line for line in loop_devices() if str(raw) in line]
+    assert len(our_loops(tmp_path)) == 1 and str(loop) in our_loops(tmp_path)[0]
+    vm.power_off_cleanly(timeout=60)
+    # Every line the parent wrote, before, during and after the backup, is in the device.
+    disk = read_disk(raw, raw)
+    assert disk.state is FsState.CLEAN and disk.continuous
+    assert len(disk.lines) >= after > len(lines)
+    assert disk.marker == f"clean shutdown after line {len(disk.lines)}"
+
+
+def test_a_read_only_device_is_refused_and_image_mode_reads_the_device(vm_on_device,
+                                                                        tmp_path, borg_repo):
+    vm, loop, raw = vm_on_device("drive")
+    before = vm.wait_counter(10)
+    overlays = tmp_path / "overlays"  # --overlay-dir: made 0700 on first use
+    backup = ("backup", "--qmp", str(vm.paths.backup_qmp), "--workdir",
+              str(tmp_path / "work"), "--overlay-dir", str(overlays), "--borg",
+              str(borg_repo), "--mode", "image", "--json")
+    process.run(["blockdev", "--setro", loop], timeout=30)
+    try:
+        refused = kvmsnap(*backup)
+    finally:
+        process.run(["blockdev", "--setrw", loop], timeout=30)
+    assert_one_line_error(refused, f"block device {loop}", "read-only", "blockdev --setrw")
+    assert not [e for e in vm.qmp.events() if e.name == "STOP"]  # never paused
+
+    done = kvmsnap(*backup)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["clean"]
+    out = tmp_path / "extract"
+    borg_extract(borg_repo, report["archives"][0]["name"], out)
+    image = out / "vdisk0.raw"
+    assert image.stat().st_size == raw.stat().st_size
+    disk = read_disk(image, image)  # the frozen device as the clone shut it down
+    assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) >= before
+    assert disk.marker == f"clean shutdown after line {len(disk.lines)}"
+    assert list(overlays.iterdir()) == [] and overlays.stat().st_mode & 0o777 == 0o700
+    vm.wait_counter(vm.counter() + 3)  # the parent runs on
