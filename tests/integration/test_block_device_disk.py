@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from kvmsnap_demo.vm import DemoOptions, DemoPaths, DemoVM, demo_argv
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import FsState
 from kvmsnap_plugin.paths import socket_dir
+from kvmsnap_plugin.run.journal import state_dir
 from kvmsnap_plugin.vm.qemu_args import escape
 
 pytestmark = pytest.mark.qemu
@@ -151,3 +154,54 @@ def test_a_read_only_device_is_refused_and_image_mode_reads_the_device(vm_on_dev
     assert disk.marker == f"clean shutdown after line {len(disk.lines)}"
     assert list(overlays.iterdir()) == [] and overlays.stat().st_mode & 0o777 == 0o700
     vm.wait_counter(vm.counter() + 3)  # the parent runs on
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["unchanged", "ran-again"])
+def test_recover_commits_into_the_device_offline_unless_it_changed(vm_on_device, tmp_path,
+                                                                  restarted):
+    """kvmsnap and then the parent are killed mid-backup (a host going down): `kvmsnap
+    recover` folds the overlay into the device with qemu-img, unless the device changed
+    since the fork (the VM was started again on it), which it refuses, keeping both."""
+    vm, loop, raw = vm_on_device("drive")
+    vm.wait_counter(5)
+    work = tmp_path / "work"
+    try:
+        killed = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--workdir", str(work),
+                         env={"KVMSNAP_FAULT": "archiving"})
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        [overlay] = (work / "overlays").iterdir()
+        # A write the parent makes after the fork: it reaches the overlay, not the device.
+        for command in ("write -P 0x5a 60M 64k", "flush"):  # flushed, as a guest's sync
+            vm.qmp.execute("human-monitor-command",
+                           {"command-line": f'qemu-io disk0 "{command}"'})
+        [journal] = state_dir().glob("*.json")
+        os.kill(int(json.loads(journal.read_text())["qsd"].split(":")[0]), signal.SIGKILL)
+        os.kill(vm.pid, signal.SIGKILL)
+        vm.wait_exit(30)
+        if restarted:  # the VM, started again from its command line, writes to its device
+            process.run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 1M 4k", loop],
+                        timeout=60)
+        done = kvmsnap("recover", "--json")
+        [result] = json.loads(done.stdout)
+        if restarted:
+            [problem] = result["problems"]
+            assert f"{loop} changed after the fork" in problem, problem
+            assert overlay.exists() and read_at(raw, 60 << 20, 4) != b"\x5a" * 4
+            overlay.unlink()  # the owner decides the restarted VM wins
+            assert kvmsnap("recover").returncode == 0
+        else:
+            assert done.returncode == 0 and result["problems"] == [], done.stderr[-2000:]
+            assert any("offline" in line for line in result["actions"]), result
+            assert not overlay.exists()
+            assert read_at(raw, 60 << 20, 64 << 10) == b"\x5a" * (64 << 10)
+        assert not list(state_dir().glob("*.json"))
+        assert our_loops(tmp_path) == [line for line in loop_devices() if str(raw) in line]
+    finally:
+        if list(state_dir().glob("*.json")):
+            kvmsnap("recover", "--force")
+
+
+def read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
