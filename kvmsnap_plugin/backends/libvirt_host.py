@@ -12,6 +12,7 @@ from kvmsnap_plugin.backends.libvirt_xml import DomainDisk
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import ParentDisk
+from kvmsnap_plugin.vm.parent import is_block_device
 
 
 def find_qemu_pid(name: str, uuid: str) -> int:
@@ -59,4 +60,5 @@ def offline_disk(disk: DomainDisk) -> ParentDisk:
                       format=disk.format or top.get("format", "raw"),
                       virtual_size=int(top.get("virtual-size", 0)),
                       read_only=disk.read_only,
-                      chain=tuple(i.get("filename", "") for i in info))
+                      chain=tuple(i.get("filename", "") for i in info),
+                      host_device=disk.kind == "block" and is_block_device(source))

@@ -92,7 +92,12 @@ def pointed_back(xml: str, disks: Sequence[ForkedDisk]) -> tuple[str, list[str]]
         disk = ours.get(source.get("file", "")) if source is not None else None
         if source is None or disk is None:
             continue
-        source.set("file", str(disk.frozen))
+        if disk.disk.host_device:  # <disk type='block'><source dev=...>, as it was
+            node.set("type", "block")
+            source.attrib.pop("file", None)
+            source.set("dev", str(disk.frozen))
+        else:
+            source.set("file", str(disk.frozen))
         for backing in node.findall("backingStore"):
             node.remove(backing)
         driver = node.find("driver")

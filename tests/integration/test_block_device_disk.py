@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from kvmsnap_plugin.run.journal import state_dir
 from kvmsnap_plugin.vm.qemu_args import escape
 
 pytestmark = pytest.mark.qemu
+pytest_plugins = ["libvirt_fixtures"]  # the libvirtd fixture
 
 #: how the parent names its disk: the modern way (libvirt's) and the legacy one
 ON_DEVICE = {
@@ -205,3 +207,51 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
     with open(path, "rb") as handle:
         handle.seek(offset)
         return handle.read(size)
+
+
+def test_a_libvirt_domain_on_a_block_device_is_backed_up_and_keeps_its_definition(
+        libvirtd, demo_guest, tmp_path, borg_repo):
+    """``<disk type='block'>``: libvirt's disk-only snapshot puts kvmsnap's overlay file on
+    the device, blockCommit gives it back, and libvirt's view is the block device again."""
+    from libvirt_fixtures import Domain, connect, domain_xml
+
+    raw = tmp_path / "data0.raw"
+    make_data_disk(tmp_path / "data0.qcow2", 64, "data0")
+    process.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", tmp_path / "data0.qcow2",
+                 raw], timeout=120)
+    with contextlib.ExitStack() as stack:
+        conn = connect(libvirtd)
+        stack.callback(conn.close)
+        loop = stack.enter_context(loop_device(raw))
+        console = tmp_path / "console.log"
+        xml = domain_xml(f"kvmsnap-test-{os.getpid()}-block", demo_guest, (loop,), console)
+        xml = xml.replace("<disk type='file'", "<disk type='block'").replace(
+            "type='qcow2'", "type='raw'").replace(f"<source file='{loop}'",
+                                                  f"<source dev='{loop}'")
+        dom = conn.defineXML(xml)
+        stack.callback(dom.undefine)
+        dom.create()
+        stack.callback(lambda: dom.isActive() and dom.destroy())
+        domain = Domain(dom.name(), libvirtd, dom, (loop,), console)
+        domain.wait_console("KVMSNAP-READY", 60)
+        before = domain.wait_counter(10)
+        done = kvmsnap("backup", "--domain", domain.name, "--libvirt-uri", libvirtd,
+                       "--workdir", str(tmp_path / "work"), "--borg", str(borg_repo),
+                       "--mode", "files", "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+        assert report["clean"] and report["commits"][0]["layer"] == "active"
+        out = tmp_path / "extract"
+        borg_extract(borg_repo, report["archives"][0]["name"], out)
+        lines = (out / "vda" / "workload.log").read_text().splitlines()
+        assert len(lines) >= before
+        assert domain.blklist() == [("vda", str(loop))]
+        inactive = ET.fromstring(domain.virsh("dumpxml", "--inactive", domain.name))
+        [disk] = inactive.findall("./devices/disk")
+        assert disk.get("type") == "block" and disk.find("source").get("dev") == str(loop)
+        assert list((tmp_path / "work" / "overlays").iterdir()) == []
+        after = domain.wait_counter(domain.counter() + 3)
+        domain.shut_down()
+        contents = read_disk(raw, raw)
+        assert contents.state is FsState.CLEAN and contents.continuous
+        assert len(contents.lines) >= after > len(lines)
