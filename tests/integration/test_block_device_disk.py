@@ -84,6 +84,21 @@ def borg_extract(repo: Path, archive: str, into: Path) -> None:
                  f"{repo}::{archive}"], timeout=600, cwd=into)
 
 
+def archived_lines(repo: Path, out: Path, disk: str, *args: str) -> list[str]:
+    """`kvmsnap backup ARGS` in files mode into borg: clean, committed back (the overlay was
+    the disk's top); the workload's lines as archived, every one and the clean marker."""
+    done = kvmsnap("backup", *args, "--borg", str(repo), "--mode", "files", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["clean"] and report["commits"][0]["layer"] == "active"
+    borg_extract(repo, report["archives"][0]["name"], out)
+    lines = (out / disk / "workload.log").read_text().splitlines()
+    assert lines == [f"line {i}" for i in range(1, len(lines) + 1)]
+    marker = (out / disk / "clean-shutdown").read_text().strip()
+    assert marker == f"clean shutdown after line {len(lines)}"
+    return lines
+
+
 def our_loops(tmp_path: Path) -> list[str]:
     return [line for line in loop_devices() if str(tmp_path) in line]
 
@@ -100,17 +115,9 @@ def test_a_vm_on_a_block_device_is_backed_up_and_committed_back(vm_on_device, tm
     # never in /dev: in the work directory's own overlays directory
     assert re.fullmatch(rf"{workdir}/overlays/{loop.name}\.kvmsnap-RUN\.qcow2", overlay)
 
-    done = kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--workdir", str(workdir),
-                   "--borg", str(borg_repo), "--mode", "files", "--json")
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
-    assert report["clean"] and report["commits"][0]["layer"] == "active"
-    out = tmp_path / "extract"
-    borg_extract(borg_repo, report["archives"][0]["name"], out)
-    lines = (out / "vdisk0" / "workload.log").read_text().splitlines()
-    assert lines == [f"line {i}" for i in range(1, len(lines) + 1)] and len(lines) >= before
-    marker = (out / "vdisk0" / "clean-shutdown").read_text().strip()
-    assert marker == f"clean shutdown after line {len(lines)}"
+    lines = archived_lines(borg_repo, tmp_path / "extract", "vdisk0", "--qmp",
+                           str(vm.paths.backup_qmp), "--workdir", str(workdir))
+    assert len(lines) >= before
 
     # The parent ran on, on its device again: no overlay left, nothing else either.
     after = vm.wait_counter(vm.counter() + 5)
@@ -235,15 +242,9 @@ def test_a_libvirt_domain_on_a_block_device_is_backed_up_and_keeps_its_definitio
         domain = Domain(dom.name(), libvirtd, dom, (loop,), console)
         domain.wait_console("KVMSNAP-READY", 60)
         before = domain.wait_counter(10)
-        done = kvmsnap("backup", "--domain", domain.name, "--libvirt-uri", libvirtd,
-                       "--workdir", str(tmp_path / "work"), "--borg", str(borg_repo),
-                       "--mode", "files", "--json")
-        assert done.returncode == 0, done.stderr[-3000:]
-        report = json.loads(done.stdout)
-        assert report["clean"] and report["commits"][0]["layer"] == "active"
-        out = tmp_path / "extract"
-        borg_extract(borg_repo, report["archives"][0]["name"], out)
-        lines = (out / "vda" / "workload.log").read_text().splitlines()
+        lines = archived_lines(borg_repo, tmp_path / "extract", "vda", "--domain",
+                               domain.name, "--libvirt-uri", libvirtd,
+                               "--workdir", str(tmp_path / "work"))
         assert len(lines) >= before
         assert domain.blklist() == [("vda", str(loop))]
         inactive = ET.fromstring(domain.virsh("dumpxml", "--inactive", domain.name))
