@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,20 +162,23 @@ def test_a_vm_without_writable_disks(start_demo):
 
 
 @pytest.fixture
-def loop_device(tmp_path):
-    backing = tmp_path / "raw.img"
+def nbd_export(tmp_path):
+    """A raw image served by qemu-nbd on a unix socket: a disk on a network protocol."""
+    backing, sock = tmp_path / "raw.img", tmp_path / "nbd.sock"
     with open(backing, "wb") as handle:
         handle.truncate(16 << 20)
-    device = process.run(["losetup", "-f", "--show", backing], timeout=30).stdout.strip()
-    yield device
-    process.run(["losetup", "-d", device], timeout=30)
+    server = process.spawn(["qemu-nbd", "-t", "-k", sock, "-f", "raw", backing])
+    while not sock.exists() and server.poll() is None:
+        time.sleep(0.05)
+    yield f"nbd+unix:///?socket={sock}"
+    process.stop(server)
 
 
-def test_a_disk_on_a_raw_block_device_is_refused(start_demo, loop_device):
-    vm = start_demo(extra_args=("-drive", f"file={loop_device},format=raw,if=none,id=blk0",
+def test_a_disk_on_a_network_protocol_is_refused(start_demo, nbd_export):
+    vm = start_demo(extra_args=("-drive", f"file={nbd_export},format=raw,if=none,id=blk0",
                                 "-device", "virtio-blk-pci,drive=blk0,id=vblk0"))
     assert_one_line_error(kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp)),
-                          "not a local image file")
+                          "is on the nbd protocol", "map a network volume on the host")
     assert never_paused(vm)
 
 
