@@ -164,10 +164,10 @@ def is_block_device(filename: str) -> bool:
 
 def _read_only_device(device: str) -> bool:
     """The kernel's read-only flag of a block device (``blockdev --getro``)."""
-    rdev = os.stat(device).st_rdev
-    flag = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/ro")
     try:
-        return flag.read_text().strip() == "1"
+        rdev = os.stat(device).st_rdev
+        return Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/ro").read_text() \
+            .strip() == "1"
     except OSError:
         return False  # no sysfs to ask: QEMU's own open for writing will have told
 
