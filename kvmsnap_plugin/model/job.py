@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,13 @@ class BackupJob:
     domain: str | None = None  # a libvirt domain's name
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
     commands: VmCommands = field(default_factory=VmCommands)
+    #: False: ``name`` only stands in (the socket's path) until the VM is asked for its own
+    #: (QEMU's -name, else its UUID, else the socket's stem) when its session opens
+    name_given: bool = True
+
+    def named(self, name: str) -> BackupJob:
+        """This job under the VM's own ``name``, unless one was given."""
+        return self if self.name_given else replace(self, name=name, name_given=True)
 
     @property
     def identity(self) -> str:

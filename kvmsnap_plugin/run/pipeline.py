@@ -170,6 +170,7 @@ def plan(job: BackupJob) -> Plan:
     clone = None
     with open_parent(job) as handle:
         parent = handle.describe()
+        job = job.named(parent.name)  # the VM's own name, if none was given
         if not parent.offline:
             with tempfile.TemporaryDirectory() as tmp:
                 clone = plan_clone(parent, Path(tmp), Path(tmp), monitor=handle.backend.monitor)
@@ -237,6 +238,7 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
     started = time.monotonic()
     with open_parent(job) as handle:
         parent = handle.describe()
+        job = job.named(parent.name)  # the VM's own name, if none was given
         if not parent.offline:  # refuse what cannot fit while the VM runs untouched
             check_room(parent, handle.backend.monitor, job.fork, {parent_overlay_path(
                 d, "RUN", job.fork.overlay_dir, job.fork.workdir).parent
@@ -368,7 +370,7 @@ def _archive_and_verify(run: Run, stopped: Stopped, exposure: Exposure) -> Resul
     image_only = bool(run.job.targets) and all(t.mode is Mode.IMAGE for t in run.job.targets)
     verdicts = verify.verdicts(classify.to_verdict(exposure.filesystems, image_only))
     keep_dir = run.job.fork.keep_dir
-    kept = [str(p) for p in keep_images(stopped.images, keep_dir)] if keep_dir else []
+    kept = [str(p) for p in keep_images(stopped.images, keep_dir, run.job.name)] if keep_dir else []
     return Results(archives, verdicts, kept, classify.records(exposure.filesystems, image_only))
 
 

@@ -29,11 +29,21 @@ def discover(session: Monitor, qmp_socket: Path, pid: int) -> Parent:
     check_runstate(session)
     argv = read_cmdline(pid)
     version = session.execute("query-version")["qemu"]
-    name = session.execute("query-name").get("name") or f"vm-{pid}"
+    name = vm_name(session, qmp_socket)
     disks = block_disks(session.execute("query-block"))
     check_disks(name, disks)
     return Parent(qmp_socket, pid, name, tuple(argv),
                   (version["major"], version["minor"], version["micro"]), disks)
+
+
+def vm_name(session: Monitor, qmp_socket: Path) -> str:
+    """What the VM calls itself: QEMU's ``-name``, else its ``-uuid``, else the socket's
+    stem (``/run/qemu/web.qmp`` -> web)."""
+    name = session.execute("query-name").get("name")
+    if name:
+        return name
+    uuid = session.execute("query-uuid").get("UUID", "")
+    return uuid if uuid.strip("0-") else qmp_socket.stem  # all zeros: no -uuid given
 
 
 def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:

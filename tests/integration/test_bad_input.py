@@ -62,7 +62,7 @@ def test_a_pid_that_is_not_qemu(start_demo):
 def test_a_too_small_shutdown_timeout(start_demo):
     vm = start_demo()
     done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--shutdown-timeout", "0.5")
-    assert_one_line_error(done, "too small")
+    assert_one_line_error(done, "--shutdown-timeout: expected a number of seconds, at least 1")
 
 
 def test_an_unwritable_work_directory(start_demo):
@@ -83,8 +83,8 @@ def test_two_runs_on_one_vm(start_demo):
 
 
 @pytest.mark.parametrize("option, value, needle", [
-    ("--min-free", "lots", "min_free in the command line must be a size"),
-    ("--max-pause", "0", "max_pause in the command line must be a number of seconds"),
+    ("--min-free", "lots", "the command line --min-free: expected a size"),
+    ("--max-pause", "0", "the command line --max-pause: expected a number of seconds above 0"),
 ])
 def test_a_bad_margin_or_pause_cap(start_demo, option, value, needle):
     vm = start_demo()

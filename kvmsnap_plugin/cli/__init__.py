@@ -3,6 +3,8 @@
 Exit codes: 0 success; 1 success with a warning (e.g. a labelled crash-consistent
 fallback); 2 error; 75 deliberate skip (borgmatic's soft failure); 130 interrupted.
 Errors print one line with the cause and the fix; tracebacks only with --debug.
+With --config, options given on the command line win over the file, for every VM; so their
+defaults here are None ("not given") and the model's defaults apply in one place.
 """
 
 from __future__ import annotations
@@ -17,29 +19,21 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmsnap_plugin.errors import KvmsnapError, UsageError
+from kvmsnap_plugin.cli.options import add_fork_arguments, add_global_arguments, add_vm_arguments
+from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, UsageError
 from kvmsnap_plugin.host.secrets import MaskingFormatter, masked
-from kvmsnap_plugin.model import (
-    DEFAULT_LIBVIRT_URI,
-    MAX_PAUSE,
-    MIN_FREE,
-    REPRESS_AFTER,
-    SHUTDOWN_TIMEOUT,
-    VERSION,
-    Mode,
-    OnUnclean,
-    Plan,
-    RamMethod,
-)
-from kvmsnap_plugin.paths import DEFAULT_WORKDIR
+from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, VERSION, Mode, Plan
+from kvmsnap_plugin.paths import DEFAULT_CONFIG
 
 if TYPE_CHECKING:
     from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport
     from kvmsnap_plugin.plugin.manager import Hooks
 
 EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
-#: what --method offers: a shut-off VM is found, not asked for
-METHODS = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
+#: options that are config keys too (command line and [defaults]/[[vm]] share the names)
+SETTINGS = ("method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
+            "overlay_dir", "clone_console", "mount_root", "collapse_huge_pages", "min_free",
+            "max_pause", "clone_drop", "allow_remote_workdir", "skip_partitions")
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +57,20 @@ def _job_from_args(args: argparse.Namespace,
 
     if bool(args.qmp) == bool(args.domain):
         raise UsageError("name one VM", "pass --qmp SOCKET or --domain NAME")
-    settings = {key: getattr(args, key) for key in (
-        "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
-        "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages",
-        "min_free", "max_pause", "clone_drop",
-        "allow_remote_workdir", "skip_partitions")
-        if getattr(args, key, None) is not None}
+    options = fork_options({**_settings(args), "pid": args.pid})
     dry_run = getattr(args, "dry_run", False)
     if args.domain:
-        return BackupJob(args.name or args.domain, None, fork_options(settings),
-                         tuple(targets), dry_run=dry_run, domain=args.domain,
-                         libvirt_uri=args.libvirt_uri)
-    socket = find_parent_socket(args.qmp)
-    return BackupJob(args.name or socket.stem, socket, fork_options(settings), tuple(targets),
-                     dry_run=dry_run)
+        return BackupJob(args.name or args.domain, None, options, tuple(targets),
+                         dry_run=dry_run, domain=args.domain,
+                         libvirt_uri=args.libvirt_uri or DEFAULT_LIBVIRT_URI)
+    socket = find_parent_socket(args.qmp)  # without --name, the VM's own name (-name, UUID)
+    return BackupJob(args.name or str(socket), socket, options, tuple(targets),
+                     dry_run=dry_run, name_given=bool(args.name))
+
+
+def _settings(args: argparse.Namespace) -> dict[str, object]:
+    """The options given (not None), by their config keys."""
+    return {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
@@ -102,7 +96,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     if bool(args.qmp) == bool(args.domain):
         raise UsageError("name one VM", "pass --qmp SOCKET or --domain NAME, as to mount")
-    job = (BackupJob(args.domain, None, domain=args.domain, libvirt_uri=args.libvirt_uri)
+    uri = args.libvirt_uri or DEFAULT_LIBVIRT_URI
+    job = (BackupJob(args.domain, None, domain=args.domain, libvirt_uri=uri)
            if args.domain else BackupJob(args.qmp, Path(args.qmp)))
     done = release(job)
     print(json.dumps(asdict(done), indent=2) if args.json else
@@ -139,11 +134,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from kvmsnap_plugin.config import EXAMPLE, load_config
+    from kvmsnap_plugin.plugin.manager import Hooks
+
+    if args.action == "example":
+        print(EXAMPLE, end="")
+        return EXIT_OK
+    jobs, _run = load_config(Path(args.config), Hooks().archiver_types())
+    print(json.dumps({"config": args.config, "vms": [j.name for j in jobs]}) if args.json
+          else f"{args.config}: valid; {len(jobs)} VM(s): {', '.join(j.name for j in jobs)}")
+    return EXIT_OK
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from kvmsnap_plugin.plugin.manager import Hooks
 
     hooks = Hooks()
     types = hooks.archiver_types()
+    # (the config's RunSettings are for the runner of many VMs)
     jobs = _jobs_from_config(args, types) if args.config else [_job_with_targets(args, types)]
     return run_jobs(jobs, args, hooks)
 
@@ -152,11 +161,13 @@ def _jobs_from_config(args: argparse.Namespace,
                       types: dict[str, frozenset[str]]) -> list[BackupJob]:
     from kvmsnap_plugin.config import load_config
 
-    if args.qmp or args.domain or args.borg or args.restic:
-        raise UsageError("--config cannot be combined with --qmp, --domain, --borg or "
-                         "--restic",
-                         "put the VM and its archivers in the config file")
-    jobs = load_config(Path(args.config), types)
+    alone = [flag for flag in ("qmp", "domain", "borg", "restic", "name", "pid")
+             if getattr(args, flag)]
+    if alone:
+        raise UsageError(f"--config cannot be combined with --{alone[0]}: it names one VM "
+                         "or its archivers", "put the VM and its archivers in the config file")
+    overrides = {**_settings(args), "mode": args.mode, "libvirt_uri": args.libvirt_uri}
+    jobs, _run = load_config(Path(args.config), types, overrides)
     if args.vm:
         jobs = [j for j in jobs if j.name in args.vm]
         if not jobs:
@@ -223,64 +234,6 @@ def worst(codes: list[int]) -> int:
     return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_ERROR
 
 
-def add_vm_arguments(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--qmp", metavar="SOCKET", help="a bare QEMU's QMP unix socket")
-    cmd.add_argument("--domain", metavar="NAME", help="a libvirt domain")
-    cmd.add_argument("--libvirt-uri", default=DEFAULT_LIBVIRT_URI, metavar="URI",
-                     help=f"with --domain (default {DEFAULT_LIBVIRT_URI})")
-
-
-def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
-    add_vm_arguments(cmd)
-    cmd.add_argument("--name", help="the VM's name in archives (default: the socket's name)")
-    cmd.add_argument("--pid", type=int, help="the QEMU process (default: from the socket)")
-    cmd.add_argument("--method", choices=METHODS, default=RamMethod.AUTO.value,
-                     help="how to snapshot RAM (default: background if the host supports it)")
-    cmd.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT,
-                     metavar="SECONDS", help="power button to a stopped clone, at most "
-                     f"(default {SHUTDOWN_TIMEOUT:g})")
-    cmd.add_argument("--repress-after", type=float, default=REPRESS_AFTER, metavar="SECONDS",
-                     help=f"press the power button again after this long "
-                     f"(default {REPRESS_AFTER:g})")
-    cmd.add_argument("--on-unclean", choices=[o.value for o in OnUnclean],
-                     default=OnUnclean.FAIL.value,
-                     help=f"when the clone does not shut down: {OnUnclean.FAIL} (default), or "
-                     f"use the {OnUnclean.CRASH_CONSISTENT} images, labelled as such "
-                     "(exit code 1)")
-    cmd.add_argument("--workdir", help=f"private work directory (default {DEFAULT_WORKDIR})")
-    cmd.add_argument("--overlay-dir", help="where the parent's temporary overlays go "
-                     "(default: beside each disk image)")
-    cmd.add_argument("--keep", metavar="DIR", help="keep the clone's disks as standalone "
-                     "qcow2 images in DIR")
-    cmd.add_argument("--clone-console", metavar="FILE",
-                     help="capture the clone's first serial port to FILE (debugging)")
-    cmd.add_argument("--mount-root", metavar="DIR", help="where the clone's filesystems are "
-                     "mounted (default WORKDIR/mnt/NAME)")
-    cmd.add_argument("--collapse-huge-pages", action="store_true",
-                     help="rebuild the guest RAM's huge pages before the pause: a shorter "
-                     "pause for back-to-back background snapshots, for some host CPU time")
-    cmd.add_argument("--min-free", metavar="SIZE",
-                     help="space to leave free, beyond the RAM state, where the parent's "
-                     "overlays and the work directory go; checked before the pause "
-                     f"(e.g. 512M, 2G; default {MIN_FREE >> 30}G)")
-    cmd.add_argument("--max-pause", type=float, metavar="SECONDS",
-                     help="the longest pause of the VM allowed; a method that cannot keep "
-                     "to it (stop-and-copy of a large RAM) is refused before pausing "
-                     f"(default {MAX_PAUSE:g})")
-    cmd.add_argument("--clone-drop", action="append", metavar="NAME",
-                     help="leave an option kvmsnap refuses out of the clone, when it serves "
-                     "the parent alone: an option (set) or object:TYPE (object:input-barrier); "
-                     "repeatable")
-    cmd.add_argument("--allow-remote-workdir", action="store_true",
-                     help="accept a work directory on a network or FUSE filesystem (NFS, "
-                     "CIFS, sshfs...): the guest's RAM, keys included, is written there")
-    cmd.add_argument("--skip-partition", action="append", metavar="RULE",
-                     dest="skip_partitions",
-                     help="a partition known to be left out, so it does not warn (exit 1) "
-                     "every night: label:NAME, uuid:UUID, type:GUID|0xNN|KIND|FSTYPE or "
-                     "where:DISK/pN; repeatable")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmsnap",
@@ -288,13 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "the copy down cleanly, archive its disks.",
         epilog="exit codes: 0 ok, 1 warning, 2 error, 75 skipped, 130 interrupted")
     parser.add_argument("--version", action="version", version=f"kvmsnap {VERSION}")
-    parser.add_argument("--debug", action="store_true", help="debug log and tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    add_global_arguments(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], text: str):
         cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        add_global_arguments(cmd, default=argparse.SUPPRESS)  # after the command, too
         cmd.set_defaults(func=func)
         return cmd
 
@@ -321,16 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--force", action="store_true",
                          help="also take down split backups still mounted for their reader "
                          "(`kvmsnap mount` without `kvmsnap release`)")
+    config = add("config", cmd_config, "check a configuration file (validate), or print a "
+                 "commented example of one (example)")
+    config.add_argument("action", choices=["validate", "example"])
+    config.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="FILE",
+                        help=f"the file to validate (default {DEFAULT_CONFIG})")
     backup = add("backup", cmd_backup, "back up running VMs consistently into borg/restic")
     add_fork_arguments(backup)
-    backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and archivers")
+    backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and "
+                        f"archivers (e.g. {DEFAULT_CONFIG}); the options above, when given, "
+                        "win over it for every VM")
     backup.add_argument("--vm", action="append", metavar="NAME",
                         help="with --config: only this [[vm]] (repeatable)")
     backup.add_argument("--borg", action="append", metavar="REPO", help="a borg repository")
     backup.add_argument("--restic", action="append", metavar="REPO",
                         help="a restic repository")
-    backup.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.FILES.value,
-                        help="archive the mounted filesystems, raw disk images, or both")
+    backup.add_argument("--mode", choices=[m.value for m in Mode],
+                        help="archive the mounted filesystems, raw disk images, or both "
+                        f"(default {Mode.FILES})")
     backup.add_argument("--dry-run", action="store_true",
                         help="show what would be done, touching nothing")
     return parser
@@ -369,7 +329,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     except KvmsnapError as exc:
         if args.debug:
             log.exception("failed")
-        print(f"kvmsnap: error: {masked(exc.one_line())}", file=sys.stderr)
+        print(f"kvmsnap: skipped: {masked(str(exc))}" if isinstance(exc, SkipBackup)
+              else f"kvmsnap: error: {masked(exc.one_line())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("kvmsnap: interrupted; everything started was stopped", file=sys.stderr)
@@ -380,7 +341,3 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         print(f"kvmsnap: internal error: {type(exc).__name__}: {exc} "
               "(fix: run again with --debug and report the traceback)", file=sys.stderr)
         return EXIT_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

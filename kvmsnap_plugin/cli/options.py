@@ -1,0 +1,90 @@
+"""The command line's options: the VM, the fork's settings (config keys too), and the ones
+every command takes."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmsnap_plugin.model import (
+    DEFAULT_LIBVIRT_URI,
+    MAX_PAUSE,
+    MIN_FREE,
+    REPRESS_AFTER,
+    SHUTDOWN_TIMEOUT,
+    OnUnclean,
+    RamMethod,
+)
+from kvmsnap_plugin.paths import DEFAULT_WORKDIR
+
+#: what --method offers: a shut-off VM is found, not asked for
+METHODS = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
+
+
+def add_global_arguments(parser: argparse.ArgumentParser, default: object) -> None:
+    """Accepted before the command and after it (``default``: SUPPRESS after it, so an
+    option given before is not reset)."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="debug log and tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress messages")
+    parser.add_argument("--json", action="store_true", default=default,
+                        help="machine-readable output")
+
+
+
+def add_vm_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--qmp", metavar="SOCKET", help="a bare QEMU's QMP unix socket")
+    cmd.add_argument("--domain", metavar="NAME", help="a libvirt domain")
+    cmd.add_argument("--libvirt-uri", metavar="URI",
+                     help=f"with --domain (default {DEFAULT_LIBVIRT_URI})")
+
+
+def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
+    add_vm_arguments(cmd)
+    cmd.add_argument("--name", help="the VM's name in archives (default: QEMU's -name, else "
+                     "its -uuid, else the socket file's stem; a libvirt domain's name)")
+    cmd.add_argument("--pid", type=int, help="the QEMU process (default: from the socket)")
+    cmd.add_argument("--method", choices=METHODS,
+                     help="how to snapshot RAM (default: background if the host supports it)")
+    cmd.add_argument("--shutdown-timeout", type=float,
+                     metavar="SECONDS", help="power button to a stopped clone, at most "
+                     f"(default {SHUTDOWN_TIMEOUT:g})")
+    cmd.add_argument("--repress-after", type=float, metavar="SECONDS",
+                     help=f"press the power button again after this long "
+                     f"(default {REPRESS_AFTER:g})")
+    cmd.add_argument("--on-unclean", choices=[o.value for o in OnUnclean],
+                     help=f"when the clone does not shut down: {OnUnclean.FAIL} (default), or "
+                     f"use the {OnUnclean.CRASH_CONSISTENT} images, labelled as such "
+                     "(exit code 1)")
+    cmd.add_argument("--workdir", help=f"private work directory (default {DEFAULT_WORKDIR})")
+    cmd.add_argument("--overlay-dir", help="where the parent's temporary overlays go "
+                     "(default: beside each disk image)")
+    cmd.add_argument("--keep", metavar="DIR", help="keep the clone's disks as standalone "
+                     "qcow2 images, DIR/<vm name>/<disk>.qcow2")
+    cmd.add_argument("--clone-console", metavar="FILE",
+                     help="capture the clone's first serial port to FILE (debugging)")
+    cmd.add_argument("--mount-root", metavar="DIR", help="where the clone's filesystems are "
+                     "mounted (default WORKDIR/mnt/NAME)")
+    cmd.add_argument("--collapse-huge-pages", action="store_true", default=None,
+                     help="rebuild the guest RAM's huge pages before the pause: a shorter "
+                     "pause for back-to-back background snapshots, for some host CPU time")
+    cmd.add_argument("--min-free", metavar="SIZE",
+                     help="space to leave free, beyond the RAM state, where the parent's "
+                     "overlays and the work directory go; checked before the pause "
+                     f"(e.g. 512M, 2G; default {MIN_FREE >> 30}G)")
+    cmd.add_argument("--max-pause", type=float, metavar="SECONDS",
+                     help="the longest pause of the VM allowed; a method that cannot keep "
+                     "to it (stop-and-copy of a large RAM) is refused before pausing "
+                     f"(default {MAX_PAUSE:g})")
+    cmd.add_argument("--clone-drop", action="append", metavar="NAME",
+                     help="leave an option kvmsnap refuses out of the clone, when it serves "
+                     "the parent alone: an option (set) or object:TYPE (object:input-barrier); "
+                     "repeatable")
+    cmd.add_argument("--allow-remote-workdir", action="store_true", default=None,
+                     help="accept a work directory on a network or FUSE filesystem (NFS, "
+                     "CIFS, sshfs...): the guest's RAM, keys included, is written there")
+    cmd.add_argument("--skip-partition", action="append", metavar="RULE",
+                     dest="skip_partitions",
+                     help="a partition known to be left out, so it does not warn (exit 1) "
+                     "every night: label:NAME, uuid:UUID, type:GUID|0xNN|KIND|FSTYPE or "
+                     "where:DISK/pN; repeatable")
