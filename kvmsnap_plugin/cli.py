@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.errors import KvmsnapError, UsageError
-from kvmsnap_plugin.host.secrets import MaskingFormatter, masked
+from kvmsnap_plugin.host.secrets import masked
 from kvmsnap_plugin.model import (
     DEFAULT_LIBVIRT_URI,
     MAX_PAUSE,
@@ -32,6 +32,7 @@ from kvmsnap_plugin.model import (
     RamMethod,
 )
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
+from kvmsnap_plugin.run.logs import DESTINATIONS, log_handler
 
 if TYPE_CHECKING:
     from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvmsnap {VERSION}")
     parser.add_argument("--debug", action="store_true", help="debug log and tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    parser.add_argument("--log", choices=DESTINATIONS, help="where log lines go (default "
+                        "auto, or KVMSNAP_LOG: the journal under systemd, else stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], text: str):
@@ -336,12 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(debug: bool, quiet: bool) -> None:
+def setup_logging(debug: bool, quiet: bool, destination: str | None = None) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(MaskingFormatter("kvmsnap: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(destination)]
     root.setLevel(level)
     if not debug:
         # qemu.qmp logs every disconnect at WARNING; our own messages say what matters.
@@ -362,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, run ``args.func``, and turn errors into one line and an exit code."""
     args = parser.parse_args(argv)
-    setup_logging(args.debug, args.quiet)
+    setup_logging(args.debug, args.quiet, args.log)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
