@@ -94,9 +94,14 @@ def make_handler(destination: str) -> logging.Handler:
             handler.setFormatter(MaskingFormatter("%(vm_prefix)s%(message)s"))
             return handler
     if destination == "syslog" and SYSLOG_SOCKET.exists():
-        handler = logging.handlers.SysLogHandler(str(SYSLOG_SOCKET))
-        handler.setFormatter(MaskingFormatter("kvmsnap[%(process)d]: %(vm_prefix)s%(message)s"))
-        return handler
+        try:
+            handler = logging.handlers.SysLogHandler(str(SYSLOG_SOCKET))
+        except OSError:  # a socket nobody listens on: stderr below
+            pass
+        else:
+            handler.setFormatter(MaskingFormatter(
+                "kvmsnap[%(process)d]: %(vm_prefix)s%(message)s"))
+            return handler
     handler = logging.StreamHandler(sys.stderr)
     if destination in ("journal", "syslog"):  # neither there: stderr, which journald reads
         handler.setFormatter(SdPrefixFormatter("kvmsnap: %(vm_prefix)s%(message)s"))

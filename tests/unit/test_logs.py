@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import sys
 import threading
 
@@ -85,3 +86,21 @@ def test_under_systemd_stderr_is_recognised_as_the_journal(monkeypatch, tmp_path
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")  # another stream
     assert logs.choose() == "stderr"
     out.close()
+
+
+def test_syslog_gets_the_vm_and_the_priority(captured, monkeypatch, tmp_path):
+    address = tmp_path / "log"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(address))
+    receiver.settimeout(5)
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", address)
+    try:
+        setup_logging(debug=False, quiet=False, destination="syslog")
+        with vm_context("web"):
+            logging.getLogger("kvmsnap_plugin").warning("clone slow")
+        line = receiver.recv(4096)
+    finally:
+        logging.getLogger().handlers[0].close()
+        receiver.close()
+    assert re.fullmatch(rb"<12>kvmsnap\[\d+\]: web: clone slow\x00", line), line
+    assert captured.readouterr().err == ""
