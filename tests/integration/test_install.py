@@ -72,6 +72,7 @@ def test_the_wheel_installs_the_command_hooks_and_units(venv: Path, tmp_path: Pa
         assert (share / name).read_bytes() == (CHECKOUT / name).read_bytes(), name
 
 
+@pytest.mark.qemu  # the doctor asks the host's QEMU binaries (no guest boots)
 def test_the_installed_doctor_judges_the_host_and_finds_the_hooks(venv: Path, tmp_path: Path):
     done = run([venv / "bin" / "kvmsnap", "doctor", "--json"], cwd=tmp_path, timeout=300)
     checks = {c["name"]: c for c in json.loads(done.stdout)}
