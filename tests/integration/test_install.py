@@ -74,7 +74,9 @@ def test_the_wheel_installs_the_command_hooks_and_units(venv: Path, tmp_path: Pa
 
 @pytest.mark.qemu  # the doctor asks the host's QEMU binaries (no guest boots)
 def test_the_installed_doctor_judges_the_host_and_finds_the_hooks(venv: Path, tmp_path: Path):
-    done = run([venv / "bin" / "kvmsnap", "doctor", "--json"], cwd=tmp_path, timeout=300)
+    # an empty cache: no demo guest, no probe of one; the doctor boots the host's kernel
+    done = run([venv / "bin" / "kvmsnap", "doctor", "--json"], cwd=tmp_path, timeout=300,
+               env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     checks = {c["name"]: c for c in json.loads(done.stdout)}
     assert all(c["status"] in ("ok", "warn") for c in checks.values()), checks
     assert checks["qemu"]["status"] == "ok"
