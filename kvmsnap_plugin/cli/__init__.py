@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.cli.options import add_fork_arguments, add_global_arguments, add_vm_arguments
 from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, UsageError
-from kvmsnap_plugin.host.secrets import MaskingFormatter, masked
+from kvmsnap_plugin.host.secrets import masked
 from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, VERSION, Mode, Plan
 from kvmsnap_plugin.paths import DEFAULT_CONFIG
+from kvmsnap_plugin.run.logs import log_handler
 
 if TYPE_CHECKING:
     from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport
@@ -296,12 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(debug: bool, quiet: bool) -> None:
+def setup_logging(debug: bool, quiet: bool, destination: str | None = None) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(MaskingFormatter("kvmsnap: %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(destination)]
     root.setLevel(level)
     if not debug:
         # qemu.qmp logs every disconnect at WARNING; our own messages say what matters.
@@ -322,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, run ``args.func``, and turn errors into one line and an exit code."""
     args = parser.parse_args(argv)
-    setup_logging(args.debug, args.quiet)
+    setup_logging(args.debug, args.quiet, args.log)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)

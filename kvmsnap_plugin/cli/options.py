@@ -15,6 +15,7 @@ from kvmsnap_plugin.model import (
     RamMethod,
 )
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
+from kvmsnap_plugin.run.logs import DESTINATIONS
 
 #: what --method offers: a shut-off VM is found, not asked for
 METHODS = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]
@@ -29,6 +30,10 @@ def add_global_arguments(parser: argparse.ArgumentParser, default: object) -> No
                         help="no progress messages")
     parser.add_argument("--json", action="store_true", default=default,
                         help="machine-readable output")
+    parser.add_argument("--log", choices=DESTINATIONS,
+                        default=None if default is False else default,
+                        help="where log lines go (default auto, or KVMSNAP_LOG: the journal "
+                        "under systemd, else stderr)")
 
 
 
