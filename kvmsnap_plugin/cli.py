@@ -28,13 +28,17 @@ from kvmsnap_plugin.model import (
     VERSION,
     Mode,
     OnUnclean,
-    Plan,
     RamMethod,
 )
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
 
 if TYPE_CHECKING:
-    from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport
+    from kvmsnap_plugin.model import (
+        ArchiveTarget,
+        BackupJob,
+        RunSettings,
+        VmOutcome,
+    )
     from kvmsnap_plugin.plugin.manager import Hooks
 
 EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
@@ -144,19 +148,40 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     hooks = Hooks()
     types = hooks.archiver_types()
+    if args.all_domains and not args.config:
+        return run_jobs(_all_domain_jobs(args, types), args, hooks)
     jobs = _jobs_from_config(args, types) if args.config else [_job_with_targets(args, types)]
     return run_jobs(jobs, args, hooks)
+
+
+def _all_domain_jobs(args: argparse.Namespace,
+                     types: dict[str, frozenset[str]]) -> list[BackupJob]:
+    """``--all``: a job per running libvirt domain, with the command line's settings."""
+    from kvmsnap_plugin.config import command_line_targets
+    from kvmsnap_plugin.run.discover import domain_jobs
+
+    if args.qmp or args.domain or args.name:
+        raise UsageError("--all names the VMs itself", "drop --qmp, --domain and --name")
+    targets = command_line_targets(args.borg or [], args.restic or [], args.mode, types)
+    if not targets:
+        raise UsageError("no archive target given", "pass --borg REPO and/or --restic REPO")
+    template = _job_from_args(argparse.Namespace(**{**vars(args), "domain": "*"}), targets)
+    return domain_jobs([template], args.libvirt_uri, tuple(args.exclude or ()))
 
 
 def _jobs_from_config(args: argparse.Namespace,
                       types: dict[str, frozenset[str]]) -> list[BackupJob]:
     from kvmsnap_plugin.config import load_config
+    from kvmsnap_plugin.run.discover import domain_jobs, is_glob
 
     if args.qmp or args.domain or args.borg or args.restic:
         raise UsageError("--config cannot be combined with --qmp, --domain, --borg or "
                          "--restic",
                          "put the VM and its archivers in the config file")
     jobs = load_config(Path(args.config), types)
+    if getattr(args, "all_domains", False) or any(is_glob(j.domain) for j in jobs):
+        jobs = domain_jobs(jobs, args.libvirt_uri, tuple(args.exclude or ()),
+                           all_domains=args.all_domains)
     if args.vm:
         jobs = [j for j in jobs if j.name in args.vm]
         if not jobs:
@@ -176,51 +201,21 @@ def _job_with_targets(args: argparse.Namespace, types: dict[str, frozenset[str]]
     return _job_from_args(args, targets)
 
 
-def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks: Hooks | None = None) -> int:
-    """Back up each VM in turn; one VM's failure does not stop the others."""
-    outputs, codes = [], []
-    for job in jobs:
-        try:
-            result, code = _run_job(job, hooks)
-            codes.append(code)
-            outputs.append({"vm": job.name, "status": "ok", **result.as_dict()} if args.json
-                           else _render(result))
-        except KvmsnapError as exc:
-            if len(jobs) == 1:
-                raise
-            print(f"kvmsnap: error: {job.name}: {masked(exc.one_line())}", file=sys.stderr)
-            codes.append(exc.exit_code)
-            outputs.append({"vm": job.name, "status": "error", "error": masked(str(exc)),
-                            "fix": masked(exc.hint)} if args.json else f"{job.name}: FAILED")
-    if args.json:
-        print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2, default=str))
-    else:
-        print("\n".join(outputs))
-    return worst(codes)
+def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks: Hooks | None = None,
+             settings: RunSettings | None = None,
+             on_done: Callable[[BackupJob, VmOutcome], None] | None = None) -> int:
+    """Back up the VMs, at most ``max_clones`` at once within the host's budget (see
+    run/fleet.py); one VM's failure does not stop the others. Every VM gets an outcome:
+    ``--json`` prints it (one VM: its object; many: the list) even when VMs fail."""
+    from kvmsnap_plugin.model import RunSettings
+    from kvmsnap_plugin.run.fleet import backup_or_plan, run_fleet, show_outcomes, summary_code
 
-
-def _run_job(job: BackupJob, hooks: Hooks | None) -> tuple[BackupReport | Plan, int]:
-    """A backup, or with --dry-run its plan; and the exit code it earns."""
-    from kvmsnap_plugin.run.pipeline import backup, plan
-
-    if job.dry_run:
-        return plan(job), EXIT_OK
-    report = backup(job, hooks)
-    return report, EXIT_OK if report.clean and not report.warnings else EXIT_WARNING
-
-
-def _render(result: BackupReport | Plan) -> str:
-    from kvmsnap_plugin.run.report import render_plan, render_report
-
-    return render_plan(result) if isinstance(result, Plan) else render_report(result)
-
-
-def worst(codes: list[int]) -> int:
-    """Error beats warning beats skip beats success."""
-    for code in (EXIT_ERROR, EXIT_WARNING, EXIT_SKIP):
-        if code in codes:
-            return code
-    return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_ERROR
+    settings = settings or RunSettings()
+    if getattr(args, "max_clones", None):
+        settings = replace(settings, max_clones=args.max_clones)
+    outcomes = run_fleet(jobs, settings, backup_or_plan(hooks), on_done)
+    show_outcomes(outcomes, as_json=args.json)
+    return summary_code([o.exit_code for o in outcomes])
 
 
 def add_vm_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -281,6 +276,17 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      "where:DISK/pN; repeatable")
 
 
+def add_many_vm_arguments(backup: argparse.ArgumentParser) -> None:
+    backup.add_argument("--all", action="store_true", dest="all_domains",
+                        help="every running libvirt domain (of --libvirt-uri)")
+    backup.add_argument("--exclude", action="append", metavar="GLOB",
+                        help="with --all: leave out the domains this name or glob matches "
+                        "(repeatable)")
+    backup.add_argument("--max-clones", type=int, metavar="N",
+                        help="back up at most N VMs (clones) at once, as the host's free "
+                        "RAM and space allow (default 1: one after another)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmsnap",
@@ -333,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="archive the mounted filesystems, raw disk images, or both")
     backup.add_argument("--dry-run", action="store_true",
                         help="show what would be done, touching nothing")
+    add_many_vm_arguments(backup)
     return parser
 
 

@@ -24,6 +24,7 @@ from kvmsnap_plugin.model.disks import (
     ArchiveTarget,
     PartitionRecord,
     SkipRule,
+    TargetFailure,
     Verdict,
 )
 from kvmsnap_plugin.model.vm import (
@@ -156,6 +157,8 @@ class BackupReport:
     clone_binary: CloneBinary | None = None  # the QEMU the clone ran (None: no clone)
     #: every partition of every disk, with what was done to it
     partitions: list[PartitionRecord] = field(default_factory=list)
+    #: targets that got no archive (the others were still attempted): exit code 2
+    failed_targets: list[TargetFailure] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -167,6 +170,10 @@ class BackupReport:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["clean"] = self.clean
+        data["targets"] = [{"target": t, "status": "ok"} for t in
+                           dict.fromkeys(a.target for a in self.archives)] + [
+            {"target": f.target, "status": "error", "error": f.error, "fix": f.fix}
+            for f in self.failed_targets]
         if self.clone_binary:
             data["clone_binary"]["summary"] = self.clone_binary.describe()
         return data
