@@ -198,11 +198,10 @@ class VmOutcome:
         return {0: "ok", 1: "warning", 75: "skipped"}.get(self.exit_code, "error")
 
     def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"vm": self.vm, "status": self.status,
-                                "exit_code": self.exit_code, "started_at": self.started_at,
-                                "finished_at": self.finished_at}
-        if self.report is not None:
-            data.update(self.report.as_dict())
+        # the job's name wins over the report's (QEMU's -name, which VMs may share)
+        data: dict[str, Any] = self.report.as_dict() if self.report is not None else {}
+        data.update(vm=self.vm, status=self.status, exit_code=self.exit_code,
+                    started_at=self.started_at, finished_at=self.finished_at)
         if self.error:
             data.update(error=self.error, fix=self.fix)
         return data
