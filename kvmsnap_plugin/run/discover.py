@@ -42,23 +42,25 @@ def running_domains(uri: str) -> list[str]:
 def domain_jobs(jobs: Sequence[BackupJob], uri: str, exclude: Sequence[str] = (),
                 all_domains: bool = True, running: Sequence[str] | None = None
                 ) -> list[BackupJob]:
-    """``jobs`` with their glob tables replaced by a job per matching running domain
-    (``running``: asked of libvirt at ``uri`` when None), less the excluded names."""
+    """``jobs`` with their glob tables replaced by a job per matching running domain, less
+    the excluded names. A glob looks at its own table's libvirt; ``all_domains`` at ``uri``'s.
+    ``running``: the domains (of every libvirt asked), else each libvirt is asked."""
     templates = [j for j in jobs if is_glob(j.domain)]
-    explicit = [j for j in jobs if not is_glob(j.domain)]
-    if templates or all_domains:
-        named = {j.domain for j in explicit if j.domain}
-        for domain in running_domains(uri) if running is None else running:
-            if domain in named:
+    found = [j for j in jobs if not is_glob(j.domain)]
+    named = {(j.libvirt_uri, j.domain) for j in found if j.domain}
+    uris = [t.libvirt_uri for t in templates] + ([uri] if all_domains else [])
+    for where in dict.fromkeys(uris):
+        for domain in running_domains(where) if running is None else running:
+            if (where, domain) in named:
                 continue
-            template = next((t for t in templates
-                             if fnmatch.fnmatchcase(domain, t.domain or "")), None)
+            template = next((t for t in templates if t.libvirt_uri == where
+                             and fnmatch.fnmatchcase(domain, t.domain or "")), None)
             if template is not None:
-                explicit.append(replace(template, name=domain, domain=domain))
-            elif all_domains and not _excluded(domain, exclude):
+                found.append(replace(template, name=domain, domain=domain))
+            elif all_domains and where == uri and not _excluded(domain, exclude):
                 log.warning("%s: not backed up: no [[vm]] domain glob matches it (add a "
                             "[[vm]] with domain = \"*\" and its archivers)", domain)
-    return [j for j in explicit if not _excluded(j.name, exclude)]
+    return [j for j in found if not _excluded(j.name, exclude)]
 
 
 def _excluded(name: str, exclude: Sequence[str]) -> bool:

@@ -4,6 +4,7 @@ own, archive targets independent, --json listing every VM even when some fail.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from cli_helpers import kvmsnap
 from kvmsnap_plugin.host import process
 
 pytestmark = pytest.mark.qemu
+pytest_plugins = ["libvirt_fixtures"]  # the libvirtd and start_domain fixtures
 
 
 def borg_archives(repo: Path) -> list[str]:
@@ -94,3 +96,40 @@ repository = "{tmp_path / 'no-repo'}"
     for vm in vms.values():  # every parent runs on, on its own chain
         assert not list(vm.paths.disks[0].parent.glob("*.kvmsnap-*"))
         vm.wait_counter(vm.counter() + 1)
+
+
+def test_all_domains_and_a_glob_table_with_one_excluded(start_domain, borg_repo, tmp_path):
+    kept, left = start_domain(), start_domain()
+    # --all: every running domain, less the excluded (a dry run: on a shared libvirt, other
+    # domains are only looked at)
+    done = kvmsnap("backup", "--all", "--exclude", left.name, "--libvirt-uri", kept.uri,
+                   "--borg", str(borg_repo), "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = json.loads(done.stdout)
+    names = [o["vm"] for o in (shown if isinstance(shown, list) else [shown])]
+    assert kept.name in names and left.name not in names
+    # a [[vm]] whose domain is a glob gives its settings to the domains it matches
+    config = tmp_path / "kvmsnap.toml"
+    config.write_text(f"""
+[defaults]
+workdir = "{tmp_path / 'work'}"
+min_free = "64M"
+
+[[vm]]
+domain = "kvmsnap-test-{os.getpid()}-*"
+libvirt_uri = "{kept.uri}"
+archivers = ["good"]
+
+[archiver.good]
+type = "borg"
+repository = "{borg_repo}"
+""")
+    done = kvmsnap("backup", "--config", str(config), "--exclude", left.name, "--json",
+                   timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout)  # one VM left: its object
+    assert (outcome["vm"], outcome["status"]) == (kept.name, "ok")
+    archives = borg_archives(borg_repo)
+    assert len(archives) == 1 and archives[0].startswith(f"{kept.name}-2"), archives
+    assert kept.state() == "running" and left.state() == "running"
+    assert kept.blklist() == [("vda", str(kept.disks[0]))]
