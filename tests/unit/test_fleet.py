@@ -229,3 +229,59 @@ def test_the_host_budget_counts_running_clones_and_ram_states(monkeypatch, tmp_p
     monkeypatch.setattr(fleet, "available_memory", lambda: 1 << 60)
     assert fleet.host_fits(big, [], 0) is None
     assert "not enough free space" in fleet.host_fits(big, [big, big], 0)
+
+
+def test_a_parent_stopping_interrupts_its_own_vm_not_the_run():
+    """In a run of many, each VM runs in a thread: the watch over its parent ends that VM's
+    step with the parent's error, and no SIGINT reaches the main thread (the whole run)."""
+    from kvmsnap_plugin.errors import HostError
+    from kvmsnap_plugin.run.watch import watching
+
+    class Stopped:
+        def check_healthy(self):
+            raise HostError("web stopped on an I/O error during the backup", "free space")
+
+    caught: list[BaseException] = []
+
+    def step():
+        try:
+            with watching(Stopped(), every=0.05):
+                for _ in range(200):  # a step that runs Python now and then (10 s in all)
+                    time.sleep(0.05)
+        except BaseException as exc:
+            caught.append(exc)
+
+    worker = threading.Thread(target=step)
+    started = time.monotonic()
+    worker.start()
+    worker.join()  # a KeyboardInterrupt here would fail the test: the main thread was hit
+    assert time.monotonic() - started < 5
+    assert len(caught) == 1 and isinstance(caught[0], HostError), caught
+
+
+def test_ctrl_c_unwinds_every_running_vm_then_ends_the_run():
+    import signal
+
+    cleaned, started = [], threading.Barrier(3)
+
+    def run(vm):
+        started.wait()
+        try:
+            for _ in range(200):
+                time.sleep(0.05)
+            return report(vm.name)
+        finally:
+            cleaned.append(vm.name)
+
+    def ctrl_c():
+        started.wait()
+        time.sleep(0.3)  # both VMs are inside their step
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c).start()
+    begun = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_fleet([job("a"), job("b"), job("c")], RunSettings(max_clones=2), run,
+                  measure=needs({}), fits=always)
+    assert sorted(cleaned) == ["a", "b"]  # c never started; a and b ran their cleanup
+    assert time.monotonic() - begun < 5
