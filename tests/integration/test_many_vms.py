@@ -21,6 +21,18 @@ def borg_archives(repo: Path) -> list[str]:
                        timeout=300).stdout.split()
 
 
+def write_config(tmp_path: Path, body: str) -> Path:
+    """A config with a work directory of the test's own (and a small margin) + ``body``."""
+    config = tmp_path / "kvmsnap.toml"
+    config.write_text(f'[defaults]\nworkdir = "{tmp_path / "work"}"\nmin_free = "64M"\n'
+                      f"{body}")
+    return config
+
+
+def good_borg(repo: Path) -> str:
+    return f'\n[archiver.good]\ntype = "borg"\nrepository = "{repo}"\n'
+
+
 def overlapped(one: dict, other: dict) -> bool:
     return one["started_at"] < other["finished_at"] and other["started_at"] < one["finished_at"]
 
@@ -31,12 +43,7 @@ def test_three_vms_two_at_a_time_one_failing_one_with_a_failed_target(start_demo
     other_repo = tmp_path / "borg-other"
     process.run([process.find_program("borg", "borgbackup"), "init", "--encryption=repokey",
                  other_repo], timeout=120)
-    config = tmp_path / "kvmsnap.toml"
-    config.write_text(f"""
-[defaults]
-workdir = "{tmp_path / 'work'}"
-min_free = "64M"
-
+    config = write_config(tmp_path, f"""
 [[vm]]
 name = "a"
 qmp = "{vms['a'].paths.backup_qmp}"
@@ -52,10 +59,7 @@ name = "c"
 qmp = "{vms['c'].paths.backup_qmp}"
 archivers = ["missing"]            # its only repository does not exist: c fails alone
 
-[archiver.good]
-type = "borg"
-repository = "{borg_repo}"
-
+{good_borg(borg_repo)}
 [archiver.broken]
 type = "borg"
 repository = "{other_repo}"
@@ -109,21 +113,13 @@ def test_all_domains_and_a_glob_table_with_one_excluded(start_domain, borg_repo,
     names = [o["vm"] for o in (shown if isinstance(shown, list) else [shown])]
     assert kept.name in names and left.name not in names
     # a [[vm]] whose domain is a glob gives its settings to the domains it matches
-    config = tmp_path / "kvmsnap.toml"
-    config.write_text(f"""
-[defaults]
-workdir = "{tmp_path / 'work'}"
-min_free = "64M"
-
+    config = write_config(tmp_path, f"""
 [[vm]]
 domain = "kvmsnap-test-{os.getpid()}-*"
 libvirt_uri = "{kept.uri}"
 archivers = ["good"]
 
-[archiver.good]
-type = "borg"
-repository = "{borg_repo}"
-""")
+{good_borg(borg_repo)}""")
     done = kvmsnap("backup", "--config", str(config), "--exclude", left.name, "--json",
                    timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
