@@ -211,7 +211,7 @@ def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks: Hooks | Non
     from kvmsnap_plugin.run.fleet import backup_or_plan, run_fleet, show_outcomes, summary_code
 
     settings = settings or RunSettings()
-    if getattr(args, "max_clones", None):
+    if getattr(args, "max_clones", None) is not None:
         settings = replace(settings, max_clones=args.max_clones)
     outcomes = run_fleet(jobs, settings, backup_or_plan(hooks), on_done)
     show_outcomes(outcomes, as_json=args.json)

@@ -112,6 +112,12 @@ class RunSettings:
     exclude: tuple[str, ...] = ()  # VM names or globs left out
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_clones, int) or self.max_clones < 1:
+            raise UsageError(f"max_clones must be a whole number, at least 1, not "
+                             f"{self.max_clones!r}", "pass --max-clones 1 or more "
+                             "(max_clones = 2 in [run])")
+
 
 @dataclass(frozen=True)
 class BackupJob:

@@ -84,3 +84,8 @@ def test_one_failing_vm_still_prints_its_json_result(monkeypatch, capsys):
         "web", "error", "web is not running", "start it")
     assert captured.err.splitlines()[-1] == \
         "kvmsnap: error: web is not running (fix: start it)"
+
+
+def test_max_clones_must_be_at_least_one(capsys):
+    assert cli.main(["backup", "--domain", "web", "--borg", "/r", "--max-clones", "0"]) == 2
+    assert "max_clones must be a whole number, at least 1, not 0" in capsys.readouterr().err
