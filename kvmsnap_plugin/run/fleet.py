@@ -72,11 +72,14 @@ Fits = Callable[[Need, Sequence[Need], int], "str | None"]
 
 def host_fits(need: Need, running: Sequence[Need], min_free_ram: int) -> str | None:
     """The host's budget: memory for every clone (the running ones counted as taken) and
-    space for every RAM state, each filesystem keeping its margin."""
+    space for every RAM state, each filesystem keeping its margin. A VM without a clone
+    (shut off, or a dry run) takes neither."""
+    if not need.ram:
+        return None
     taken = sum(n.ram + QEMU_OVERHEAD for n in running if n.ram)
-    wanted = need.ram + QEMU_OVERHEAD + min_free_ram if need.ram else 0
+    wanted = need.ram + QEMU_OVERHEAD + min_free_ram
     available = available_memory()
-    if wanted and available - taken < wanted:
+    if available - taken < wanted:
         return (f"not enough memory for its clone: {human(available)} available "
                 f"(MemAvailable), {human(taken)} promised to running clones, "
                 f"{human(wanted)} needed (guest RAM + QEMU + min_free_ram)")
@@ -185,6 +188,12 @@ class _Fleet:
             raise
         return [self.outcomes[i] for i in range(len(jobs))]
 
+    @property
+    def _progress(self) -> int:
+        """A line per VM start and end on stderr, for a run of many (one VM: its own
+        messages say it all)."""
+        return logging.INFO if self.total > 1 else logging.DEBUG
+
     def _refuse_twice(self, jobs: list[BackupJob]) -> list[_Item]:
         """A VM listed twice (same name, or the same VM under two names) would share its
         lock, journal and mount root: its second listing fails alone."""
@@ -229,8 +238,8 @@ class _Fleet:
 
     def _start(self, item: _Item) -> None:
         self.running[item.index] = item
-        log.info("[%d/%d] %s: started (%d running)", item.index + 1, self.total,
-                 item.job.name, len(self.running))
+        log.log(self._progress, "[%d/%d] %s: started (%d running)", item.index + 1,
+                self.total, item.job.name, len(self.running))
         if self.settings.max_clones <= 1:  # one at a time: in this thread, as ever
             self.changed.release()
             try:
@@ -265,7 +274,8 @@ class _Fleet:
         what = f"{outcome.status} in {seconds:.1f} s"
         if outcome.error:
             what += f": {outcome.error}"
-        log.info("[%d/%d] %s: %s", item.index + 1, self.total, item.job.name, what)
+        log.log(self._progress, "[%d/%d] %s: %s", item.index + 1, self.total, item.job.name,
+                what)
         if self.on_done:
             try:
                 self.on_done(item.job, outcome)

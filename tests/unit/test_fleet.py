@@ -285,3 +285,8 @@ def test_ctrl_c_unwinds_every_running_vm_then_ends_the_run():
                   measure=needs({}), fits=always)
     assert sorted(cleaned) == ["a", "b"]  # c never started; a and b ran their cleanup
     assert time.monotonic() - begun < 5
+
+
+def test_a_vm_without_a_clone_takes_nothing_from_the_budget(monkeypatch, tmp_path):
+    monkeypatch.setattr(fleet, "available_memory", lambda: 0)
+    assert fleet.host_fits(Need(0, tmp_path, 1 << 60), [Need(GIB, tmp_path, 0)], GIB) is None
