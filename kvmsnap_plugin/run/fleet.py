@@ -310,8 +310,9 @@ def show_outcomes(outcomes: Sequence[VmOutcome], as_json: bool) -> None:
         shown = [o.as_dict() for o in outcomes]
         print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2, default=str))
     else:
-        print("\n".join(_render(o.report) if o.report else f"{o.vm}: FAILED"
-                        for o in outcomes))
+        # each under the job's name (QEMU's -name, in the report, may be shared)
+        print("\n".join(_render(replace(o.report, vm=o.vm)) if o.report else
+                        f"{o.vm}: FAILED" for o in outcomes))
 
 
 def _print_error(outcome: VmOutcome, named: bool) -> None:
