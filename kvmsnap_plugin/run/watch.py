@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from kvmsnap_plugin.errors import KvmsnapError
+from kvmsnap_plugin.host.waiting import interrupt_waited
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,12 @@ def interrupt_thread(thread: threading.Thread) -> None:
 
     The main thread gets a real SIGINT: it also ends a blocking wait (borg quietly running
     in subprocess.run), which a simulated one would not. Another thread (one VM of a run
-    of many) cannot be signalled alone; it gets the exception at its next Python step,
-    which in a wait for a program comes when the program writes or its wait polls; the
-    SIGINT would interrupt the whole run instead, every VM."""
+    of many) cannot be signalled alone (the SIGINT would interrupt the whole run, every
+    VM): it gets the exception at its next Python step, at once when the program it waits
+    for (borg, restic) is ended, as a Ctrl-C would end it."""
     if thread is threading.main_thread():
         signal.pthread_kill(thread.ident or 0, signal.SIGINT)
     elif thread.ident is not None and thread.is_alive():
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
                                                    ctypes.py_object(KeyboardInterrupt))
+        interrupt_waited(thread.ident)  # a program it waits for ends: it sees it

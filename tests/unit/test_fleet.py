@@ -290,3 +290,38 @@ def test_ctrl_c_unwinds_every_running_vm_then_ends_the_run():
 def test_a_vm_without_a_clone_takes_nothing_from_the_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(fleet, "available_memory", lambda: 0)
     assert fleet.host_fits(Need(0, tmp_path, 1 << 60), [Need(GIB, tmp_path, 0)], GIB) is None
+
+
+def test_a_parent_stopping_ends_the_program_its_vm_waits_for():
+    """A VM's thread waiting for a quiet program (borg, restic) is not left waiting: the
+    watch ends that program, and the VM's step ends with the parent's error."""
+    from kvmsnap_plugin.errors import HostError
+    from kvmsnap_plugin.host import process
+    from kvmsnap_plugin.run.watch import watching
+
+    class Stopped:
+        def check_healthy(self):
+            raise HostError("web stopped on an I/O error during the backup", "free space")
+
+    caught: list[BaseException] = []
+    other = []
+
+    def step():
+        try:
+            with watching(Stopped(), every=0.1):
+                process.run(["sleep", "60"], timeout=120)
+        except BaseException as exc:
+            caught.append(exc)
+
+    def bystander():  # another VM's program: left alone
+        other.append(process.run(["sleep", "1.5"], timeout=60).returncode)
+
+    threads = [threading.Thread(target=step), threading.Thread(target=bystander)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    threads[0].join()
+    assert time.monotonic() - started < 5
+    assert len(caught) == 1 and isinstance(caught[0], HostError), caught
+    threads[1].join()
+    assert other == [0]
