@@ -92,3 +92,18 @@ def test_one_target_is_checked_by_the_hook_as_always():
     hooks = Hooks(plugin_manager([Checker("local")], entry_points=False))
     one = BackupJob("web", None, targets=TARGETS[:1], domain="web")
     assert checked_targets(one, hooks, None) == (one, [])
+
+
+def test_the_report_and_json_say_each_targets_result():
+    from kvmsnap_plugin.model import BackupReport, RamMethod, ShutdownResult
+    from kvmsnap_plugin.run.report import render_report
+
+    report = BackupReport("web", Label.CLEAN, RamMethod.BACKGROUND, 1.0, 1.0, 1, 1.0, 1, 1.0,
+                          ShutdownResult(True, "guest", 1.0, 1, "guest-shutdown"), [],
+                          [result("offsite")], [], [], 2.0,
+                          failed_targets=[TargetFailure("local", "borg", "disk full", "free")])
+    assert report.as_dict()["targets"] == [
+        {"target": "offsite", "status": "ok"},
+        {"target": "local", "status": "error", "error": "disk full", "fix": "free"}]
+    assert "  FAILED   local              borg   disk full (fix: free)" in \
+        render_report(report).splitlines()
