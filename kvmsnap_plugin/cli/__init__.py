@@ -19,15 +19,25 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmsnap_plugin.cli.options import add_fork_arguments, add_global_arguments, add_vm_arguments
+from kvmsnap_plugin.cli.options import (
+    add_backup_arguments,
+    add_fork_arguments,
+    add_global_arguments,
+    add_vm_arguments,
+)
 from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, UsageError
 from kvmsnap_plugin.host.secrets import masked
-from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, VERSION, Mode, Plan
+from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, VERSION
 from kvmsnap_plugin.paths import DEFAULT_CONFIG
 from kvmsnap_plugin.run.logs import log_handler
 
 if TYPE_CHECKING:
-    from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport
+    from kvmsnap_plugin.model import (
+        ArchiveTarget,
+        BackupJob,
+        RunSettings,
+        VmOutcome,
+    )
     from kvmsnap_plugin.plugin.manager import Hooks
 
 EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
@@ -153,14 +163,34 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     hooks = Hooks()
     types = hooks.archiver_types()
-    # (the config's RunSettings are for the runner of many VMs)
-    jobs = _jobs_from_config(args, types) if args.config else [_job_with_targets(args, types)]
-    return run_jobs(jobs, args, hooks)
+    if args.config:
+        jobs, settings = _jobs_from_config(args, types)
+        return run_jobs(jobs, args, hooks, settings)
+    if args.all_domains:
+        return run_jobs(_all_domain_jobs(args, types), args, hooks)
+    return run_jobs([_job_with_targets(args, types)], args, hooks)
 
 
-def _jobs_from_config(args: argparse.Namespace,
-                      types: dict[str, frozenset[str]]) -> list[BackupJob]:
+def _all_domain_jobs(args: argparse.Namespace,
+                     types: dict[str, frozenset[str]]) -> list[BackupJob]:
+    """``--all``: a job per running libvirt domain, with the command line's settings."""
+    from kvmsnap_plugin.config import command_line_targets
+    from kvmsnap_plugin.run.discover import domain_jobs
+
+    if args.qmp or args.domain or args.name:
+        raise UsageError("--all names the VMs itself", "drop --qmp, --domain and --name")
+    targets = command_line_targets(args.borg or [], args.restic or [], args.mode, types)
+    if not targets:
+        raise UsageError("no archive target given", "pass --borg REPO and/or --restic REPO")
+    template = _job_from_args(argparse.Namespace(**{**vars(args), "domain": "*"}), targets)
+    return domain_jobs([template], args.libvirt_uri or DEFAULT_LIBVIRT_URI,
+                       tuple(args.exclude or ()))
+
+
+def _jobs_from_config(args: argparse.Namespace, types: dict[str, frozenset[str]]
+                      ) -> tuple[list[BackupJob], RunSettings]:
     from kvmsnap_plugin.config import load_config
+    from kvmsnap_plugin.run.discover import domain_jobs, is_glob
 
     alone = [flag for flag in ("qmp", "domain", "borg", "restic", "name", "pid")
              if getattr(args, flag)]
@@ -168,12 +198,16 @@ def _jobs_from_config(args: argparse.Namespace,
         raise UsageError(f"--config cannot be combined with --{alone[0]}: it names one VM "
                          "or its archivers", "put the VM and its archivers in the config file")
     overrides = {**_settings(args), "mode": args.mode, "libvirt_uri": args.libvirt_uri}
-    jobs, _run = load_config(Path(args.config), types, overrides)
+    jobs, run = load_config(Path(args.config), types, overrides)
+    run = replace(run, all_domains=run.all_domains or args.all_domains,
+                  exclude=tuple(args.exclude or run.exclude))
+    if run.all_domains or any(is_glob(j.domain) for j in jobs):
+        jobs = domain_jobs(jobs, run.libvirt_uri, run.exclude, all_domains=run.all_domains)
     if args.vm:
         jobs = [j for j in jobs if j.name in args.vm]
         if not jobs:
             raise UsageError(f"no [[vm]] named {', '.join(args.vm)} in {args.config}")
-    return [replace(j, dry_run=True) for j in jobs] if args.dry_run else jobs
+    return ([replace(j, dry_run=True) for j in jobs] if args.dry_run else jobs), run
 
 
 def _job_with_targets(args: argparse.Namespace, types: dict[str, frozenset[str]]) -> BackupJob:
@@ -188,51 +222,24 @@ def _job_with_targets(args: argparse.Namespace, types: dict[str, frozenset[str]]
     return _job_from_args(args, targets)
 
 
-def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks: Hooks | None = None) -> int:
-    """Back up each VM in turn; one VM's failure does not stop the others."""
-    outputs, codes = [], []
-    for job in jobs:
-        try:
-            result, code = _run_job(job, hooks)
-            codes.append(code)
-            outputs.append({"vm": job.name, "status": "ok", **result.as_dict()} if args.json
-                           else _render(result))
-        except KvmsnapError as exc:
-            if len(jobs) == 1:
-                raise
-            print(f"kvmsnap: error: {job.name}: {masked(exc.one_line())}", file=sys.stderr)
-            codes.append(exc.exit_code)
-            outputs.append({"vm": job.name, "status": "error", "error": masked(str(exc)),
-                            "fix": masked(exc.hint)} if args.json else f"{job.name}: FAILED")
-    if args.json:
-        print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2, default=str))
-    else:
-        print("\n".join(outputs))
-    return worst(codes)
+def run_jobs(jobs: list[BackupJob], args: argparse.Namespace, hooks: Hooks | None = None,
+             settings: RunSettings | None = None,
+             on_done: Callable[[BackupJob, VmOutcome], None] | None = None) -> int:
+    """Back up the VMs, at most ``max_clones`` at once within the host's budget (see
+    run/fleet.py); one VM's failure does not stop the others. Every VM gets an outcome:
+    ``--json`` prints it (one VM: its object; many: the list) even when VMs fail."""
+    from kvmsnap_plugin.model import RunSettings
+    from kvmsnap_plugin.run.fleet import backup_or_plan, run_fleet, show_outcomes, summary_code
+    from kvmsnap_plugin.run.metrics import write_metrics
+    from kvmsnap_plugin.run.notify import after_vm
 
-
-def _run_job(job: BackupJob, hooks: Hooks | None) -> tuple[BackupReport | Plan, int]:
-    """A backup, or with --dry-run its plan; and the exit code it earns."""
-    from kvmsnap_plugin.run.pipeline import backup, plan
-
-    if job.dry_run:
-        return plan(job), EXIT_OK
-    report = backup(job, hooks)
-    return report, EXIT_OK if report.clean and not report.warnings else EXIT_WARNING
-
-
-def _render(result: BackupReport | Plan) -> str:
-    from kvmsnap_plugin.run.report import render_plan, render_report
-
-    return render_plan(result) if isinstance(result, Plan) else render_report(result)
-
-
-def worst(codes: list[int]) -> int:
-    """Error beats warning beats skip beats success."""
-    for code in (EXIT_ERROR, EXIT_WARNING, EXIT_SKIP):
-        if code in codes:
-            return code
-    return EXIT_OK if all(c == EXIT_OK for c in codes) else EXIT_ERROR
+    settings = settings or RunSettings()
+    if getattr(args, "max_clones", None) is not None:
+        settings = replace(settings, max_clones=args.max_clones)
+    outcomes = run_fleet(jobs, settings, backup_or_plan(hooks), on_done or after_vm)
+    write_metrics(settings, outcomes)
+    show_outcomes(outcomes, as_json=args.json)
+    return summary_code([o.exit_code for o in outcomes])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,19 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the file to validate (default {DEFAULT_CONFIG})")
     backup = add("backup", cmd_backup, "back up running VMs consistently into borg/restic")
     add_fork_arguments(backup)
-    backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and "
-                        f"archivers (e.g. {DEFAULT_CONFIG}); the options above, when given, "
-                        "win over it for every VM")
-    backup.add_argument("--vm", action="append", metavar="NAME",
-                        help="with --config: only this [[vm]] (repeatable)")
-    backup.add_argument("--borg", action="append", metavar="REPO", help="a borg repository")
-    backup.add_argument("--restic", action="append", metavar="REPO",
-                        help="a restic repository")
-    backup.add_argument("--mode", choices=[m.value for m in Mode],
-                        help="archive the mounted filesystems, raw disk images, or both "
-                        f"(default {Mode.FILES})")
-    backup.add_argument("--dry-run", action="store_true",
-                        help="show what would be done, touching nothing")
+    add_backup_arguments(backup)
     return parser
 
 

@@ -11,10 +11,11 @@ from kvmsnap_plugin.model import (
     MIN_FREE,
     REPRESS_AFTER,
     SHUTDOWN_TIMEOUT,
+    Mode,
     OnUnclean,
     RamMethod,
 )
-from kvmsnap_plugin.paths import DEFAULT_WORKDIR
+from kvmsnap_plugin.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR
 from kvmsnap_plugin.run.logs import DESTINATIONS
 
 #: what --method offers: a shut-off VM is found, not asked for
@@ -93,3 +94,32 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="a partition known to be left out, so it does not warn (exit 1) "
                      "every night: label:NAME, uuid:UUID, type:GUID|0xNN|KIND|FSTYPE or "
                      "where:DISK/pN; repeatable")
+
+
+def add_many_vm_arguments(backup: argparse.ArgumentParser) -> None:
+    backup.add_argument("--all", action="store_true", dest="all_domains",
+                        help="every running libvirt domain (of --libvirt-uri)")
+    backup.add_argument("--exclude", action="append", metavar="GLOB",
+                        help="with --all: leave out the domains this name or glob matches "
+                        "(repeatable)")
+    backup.add_argument("--max-clones", type=int, metavar="N",
+                        help="back up at most N VMs (clones) at once, as the host's free "
+                        "RAM and space allow (default 1: one after another)")
+
+
+def add_backup_arguments(backup: argparse.ArgumentParser) -> None:
+    """What ``kvmsnap backup`` adds to the fork options: the VMs and their archivers."""
+    backup.add_argument("--config", metavar="FILE", help="a TOML file listing VMs and "
+                        f"archivers (e.g. {DEFAULT_CONFIG}); the options above, when given, "
+                        "win over it for every VM")
+    backup.add_argument("--vm", action="append", metavar="NAME",
+                        help="with --config: only this [[vm]] (repeatable)")
+    backup.add_argument("--borg", action="append", metavar="REPO", help="a borg repository")
+    backup.add_argument("--restic", action="append", metavar="REPO",
+                        help="a restic repository")
+    backup.add_argument("--mode", choices=[m.value for m in Mode],
+                        help="archive the mounted filesystems, raw disk images, or both "
+                        f"(default {Mode.FILES})")
+    backup.add_argument("--dry-run", action="store_true",
+                        help="show what would be done, touching nothing")
+    add_many_vm_arguments(backup)

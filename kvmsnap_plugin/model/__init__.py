@@ -44,6 +44,7 @@ from kvmsnap_plugin.model.disks import (
     PartKind,
     ProbeInfo,
     SkipRule,
+    TargetFailure,
     Verdict,
 )
 from kvmsnap_plugin.model.job import (
@@ -126,6 +127,7 @@ __all__ = [
     "ShutdownPolicy",
     "ShutdownResult",
     "SkipRule",
+    "TargetFailure",
     "Verdict",
     "VmCommands",
     "VmOutcome",

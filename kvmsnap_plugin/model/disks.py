@@ -211,3 +211,14 @@ class ArchiveResult:
     stored_bytes: int | None  # new bytes in the repository (after dedup/compression)
     seconds: float
     warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetFailure:
+    """An archive target that got no archive in this run (the others were still tried):
+    that repository has no backup of the run, so the VM's exit code is 2."""
+
+    target: str
+    type: str
+    error: str  # one line, secrets masked
+    fix: str

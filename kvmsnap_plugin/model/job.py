@@ -24,6 +24,7 @@ from kvmsnap_plugin.model.disks import (
     ArchiveTarget,
     PartitionRecord,
     SkipRule,
+    TargetFailure,
     Verdict,
 )
 from kvmsnap_plugin.model.vm import (
@@ -111,6 +112,12 @@ class RunSettings:
     exclude: tuple[str, ...] = ()  # VM names or globs left out
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_clones, int) or self.max_clones < 1:
+            raise UsageError(f"max_clones must be a whole number, at least 1, not "
+                             f"{self.max_clones!r}", "pass --max-clones 1 or more "
+                             "(max_clones = 2 in [run])")
+
 
 @dataclass(frozen=True)
 class BackupJob:
@@ -163,6 +170,8 @@ class BackupReport:
     clone_binary: CloneBinary | None = None  # the QEMU the clone ran (None: no clone)
     #: every partition of every disk, with what was done to it
     partitions: list[PartitionRecord] = field(default_factory=list)
+    #: targets that got no archive (the others were still attempted): exit code 2
+    failed_targets: list[TargetFailure] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -174,6 +183,10 @@ class BackupReport:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["clean"] = self.clean
+        data["targets"] = [{"target": t, "status": "ok"} for t in
+                           dict.fromkeys(a.target for a in self.archives)] + [
+            {"target": f.target, "status": "error", "error": f.error, "fix": f.fix}
+            for f in self.failed_targets]
         if self.clone_binary:
             data["clone_binary"]["summary"] = self.clone_binary.describe()
         return data
@@ -198,11 +211,10 @@ class VmOutcome:
         return {0: "ok", 1: "warning", 75: "skipped"}.get(self.exit_code, "error")
 
     def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"vm": self.vm, "status": self.status,
-                                "exit_code": self.exit_code, "started_at": self.started_at,
-                                "finished_at": self.finished_at}
-        if self.report is not None:
-            data.update(self.report.as_dict())
+        # the job's name wins over the report's (QEMU's -name, which VMs may share)
+        data: dict[str, Any] = self.report.as_dict() if self.report is not None else {}
+        data.update(vm=self.vm, status=self.status, exit_code=self.exit_code,
+                    started_at=self.started_at, finished_at=self.finished_at)
         if self.error:
             data.update(error=self.error, fix=self.fix)
         return data

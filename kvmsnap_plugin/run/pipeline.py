@@ -15,6 +15,7 @@ and between steps the parent must run: stopped on an I/O error, it ends the run 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -53,6 +54,7 @@ from kvmsnap_plugin.model import (
     RamMethod,
     Recovery,
     ShutdownResult,
+    TargetFailure,
     Verdict,
 )
 from kvmsnap_plugin.paths import safe_name, socket_dir
@@ -67,6 +69,7 @@ from kvmsnap_plugin.run.journal import (
 )
 from kvmsnap_plugin.run.recovery import recover
 from kvmsnap_plugin.run.report import warnings_of
+from kvmsnap_plugin.run.targets import archive_each, checked_targets
 from kvmsnap_plugin.run.watch import watching
 from kvmsnap_plugin.vm.clone import (
     check_room,
@@ -83,6 +86,9 @@ log = logging.getLogger(__name__)
 #: how an offline backup's "clone" ended: there was none, the VM was already shut off
 OFFLINE = ShutdownResult(clean=True, ended_by="offline", seconds=0.0, presses=0,
                          reason="shut off before the backup")
+#: numbers the runs of this process: VMs backed up at once, in the same second, get
+#: distinct run ids (and so distinct overlays in a shared --overlay-dir)
+_RUN_NUMBERS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class Run:
     id: str  # names the parent's overlays and ties the archives of this run together
     parent: ParentHandle | None = None  # a running parent (None: shut off, no fork)
     commits: list[Commit] = field(default_factory=list)  # filled as the parent is given back
+    #: targets that got no archive (their repository failed); the others were still tried
+    failed_targets: list[TargetFailure] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -245,11 +253,13 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
                 for d in parent.writable_disks})
         # Before pre_backup: a plugin may freeze the guest's filesystems there until the fork.
         huge_pages = _collapse_huge_pages(parent, job.fork)
+        job, failed_targets = checked_targets(job, hooks, parent)
         reason = hooks.pre_backup(job, parent)
         if reason:
             raise SkipBackup(f"{job.name}: skipped by a plugin: {reason}")
         with contextlib.ExitStack() as cleanup:
             run = _start(job, hooks, journal, handle, parent)
+            run.failed_targets.extend(failed_targets)
             cleanup.callback(shutil.rmtree, run.workdir, ignore_errors=True)
             if parent.offline:  # a shut-off VM: its images are consistent as they are
                 stopped = _offline(run, parent)
@@ -284,7 +294,8 @@ def _start(job: BackupJob, hooks: Hooks, journal: Journal, handle: ParentHandle,
                   mount_root=str(mount_root(job)), **handle.journal_fields())
     workdir = make_workdir(job.fork.workdir, parent.name)
     journal.record(workdir=str(workdir))
-    return Run(job, hooks, journal, workdir, f"{os.getpid()}-{int(time.time())}",
+    return Run(job, hooks, journal, workdir,
+               f"{os.getpid()}-{int(time.time())}-{next(_RUN_NUMBERS)}",
                None if parent.offline else handle)
 
 
@@ -366,23 +377,14 @@ def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposu
 
 
 def _archive_and_verify(run: Run, stopped: Stopped, exposure: Exposure) -> Results:
-    archives = _archive(run, exposure, stopped.label)
+    faults.point("archiving")
+    archives, failures = archive_each(run.job, run.hooks, exposure, stopped.label)
+    run.failed_targets.extend(failures)
     image_only = bool(run.job.targets) and all(t.mode is Mode.IMAGE for t in run.job.targets)
     verdicts = verify.verdicts(classify.to_verdict(exposure.filesystems, image_only))
     keep_dir = run.job.fork.keep_dir
     kept = [str(p) for p in keep_images(stopped.images, keep_dir, run.job.name)] if keep_dir else []
     return Results(archives, verdicts, kept, classify.records(exposure.filesystems, image_only))
-
-
-def _archive(run: Run, exposure: Exposure, label: Label) -> list[ArchiveResult]:
-    """Every target of the job in turn; the first failure stops the rest and propagates."""
-    results: list[ArchiveResult] = []
-    faults.point("archiving")
-    for target in run.job.targets:
-        log.info("archiving %s into %s (%s, %s)", run.job.name, target.name, target.type,
-                 target.mode)
-        results += run.hooks.archive(run.job, target, exposure, label)
-    return results
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -395,4 +397,5 @@ def _report(run: Run, stopped: Stopped, results: Results, huge_pages: Collapse |
         stopped.shutdown, results.verdicts, results.archives, results.kept, run.commits,
         total_s, warnings_of(stopped.label, results.verdicts, results.archives,
                              results.partitions),
-        huge_pages=huge_pages, clone_binary=stopped.binary, partitions=results.partitions)
+        huge_pages=huge_pages, clone_binary=stopped.binary, partitions=results.partitions,
+        failed_targets=run.failed_targets)

@@ -96,8 +96,11 @@ def test_one_failed_vm_of_many_prints_one_line_and_the_others_run(monkeypatch, c
     code = cli.main(["backup", "--config", str(config), "--dry-run"])
     captured = capsys.readouterr()
     assert code == cli.EXIT_ERROR
-    assert captured.err.splitlines() == [
+    assert [line for line in captured.err.splitlines() if line.startswith("kvmsnap: error")] == [
         "kvmsnap: error: bad: bad is not running (fix: start it)"]
+    # progress: a line as each VM starts and as it ends
+    assert any(line.endswith("[2/2] good: started (1 running)")
+               for line in captured.err.splitlines())
     assert "bad: FAILED" in captured.out and "good (QEMU pid 1) would be forked:" in captured.out
 
 
