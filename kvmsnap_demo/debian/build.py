@@ -207,7 +207,8 @@ def _configure(root: Path, partitions: Sequence[Partition], key: str) -> None:
     if Path("/etc/resolv.conf").exists():  # apt inside the chroot downloads the kernel
         shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
     _chroot(root, ["systemctl", "set-default", "multi-user.target"], timeout=60)
-    _chroot(root, ["systemctl", "enable", "kvmsnap-workload.service"], timeout=60)
+    _chroot(root, ["systemctl", "enable", "kvmsnap-workload.service",
+                   "kvmsnap-layout.service"], timeout=60)
     _chroot(root, ["systemctl", "mask", *MASKED_UNITS], timeout=60)
 
 
