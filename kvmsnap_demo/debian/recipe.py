@@ -126,6 +126,8 @@ WantedBy=multi-user.target
 Description=kvmsnap: lay out a blank disk with the script the host passes
 ConditionKernelCommandLine={LAYOUT_ARG}
 After=local-fs.target systemd-udev-settle.service
+SuccessAction=poweroff
+FailureAction=poweroff
 
 [Service]
 Type=oneshot
@@ -133,8 +135,6 @@ ExecStartPre=/sbin/modprobe qemu_fw_cfg
 ExecStart=/bin/sh /sys/firmware/qemu_fw_cfg/by_name/{LAYOUT_FW_CFG}/raw
 StandardOutput=journal+console
 StandardError=journal+console
-SuccessAction=poweroff
-FailureAction=poweroff
 
 [Install]
 WantedBy=multi-user.target
