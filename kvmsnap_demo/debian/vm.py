@@ -97,16 +97,18 @@ class DebianVM(WorkloadVM):
 @contextlib.contextmanager
 def debian_vm(guest: DebianGuest, accel: str, workdir: Path, memory_mib: int = 1024, *,
               smp: int = 1, nic: bool = True, extra_args: Sequence[str] = (),
-              disk: Path | None = None) -> Iterator[DebianVM]:
+              disk: Path | None = None,
+              extra_disks: Sequence[Path] = ()) -> Iterator[DebianVM]:
     """Start the guest on a fresh qcow2 overlay in ``workdir``; always stop QEMU after.
 
     The overlay and the console log stay in ``workdir`` (the caller's) for inspection.
-    ``disk`` boots an existing disk image instead (e.g. one ``kvmsnap restore`` made).
+    ``disk`` boots an existing disk image instead (e.g. one ``kvmsnap restore`` made);
+    ``extra_disks`` (qcow2) follow it as vdb, vdc...
     """
     workdir.mkdir(parents=True, exist_ok=True)
     overlay = disk or make_overlay(guest.base_image, workdir / "disk0.qcow2")
     with socket_dir() as sockets:
-        paths = DemoPaths(workdir, (overlay,), sockets / "qmp.sock",
+        paths = DemoPaths(workdir, (overlay, *extra_disks), sockets / "qmp.sock",
                           sockets / "backup-qmp.sock", workdir / "console.log")
         argv = debian_argv(guest, accel, paths, memory_mib=memory_mib, smp=smp, nic=nic,
                            extra_args=extra_args)
