@@ -23,6 +23,9 @@ class ParentDisk:
     chain: tuple[str, ...]  # image files from the top down to the base
     #: how an image of the chain is encrypted ("luks", or qcow2's old "aes"); "" for none
     encryption: str = ""
+    #: a firmware flash (pflash): with OVMF the UEFI variable store (boot entries, Secure
+    #: Boot keys), forked with the disks but archived as a file, not mounted
+    flash: bool = False
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,7 @@ def _disk(block: dict[str, Any]) -> ParentDisk | None:
         read_only=bool(inserted.get("ro")),
         chain=tuple(chain),
         encryption=_encryption(inserted, image),
+        flash=bool(re.match(r"^/machine/[^/]+\.flash\d+$", qdev)),  # system.flash1 (x86)
     )
 
 
