@@ -1,11 +1,12 @@
 """`kvmsnap restore`: an image-level archive back into bootable disk images.
 
 From borg, an image archive (``NAME-image``) holds every disk as ``DISK.raw`` plus the
-VM's metadata (``kvmsnap-vm.json``; a UEFI guest's variable store is one of its disks,
-marked ``flash``, and comes back raw like the file it was); from restic, one backup is a set of snapshots tagged
-``run:ID``: one per disk and one for the metadata. Either way the disks come back in the
-format they had (qcow2 or raw, sparse, with no backing file), next to a note that says how
-to boot them: the VM's own command line with its disks replaced by the restored images.
+VM's metadata (``kvmsnap-vm.json``); from restic, one backup is a set of snapshots tagged
+``run:ID``: one per disk and one for the metadata. A UEFI guest's variable store is one of
+its disks, marked ``flash`` in the record. Either way the disks come back in the format
+they had (qcow2 or raw, sparse, with no backing file: the VARS store raw, as pflash wants
+it), next to a note that says how to boot them: the VM's own command line with its disks
+replaced by the restored images.
 """
 
 from __future__ import annotations
