@@ -100,13 +100,19 @@ def test_a_uefi_guest_is_backed_up_with_its_vars_store(start_demo, borg_repo, tm
 
 
 def test_kvmsnap_restore_brings_the_vars_store_back_and_it_boots(start_demo, demo_guest,
-                                                                 accel, borg_repo, tmp_path):
+                                                                 accel, borg_repo,
+                                                                 restic_repo, tmp_path):
     vm = start_demo(uefi="drive")
     at_fork = vm.paths.uefi_vars.read_bytes()
     done = kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--name", "uefi",
                    "--workdir", str(tmp_path / "work"), "--borg", str(borg_repo),
-                   "--mode", "image")
+                   "--restic", str(restic_repo), "--mode", "image")
     assert done.returncode == 0, done.stderr[-3000:]
+    from_restic = kvmsnap("restore", "--restic", str(restic_repo), "--to",
+                          str(tmp_path / "from-restic"), "--json")
+    assert from_restic.returncode == 0, from_restic.stderr[-3000:]
+    [flash] = [d for d in json.loads(from_restic.stdout)["disks"] if d["flash"]]
+    assert Path(flash["path"]).read_bytes() == at_fork
     [archive] = borg("list", "--short", borg_repo).split()
     restored = kvmsnap("restore", "--borg", f"{borg_repo}::{archive}", "--to",
                        str(tmp_path / "restored"), "--json")
