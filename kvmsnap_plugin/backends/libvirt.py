@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -37,6 +39,7 @@ from kvmsnap_plugin.backends.libvirt_xml import (
     disk_by_target,
     domain_disks,
     named_by_target,
+    nvram_disk,
     pointed_back,
     snapshot_xml,
 )
@@ -52,6 +55,9 @@ from kvmsnap_plugin.vm.parent import (
 )
 
 log = logging.getLogger(__name__)
+
+#: what the UEFI variable store is called (libvirt's ``<nvram>``), running or shut off
+NVRAM = "nvram"
 
 __all__ = ["DomainMonitor", "LibvirtBackend", "connect", "find_domain", "reopen"]
 
@@ -167,6 +173,9 @@ class LibvirtBackend:
         version = self.monitor.execute("query-version")["qemu"]
         disks = named_by_target(block_disks(self.monitor.execute("query-block")),
                                 self.dom.XMLDesc(0))
+        # libvirt's UEFI variable store: "nvram", as in its XML and when shut off
+        disks = tuple(replace(d, device=NVRAM) if d.flash and not d.read_only else d
+                      for d in disks)
         check_disks(self.domain, disks)
         return Parent(None, self.pid, self.domain, tuple(argv),
                       (version["major"], version["minor"], version["micro"]), disks)
@@ -176,9 +185,11 @@ class LibvirtBackend:
         are (the guest shut down, or was never started); nothing to fork."""
         # An empty CD drive has no source; a writable disk without a file (a pool volume,
         # a network disk) stays in, to be refused by name below rather than skipped.
-        disks = tuple(offline_disk(d) for d in
-                      domain_disks(self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE))
-                      if d.source or not d.read_only)
+        xml = self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE)
+        disks = tuple(offline_disk(d) for d in domain_disks(xml) if d.source or not d.read_only)
+        nvram = nvram_disk(xml)
+        if nvram and os.path.isfile(nvram.source or ""):  # made at the first start
+            disks += (replace(offline_disk(nvram), flash=True),)
         check_disks(self.domain, disks)
         log.info("%s is shut off: backing up its disk images as they are, without a fork",
                  self.domain)

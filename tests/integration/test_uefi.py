@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def borg(*args: object, cwd: Path | None = None) -> str:
 
 
 def extract(repo: Path, kind: str, into: Path) -> Path:
+    """The repository's one archive of ``kind`` (files, image), extracted into ``into``."""
     [name] = [n for n in borg("list", "--short", repo).split() if n.endswith(f"-{kind}")]
     into.mkdir()
     borg("extract", f"{repo}::{name}", cwd=into)
@@ -169,12 +171,21 @@ def test_a_libvirt_uefi_domain_forks_its_nvram_with_its_disks(libvirtd, demo_gue
         assert (extract(borg_repo, "files", tmp_path / "files") / "uefi-vars.fd"
                 ).read_bytes() == at_fork
         image = extract(borg_repo, "image", tmp_path / "image")
-        assert (image / "libvirt-pflash1-format.raw").read_bytes() == at_fork
+        assert (image / "nvram.raw").read_bytes() == at_fork  # named as in libvirt's XML
         # committed back; libvirt's nodes are its own again and the domain powers off
         assert nvram.read_bytes() == at_fork[:LAST_SECTOR] + written
         assert vars_layers(query_block()) == 1 and not list(tmp_path.glob("*kvmsnap*"))
         domain.wait_counter(domain.counter() + 2)
         domain.shut_down()
+
+        # Shut off, its nvram is archived as it is, with its disks.
+        offline = backup(replace(job, targets=(ArchiveTarget(
+            "borg", "borg", "image", {"repository": str(borg_repo)}),)),
+            Hooks(plugin_manager([], entry_points=False)))
+        [archive] = [a.name for a in offline.archives]
+        (tmp_path / "offline").mkdir()
+        borg("extract", f"{borg_repo}::{archive}", cwd=tmp_path / "offline")
+        assert (tmp_path / "offline" / "nvram.raw").read_bytes() == nvram.read_bytes()
     finally:
         remove_keeping_nvram(conn, name)
         conn.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmsnap_plugin.backends.libvirt_xml import nvram_disk
 from kvmsnap_plugin.disks.expose import flash_file
 from kvmsnap_plugin.errors import UsageError, VMError
 from kvmsnap_plugin.model import RecordedDisk, VmRecord
@@ -80,3 +81,13 @@ def test_a_vtpm_is_refused_naming_swtpm_and_the_fix(tpmdev):
     assert "--clone-drop" not in line  # dropping the TPM from the clone cannot work
     with pytest.raises(UsageError, match="keeps or refuses this itself"):
         ClonePolicy(frozenset({"tpmdev"}))
+
+
+def test_a_libvirt_domain_names_its_nvram_from_its_xml():
+    xml = """<domain><os><type>hvm</type>
+      <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+      <nvram format='raw'>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os></domain>"""
+    disk = nvram_disk(xml)
+    assert disk and (disk.target, disk.source, disk.format, disk.read_only) == (
+        "nvram", "/var/lib/libvirt/qemu/nvram/web_VARS.fd", "raw", False)
+    assert nvram_disk("<domain><os><type>hvm</type></os></domain>") is None
