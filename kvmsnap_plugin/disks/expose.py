@@ -138,6 +138,8 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
         for name, export in flashes:
             add_file(handle.view, flash_file(name, len(flashes)), _flash_bytes(name, export),
                      record)
+            log.info("%s is a firmware flash (the UEFI variable store): files mode archives "
+                     "it whole as %s", name, flash_file(name, len(flashes)))
     except BaseException:
         unexpose(handle)
         raise
