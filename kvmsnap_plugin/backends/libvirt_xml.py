@@ -105,3 +105,13 @@ def pointed_back(xml: str, disks: Sequence[ForkedDisk]) -> tuple[str, list[str]]
             driver.set("type", disk.disk.format)
         changed.append(disk.disk.device)
     return ET.tostring(root, encoding="unicode"), changed
+
+
+def nvram_disk(xml: str) -> DomainDisk | None:
+    """A UEFI domain's variable store (``<os><nvram>``) as a disk named ``nvram``: it is
+    part of the VM's state like its disks, but no ``<disk>`` of libvirt's."""
+    node = ET.fromstring(xml).find("./os/nvram")
+    path = (node.text or "").strip() if node is not None else ""
+    if node is None or not path:
+        return None
+    return DomainDisk("nvram", None, path, "file", node.get("format") or "raw", False, None)

@@ -16,6 +16,11 @@ those are mounted, the NBD exports are served too.
 Each image is opened in the format QEMU knows it by, never one guessed from its contents:
 a raw disk whose guest wrote a qcow2 header (naming a host file as backing file) into it
 is exposed as the raw bytes it is.
+
+A firmware flash (OVMF's UEFI variable store, ``flash=``) holds no filesystem: it is
+exported like a disk (image mode archives it as ``DISK.raw``), never classified or mounted,
+and copied whole into the mount root as ``uefi-vars.fd`` for files mode (an extra file: it
+is a few hundred KiB, and the image archives' copy of it deduplicates).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import stat
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,6 +78,8 @@ class Exposed:
     sockets: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     nbd_uris: list[str] = field(default_factory=list)
 
+#: the largest firmware flash copied into files mode (x86's pflash window: 64 MiB)
+MAX_FLASH_BYTES = 64 << 20
 #: the loop devices' read-ahead, in 512-byte sectors (4 MiB)
 READ_AHEAD_SECTORS = 8192
 
@@ -84,10 +91,10 @@ Image = tuple[str, Path, str]
 def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
             mount: bool = True, timeout: float = 60.0,
             recorder: Recorder | None = None,
-            skip: Sequence[SkipRule] = ()) -> Iterator[Exposure]:
+            skip: Sequence[SkipRule] = (), flash: Collection[str] = ()) -> Iterator[Exposure]:
     """:func:`expose`, undone on exit."""
     handle = expose(images, workdir, root, mount=mount, timeout=timeout, recorder=recorder,
-                    skip=skip)
+                    skip=skip, flash=flash)
     try:
         yield handle.view
     finally:
@@ -96,14 +103,16 @@ def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
 
 def expose(images: Sequence[Image], workdir: Path, root: Path, *,
            mount: bool = True, timeout: float = 60.0,
-           recorder: Recorder | None = None, skip: Sequence[SkipRule] = ()) -> Exposed:
+           recorder: Recorder | None = None, skip: Sequence[SkipRule] = (),
+           flash: Collection[str] = ()) -> Exposed:
     """Expose ``(name, image, format)``: raw views in ``workdir/images``, filesystems under
     ``root``. Undo with :func:`unexpose` (done here on failure).
 
     With a recorder (the journal), each export, loop device and mount is recorded before it
     is made, so recovery can undo them after a crash, and a split backup (``kvmsnap
     mount``) can leave them for ``kvmsnap release``. Every partition is classified
-    (disks/classify.py); what ``skip`` names is not mounted.
+    (disks/classify.py); what ``skip`` names is not mounted. The disks ``flash`` names are
+    firmware flashes: copied beside the trees (:func:`flash_file`), not classified.
     """
     record = recorder or _Nowhere()
     dirs.private_dir(root, "the mount root")
@@ -120,10 +129,18 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
             record.append("loops", str(loop))
             handle.loops.append(loop)
             _read_ahead(loop)
-            filesystems = [_filesystem(handle, name, partition, device, mount, record, skip)
-                           for partition, device in mounts.block_devices(loop, timeout)]
+            filesystems = [] if name in flash else [
+                _filesystem(handle, name, partition, device, mount, record, skip)
+                for partition, device in mounts.block_devices(loop, timeout)]
             handle.view.disks.append(ExposedDisk(name, export, loop, tuple(filesystems),
                                                  nbd_uri))
+        flashes = [(name, export) for (name, _, _), export in zip(images, handle.exports,
+                                                                  strict=True) if name in flash]
+        for name, export in flashes:
+            add_file(handle.view, flash_file(name, len(flashes)), _flash_bytes(name, export),
+                     record)
+            log.info("%s is a firmware flash (the UEFI variable store): files mode archives "
+                     "it whole as %s", name, flash_file(name, len(flashes)))
     except BaseException:
         unexpose(handle)
         raise
@@ -137,6 +154,21 @@ def add_file(exposure: Exposure, name: str, content: bytes,
         (recorder or _Nowhere()).append("files", str(path))
         dirs.create_file(path, content)
     exposure.extra_files.append(name)
+
+
+def flash_file(name: str, flashes: int) -> str:
+    """The files-mode name of a firmware flash: ``uefi-vars.fd`` for a VM's one writable
+    flash (OVMF's variable store beside its read-only code), else one per flash."""
+    return "uefi-vars.fd" if flashes == 1 else f"uefi-{safe_name(name)}.fd"
+
+
+def _flash_bytes(name: str, export: Path) -> bytes:
+    """The flash's content, read from its raw view; a flash is small (x86 maps at most
+    64 MiB of them), anything larger is no firmware store."""
+    if export.stat().st_size > MAX_FLASH_BYTES:
+        raise HostError(f"disk {name} is attached as firmware flash but is larger than "
+                        f"{MAX_FLASH_BYTES >> 20} MiB", "attach only firmware images as pflash")
+    return export.read_bytes()
 
 
 def unexpose(handle: Exposed) -> None:

@@ -259,6 +259,8 @@ class RecordedDisk:
     image: str  # the parent's image file at backup time
     format: str
     virtual_size: int
+    #: a firmware flash (the UEFI variable store): restore it raw, boot it as pflash
+    flash: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ class ParentDisk:
     #: the top image is a host block device (LVM volume, zvol, mapped iSCSI/RBD, loop):
     #: the parent's overlay then cannot go beside it (see fork/engine.py)
     host_device: bool = False
+    #: a firmware flash (pflash): with OVMF the UEFI variable store (boot entries, Secure
+    #: Boot keys), forked with the disks but archived as a file, not mounted
+    flash: bool = False
 
 
 @dataclass(frozen=True)

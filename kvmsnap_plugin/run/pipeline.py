@@ -368,7 +368,8 @@ def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposu
     """The disks to archive, read-only, with the VM's record beside them."""
     run.journal.record(clone=None, phase=Phase.SHUT_DOWN)
     exposed = expose(stopped.images, run.workdir, run.root, recorder=run.journal,
-                     skip=run.job.fork.skip_partitions)
+                     skip=run.job.fork.skip_partitions,
+                     flash={d.device for d in stopped.point.parent.writable_disks if d.flash})
     cleanup.callback(unexpose, exposed)
     record = metadata.record_of(stopped.point, run.id, stopped.label, run.job.name)
     add_file(exposed.view, METADATA_FILE, record.to_json(), run.journal)

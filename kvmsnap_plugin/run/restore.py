@@ -2,9 +2,11 @@
 
 From borg, an image archive (``NAME-image``) holds every disk as ``DISK.raw`` plus the
 VM's metadata (``kvmsnap-vm.json``); from restic, one backup is a set of snapshots tagged
-``run:ID``: one per disk and one for the metadata. Either way the disks come back in the
-format they had (qcow2 or raw, sparse, with no backing file), next to a note that says how
-to boot them: the VM's own command line with its disks replaced by the restored images.
+``run:ID``: one per disk and one for the metadata. A UEFI guest's variable store is one of
+its disks, marked ``flash`` in the record. Either way the disks come back in the format
+they had (qcow2 or raw, sparse, with no backing file: the VARS store raw, as pflash wants
+it), next to a note that says how to boot them: the VM's own command line with its disks
+replaced by the restored images.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class RestoredDisk:
     path: str
     original: str
     format: str
+    flash: bool = False  # the UEFI variable store: boot it as pflash (raw), as before
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def _materialize(raw: Path, disk, target: Path) -> RestoredDisk:
     dest = images.convert(raw, "raw", target / f"{safe_name(disk.device)}.{fmt}", fmt,
                           timeout=24 * 3600)  # 0600: the guest's data
     raw.unlink()
-    return RestoredDisk(disk.device, str(dest), disk.image, fmt)
+    return RestoredDisk(disk.device, str(dest), disk.image, fmt, disk.flash)
 
 
 def boot_argv(record: VmRecord, disks: list[RestoredDisk]) -> list[str]:
@@ -183,7 +186,8 @@ def _finish(record: VmRecord, disks: list[RestoredDisk], target: Path) -> Restor
         f"kvmsnap restored the VM {record.vm!r} as backed up at {record.taken_at}",
         f"({record.label}, RAM snapshot by {record.method}).", "",
         "Disks:",
-        *(f"  {d.device}: {d.path}  (was {d.original}, {d.format})" for d in disks), "",
+        *(f"  {d.device}: {d.path}  (was {d.original}, {d.format}"
+          f"{', the UEFI variable store (pflash)' if d.flash else ''})" for d in disks), "",
         "To boot it, run the VM's own QEMU command line with its disks replaced by these",
         "images (boot-argv.json holds it as a list). Check its kernel, firmware, socket,",
         "serial and network options first: they are the original VM's, which may still run.",

@@ -141,6 +141,7 @@ def _disk(block: dict[str, Any]) -> ParentDisk | None:
         chain=tuple(chain),
         encryption=_encryption(inserted, image),
         host_device=is_block_device(filename),
+        flash=bool(re.match(r"^/machine/[^/]+\.flash\d+$", qdev)),  # system.flash1 (x86)
     )
 
 
