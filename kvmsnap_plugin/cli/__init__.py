@@ -117,7 +117,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.run.pipeline import recover_all
+    from kvmsnap_plugin.run.recovery import recover_all
 
     results = recover_all(force=args.force)
     if args.json:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kvmsnap_plugin.disks import classify, verify
 from kvmsnap_plugin.disks.expose import add_file, expose, unexpose
-from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, VMError
+from kvmsnap_plugin.errors import SkipBackup, VMError
 from kvmsnap_plugin.fork.engine import ParentHandle, open_parent, parent_overlay_path, plan_fork
 from kvmsnap_plugin.fork.watchdog import guarding
 from kvmsnap_plugin.host import faults, process
@@ -62,7 +62,6 @@ from kvmsnap_plugin.plugin.manager import Hooks
 from kvmsnap_plugin.run import metadata
 from kvmsnap_plugin.run.journal import (
     Journal,
-    held_mount,
     pending_journal,
     refuse_if_mounted,
     vm_identity,
@@ -152,25 +151,6 @@ def release(job: BackupJob) -> Recovery:
         return Recovery(job.name, ["nothing to release"])
     with journal:
         return _recover_or_fail(journal)
-
-
-def recover_all(force: bool = False) -> list[Recovery]:
-    """Finish or undo every interrupted run this host has a journal of. A split backup
-    still mounted for its reader is left alone (unless ``force``); a journal that cannot
-    be read is set aside as ``*.corrupt`` and reported; either way the others go on."""
-    results = []
-    for path in Journal.all_pending():
-        try:
-            with Journal.acquire_file(path, quarantine=True) as journal:
-                if not journal.pending:
-                    continue
-                where = None if force else held_mount(journal.current)
-                results.append(recover(journal) if where is None else Recovery(
-                    journal.current.vm, [f"left alone: mounted at {where}, waiting for "
-                                         "`kvmsnap release` (or `kvmsnap recover --force`)"]))
-        except KvmsnapError as exc:
-            results.append(Recovery(path.stem, problems=[exc.one_line()]))
-    return results
 
 
 def plan(job: BackupJob) -> Plan:

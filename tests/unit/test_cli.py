@@ -21,7 +21,7 @@ from kvmsnap_plugin.model import (
     Recovery,
 )
 from kvmsnap_plugin.paths import DEFAULT_CONFIG
-from kvmsnap_plugin.run import pipeline
+from kvmsnap_plugin.run import pipeline, recovery
 from kvmsnap_plugin.vm.parent import vm_name
 
 
@@ -129,7 +129,7 @@ def test_recover_passes_force_on(monkeypatch, capsys):
         return [Recovery("web", ["left alone: mounted at /mnt/web, waiting for `kvmsnap "
                                  "release`"])]
 
-    monkeypatch.setattr(pipeline, "recover_all", fake_recover_all)
+    monkeypatch.setattr(recovery, "recover_all", fake_recover_all)
     assert cli.main(["recover"]) == cli.EXIT_OK
     assert cli.main(["recover", "--force"]) == cli.EXIT_OK
     assert seen == [False, True]
