@@ -173,7 +173,7 @@ class _Rewriter:
             spec["file"].update(driver="file", filename=str(clone.overlay))
             _as_overlay_format(spec)
         self.used.add(str(clone.overlay))
-        return render_blockdev(spec)
+        return render_blockdev(spec, like=value)
 
     def network(self, name: str, value: str) -> str:
         return _isolate_network(name, value)
@@ -269,7 +269,7 @@ def _fix_blockdev_formats(options: list[Option], file_nodes: dict[str, CloneDisk
         spec = parse_blockdev(option.value or "")
         if isinstance(spec.get("file"), str) and spec["file"] in file_nodes:
             _as_overlay_format(spec)
-            option.value = render_blockdev(spec)
+            option.value = render_blockdev(spec, like=option.value or "")
 
 
 # -- network -------------------------------------------------------------------------------------

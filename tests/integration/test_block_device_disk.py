@@ -29,8 +29,9 @@ pytest_plugins = ["libvirt_fixtures"]  # the libvirtd fixture
 
 #: how the parent names its disk: the modern way (libvirt's) and the legacy one
 ON_DEVICE = {
+    # cache.direct: a typed option in dotted syntax, as users write it (the clone keeps it)
     "blockdev": lambda loop: ["-blockdev", f"driver=host_device,filename={loop},"
-                                           "node-name=disk0-file",
+                                           "node-name=disk0-file,cache.direct=on",
                               "-blockdev", "driver=raw,file=disk0-file,node-name=disk0"],
     "drive": lambda loop: ["-drive", f"file={loop},format=raw,if=none,id=disk0"],
 }

@@ -18,7 +18,7 @@ from kvmsnap_plugin.model import CloneDisk, ForkedDisk, Parent, ParentDisk
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
 from kvmsnap_plugin.vm.clone_argv import rewrite_argv
 from kvmsnap_plugin.vm.parent import block_disks, check_disks
-from kvmsnap_plugin.vm.qemu_args import parse_argv
+from kvmsnap_plugin.vm.qemu_args import parse_argv, parse_blockdev
 
 #: a loop device number no loop device is likely to have: no sysfs entry, not read-only
 UNUSED_LOOP = os.makedev(7, 250)
@@ -95,7 +95,7 @@ def test_a_host_device_blockdev_becomes_a_file_node_on_the_clone_overlay(tmp_pat
                      "driver": "raw", "node-name": "d0",
                      "file": {"driver": "host_device", "filename": "/dev/vg0/data"}})]):
         out = rewrite_argv(argv, [lv], [clone], tmp_path / "clone.sock", None)
-        specs = [json.loads(o.value) for o in parse_argv(out)[1] if o.name == "blockdev"]
+        specs = [parse_blockdev(o.value) for o in parse_argv(out)[1] if o.name == "blockdev"]
         files = [s if "filename" in s else s["file"] for s in specs if "filename" in s
                  or isinstance(s.get("file"), dict)]
         assert files and all(f["driver"] == "file" and f["filename"] == str(clone.overlay)
