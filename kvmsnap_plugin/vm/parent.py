@@ -75,6 +75,13 @@ def check_storage(name: str, disk: ParentDisk) -> None:
                           f"make it writable (`blockdev --setrw {disk.filename}`) or "
                           "attach the disk read-only")
         return
+    if _is_relative(disk.filename):
+        # QEMU resolved it against its working directory at start; kvmsnap cannot be sure
+        # which file that was (QEMU may have changed directory since, e.g. -daemonize)
+        raise VMError(f"disk {disk.device} of {name} is given by a relative path "
+                      f"({disk.filename}): kvmsnap cannot tell for sure which file that is",
+                      "start QEMU with absolute paths for its images and flash files "
+                      "(libvirt always does)")
     if not _is_local_file(disk.filename):
         raise VMError(f"disk {disk.device} of {name} is {_storage_of(disk.filename)} "
                       f"({disk.filename}), not a local image file or host block device",
@@ -158,6 +165,11 @@ def _encryption(inserted: dict[str, Any], image: dict[str, Any]) -> str:
             return str((encrypt or {}).get("format") or "encrypted")
         cursor = cursor.get("backing-image")
     return "encrypted" if inserted.get("encrypted") else ""
+
+
+def _is_relative(filename: str) -> bool:
+    return bool(filename) and not filename.startswith(("/", "json:")) and \
+        not re.match(r"^[a-z][a-z0-9.+-]*:", filename)
 
 
 def _is_local_file(filename: str) -> bool:
