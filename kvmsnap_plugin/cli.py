@@ -67,7 +67,7 @@ def _job_from_args(args: argparse.Namespace,
         "method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
         "overlay_dir", "clone_console", "pid", "mount_root", "collapse_huge_pages",
         "min_free", "max_pause", "clone_drop",
-        "allow_remote_workdir", "skip_partitions")
+        "allow_remote_workdir", "skip_partitions", "luks_keys")
         if getattr(args, key, None) is not None}
     dry_run = getattr(args, "dry_run", False)
     if args.domain:
@@ -279,6 +279,9 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="a partition known to be left out, so it does not warn (exit 1) "
                      "every night: label:NAME, uuid:UUID, type:GUID|0xNN|KIND|FSTYPE or "
                      "where:DISK/pN; repeatable")
+    cmd.add_argument("--luks-key", action="append", metavar="UUID=FILE", dest="luks_keys",
+                     help="the key file of the guest's LUKS volume UUID: files mode opens it "
+                     "(read-only, through libguestfs) and archives its files; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,7 +52,7 @@ from kvmsnap_plugin.plugin.archive import absolute_repository
 RUN_KEYS = frozenset({"method", "mode", "workdir", "overlay_dir", "shutdown_timeout",
                       "repress_after", "on_unclean", "keep", "mount_root",
                       "collapse_huge_pages", "min_free", "max_pause", "clone_drop",
-                      "allow_remote_workdir", "skip_partitions"})
+                      "allow_remote_workdir", "skip_partitions", "luks_keys"})
 VM_KEYS = RUN_KEYS | {"name", "qmp", "domain", "libvirt_uri", "pid", "archivers"}
 #: keys every archiver table has, whatever its type
 COMMON_ARCHIVER_KEYS = frozenset({"type", "env", "archive_name", "extra_args"})
@@ -128,6 +128,7 @@ def fork_options(settings: Mapping[str, Any], where: str = "the command line") -
         clone_drop=_clone_drop(settings.get("clone_drop", ()), where),
         allow_remote_workdir=_flag(settings, "allow_remote_workdir", where),
         skip_partitions=_skip_partitions(settings.get("skip_partitions", ()), where),
+        luks_keys=luks_keys(settings.get("luks_keys", {}), where),
     )
 
 
@@ -211,3 +212,20 @@ def command_line_targets(borg: list[str], restic: list[str], mode: str | Mode,
                                   {"repository": absolute_repository(repo, Path.cwd())})
                     for i, repo in enumerate(repos)]
     return tuple(targets)
+
+
+def luks_keys(value: Any, where: str) -> tuple[tuple[str, Path], ...]:
+    """``{"UUID" = "/path"}`` (the config) or ``["UUID=/path"]`` (``--luks-key``): key files
+    by LUKS UUID, each one a file that exists."""
+    if isinstance(value, list | tuple):
+        value = dict(str(v).partition("=")[::2] for v in value)
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()):
+        raise UsageError(f"luks_keys in {where} must map LUKS UUIDs to key files, not "
+                         f"{value!r}", 'e.g. luks_keys = {"UUID" = "/root/keys/data.key"} '
+                         "or --luks-key UUID=FILE")
+    for uuid, key in value.items():
+        if not Path(key).is_file():
+            raise UsageError(f"the key file {key} for LUKS volume {uuid} does not exist",
+                             "give the path of a readable key file")
+    return tuple((uuid.lower(), Path(key)) for uuid, key in value.items())

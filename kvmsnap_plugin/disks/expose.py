@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvmsnap_plugin.disks import classify, verify
+from kvmsnap_plugin.disks import classify, guestfs_route, verify
 from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.host import dirs, mounts, process
 from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure, Outcome, SkipRule
@@ -71,6 +71,8 @@ class Exposed:
     #: the NBD socket's private directory, removed by :func:`unexpose`
     sockets: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     nbd_uris: list[str] = field(default_factory=list)
+    #: what the host cannot mount, served by libguestfs (disks/guestfs_route.py)
+    appliance: guestfs_route.Appliance | None = None
 
 #: the loop devices' read-ahead, in 512-byte sectors (4 MiB)
 READ_AHEAD_SECTORS = 8192
@@ -82,11 +84,12 @@ Image = tuple[str, Path, str]
 @contextlib.contextmanager
 def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
             mount: bool = True, timeout: float = 60.0,
-            recorder: Recorder | None = None,
-            skip: Sequence[SkipRule] = ()) -> Iterator[Exposure]:
+            recorder: Recorder | None = None, skip: Sequence[SkipRule] = (),
+            luks_keys: Sequence[tuple[str, Path]] = (),
+            guestfs: bool = True) -> Iterator[Exposure]:
     """:func:`expose`, undone on exit."""
     handle = expose(images, workdir, root, mount=mount, timeout=timeout, recorder=recorder,
-                    skip=skip)
+                    skip=skip, luks_keys=luks_keys, guestfs=guestfs)
     try:
         yield handle.view
     finally:
@@ -95,14 +98,18 @@ def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
 
 def expose(images: Sequence[Image], workdir: Path, root: Path, *,
            mount: bool = True, timeout: float = 60.0,
-           recorder: Recorder | None = None, skip: Sequence[SkipRule] = ()) -> Exposed:
+           recorder: Recorder | None = None, skip: Sequence[SkipRule] = (),
+           luks_keys: Sequence[tuple[str, Path]] = (), guestfs: bool = True) -> Exposed:
     """Expose ``(name, image, format)``: raw views in ``workdir/images``, filesystems under
     ``root``. Undo with :func:`unexpose` (done here on failure).
 
     With a recorder (the journal), each export, loop device and mount is recorded before it
     is made, so recovery can undo them after a crash, and a split backup (``kvmsnap
     mount``) can leave them for ``kvmsnap release``. Every partition is classified
-    (disks/classify.py); what ``skip`` names is not mounted.
+    (disks/classify.py); what ``skip`` names is not mounted. In files mode what the host
+    cannot mount (LVM, LUKS with a key in ``luks_keys``, vfat, NTFS...) is opened through
+    libguestfs (disks/guestfs_route.py) unless ``guestfs`` is False (image mode: its
+    appliance costs 20-60 s and the images hold everything anyway).
     """
     record = recorder or _Nowhere()
     dirs.private_dir(root, "the mount root")
@@ -123,6 +130,10 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
                            for partition, device in mounts.block_devices(loop, timeout)]
             handle.view.disks.append(ExposedDisk(name, export, loop, tuple(filesystems),
                                                  nbd_uri))
+        if mount and guestfs:
+            handle.view.disks[:], handle.appliance = guestfs_route.route(
+                handle.view.disks, images, root, workdir, keys=luks_keys, skip=skip,
+                recorder=recorder)
     except BaseException:
         unexpose(handle)
         raise
@@ -144,6 +155,8 @@ def unexpose(handle: Exposed) -> None:
     for name in view.extra_files:
         (view.root / name).unlink(missing_ok=True)
         (view.images_dir / name).unlink(missing_ok=True)
+    guestfs_route.close(handle.appliance)
+    handle.appliance = None
     for mountpoint in reversed(handle.mounts):
         mounts.unmount(mountpoint)
     for loop in reversed(handle.loops):

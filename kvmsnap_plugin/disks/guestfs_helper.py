@@ -1,0 +1,165 @@
+"""The libguestfs side of the guestfs route: run by ``/usr/bin/python3``, not by kvmsnap.
+
+Debian's ``python3-guestfs`` binding is for the system Python only, so kvmsnap's venv starts
+this file as a program (disks/guestfs_route.py, through host/process.py) and imports
+nothing of kvmsnap here. It reads a JSON request on stdin::
+
+    {"drives": [{"path": ..., "format": "qcow2"}, ...], "fuse": DIR, "result": FILE,
+     "smp": 2, "items": [{"where": "vdisk1/p3", "drive": 0, "partition": 3,
+                          "kind": "lvm-pv" | "luks" | "filesystem", "key": FILE | null}]}
+
+and opens every drive read-only in ONE appliance: LUKS volumes with their key files, the
+LVM volume groups found, and every filesystem it is asked for or finds in a volume group,
+each mounted read-only without journal replay under ``/m<N>`` of the appliance. Then it
+exposes that tree through FUSE (``mount_local``) at ``DIR``, writes what it found to
+``FILE`` (JSON, see :func:`_found`) and serves until ``DIR`` is unmounted; then it shuts the
+appliance down. Exit 3: the binding is not installed.
+"""
+
+import base64
+import json
+import os
+import sys
+
+#: per filesystem type, read-only options that replay no journal
+OPTIONS = {"ext4": "ro,noload", "ext3": "ro,noload", "ext2": "ro", "xfs": "ro,norecovery",
+           "btrfs": "ro,rescue=nologreplay", "vfat": "ro", "ntfs": "ro"}
+#: bytes read from each filesystem's start for the host's clean-shutdown verdict: the ext
+#: superblock (1 KiB in), FAT's boot sector, btrfs' superblock (64 KiB in)
+HEAD_BYTES = 72 * 1024
+NOT_FILES = ("swap",)
+
+
+def main() -> int:
+    try:
+        import guestfs
+    except ImportError:
+        print("the libguestfs Python binding is not installed", file=sys.stderr)
+        return 3
+    request = json.load(sys.stdin)
+    g = guestfs.GuestFS(python_return_dict=True)
+    for drive in request["drives"]:
+        g.add_drive_opts(drive["path"], format=drive["format"], readonly=True)
+    g.set_smp(int(request.get("smp", 1)))
+    g.launch()
+    try:
+        found = _open_all(g, request)
+        g.mount_local(request["fuse"], readonly=True)
+        _write(request["result"], found)
+        g.mount_local_run()
+    finally:
+        g.umount_all()
+        g.shutdown()
+        g.close()
+    return 0
+
+
+def _open_all(g, request) -> list:
+    """Every filesystem to expose, as dicts (see :func:`_found`), mounted where it can be."""
+    devices = g.list_devices()
+    candidates = []  # (where, parent where, device)
+    pvs = {}  # PV device -> the item (partition) it is on
+    for item in request["items"]:
+        device = devices[item["drive"]]
+        if item["partition"]:
+            device = _partition(g, device, item["partition"])
+        if item["kind"] == "luks":
+            opened = _open_luks(g, item, device)
+            if isinstance(opened, dict):
+                candidates.append(opened)
+                continue
+            device = opened
+            if g.vfs_type(device) == "LVM2_member":
+                pvs[device] = item
+                continue
+        elif item["kind"] == "lvm-pv":
+            pvs[device] = item
+            continue
+        candidates.append({"where": item["where"], "parent": item["where"], "device": device})
+    if pvs:
+        candidates += _logical_volumes(g, pvs)
+    for index, fs in enumerate(candidates):
+        if "reason" not in fs:
+            fs["dir"] = f"m{index}"
+            g.mkmountpoint("/" + fs["dir"])
+    return [_mount(g, fs) if "reason" not in fs else fs for fs in candidates]
+
+
+def _partition(g, device: str, number: int) -> str:
+    wanted = [p for p in g.list_partitions()
+              if g.part_to_dev(p) == device and g.part_to_partnum(p) == number]
+    return wanted[0] if wanted else f"{device}{number}"
+
+
+def _open_luks(g, item, device: str):
+    """The opened mapper device, or the item with the reason it stays closed."""
+    name = "luks-" + g.vfs_uuid(device)
+    try:
+        with open(item["key"], "rb") as key_file:
+            key = key_file.read().decode("latin-1")
+        g.cryptsetup_open(device, key, name, readonly=True)
+    except (OSError, RuntimeError) as exc:
+        return {"where": item["where"], "parent": item["where"], "device": device,
+                "reason": f"LUKS volume did not open with its key: {_one_line(exc)}"}
+    return "/dev/mapper/" + name
+
+
+def _logical_volumes(g, pvs) -> list:
+    """Every LV of the volume groups on ``pvs``, named DISK/lvm/VG/LV by its first PV."""
+    g.lvm_scan(True)
+    pv_devices = {pv["pv_uuid"].replace("-", ""): g.canonical_device_name(pv["pv_name"])
+                  for pv in g.pvs_full()}
+    canonical = {g.canonical_device_name(d): item for d, item in pvs.items()}
+    found = []
+    for lv in sorted(g.lvs()):
+        vg, name = lv.split("/")[-2:]
+        item = next((canonical[pv_devices.get(uuid.replace("-", ""), "")]
+                     for uuid in g.vgpvuuids(vg)
+                     if pv_devices.get(uuid.replace("-", "")) in canonical), None)
+        if item is None:
+            continue  # a volume group on no disk we were asked about
+        disk = item["where"].split("/")[0]
+        found.append({"where": f"{disk}/lvm/{vg}/{name}", "parent": item["where"],
+                      "device": lv})
+    return found
+
+
+def _mount(g, fs) -> dict:
+    """Mount read-only; note the type, label and first bytes (for the verdict)."""
+    device = fs["device"]
+    fs["fstype"] = g.vfs_type(device)
+    fs["label"] = _quiet(g.vfs_label, device)
+    fs["uuid"] = _quiet(g.vfs_uuid, device)
+    if fs["fstype"] in NOT_FILES or not fs["fstype"]:
+        fs["reason"] = f"{fs['fstype'] or 'no filesystem'}: nothing to mount"
+        del fs["dir"]
+        return fs
+    fs["head"] = base64.b64encode(g.pread_device(device, HEAD_BYTES, 0)).decode()
+    try:
+        g.mount_options(OPTIONS.get(fs["fstype"], "ro"), device, "/" + fs["dir"])
+    except RuntimeError as exc:
+        fs["reason"] = f"mount failed inside libguestfs: {_one_line(exc)}"
+        del fs["dir"]
+    return fs
+
+
+def _quiet(call, device: str) -> str:
+    try:
+        return call(device)
+    except RuntimeError:
+        return ""
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+
+
+def _write(path: str, found: list) -> None:
+    temporary = path + ".part"
+    with open(temporary, "w") as out:
+        json.dump({"filesystems": found}, out)
+    os.rename(temporary, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
