@@ -154,8 +154,9 @@ def _start(appliance: Appliance, images: Sequence[tuple[str, Path, str]], items:
     with open(stderr_path, "wb") as err:
         appliance.process = process.spawn([GUESTFS_PYTHON, HELPER], stdin=subprocess.PIPE,
                                           stderr=err, env=helper_env(), inherit_env=False)
-    appliance.process.stdin.write(json.dumps(request).encode())
-    appliance.process.stdin.close()
+    with contextlib.suppress(BrokenPipeError):  # it exited at once: _wait says why
+        appliance.process.stdin.write(json.dumps(request).encode())
+        appliance.process.stdin.close()
     _wait(appliance, result, stderr_path)
     log.info("libguestfs appliance up in %.1f s", time.monotonic() - started)
     return json.loads(result.read_text())["filesystems"]

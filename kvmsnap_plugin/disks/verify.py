@@ -74,10 +74,11 @@ def xfs_state(device: Path | str) -> tuple[FsState, str]:
 
 
 def ntfs_state(device: Path | str) -> tuple[FsState, str]:
-    result = process.run(["ntfsinfo", "-m", device], timeout=120, check=False)
+    # -f: ntfsinfo refuses a dirty volume without it (it only reads)
+    result = process.run(["ntfsinfo", "-f", "-m", device], timeout=120, check=False)
     flags = re.search(r"Volume Flags:\s*0x([0-9a-fA-F]+)", result.stdout)
     if flags is None:
-        return FsState.UNKNOWN, "NTFS volume flags could not be read (ntfsinfo -m)"
+        return FsState.UNKNOWN, "NTFS volume flags could not be read (ntfsinfo -f -m)"
     if int(flags[1], 16) & NTFS_DIRTY:
         return FsState.NEEDS_RECOVERY, "NTFS volume is marked dirty (chkdsk would run)"
     return FsState.CLEAN, "NTFS volume is not marked dirty"
