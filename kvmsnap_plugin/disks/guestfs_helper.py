@@ -95,13 +95,26 @@ def _open_luks(g, item, device: str):
     """The opened mapper device, or the item with the reason it stays closed."""
     name = "luks-" + g.vfs_uuid(device)
     try:
-        with open(item["key"], "rb") as key_file:
-            key = key_file.read().decode("latin-1")
+        key = _key(item["key"])
         g.cryptsetup_open(device, key, name, readonly=True)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         return {"where": item["where"], "parent": item["where"], "device": device,
                 "reason": f"LUKS volume did not open with its key: {_one_line(exc)}"}
     return "/dev/mapper/" + name
+
+
+def _key(path: str) -> str:
+    """The key file's bytes, exactly; libguestfs takes a key as text (UTF-8, no NUL)."""
+    with open(path, "rb") as key_file:
+        raw = key_file.read()
+    try:
+        key = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        key = "\0"
+    if "\0" in key:
+        raise ValueError("libguestfs takes a key as UTF-8 text without NUL bytes, and this "
+                         "key file is binary: add a text key to the volume, or use image mode")
+    return key
 
 
 def _logical_volumes(g, pvs) -> list:

@@ -1,0 +1,99 @@
+"""What the host kernel cannot mount is still archived (issue #14): LVM, LUKS with a key
+file, vfat and NTFS, read through ONE libguestfs appliance, on a real guest's disk.
+
+The disk is made once per module by libguestfs itself (tests/integration/guestfs_disk.py);
+each test gives the demo guest its own overlay of it. Each backup starts an appliance
+(20-60 s under TCG): keep these tests few."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from cli_helpers import kvmsnap
+
+from kvmsnap_plugin.disks import guestfs_route
+from kvmsnap_plugin.host import mounts, process
+from kvmsnap_plugin.vm.qemu_args import escape
+
+pytestmark = pytest.mark.qemu
+
+#: each marker file, where the backup puts it (the demo names the disk by its device id)
+MARKERS = {"srv": "vextra/lvm/kvg/srv", "luks": "vextra/p2", "vfat": "vextra/p3",
+           "ntfs": "vextra/p4"}
+
+
+@pytest.fixture(scope="module")
+def guestfs_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(the prepared qcow2, its LUKS key file, the LUKS UUID)."""
+    where = tmp_path_factory.mktemp("guestfs-disk")
+    image, key = where / "layout.qcow2", where / "luks.key"
+    key.write_bytes(b"kvmsnap test key\n\x01 with odd bytes")
+    done = process.run([guestfs_route.GUESTFS_PYTHON, Path(__file__).with_name("guestfs_disk.py"),
+                        image, key], timeout=900, env=guestfs_route.helper_env())
+    return image, key, done.stdout.strip().splitlines()[-1]
+
+
+def start(start_demo, guestfs_disk, tmp_path: Path):
+    overlay = tmp_path / "extra.qcow2"
+    process.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                 guestfs_disk[0], overlay], timeout=60)
+    vm = start_demo(extra_args=(
+        "-drive", f"file={escape(overlay)},format=qcow2,if=none,id=extra",
+        "-device", "virtio-blk-pci,drive=extra,id=vextra"))
+    vm.wait_counter(3)
+    return vm
+
+
+def backup(vm, tmp_path: Path, repo: Path, *extra: str) -> subprocess.CompletedProcess:
+    return kvmsnap("backup", "--qmp", str(vm.paths.backup_qmp), "--borg", str(repo),
+                   "--workdir", str(tmp_path / "work"), "--json", *extra, timeout=1800)
+
+
+def extracted(repo: Path, archive: str, path: str) -> str:
+    return process.run([process.find_program("borg", "borgbackup"), "extract", "--stdout",
+                        f"{repo}::{archive}", path], timeout=300).stdout
+
+
+def assert_nothing_left(tmp_path: Path) -> None:
+    assert not mounts.mounts_under(tmp_path)
+    helpers = subprocess.run(["pgrep", "-af", "guestfs_helper.py|\\.guestfs-"],
+                             capture_output=True, text=True).stdout
+    assert str(tmp_path) not in helpers and "guestfs_helper.py" not in helpers, helpers
+
+
+def test_lvm_luks_vfat_ntfs_archived_through_libguestfs(start_demo, guestfs_disk, tmp_path,
+                                                         borg_repo):
+    _, key, uuid = guestfs_disk
+    vm = start(start_demo, guestfs_disk, tmp_path)
+    done = backup(vm, tmp_path, borg_repo, "--luks-key", f"{uuid}={key}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    parts = {p["where"]: p for p in report["partitions"]}
+    assert parts["vextra/p1"]["outcome"] == "opened"
+    for where in MARKERS.values():
+        assert parts[where]["outcome"] == "archived", parts[where]
+        assert "through libguestfs" in parts[where]["reason"]
+    verdicts = {v["where"]: v for v in report["verdicts"]}
+    assert {verdicts[where]["state"] for where in MARKERS.values()} == {"clean"}, verdicts
+    archive = next(a["name"] for a in report["archives"] if a["kind"] == "files")
+    for name, where in MARKERS.items():
+        assert extracted(borg_repo, archive, f"{where}/marker-{name}.txt") == f"marker {name}\n"
+    assert_nothing_left(tmp_path)
+
+
+def test_without_the_key_the_luks_volume_is_named_not_archived(start_demo, guestfs_disk,
+                                                                tmp_path, borg_repo):
+    uuid = guestfs_disk[2]
+    vm = start(start_demo, guestfs_disk, tmp_path)
+    done = backup(vm, tmp_path, borg_repo)
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    parts = {p["where"]: p for p in report["partitions"]}
+    assert parts["vextra/p2"]["outcome"] == "not-archived"
+    assert report["warnings"] == [
+        f"vextra/p2 (crypto_LUKS) NOT ARCHIVED: LUKS volume {uuid}: no key (luks_keys)"]
+    assert parts["vextra/lvm/kvg/srv"]["outcome"] == "archived"
+    assert_nothing_left(tmp_path)
