@@ -76,7 +76,7 @@ def test_lvm_luks_vfat_ntfs_archived_through_libguestfs(start_demo, guestfs_disk
     for where in MARKERS.values():
         assert parts[where]["outcome"] == "archived", parts[where]
         assert "through libguestfs" in parts[where]["reason"]
-    verdicts = {v["where"]: v for v in report["verdicts"]}
+    verdicts = {f"{v['disk']}/{v['partition']}": v for v in report["verdicts"]}
     assert {verdicts[where]["state"] for where in MARKERS.values()} == {"clean"}, verdicts
     archive = next(a["name"] for a in report["archives"] if a["kind"] == "files")
     for name, where in MARKERS.items():
