@@ -58,6 +58,8 @@ class Appliance:
     process: subprocess.Popen[bytes] | None = None
     binds: list[Path] = field(default_factory=list)
     root: Path | None = None  # the mount root the binds are under
+    #: sparse copies of xfs logs the helper wrote for the host's verdict, removed by close
+    files: list[Path] = field(default_factory=list)
 
 
 class Unavailable(Exception):
@@ -124,6 +126,8 @@ def close(appliance: Appliance | None) -> None:
         process.run(["umount", "-l", appliance.fuse], timeout=60, check=False)
     with contextlib.suppress(OSError):
         appliance.fuse.rmdir()
+    for path in appliance.files:
+        path.unlink(missing_ok=True)
 
 
 def helper_env() -> dict[str, str]:
@@ -144,6 +148,7 @@ def _start(appliance: Appliance, images: Sequence[tuple[str, Path, str]], items:
     dirs.private_dir(appliance.fuse, "the libguestfs mount point")
     result, stderr_path = workdir / "guestfs.json", workdir / "guestfs.stderr"
     result.unlink(missing_ok=True)
+    stderr_path.unlink(missing_ok=True)  # a previous appliance's, in the same work dir
     request = {"drives": [{"path": str(image), "format": image_format}
                           for _, image, image_format in images],
                "fuse": str(appliance.fuse), "result": str(result), "smp": 2, "items": items}
@@ -159,7 +164,9 @@ def _start(appliance: Appliance, images: Sequence[tuple[str, Path, str]], items:
         appliance.process.stdin.close()
     _wait(appliance, result, stderr_path)
     log.info("libguestfs appliance up in %.1f s", time.monotonic() - started)
-    return json.loads(result.read_text())["filesystems"]
+    found = json.loads(result.read_text())["filesystems"]
+    appliance.files += [Path(f["log_copy"]) for f in found if f.get("log_copy")]
+    return found
 
 
 def _wait(appliance: Appliance, result: Path, stderr_path: Path) -> None:
@@ -212,12 +219,20 @@ def _opened(fs: ExposedFilesystem, inside: list[str]) -> ExposedFilesystem:
 
 def _volume(disk: str, found: dict) -> ExposedFilesystem:
     """A logical volume the helper found: a filesystem of its own in the report."""
-    head = base64.b64decode(found.get("head", ""))
     probed = ProbeInfo(found.get("fstype", ""), found.get("label", ""), found.get("uuid", ""))
     kind = PartKind.SWAP if probed.type == "swap" else PartKind.FILESYSTEM
-    return ExposedFilesystem(disk, found["where"].split("/", 1)[1], Path(found["device"]),
-                             probed.type, None, kind, Outcome.NOT_ARCHIVED, "",
-                             probed, route=VIA, head=head)
+    volume = ExposedFilesystem(disk, found["where"].split("/", 1)[1], Path(found["device"]),
+                               probed.type, None, kind, Outcome.NOT_ARCHIVED, "", probed,
+                               route=VIA)
+    return replace(volume, **_inner(found))
+
+
+def _inner(found: dict) -> dict:
+    """What the verdict of a filesystem the host has no device of reads: the sparse copy of
+    its xfs log (as its device), or its first bytes."""
+    if found.get("log_copy"):
+        return {"device": Path(found["log_copy"]), "head": b""}
+    return {"head": base64.b64decode(found.get("head", ""))}
 
 
 def _served(fs: ExposedFilesystem, found: dict, appliance: Appliance,
@@ -226,7 +241,7 @@ def _served(fs: ExposedFilesystem, found: dict, appliance: Appliance,
     fstype = found.get("fstype") or fs.fstype
     fs = replace(fs, fstype=fstype, route=VIA)
     if fs.kind is PartKind.LUKS:  # what is inside is archived, under the LUKS volume's name
-        fs = replace(fs, head=base64.b64decode(found.get("head", "")))
+        fs = replace(fs, **_inner(found))
     rule = next((r for r in skip if r.matches(fs)), None)
     if rule is not None:
         return replace(fs, outcome=Outcome.SKIPPED_BY_CONFIG, reason=f"skip_partitions {rule}")

@@ -1,8 +1,8 @@
 """Make the libguestfs route's test disk, with libguestfs itself (no host device-mapper
 needed): run by ``/usr/bin/python3 guestfs_disk.py IMAGE KEYFILE``, the system Python that
-has the binding. A GPT qcow2 disk: p1 an LVM PV (VG ``kvg``, LV ``srv``, ext4), p2 LUKS
-(key from KEYFILE) with ext4 inside, p3 vfat, p4 NTFS; each filesystem holds
-``marker-NAME.txt`` ("marker NAME"). Prints the LUKS volume's UUID."""
+has the binding. A GPT qcow2 disk: p1 an LVM PV (VG ``kvg``; LVs ``srv`` ext4, ``data`` xfs,
+``tank`` btrfs), p2 LUKS (key from KEYFILE) with ext4 inside, p3 vfat, p4 NTFS; each
+filesystem holds ``marker-NAME.txt`` ("marker NAME"). Prints the LUKS volume's UUID."""
 
 import os
 import sys
@@ -10,8 +10,12 @@ import sys
 import guestfs
 
 MIB_SECTORS = 2048
-#: (partition, first MiB, last MiB): LVM 80 MiB, LUKS 70 MiB, vfat 40 MiB, NTFS the rest
-PARTITIONS = [(1, 1, 81), (2, 81, 151), (3, 151, 191)]
+#: (partition, first MiB, last MiB): LVM 520 MiB (xfs wants 300 MiB at least), LUKS 70 MiB,
+#: vfat 40 MiB, NTFS the rest
+PARTITIONS = [(1, 1, 521), (2, 521, 591), (3, 591, 631)]
+DISK_MIB = 700
+#: the logical volumes: (name, MiB, filesystem)
+VOLUMES = [("srv", 40, "ext4"), ("data", 320, "xfs"), ("tank", 128, "btrfs")]
 
 
 def main(image: str, key_file: str) -> None:
@@ -20,25 +24,27 @@ def main(image: str, key_file: str) -> None:
     with open(key_file, "rb") as key_in:
         key = key_in.read().decode("utf-8")
     g = guestfs.GuestFS(python_return_dict=True)
-    g.disk_create(image, "qcow2", 256 << 20)
+    g.disk_create(image, "qcow2", DISK_MIB << 20)
     g.add_drive_opts(image, format="qcow2", readonly=False)
     g.launch()
     disk = g.list_devices()[0]
     g.part_init(disk, "gpt")
     for _, first, last in PARTITIONS:
         g.part_add(disk, "p", first * MIB_SECTORS, last * MIB_SECTORS - 1)
-    g.part_add(disk, "p", 191 * MIB_SECTORS, -MIB_SECTORS)
+    g.part_add(disk, "p", PARTITIONS[-1][2] * MIB_SECTORS, -MIB_SECTORS)
     g.pvcreate(disk + "1")
     g.vgcreate("kvg", [disk + "1"])
-    g.lvcreate("srv", "kvg", 40)
-    g.mkfs("ext4", "/dev/kvg/srv")
+    for name, mib, fstype in VOLUMES:
+        g.lvcreate(name, "kvg", mib)
+        g.mkfs(fstype, f"/dev/kvg/{name}")
     g.luks_format(disk + "2", key, 0)
     g.cryptsetup_open(disk + "2", key, "secret")
     g.mkfs("ext4", "/dev/mapper/secret")
     g.mkfs("vfat", disk + "3")
     g.mkfs("ntfs", disk + "4")
-    for device, name in (("/dev/kvg/srv", "srv"), ("/dev/mapper/secret", "luks"),
-                         (disk + "3", "vfat"), (disk + "4", "ntfs")):
+    marked = [(f"/dev/kvg/{name}", name) for name, *_ in VOLUMES]
+    marked += [("/dev/mapper/secret", "luks"), (disk + "3", "vfat"), (disk + "4", "ntfs")]
+    for device, name in marked:
         g.mount(device, "/")
         g.write(f"/marker-{name}.txt", f"marker {name}\n")
         g.umount("/")

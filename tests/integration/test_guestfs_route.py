@@ -21,7 +21,8 @@ from kvmsnap_plugin.vm.qemu_args import escape
 pytestmark = pytest.mark.qemu
 
 #: each marker file, where the backup puts it (the demo names the disk by its device id)
-MARKERS = {"srv": "vextra/lvm/kvg/srv", "luks": "vextra/p2", "vfat": "vextra/p3",
+MARKERS = {"srv": "vextra/lvm/kvg/srv", "data": "vextra/lvm/kvg/data",
+           "tank": "vextra/lvm/kvg/tank", "luks": "vextra/p2", "vfat": "vextra/p3",
            "ntfs": "vextra/p4"}
 
 

@@ -113,3 +113,25 @@ def test_what_the_first_bytes_cannot_tell_is_unknown_and_says_why(fstype):
 def test_a_head_that_is_not_the_filesystem_is_unknown():
     for fstype in ("vfat", "btrfs", "ext4"):
         assert verify.head_state(fstype, b"\0" * verify.HEAD_BYTES)[0] is FsState.UNKNOWN
+
+
+def test_an_xfs_log_copied_out_of_the_appliance_reads_as_the_filesystem(tmp_path):
+    """What the helper copies of an xfs inside LVM/LUKS (superblock and log, sparse) is
+    enough for xfs_logprint: the same verdict as the whole filesystem's."""
+    from kvmsnap_plugin.disks import guestfs_helper
+
+    path = image(tmp_path, 300, "mkfs.xfs", "-q")
+
+    def read(size: int, offset: int) -> bytes:
+        with open(path, "rb") as raw:
+            raw.seek(offset)
+            return raw.read(size)
+
+    copy = tmp_path / "log.img"
+    assert guestfs_helper.xfs_log_copy(read, path.stat().st_size, str(copy)) == str(copy)
+    assert copy.stat().st_size == path.stat().st_size
+    assert copy.stat().st_blocks * 512 < 100 << 20  # sparse: the log and superblock only
+    assert verify.xfs_state(copy) == verify.xfs_state(path) == (FsState.CLEAN,
+                                                               "xfs log is clean")
+    assert guestfs_helper.xfs_log_copy(lambda size, offset: b"\0" * size, 1 << 20,
+                                       str(tmp_path / "none.img")) is None
