@@ -30,10 +30,16 @@ MARKERS = {"srv": "vextra/lvm/kvg/srv", "data": "vextra/lvm/kvg/data",
 def guestfs_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """(the prepared qcow2, its LUKS key file, the LUKS UUID)."""
     where = tmp_path_factory.mktemp("guestfs-disk")
-    image, key = where / "layout.qcow2", where / "luks.key"
+    image, key, xfs = where / "layout.qcow2", where / "luks.key", where / "data.xfs"
     key.write_bytes(b"kvmsnap test key\n\x01 with odd bytes")
+    process.run(["truncate", "-s", "320M", xfs], timeout=30)
+    process.run(["mkfs.xfs", "-q", xfs], timeout=120)
+    with mounts.loop_attached(xfs, writable=True) as loop, \
+            mounts.mounted(loop, where / "xfs", "xfs") as mounted:
+        (mounted / "marker-data.txt").write_text("marker data\n")
     done = process.run([guestfs_route.GUESTFS_PYTHON, Path(__file__).with_name("guestfs_disk.py"),
-                        image, key], timeout=900, env=guestfs_route.helper_env())
+                        image, key, xfs], timeout=900, env=guestfs_route.helper_env())
+    xfs.unlink()
     return image, key, done.stdout.strip().splitlines()[-1]
 
 
