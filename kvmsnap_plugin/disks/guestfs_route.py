@@ -99,6 +99,9 @@ def route(disks: Sequence[ExposedDisk], images: Sequence[tuple[str, Path, str]],
         close(appliance)
         wanted = {item["where"] for item in items}
         return [_left_out(disk, wanted, str(exc)) for disk in disks], None
+    except BaseException:  # interrupted while the appliance starts: never leave it running
+        close(appliance)
+        raise
     try:
         return _apply(disks, items, found, appliance, skip, recorder), appliance
     except BaseException:

@@ -64,6 +64,36 @@ def test_without_libguestfs_each_item_says_so_with_the_fix(tmp_path, monkeypatch
     assert not (tmp_path / "guestfs").exists()
 
 
+def test_a_failing_appliance_is_a_named_reason_and_leaves_nothing(tmp_path):
+    """The real helper with the real binding, given an image that does not exist: it fails
+    before any appliance starts; the item says why, nothing stays mounted or running."""
+    disks, appliance = guestfs_route.route(
+        [disk(PV)], [("vdisk1", tmp_path / "missing.qcow2", "qcow2")], tmp_path / "root",
+        tmp_path)
+    assert appliance is None
+    (pv,) = disks[0].filesystems
+    assert pv.outcome is Outcome.NOT_ARCHIVED
+    assert "libguestfs failed: RuntimeError" in pv.reason
+    assert "missing.qcow2" in pv.reason
+    assert not mounts.mounts_under(tmp_path)
+    assert not (tmp_path / "guestfs").exists()
+
+
+def test_an_interrupted_start_ends_the_helper(tmp_path, monkeypatch):
+    started = []
+
+    def interrupted(appliance, result, stderr_path):
+        started.append(appliance.process)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(guestfs_route, "_wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        guestfs_route.route([disk(PV)], [("vdisk1", tmp_path / "x.qcow2", "qcow2")],
+                            tmp_path / "root", tmp_path)
+    assert started[0].poll() is not None  # ended and reaped
+    assert not (tmp_path / "guestfs").exists()
+
+
 def test_nothing_for_libguestfs_starts_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(guestfs_route, "GUESTFS_PYTHON", "/nonexistent/python3")
     disks, appliance = guestfs_route.route([disk(EXT4, SWAP, LUKS)], [], tmp_path / "root",
