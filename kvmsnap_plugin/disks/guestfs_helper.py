@@ -4,7 +4,8 @@ Debian's ``python3-guestfs`` binding is for the system Python only, so kvmsnap's
 this file as a program (disks/guestfs_route.py, through host/process.py) and imports
 nothing of kvmsnap here. It reads a JSON request on stdin::
 
-    {"drives": [{"path": ..., "format": "qcow2"}, ...], "fuse": DIR, "result": FILE,
+    {"drives": [{"path": FILE or EXPORT, "format": "qcow2", "protocol": "nbd",
+                 "server": ["unix:SOCKET"]}, ...], "fuse": DIR, "result": FILE,
      "smp": 2, "items": [{"where": "vdisk1/p3", "drive": 0, "partition": 3,
                           "kind": "lvm-pv" | "luks" | "filesystem", "key": FILE | null}]}
 
@@ -43,8 +44,8 @@ def main() -> int:
         return 3
     request = json.load(sys.stdin)
     g = guestfs.GuestFS(python_return_dict=True)
-    for drive in request["drives"]:
-        g.add_drive_opts(drive["path"], format=drive["format"], readonly=True)
+    for drive in request["drives"]:  # a file, or an NBD export ("protocol", "server")
+        g.add_drive_opts(drive.pop("path"), readonly=True, **drive)
     g.set_smp(int(request.get("smp", 1)))
     g.launch()
     try:

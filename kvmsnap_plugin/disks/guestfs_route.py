@@ -5,7 +5,8 @@ stays for what the host can mount. What is left NOT ARCHIVED after it, and libgu
 read, goes here: LVM physical volumes (their volume groups' logical volumes), LUKS volumes
 whose key file ``luks_keys`` names, and filesystems the host could not mount (vfat and
 NTFS on kernels without them, a btrfs the host refused). All of a VM's disks are opened
-read-only in ONE appliance (each start costs 20-60 s under TCG) by
+read-only in ONE appliance (each start costs 20-60 s under TCG), from the NBD exports
+qemu-storage-daemon already serves (disks/expose.py), by
 ``disks/guestfs_helper.py``, run by the system Python that has the binding; it mounts
 every filesystem read-only without journal replay and serves them through FUSE in a
 directory of the work dir. Each is bind-mounted under the mount root with a name a user
@@ -21,6 +22,7 @@ import json
 import logging
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -94,7 +96,7 @@ def route(disks: Sequence[ExposedDisk], images: Sequence[tuple[str, Path, str]],
         return list(disks), None
     appliance = Appliance(workdir / "guestfs", root=root)
     try:
-        found = _start(appliance, images, items, workdir, recorder)
+        found = _start(appliance, _drives(disks, images), items, workdir, recorder)
     except Unavailable as exc:
         close(appliance)
         wanted = {item["where"] for item in items}
@@ -143,7 +145,25 @@ def helper_env() -> dict[str, str]:
     return env
 
 
-def _start(appliance: Appliance, images: Sequence[tuple[str, Path, str]], items: list,
+def _drives(disks: Sequence[ExposedDisk],
+            images: Sequence[tuple[str, Path, str]]) -> list[dict]:
+    """What the appliance opens: each disk's NBD export of qemu-storage-daemon (the image
+    in its own format, read-only) where there is one, so that the appliance holds no lock
+    on the images (a split backup's release commits into them while it still shuts down);
+    else the image file in its format."""
+    drives = []
+    for disk, (_, image, image_format) in zip(disks, images, strict=True):
+        uri = urllib.parse.urlsplit(disk.nbd_uri) if disk.nbd_uri else None
+        if uri is None:
+            drives.append({"path": str(image), "format": image_format})
+            continue
+        socket = urllib.parse.parse_qs(uri.query)["socket"][0]
+        drives.append({"path": uri.path.lstrip("/"), "format": "raw", "protocol": "nbd",
+                       "server": [f"unix:{socket}"]})
+    return drives
+
+
+def _start(appliance: Appliance, drives: list[dict], items: list,
            workdir: Path, recorder) -> list[dict]:
     """Start the helper and wait until its filesystems are served; what it found."""
     if not Path(GUESTFS_PYTHON).exists():
@@ -152,8 +172,7 @@ def _start(appliance: Appliance, images: Sequence[tuple[str, Path, str]], items:
     result, stderr_path = workdir / "guestfs.json", workdir / "guestfs.stderr"
     result.unlink(missing_ok=True)
     stderr_path.unlink(missing_ok=True)  # a previous appliance's, in the same work dir
-    request = {"drives": [{"path": str(image), "format": image_format}
-                          for _, image, image_format in images],
+    request = {"drives": drives,
                "fuse": str(appliance.fuse), "result": str(result), "smp": 2, "items": items}
     if recorder is not None:
         recorder.append("mounts", str(appliance.fuse))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,18 @@ def extracted(repo: Path, archive: str, path: str) -> str:
                         f"{repo}::{archive}", path], timeout=300).stdout
 
 
-def assert_nothing_left(tmp_path: Path) -> None:
+def assert_nothing_left(tmp_path: Path, wait: float = 0.0) -> None:
+    """No mount under the test's directory, no helper of this checkout running (after a
+    split backup's release the helper ends by itself once its FUSE tree is unmounted)."""
     assert not mounts.mounts_under(tmp_path)
-    helpers = subprocess.run(["pgrep", "-af", "guestfs_helper.py|\\.guestfs-"],
-                             capture_output=True, text=True).stdout
-    assert str(tmp_path) not in helpers and "guestfs_helper.py" not in helpers, helpers
+    deadline = time.monotonic() + wait
+    while True:
+        helpers = subprocess.run(["pgrep", "-af", str(guestfs_route.HELPER)],
+                                 capture_output=True, text=True).stdout
+        if not helpers or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not helpers, helpers
 
 
 def test_lvm_luks_vfat_ntfs_archived_through_libguestfs(start_demo, guestfs_disk, tmp_path,
@@ -92,10 +100,14 @@ def test_lvm_luks_vfat_ntfs_archived_through_libguestfs(start_demo, guestfs_disk
 
 
 def test_without_the_key_the_luks_volume_is_named_not_archived(start_demo, guestfs_disk,
-                                                                tmp_path, borg_repo):
+                                                                tmp_path):
+    """A split backup (`kvmsnap mount`, then `release`): the volumes stay served through
+    libguestfs until the release, which leaves nothing behind."""
     uuid = guestfs_disk[2]
     vm = start(start_demo, guestfs_disk, tmp_path)
-    done = backup(vm, tmp_path, borg_repo)
+    root = tmp_path / "mnt"
+    done = kvmsnap("mount", "--qmp", str(vm.paths.backup_qmp), "--workdir",
+                   str(tmp_path / "work"), "--mount-root", str(root), "--json", timeout=1800)
     assert done.returncode == 1, done.stderr[-3000:]
     report = json.loads(done.stdout)
     parts = {p["where"]: p for p in report["partitions"]}
@@ -103,4 +115,10 @@ def test_without_the_key_the_luks_volume_is_named_not_archived(start_demo, guest
     assert report["warnings"] == [
         f"vextra/p2 (crypto_LUKS) NOT ARCHIVED: LUKS volume {uuid}: no key (luks_keys)"]
     assert parts["vextra/lvm/kvg/srv"]["outcome"] == "archived"
-    assert_nothing_left(tmp_path)
+    assert (root / "vextra/lvm/kvg/srv/marker-srv.txt").read_text() == "marker srv\n"
+    assert (root / "vextra/p3/marker-vfat.txt").read_text() == "marker vfat\n"
+
+    released = kvmsnap("release", "--qmp", str(vm.paths.backup_qmp))
+    assert released.returncode == 0, released.stderr[-2000:]
+    assert not root.exists() or list(root.iterdir()) == []
+    assert_nothing_left(tmp_path, wait=120)
