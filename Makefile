@@ -17,6 +17,12 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	restic fuse3 libnbd-bin libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config \
 	dosfstools lvm2 curl ovmf
+# libguestfs (files mode's route for LVM, LUKS, vfat, NTFS the host kernel cannot mount):
+# installed without Recommends (they pull a desktop's worth of tools); the appliance's
+# kernel is only a Recommends, so it is named here; ntfs-3g and btrfs-progs give the NTFS and
+# btrfs verdicts (ntfsinfo, btrfs inspect-internal).
+APT_PACKAGES_NO_RECOMMENDS := libguestfs-tools python3-guestfs linux-image-amd64 \
+	ntfs-3g btrfs-progs
 
 .PHONY: help deps venv guest qemu10 demo test lint bench clean install uninstall
 
@@ -31,15 +37,22 @@ help:
 	@echo "                 $(KVMSNAP_HOME)/hooks, the systemd units (EXTRAS=libvirt,tools adds those)"
 	@echo "make uninstall - remove what make install put in place (not /etc/kvmsnap)"
 
+# Each list: install what is missing (nothing when all are there), the second one without
+# Recommends.
 deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+	@$(call apt_install,$(APT_PACKAGES),)
+	@$(call apt_install,$(APT_PACKAGES_NO_RECOMMENDS),--no-install-recommends)
+
+define apt_install
+	missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run as root)"; exit 2; fi; \
 		echo "installing Debian packages:" $$missing; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing; \
 	fi
+endef
 
 $(STAMP): pyproject.toml | deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -44,7 +44,7 @@ EXIT_OK, EXIT_WARNING, EXIT_ERROR, EXIT_SKIP, EXIT_INTERRUPTED = 0, 1, 2, 75, 13
 #: options that are config keys too (command line and [defaults]/[[vm]] share the names)
 SETTINGS = ("method", "shutdown_timeout", "repress_after", "on_unclean", "keep", "workdir",
             "overlay_dir", "clone_console", "mount_root", "collapse_huge_pages", "min_free",
-            "max_pause", "clone_drop", "allow_remote_workdir", "skip_partitions")
+            "max_pause", "clone_drop", "allow_remote_workdir", "skip_partitions", "luks_keys")
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,10 @@ def _job_from_args(args: argparse.Namespace,
 
 def _settings(args: argparse.Namespace) -> dict[str, object]:
     """The options given (not None), by their config keys."""
-    return {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    given = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    if "luks_keys" in given:  # --luks-key UUID=FILE, as the config's table
+        given["luks_keys"] = dict(item.partition("=")[::2] for item in given["luks_keys"])
+    return given
 
 
 def cmd_fork(args: argparse.Namespace) -> int:

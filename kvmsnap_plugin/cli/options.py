@@ -94,6 +94,9 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="a partition known to be left out, so it does not warn (exit 1) "
                      "every night: label:NAME, uuid:UUID, type:GUID|0xNN|KIND|FSTYPE or "
                      "where:DISK/pN; repeatable")
+    cmd.add_argument("--luks-key", action="append", metavar="UUID=FILE", dest="luks_keys",
+                     help="the key file of the guest's LUKS volume UUID: files mode opens it "
+                     "(read-only, through libguestfs) and archives its files; repeatable")
 
 
 def add_many_vm_arguments(backup: argparse.ArgumentParser) -> None:

@@ -198,7 +198,7 @@ def _fork_options(settings: Mapping[str, Any]) -> ForkOptions:
         clone_drop=tuple(settings.get("clone_drop", ())),
         allow_remote_workdir=settings.get("allow_remote_workdir", False),
         skip_partitions=tuple(settings.get("skip_partitions", ())),
-        luks_keys=tuple((uuid, Path(file))
+        luks_keys=tuple((uuid.lower(), Path(file))
                         for uuid, file in settings.get("luks_keys", {}).items()),
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, create_model
@@ -60,6 +61,13 @@ def _size(value: Any) -> int:
     return size
 
 
+def _key_files_exist(keys: dict[str, str]) -> None:
+    for uuid, file in keys.items():
+        if not Path(file).is_file():
+            raise UsageError(f"the key file {file} of LUKS volume {uuid} does not exist",
+                             "give the path of a readable key file")
+
+
 def key(expected: str, example: Any, **constraints: Any) -> Any:
     """A key that may be left out; ``expected`` and ``example`` word its error message."""
     return Field(None, description=expected, examples=[example], **constraints)
@@ -103,8 +111,8 @@ class RunKeys(Table):
         via(lambda rules: [SkipRule.parse(r) for r in rules]))] | None = key(
         "a list of rules such as label:NAME, uuid:UUID, type:KIND, where:DISK/pN",
         ["label:SWAP"])
-    luks_keys: dict[str, Text] | None = key("a table of LUKS UUID = key file path",
-                                            {"UUID": "/root/keys/data.key"})
+    luks_keys: Annotated[dict[str, Text], AfterValidator(via(_key_files_exist))] | None = key(
+        "a table of LUKS UUID = key file path", {"UUID": "/root/keys/data.key"})
     # commands run after a VM's backup, by outcome (model.VmCommands)
     on_success: Argv | None = key(ARGV, ["curl", "-fsS", "https://hc.example/UUID"])
     on_warning: Argv | None = key(ARGV, ["curl", "-fsS", "https://hc.example/UUID/log"])

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvmsnap_plugin.disks import classify, verify
+from kvmsnap_plugin.disks import classify, guestfs_route, verify
 from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.host import dirs, mounts, process
 from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure, Outcome, SkipRule
@@ -77,6 +77,8 @@ class Exposed:
     #: the NBD socket's private directory, removed by :func:`unexpose`
     sockets: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     nbd_uris: list[str] = field(default_factory=list)
+    #: what the host cannot mount, served by libguestfs (disks/guestfs_route.py)
+    appliance: guestfs_route.Appliance | None = None
 
 #: the largest firmware flash copied into files mode (x86's pflash window: 64 MiB)
 MAX_FLASH_BYTES = 64 << 20
@@ -90,11 +92,12 @@ Image = tuple[str, Path, str]
 @contextlib.contextmanager
 def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
             mount: bool = True, timeout: float = 60.0,
-            recorder: Recorder | None = None,
-            skip: Sequence[SkipRule] = (), flash: Collection[str] = ()) -> Iterator[Exposure]:
+            recorder: Recorder | None = None, skip: Sequence[SkipRule] = (),
+            flash: Collection[str] = (), luks_keys: Sequence[tuple[str, Path]] = (),
+            guestfs: bool = True) -> Iterator[Exposure]:
     """:func:`expose`, undone on exit."""
     handle = expose(images, workdir, root, mount=mount, timeout=timeout, recorder=recorder,
-                    skip=skip, flash=flash)
+                    skip=skip, flash=flash, luks_keys=luks_keys, guestfs=guestfs)
     try:
         yield handle.view
     finally:
@@ -104,7 +107,8 @@ def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
 def expose(images: Sequence[Image], workdir: Path, root: Path, *,
            mount: bool = True, timeout: float = 60.0,
            recorder: Recorder | None = None, skip: Sequence[SkipRule] = (),
-           flash: Collection[str] = ()) -> Exposed:
+           flash: Collection[str] = (), luks_keys: Sequence[tuple[str, Path]] = (),
+           guestfs: bool = True) -> Exposed:
     """Expose ``(name, image, format)``: raw views in ``workdir/images``, filesystems under
     ``root``. Undo with :func:`unexpose` (done here on failure).
 
@@ -112,7 +116,10 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
     is made, so recovery can undo them after a crash, and a split backup (``kvmsnap
     mount``) can leave them for ``kvmsnap release``. Every partition is classified
     (disks/classify.py); what ``skip`` names is not mounted. The disks ``flash`` names are
-    firmware flashes: copied beside the trees (:func:`flash_file`), not classified.
+    firmware flashes: copied beside the trees (:func:`flash_file`), not classified. In files
+    mode what the host cannot mount (LVM, LUKS with a key in ``luks_keys``, vfat, NTFS...) is
+    opened through libguestfs (disks/guestfs_route.py) unless ``guestfs`` is False (image
+    mode: its appliance costs 20-60 s and the images hold everything anyway).
     """
     record = recorder or _Nowhere()
     dirs.private_dir(root, "the mount root")
@@ -141,6 +148,10 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
                      record)
             log.info("%s is a firmware flash (the UEFI variable store): files mode archives "
                      "it whole as %s", name, flash_file(name, len(flashes)))
+        if mount and guestfs:
+            handle.view.disks[:], handle.appliance = guestfs_route.route(
+                handle.view.disks, images, root, workdir, keys=luks_keys, skip=skip,
+                recorder=recorder)
     except BaseException:
         unexpose(handle)
         raise
@@ -177,6 +188,8 @@ def unexpose(handle: Exposed) -> None:
     for name in view.extra_files:
         (view.root / name).unlink(missing_ok=True)
         (view.images_dir / name).unlink(missing_ok=True)
+    guestfs_route.close(handle.appliance)
+    handle.appliance = None
     for mountpoint in reversed(handle.mounts):
         mounts.unmount(mountpoint)
     for loop in reversed(handle.loops):

@@ -347,9 +347,11 @@ def _shut_down_clone(run: Run, clone_plan: ClonePlan, point: ForkPoint) -> Stopp
 def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposure:
     """The disks to archive, read-only, with the VM's record beside them."""
     run.journal.record(clone=None, phase=Phase.SHUT_DOWN)
+    image_only = bool(run.job.targets) and all(t.mode is Mode.IMAGE for t in run.job.targets)
     exposed = expose(stopped.images, run.workdir, run.root, recorder=run.journal,
-                     skip=run.job.fork.skip_partitions,
-                     flash={d.device for d in stopped.point.parent.writable_disks if d.flash})
+                     skip=run.job.fork.skip_partitions, luks_keys=run.job.fork.luks_keys,
+                     flash={d.device for d in stopped.point.parent.writable_disks if d.flash},
+                     guestfs=not image_only)
     cleanup.callback(unexpose, exposed)
     record = metadata.record_of(stopped.point, run.id, stopped.label, run.job.name)
     add_file(exposed.view, METADATA_FILE, record.to_json(), run.journal)

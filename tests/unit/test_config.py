@@ -262,11 +262,12 @@ def test_the_repress_delay_never_outlasts_the_timeout(tmp_path):
 def test_the_margin_the_pause_cap_and_luks_keys_read_as_sizes_seconds_paths(tmp_path):
     text = ('[defaults]\nmin_free = "2G"\nmax_pause = 1.5\n' + VM +
             '[[vm]]\nqmp = "/run/b.qmp"\narchivers = ["b"]\nmin_free = 0\nmax_pause = 30\n'
-            'luks_keys = { "0b1c" = "/root/k" }\n' + BORG)
+            f'luks_keys = {{ "0B1C" = "{tmp_path / "k"}" }}\n' + BORG)
+    (tmp_path / "k").write_text("key")
     a, b = jobs_of(tmp_path, text)
     assert (a.fork.min_free, a.fork.max_pause) == (2 << 30, 1.5)
     assert (b.fork.min_free, b.fork.max_pause) == (0, 30.0)
-    assert b.fork.luks_keys == (("0b1c", Path("/root/k")),)
+    assert b.fork.luks_keys == (("0b1c", tmp_path / "k"),)
     [job] = load_config(REPO / "contrib" / "kvmsnap.toml", TYPES).jobs[:1]
     assert job.fork.min_free == MIN_FREE == 1 << 30 and job.fork.max_pause == 5
 

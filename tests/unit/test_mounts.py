@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin.host import mounts
+from kvmsnap_plugin.host import mounts, process
 
 TABLE = """\
 /dev/vda1 / ext4 rw,relatime 0 0
@@ -67,3 +67,22 @@ def test_network_and_fuse_filesystems_are_remote():
 
 def test_this_hosts_own_mount_table_is_read():
     assert mounts.filesystem_type(Path("/proc/self")) == "proc"
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
+def test_each_filesystem_this_host_mounts_accepts_its_read_only_options(tmp_path, fstype):
+    """The options reach the real kernel: one it does not know would fail every mount of
+    that type, and only a guest with such a filesystem would show it."""
+    image = tmp_path / f"{fstype}.img"
+    with open(image, "wb") as out:
+        out.truncate(320 << 20)  # xfs wants >= 300 MiB, btrfs >= 109 MiB
+    process.run([f"mkfs.{fstype}", "-q", *(["-f"] if fstype == "btrfs" else []), str(image)],
+                timeout=60)
+    target = tmp_path / "mnt"
+    target.mkdir()
+    with mounts.loop_attached(image) as loop:
+        mounts.mount_read_only(loop, target, fstype)
+        try:
+            assert mounts.is_mountpoint(target)
+        finally:
+            mounts.unmount(target, remove=False)
