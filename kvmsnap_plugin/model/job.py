@@ -174,6 +174,8 @@ class BackupReport:
     partitions: list[PartitionRecord] = field(default_factory=list)
     #: targets that got no archive (the others were still attempted): exit code 2
     failed_targets: list[TargetFailure] = field(default_factory=list)
+    #: ``verify = true``: what booting the image archive it made proved
+    verified: VerifyReport | None = None
 
     @property
     def clean(self) -> bool:

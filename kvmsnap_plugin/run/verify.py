@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvmsnap_plugin.disks import classify, verify
@@ -34,6 +34,8 @@ from kvmsnap_plugin.host import dirs, process
 from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.host.resources import make_oom_victim
 from kvmsnap_plugin.model import (
+    BackupJob,
+    BackupReport,
     CloneDisk,
     ParentDisk,
     ShutdownPolicy,
@@ -75,6 +77,27 @@ def verify_restic(repository: str, settings: VerifySettings, run: str | None = N
     """Verify one image backup (``run``, default the latest, optionally of ``vm``)."""
     return _verify(lambda work: fetch_restic(repository, work, run, vm), settings, workdir,
                    console_copy)
+
+
+def verify_backup(job: BackupJob, report: BackupReport) -> BackupReport:
+    """``verify = true``: boot the image archive this backup just made; a backup that does
+    not prove out is a warning (it exists, but may not restore), named in the report."""
+    image = next((a for a in report.archives if a.kind == "image"
+                  and a.type in ("borg", "restic")), None)
+    if image is None:
+        report.warnings.append("verify: this backup made no borg or restic image archive "
+                               "to boot")
+        return report
+    target = next(t for t in job.targets if t.name == image.target)
+    repository = str(target.option("repository", ""))
+    if image.type == "borg":
+        proved = verify_borg(f"{repository}::{image.name}", job.verify, job.fork.workdir)
+    else:
+        proved = verify_restic(repository, job.verify, vm=job.name,
+                               workdir=job.fork.workdir)
+    if proved.exit_code:
+        report.warnings.append(f"verify: not proven: {proved.reason}")
+    return replace(report, verified=proved)
 
 
 def _verify(fetch: Callable[[Path], Fetched], settings: VerifySettings, workdir: Path,

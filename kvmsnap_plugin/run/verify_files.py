@@ -21,10 +21,9 @@ def filesystems(listing: dict[str, int], disk: str) -> dict[str, tuple[int, int]
     found: dict[str, tuple[int, int]] = {}
     for path, size in listing.items():
         parts = path.split("/")
-        if parts[0] != disk:
+        if parts[0] != disk or len(parts) == 1:
             continue
-        where = "/".join(parts[:2]) if len(parts) > 2 and re.fullmatch(r"p\d+", parts[1]) \
-            else disk
+        where = "/".join(parts[:2]) if re.fullmatch(r"p\d+", parts[1]) else disk
         files, total = found.get(where, (0, 0))
         if size >= 0:
             files, total = files + 1, total + size
