@@ -123,7 +123,8 @@ def _verify(fetch: Callable[[Path], Fetched], settings: VerifySettings, workdir:
         if fetched.record.label != "clean" and not report.reason:
             report.reason = f"the backup is {fetched.record.label}: it booted, but was " \
                             "not shut down cleanly when it was taken"
-    log.info("%s: %s", report.source, render(report))
+    log.info("verified %s: %s", report.source, "ok" if report.exit_code == 0 else
+             f"not proven (exit {report.exit_code}): {report.reason}")
     return report
 
 
