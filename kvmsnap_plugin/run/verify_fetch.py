@@ -89,9 +89,13 @@ def _borg_run(argv: list[str], cwd: Path, missing: str = "") -> None:
 
 def fetch_restic(repository: str, work: Path, run: str | None = None,
                  vm: str | None = None) -> Fetched:
-    """One image backup (``run``, default the latest, optionally of ``vm``) of restic."""
+    """One backup (``run``, default the latest, optionally of ``vm``) of restic: its image
+    snapshots, or its files snapshot if it has none."""
     restic = process.ShProgram("restic", "restic", timeout=TIMEOUT)
-    snapshots = _restic_snapshots(restic, repository, run, vm)
+    try:
+        snapshots = _restic_snapshots(restic, repository, run, vm)
+    except (ArchiveError, UsageError) as no_image:  # a files-only backup, perhaps
+        return _restic_files(restic, repository, work, run, vm, no_image)
     run = next(t[4:] for t in snapshots[0].get("tags", []) if t.startswith("run:"))
     source = f"{repository} run {run}"
 
@@ -111,6 +115,39 @@ def fetch_restic(repository: str, work: Path, run: str | None = None,
         images[disk.device] = _restic_dump(restic.path, repository, snapshot_of(name), name,
                                            work / name)
     return Fetched(record, source, "image", images=images)
+
+
+def _restic_files(restic: process.ShProgram, repository: str, work: Path, run: str | None,
+                  vm: str | None, no_image: Exception) -> Fetched:
+    """The files snapshot of ``run`` (default the latest), as a listing under its root
+    (where ``kvmsnap-vm.json`` lies beside the disks' trees)."""
+    tags = "kvmsnap,files" + (f",vm:{vm}" if vm else "")
+    try:
+        found = json.loads(restic.run(["-r", repository, "snapshots", "--json", "--tag",
+                                       tags]).stdout or "[]")
+    except process.ProcessError as exc:
+        raise ArchiveError(f"restic snapshots failed: {exc}", exc.hint) from None
+    found = [s for s in sorted(found, key=lambda s: s["time"], reverse=True)
+             if run is None or f"run:{run}" in s.get("tags", [])]
+    if not found:
+        raise no_image
+    snapshot = found[0]["id"]
+    source = f"{repository} files snapshot {snapshot[:8]}"
+    try:
+        out = restic.run(["-r", repository, "ls", "--json", snapshot]).stdout
+    except process.ProcessError as exc:
+        raise ArchiveError(f"restic ls failed: {exc}", exc.hint) from None
+    nodes = [n for n in map(json.loads, filter(str.strip, out.splitlines()))
+             if n.get("struct_type") == "node"]
+    meta = next((n["path"] for n in nodes if n["path"].endswith(f"/{METADATA_FILE}")), None)
+    if meta is None:
+        raise ArchiveError(f"{source} holds no {METADATA_FILE}: not a kvmsnap backup",
+                           "pick a snapshot kvmsnap made (restic snapshots --tag kvmsnap)")
+    root = meta[:-len(METADATA_FILE)]
+    _restic_dump(restic.path, repository, snapshot, meta.lstrip("/"), work / METADATA_FILE)
+    listing = {n["path"][len(root):]: int(n.get("size", 0)) if n.get("type") == "file"
+               else -1 for n in nodes if n["path"].startswith(root)}
+    return Fetched(_record(work / METADATA_FILE, source), source, "files", listing=listing)
 
 
 def _restic_dump(restic: str, repository: str, snapshot: str, name: str, dest: Path) -> Path:

@@ -11,18 +11,26 @@ import pytest
 from cli_helpers import kvmsnap
 
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, ShutdownPolicy
+from kvmsnap_plugin.model import (
+    ArchiveTarget,
+    BackupJob,
+    ForkOptions,
+    ShutdownPolicy,
+    VerifySettings,
+)
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
-from kvmsnap_plugin.run.pipeline import backup
+from kvmsnap_plugin.run.fleet import backup_or_plan
 
 pytestmark = pytest.mark.qemu
 
 
-def backed_up(qmp: Path, tmp_path: Path, *targets: ArchiveTarget, timeout: float = 60):
+def backed_up(qmp: Path, tmp_path: Path, *targets: ArchiveTarget, timeout: float = 60,
+              verify: VerifySettings | None = None):
+    """A backup as a run makes it (with ``verify``: ``verify = true``, verified after)."""
     job = BackupJob("guest", qmp, ForkOptions(workdir=tmp_path / "work",
                                               shutdown=ShutdownPolicy(timeout=timeout)),
-                    targets)
-    return backup(job, Hooks(plugin_manager(entry_points=False)))
+                    targets, verify=verify or VerifySettings())
+    return backup_or_plan(Hooks(plugin_manager(entry_points=False)))(job)
 
 
 def verify(tmp_path: Path, *args: str) -> tuple[int, dict]:
@@ -43,11 +51,20 @@ def test_a_demo_backup_verifies_by_its_console_and_its_files(start_demo, tmp_pat
                                                             restic_repo):
     vm = start_demo()
     vm.wait_counter(3)
+    restic_files = tmp_path / "restic-files"  # a files-only backup
+    process.run(["restic", "init", "-r", restic_files], timeout=120)
     report = backed_up(vm.paths.backup_qmp, tmp_path,
                        ArchiveTarget("borg", "borg", "both", {"repository": str(borg_repo)}),
                        ArchiveTarget("restic", "restic", "image",
-                                     {"repository": str(restic_repo)}))
+                                     {"repository": str(restic_repo)}),
+                       ArchiveTarget("restic-files", "restic", "files",
+                                     {"repository": str(restic_files)}),
+                       verify=VerifySettings(True, console="KVMSNAP-READY"))
     names = {a.kind: a.name for a in report.archives if a.type == "borg"}
+    # verify = true: the image archive was booted right after the backup
+    assert report.verified.exit_code == 0 and report.verified.came_up, report.verified
+    assert report.verified.source == f"{borg_repo}::{names['image']}"
+    assert not report.warnings
 
     for source in (["--borg", f"{borg_repo}::{names['image']}"],
                    ["--restic", str(restic_repo), "--vm", "guest"]):
@@ -68,6 +85,10 @@ def test_a_demo_backup_verifies_by_its_console_and_its_files(start_demo, tmp_pat
     assert result["mode"] == "files" and "marker vdisk0/workload.log: present" in result["checked"]
     code, result = verify(tmp_path, "--borg", files, "--file", "vdisk0/etc/no-such-marker")
     assert code == 2 and result["reason"] == "marker file vdisk0/etc/no-such-marker is missing"
+    code, result = verify(tmp_path, "--restic", str(restic_files), "--file",
+                          "vdisk0/clean-shutdown")
+    assert code == 0 and result["mode"] == "files", result
+    assert "marker vdisk0/clean-shutdown: present" in result["checked"]
     assert_nothing_left(tmp_path)
 
 
