@@ -50,9 +50,11 @@ from kvmsnap_plugin.run.verify_files import check_files
 from kvmsnap_plugin.vm.clone import nic_names
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
 from kvmsnap_plugin.vm.clone_options import ClonePolicy
+from kvmsnap_plugin.vm.clone_secrets import clone_master_key, master_key_of
 from kvmsnap_plugin.vm.confine import SANDBOX, clone_env
 from kvmsnap_plugin.vm.guest_agent import GuestAgent
 from kvmsnap_plugin.vm.machine import Machine
+from kvmsnap_plugin.vm.qemu_args import parse_argv
 from kvmsnap_plugin.vm.qemu_help import binary_options
 from kvmsnap_plugin.vm.shutdown import shut_down
 
@@ -164,6 +166,11 @@ def plan_boot(record: VmRecord, overlays: list[CloneDisk], work: Path,
                         workdir=work, agent_socket=agent, policy=ClonePolicy(known=known))
     if argv[-2:] == ["-incoming", "defer"]:  # a fresh boot: no RAM state to load
         argv = argv[:-2]
+    if any(master_key_of(o.value or "") for o in parse_argv(record.argv)[1]
+           if o.name == "object"):
+        # libvirt's per-run key is long gone; the secrets it encrypted were not recorded
+        # (redacted) either, so a fresh key serves what remains: QEMU's start.
+        dirs.create_file(clone_master_key(work), os.urandom(32))
     if known and "sandbox" in known.with_value:
         argv += ["-sandbox", ",".join(["on", *(f"{k}={v}" for k, v in SANDBOX.items())])]
     return BootPlan(argv, qmp, console, agent)

@@ -123,3 +123,18 @@ def test_the_agent_is_synced_before_it_is_asked(tmp_path):
     thread.join()
     server.close()
     assert Path(path).exists()
+
+
+def test_a_libvirt_record_boots_with_a_fresh_master_key(tmp_path):
+    """libvirt's per-run key is gone by the time a backup is verified: QEMU gets one."""
+    from test_clone_argv import libvirt_argv
+
+    image = tmp_path / "kvmsnap-exp.qcow2"
+    argv = libvirt_argv(image, Path("/run/libvirt/qemu/domain-1-kvmsnap-exp"))
+    libvirt = VmRecord("kvmsnap-exp", "RUN", "2026-01-01T00:00:00+00:00", "clean", "file",
+                       argv, [RecordedDisk("vda", str(image), "qcow2", 1 << 30)])
+    overlay = CloneDisk("vda", tmp_path / "verify-vda.qcow2", tmp_path / "vda.raw", "raw")
+    plan = plan_boot(libvirt, [overlay], tmp_path, tmp_path / "sockets")
+    key = tmp_path / "master-key.aes"
+    assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o777 == 0o600
+    assert str(key) in " ".join(plan.argv) and "domain-1-kvmsnap-exp" not in " ".join(plan.argv)
