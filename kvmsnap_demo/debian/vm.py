@@ -23,8 +23,10 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def debian_argv(guest: DebianGuest, accel: str, paths: DemoPaths, *, memory_mib: int = 1024,
-                smp: int = 1, nic: bool = True, extra_args: Sequence[str] = ()) -> list[str]:
-    """The QEMU command line, shaped like the demo guest's (and libvirt's) for kvmsnap."""
+                smp: int = 1, nic: bool = True, extra_args: Sequence[str] = (),
+                agent: bool = False) -> list[str]:
+    """The QEMU command line, shaped like the demo guest's (and libvirt's) for kvmsnap.
+    ``agent``: the guest agent's channel (qemu-guest-agent is installed in the guest)."""
     argv = [
         process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-debian",
@@ -43,6 +45,12 @@ def debian_argv(guest: DebianGuest, accel: str, paths: DemoPaths, *, memory_mib:
     if nic:
         argv += ["-netdev", "user,id=net0,restrict=on",
                  "-device", "virtio-net-pci,netdev=net0,id=nic0"]
+    if agent:
+        argv += ["-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", f"socket,id=qga0,path={paths.qmp.with_name('qga.sock')},"
+                             "server=on,wait=off",
+                 "-device", "virtserialport,bus=vser0.0,chardev=qga0,"
+                            "name=org.qemu.guest_agent.0"]
     return argv + list(extra_args)
 
 
@@ -98,7 +106,7 @@ class DebianVM(WorkloadVM):
 def debian_vm(guest: DebianGuest, accel: str, workdir: Path, memory_mib: int = 1024, *,
               smp: int = 1, nic: bool = True, extra_args: Sequence[str] = (),
               disk: Path | None = None,
-              extra_disks: Sequence[Path] = ()) -> Iterator[DebianVM]:
+              extra_disks: Sequence[Path] = (), agent: bool = False) -> Iterator[DebianVM]:
     """Start the guest on a fresh qcow2 overlay in ``workdir``; always stop QEMU after.
 
     The overlay and the console log stay in ``workdir`` (the caller's) for inspection.
@@ -111,7 +119,7 @@ def debian_vm(guest: DebianGuest, accel: str, workdir: Path, memory_mib: int = 1
         paths = DemoPaths(workdir, (overlay, *extra_disks), sockets / "qmp.sock",
                           sockets / "backup-qmp.sock", workdir / "console.log")
         argv = debian_argv(guest, accel, paths, memory_mib=memory_mib, smp=smp, nic=nic,
-                           extra_args=extra_args)
+                           extra_args=extra_args, agent=agent)
         with DebianVM(argv, paths, guest) as vm:
             yield vm
 

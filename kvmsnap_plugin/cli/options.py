@@ -126,3 +126,25 @@ def add_backup_arguments(backup: argparse.ArgumentParser) -> None:
     backup.add_argument("--dry-run", action="store_true",
                         help="show what would be done, touching nothing")
     add_many_vm_arguments(backup)
+
+
+def add_verify_arguments(verify: argparse.ArgumentParser) -> None:
+    """``kvmsnap verify``: which backup, and what proves it came up (config keys verify_*)."""
+    verify.add_argument("--borg", metavar="REPO::ARCHIVE", help="a borg archive (image: "
+                        "booted; files: its trees and marker files checked)")
+    verify.add_argument("--restic", metavar="REPO", help="a restic repository (image backups)")
+    verify.add_argument("--run", help="with --restic: the backup's run id (default: latest)")
+    verify.add_argument("--vm", help="with --restic: the latest backup of this VM")
+    verify.add_argument("--command", metavar="ARGV", dest="verify_command",
+                        help='run this in the guest through its agent; exit status 0: it came '
+                        'up (split like a shell would, never run by one), e.g. "systemctl '
+                        'is-system-running --wait"')
+    verify.add_argument("--console", metavar="REGEX", dest="verify_console",
+                        help='it came up when a console line matches, e.g. "login:|READY"')
+    verify.add_argument("--timeout", type=float, metavar="SECONDS", dest="verify_timeout",
+                        help="for the guest to come up, and again to shut down (default 600)")
+    verify.add_argument("--file", action="append", metavar="PATH", dest="verify_files",
+                        help="a files archive must hold this file (vdisk0/p1/etc/hostname)")
+    verify.add_argument("--workdir", help=f"private work directory (default {DEFAULT_WORKDIR})")
+    verify.add_argument("--clone-console", metavar="FILE",
+                        help="keep the booted copy's console log here")

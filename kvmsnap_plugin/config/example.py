@@ -54,6 +54,10 @@ qmp = "/run/qemu/db.qmp"
 mode = "both"                  # also raw images, for bare-metal style restores
 shutdown_timeout = 600         # its database takes a while to stop
 archivers = ["local-borg"]
+# verify = true                # boot each backup's image archive in a sandbox after it
+#                              # is made; not proven: a warning (`kvmsnap verify` by hand)
+# verify_command = ["systemctl", "is-system-running", "--wait"]  # via the guest agent
+# verify_console = "login:"    # or: came up when a console line matches this regex
 
 # [[vm]]
 # domain = "mail"              # a libvirt domain, by name (named after it)

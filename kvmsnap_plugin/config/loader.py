@@ -36,8 +36,10 @@ from kvmsnap_plugin.model import (
     RamMethod,
     RunSettings,
     ShutdownPolicy,
+    VerifySettings,
     VmCommands,
 )
+from kvmsnap_plugin.model.job import VERIFY_TIMEOUT
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR
 from kvmsnap_plugin.plugin.archive import absolute_repository
 
@@ -121,7 +123,21 @@ def _job(vm: VmTable, where: str, around: tuple[dict[str, Any], dict[str, Any]],
                      _fork_options(settings), tuple(targets), domain=vm.domain,
                      libvirt_uri=settings.get("libvirt_uri") or run.libvirt_uri,
                      commands=VmCommands(*(tuple(settings.get(c, ())) for c in COMMANDS)),
-                     name_given=bool(vm.name or vm.domain))
+                     name_given=bool(vm.name or vm.domain),
+                     verify=_verify_settings(settings, mode, where))
+
+
+def _verify_settings(settings: Mapping[str, Any], mode: Mode, where: str) -> VerifySettings:
+    """``verify = true`` boots the backup's image archive: a files-only backup has none."""
+    if settings.get("verify") and mode is Mode.FILES:
+        raise UsageError(f"{where}: verify = true needs an image archive, and mode is files",
+                         'set mode = "image" or "both", or verify files archives with '
+                         "`kvmsnap verify --borg REPO::ARCHIVE --file PATH`")
+    return VerifySettings(bool(settings.get("verify")), tuple(settings.get("verify_command",
+                                                                           ())),
+                          settings.get("verify_console", ""),
+                          settings.get("verify_timeout", VERIFY_TIMEOUT),
+                          tuple(settings.get("verify_files", ())))
 
 
 def _refuse_duplicates(jobs: list[BackupJob], path: Path) -> None:

@@ -117,6 +117,13 @@ class RunKeys(Table):
     on_success: Argv | None = key(ARGV, ["curl", "-fsS", "https://hc.example/UUID"])
     on_warning: Argv | None = key(ARGV, ["curl", "-fsS", "https://hc.example/UUID/log"])
     on_failure: Argv | None = key(ARGV, ["curl", "-fsS", "https://hc.example/UUID/fail"])
+    # boot each backup's image archive right after it is made (model.VerifySettings)
+    verify: bool | None = key("true or false", True)
+    verify_command: Argv | None = key(ARGV, ["systemctl", "is-system-running", "--wait"])
+    verify_console: Text | None = key("a regex", "login:|KVMSNAP-READY")
+    verify_timeout: float | None = key("a number of seconds above 0", 600, gt=0)
+    verify_files: list[Text] | None = key("a list of paths in the files archive",
+                                          ["vdisk0/p1/etc/hostname"])
 
 
 class Defaults(RunKeys):

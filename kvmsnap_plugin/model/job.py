@@ -134,6 +134,8 @@ class BackupJob:
     #: False: ``name`` only stands in (the socket's path) until the VM is asked for its own
     #: (QEMU's -name, else its UUID, else the socket's stem) when its session opens
     name_given: bool = True
+    #: ``verify = true``: boot the image archive this backup just made (run/verify.py)
+    verify: VerifySettings = field(default_factory=lambda: VerifySettings())
 
     def named(self, name: str) -> BackupJob:
         """This job under the VM's own ``name``, unless one was given."""
@@ -172,6 +174,8 @@ class BackupReport:
     partitions: list[PartitionRecord] = field(default_factory=list)
     #: targets that got no archive (the others were still attempted): exit code 2
     failed_targets: list[TargetFailure] = field(default_factory=list)
+    #: ``verify = true``: what booting the image archive it made proved
+    verified: VerifyReport | None = None
 
     @property
     def clean(self) -> bool:
@@ -284,3 +288,70 @@ class VmRecord:
         data: dict[str, Any] = json.loads(text)
         data["disks"] = [RecordedDisk(**d) for d in data.get("disks", [])]
         return cls(**data)
+
+
+# -- verify ---------------------------------------------------------------------------------
+#: what shows a guest has booted to its prompt, when nothing else is configured
+DEFAULT_VERIFY_CONSOLE = r"login: |Reached target .*(Multi-User|Graphical)|KVMSNAP-READY"
+VERIFY_TIMEOUT = 600.0  # seconds for a restored guest to come up (TCG boots are slow)
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How to prove a backup (``kvmsnap verify``, or ``verify = true`` after each backup):
+    what shows the booted copy came up, and which files a files archive must hold."""
+
+    enabled: bool = False  # ``verify = true``: right after each backup, on its image archive
+    command: tuple[str, ...] = ()  # run through the guest agent; exit status 0: came up
+    console: str = ""  # a regex a console line must match ("" and no command: the default)
+    timeout: float = VERIFY_TIMEOUT
+    files: tuple[str, ...] = ()  # marker files a files archive must hold (vdisk0/p1/etc/...)
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise UsageError(f"verify timeout {self.timeout:g} s is too small",
+                             "give the guest time to boot, e.g. verify_timeout = 600")
+        if self.console:
+            try:
+                re.compile(self.console)
+            except re.error as exc:
+                raise UsageError(f"verify_console {self.console!r} is no regex: {exc}",
+                                 'write a Python regex, e.g. "login:|READY"') from None
+        object.__setattr__(self, "command", tuple(self.command))
+        object.__setattr__(self, "files", tuple(f.strip("/") for f in self.files))
+
+
+@dataclass
+class VerifyReport:
+    """What ``kvmsnap verify`` proved of one backup (seconds from the start of the boot)."""
+
+    vm: str
+    source: str  # REPO::ARCHIVE, or the restic repository and run
+    mode: str  # "image" or "files"
+    booted: bool = False
+    came_up: bool = False
+    shut_down_clean: bool = False
+    booted_s: float | None = None
+    came_up_s: float | None = None
+    shut_down_s: float | None = None
+    how: str = ""  # what proved it came up: "guest agent: ...", "console: ..."
+    reason: str = ""  # one line: why it is not proven (empty when all is good)
+    failed: bool = False  # the reason is a failure (exit 2), not a doubt (exit 1)
+    verdicts: list[Verdict] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)  # files mode: what was found
+    materialised_bytes: int = 0  # the space the archive's images took (sparse)
+
+    @property
+    def exit_code(self) -> int:
+        """0: all proven; 1: came up (or is complete) but not all proven; 2: did not."""
+        if self.failed or (self.mode == "image" and not self.came_up):
+            return 2
+        if self.reason or not all(v.clean for v in self.verdicts):
+            return 1
+        return 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(exit_code=self.exit_code, status={0: "ok", 1: "warning"}.get(
+            self.exit_code, "failed"))
+        return data

@@ -297,8 +297,12 @@ def backup_or_plan(hooks: Hooks | None) -> RunOne:
     """What a run does to each VM: back it up, or with --dry-run show its plan."""
     def run_one(job: BackupJob) -> BackupReport | Plan:
         from kvmsnap_plugin.run.pipeline import backup, plan
+        from kvmsnap_plugin.run.verify import verify_backup
 
-        return plan(job) if job.dry_run else backup(job, hooks)
+        if job.dry_run:
+            return plan(job)
+        report = backup(job, hooks)
+        return verify_backup(job, report) if job.verify.enabled else report
     return run_one
 
 
