@@ -128,9 +128,11 @@ def run_vm(job: BackupJob, run_one: RunOne) -> VmOutcome:
     """One VM's backup, whatever it raises, as its outcome (secrets masked)."""
     started = time.time()
     try:
-        with vm_context(job.name):  # every log line of this VM names it
-            result = run_one(job)
-        return VmOutcome(job.name, exit_code_of(result), started, time.time(), result)
+        with vm_context(job.name if job.name_given else Path(job.name).stem):
+            result = run_one(job)  # (every log line of this VM names it)
+        # a VM without a given name is named by QEMU (its -name, else its UUID)
+        name = job.name if job.name_given else result.vm
+        return VmOutcome(name, exit_code_of(result), started, time.time(), result)
     except KvmsnapError as exc:
         log.debug("%s failed", job.name, exc_info=True)
         return failed(job, exc, started)

@@ -39,6 +39,12 @@ def vm_context(name: str) -> Iterator[None]:
         current_vm.reset(token)
 
 
+def log_as_vm(name: str) -> None:
+    """From now on in this context (inside :func:`vm_context`, which restores what was
+    before), lines name ``name``: the VM's own name, once QEMU has told it."""
+    current_vm.set(name)
+
+
 class VmFilter(logging.Filter):
     """Adds ``vm`` ("-" outside a VM), ``vm_prefix`` ("web: " or "") and ``KVMSNAP_VM`` (a
     journal field) to every record."""

@@ -66,6 +66,7 @@ from kvmsnap_plugin.run.journal import (
     refuse_if_mounted,
     vm_identity,
 )
+from kvmsnap_plugin.run.logs import log_as_vm
 from kvmsnap_plugin.run.recovery import recover
 from kvmsnap_plugin.run.report import warnings_of
 from kvmsnap_plugin.run.targets import archive_each, checked_targets
@@ -158,7 +159,7 @@ def plan(job: BackupJob) -> Plan:
     clone = None
     with open_parent(job) as handle:
         parent = handle.describe()
-        job = job.named(parent.name)  # the VM's own name, if none was given
+        job = named(job, parent.name)
         if not parent.offline:
             with tempfile.TemporaryDirectory() as tmp:
                 clone = plan_clone(parent, Path(tmp), Path(tmp), monitor=handle.backend.monitor)
@@ -170,6 +171,13 @@ def plan(job: BackupJob) -> Plan:
     return Plan(parent.name, parent.pid, disks, argv,
                 [f"{t.name} ({t.type}, {t.mode})" for t in job.targets],
                 str(mount_root(job)), clone.binary.describe() if clone and clone.binary else "")
+
+
+def named(job: BackupJob, name: str) -> BackupJob:
+    """The job under the VM's own name if none was given; log lines say it from now on."""
+    job = job.named(name)
+    log_as_vm(job.name)
+    return job
 
 
 def mount_root(job: BackupJob) -> Path:
@@ -226,7 +234,7 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
     started = time.monotonic()
     with open_parent(job) as handle:
         parent = handle.describe()
-        job = job.named(parent.name)  # the VM's own name, if none was given
+        job = named(job, parent.name)
         if not parent.offline:  # refuse what cannot fit while the VM runs untouched
             check_room(parent, handle.backend.monitor, job.fork, {parent_overlay_path(
                 d, "RUN", job.fork.overlay_dir, job.fork.workdir).parent

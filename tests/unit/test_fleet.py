@@ -325,3 +325,20 @@ def test_a_parent_stopping_ends_the_program_its_vm_waits_for():
     assert len(caught) == 1 and isinstance(caught[0], HostError), caught
     threads[1].join()
     assert other == [0]
+
+
+def test_a_vm_without_a_given_name_is_reported_and_logged_under_qemus_name():
+    from kvmsnap_plugin.run.logs import current_vm, log_as_vm
+
+    seen = []
+
+    def named_by_qemu(vm: BackupJob) -> BackupReport:
+        seen.append(current_vm.get())  # before QEMU is asked: the socket's stem
+        log_as_vm("web")  # what the pipeline does once QEMU said its -name
+        seen.append(current_vm.get())
+        return report("web")
+
+    unnamed = BackupJob("/run/vms/s/qmp.sock", Path("/run/vms/s/qmp.sock"), name_given=False)
+    [outcome] = run_fleet([unnamed], RunSettings(), named_by_qemu)
+    assert outcome.vm == "web" and outcome.as_dict()["vm"] == "web"
+    assert seen == ["qmp", "web"] and current_vm.get() == ""  # restored after the VM
