@@ -9,14 +9,16 @@ STAMP := $(VENV)/.installed
 
 # Debian packages: QEMU and its tools, what the demo guest is built from, the filesystem
 # checkers, restic, FUSE (disk exports without nbd), nbdcopy (restic's image stream),
-# libvirt (its daemon for the tests, its headers for libvirt-python), and borgbackup's build
-# dependencies.
+# libvirt (its daemon for the tests, its headers for libvirt-python), borgbackup's build
+# dependencies, and the remote-repository tests' servers (openssh-server's sshd and rclone's
+# REST server, both started by the tests on 127.0.0.1 only; the system's ssh service is
+# neither enabled nor started by them).
 APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	qemu-system-x86 qemu-system-common qemu-utils \
 	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
 	restic fuse3 libnbd-bin libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config \
-	dosfstools lvm2 curl
+	dosfstools lvm2 curl openssh-server rclone
 
 .PHONY: help deps venv guest qemu10 demo test lint bench clean install uninstall
 
