@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 # checkers, restic, FUSE (disk exports without nbd), nbdcopy (restic's image stream),
 # libvirt (its daemon for the tests, its headers for libvirt-python), borgbackup's build
 # dependencies, and the remote-repository tests' servers (openssh-server's sshd and rclone's
-# REST server, both started by the tests on 127.0.0.1 only; the system's ssh service is
-# neither enabled nor started by them).
+# REST server, both started by the tests on 127.0.0.1 only and stopped after each test; the
+# tests never touch the system's ssh service, but installing openssh-server enables and
+# starts it on a host that runs systemd: `systemctl disable --now ssh` if it should not).
 APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	qemu-system-x86 qemu-system-common qemu-utils \
 	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
