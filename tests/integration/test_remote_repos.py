@@ -25,6 +25,8 @@ from kvmsnap_plugin.host import process
 pytestmark = pytest.mark.qemu
 
 BIN = Path(sys.executable).parent
+#: rclone's HTTP password: in restic's repository URL, so it must be masked like a passphrase
+REST_PASSWORD = "rest-secret-kvmsnap-test"
 SSH_OPTIONS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes " \
               "-o IdentitiesOnly=yes -o LogLevel=ERROR"
 
@@ -56,6 +58,15 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def read_bytes(pid: int) -> int:
+    """What process ``pid`` has read so far (from its stdin pipe too)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    return 0
 
 
 class Daemon:
@@ -141,11 +152,13 @@ Subsystem sftp internal-sftp
 
 @pytest.fixture
 def rest_server(tmp_path: Path) -> Iterator[Daemon]:
-    """`rclone serve restic` on a free port of 127.0.0.1, serving a new directory."""
+    """`rclone serve restic` on a free port of 127.0.0.1, serving a new directory to one
+    user with a password (HTTP basic authentication)."""
     (tmp_path / "rest").mkdir()
     port = free_port()
     daemon = Daemon(["rclone", "serve", "restic", "--addr", f"127.0.0.1:{port}",
-                     str(tmp_path / "rest")], port, tmp_path / "rclone.log")
+                     "--user", "kvmsnap", "--pass", REST_PASSWORD, str(tmp_path / "rest")],
+                    port, tmp_path / "rclone.log")
     with running(daemon):
         yield daemon
 
@@ -193,7 +206,8 @@ def restic_over_sftp(server: SshServer, tmp_path: Path) -> ResticRemote:
 
 
 def restic_over_rest(server: Daemon) -> ResticRemote:
-    remote = ResticRemote(f"rest:http://127.0.0.1:{server.port}/demo/", [])
+    remote = ResticRemote(f"rest:http://kvmsnap:{REST_PASSWORD}@127.0.0.1:{server.port}/demo/",
+                          [])
     remote("init")
     return remote
 
@@ -222,7 +236,7 @@ def restic_archiver(remote: ResticRemote, *extra_args: str) -> str:
 
 
 def assert_no_secrets(done: subprocess.CompletedProcess) -> None:
-    for secret in (BORG_PASSPHRASE, RESTIC_PASSWORD):
+    for secret in (BORG_PASSPHRASE, RESTIC_PASSWORD, REST_PASSWORD):
         assert secret not in done.stdout + done.stderr
 
 
@@ -346,15 +360,14 @@ def test_restic_over_rest_gone_mid_backup(start_demo, tmp_path, rest_server, res
     config = write_config(tmp_path, vm, restic_archiver(remote, "--limit-upload", "64"),
                           mode="image")
     proc = start_kvmsnap("backup", "--config", str(config))
-    # restic holds a lock in the repository while it reads the first disk: pull the server
-    # then. (Gone between two disks, the earlier disks' snapshots would stay, each complete,
-    # but the run would lack its kvmsnap-vm.json snapshot.)
-    locks = tmp_path / "rest" / "demo" / "locks"
-    wait_until(lambda: any(locks.iterdir()) and any(
-        "disk:vdisk0" in cmdline(pid) for pid in descendants(proc.pid)), "restic backup", proc)
+    # Pulled once restic has read 8 MiB of the first disk's stream (of 64). (Gone between
+    # two disks, the earlier disks' snapshots would stay, each complete, but the run would
+    # lack its kvmsnap-vm.json snapshot: see the README.)
+    wait_until(lambda: any(read_bytes(pid) > 8 << 20 for pid in descendants(proc.pid)
+                           if "disk:vdisk0" in cmdline(pid)), "restic reading", proc)
     rest_server.kill()
     failed = finish(proc)  # restic retries for about a minute, then gives up
-    line = assert_one_line_error(failed, "restic")
+    line = assert_one_line_error(failed, "restic backup failed: Fatal:")  # the cause
     assert_no_secrets(failed)
     assert_parent_fine(vm, tmp_path, disk_dir_before)
     rest_server.start()

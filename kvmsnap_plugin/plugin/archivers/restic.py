@@ -250,4 +250,8 @@ def _explain(exc: ProcessError, target: ArchiveTarget) -> ArchiveError:
             "unable to open config file" in text:
         return ArchiveError(f"restic: no repository at {repository}",
                             f"create it first: restic init -r {repository}")
+    if "Fatal:" in text:  # the cause; restic may print more after it (a lock it could not
+        # remove), and may not start it on a line of its own
+        fatal = text[text.rindex("Fatal:"):].splitlines()[0]
+        return ArchiveError(f"restic backup failed: {fatal}", exc.hint)
     return ArchiveError(f"restic backup failed: {exc}", exc.hint)
