@@ -9,14 +9,17 @@ STAMP := $(VENV)/.installed
 
 # Debian packages: QEMU and its tools, what the demo guest is built from, the filesystem
 # checkers, restic, FUSE (disk exports without nbd), nbdcopy (restic's image stream),
-# libvirt (its daemon for the tests, its headers for libvirt-python), and borgbackup's build
-# dependencies.
+# libvirt (its daemon for the tests, its headers for libvirt-python), borgbackup's build
+# dependencies, and the remote-repository tests' servers (openssh-server's sshd and rclone's
+# REST server, both started by the tests on 127.0.0.1 only and stopped after each test; the
+# tests never touch the system's ssh service, but installing openssh-server enables and
+# starts it on a host that runs systemd: `systemctl disable --now ssh` if it should not).
 APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	qemu-system-x86 qemu-system-common qemu-utils \
 	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
 	restic fuse3 libnbd-bin libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config \
-	dosfstools lvm2 curl ovmf
+	dosfstools lvm2 curl ovmf openssh-server rclone
 # libguestfs (files mode's route for LVM, LUKS, vfat, NTFS the host kernel cannot mount):
 # installed without Recommends (they pull a desktop's worth of tools); the appliance's
 # kernel is only a Recommends, so it is named here; ntfs-3g and btrfs-progs give the NTFS and

@@ -177,6 +177,9 @@ TYPED_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
         "tags": (list[Text] | None, key("a list of strings", ["nightly"])),
         "host": (Text | None, key("a host name", "web")),
         "timeout": (float | None, key("a number of seconds above 0", 86400, gt=0)),
+        "options": (list[Text] | None, key("a list of restic -o KEY=VALUE options",
+                                           ["sftp.command=ssh -F /root/.ssh/offsite offsite "
+                                            "-s sftp"])),
     },
 }
 

@@ -41,7 +41,7 @@ from kvmsnap_plugin.plugin.archivers import stream
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 
 TYPE = "restic"
-OPTIONS = frozenset({"repository", "tags", "host", "timeout"})
+OPTIONS = frozenset({"repository", "tags", "host", "timeout", "options"})
 PASSWORD_ENV = ("RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND")
 DEFAULT_TIMEOUT = 24 * 3600.0
 CHUNK = 4 << 20
@@ -62,7 +62,7 @@ def kvmsnap_pre_backup(job: BackupJob) -> None:
     for target in job.targets:
         if target.type == TYPE:
             try:
-                _restic(target).run(["-r", str(target.option("repository")), "cat", "config"])
+                _restic(target).run([*_repository_args(target), "cat", "config"])
             except ProcessError as exc:
                 raise _explain(exc, target) from None
 
@@ -108,8 +108,17 @@ def _restic(target: ArchiveTarget) -> process.ShProgram:
                              timeout=float(target.option("timeout", DEFAULT_TIMEOUT)))
 
 
+def _repository_args(target: ArchiveTarget) -> list[str]:
+    """``-r REPO`` and the target's ``options`` as restic's ``-o KEY=VALUE`` (every call
+    needs them: e.g. ``sftp.command`` naming the ssh key and port of a remote repository)."""
+    args = ["-r", str(target.option("repository"))]
+    for option in target.option("options", []):
+        args += ["-o", str(option)]
+    return args
+
+
 def _common(target: ArchiveTarget, job: BackupJob, tags: list[str]) -> list[str]:
-    args = ["-r", str(target.option("repository")), "backup", "--json",
+    args = [*_repository_args(target), "backup", "--json",
             "--host", str(target.option("host", job.name))]
     for tag in tags:
         args += ["--tag", tag]
@@ -241,4 +250,8 @@ def _explain(exc: ProcessError, target: ArchiveTarget) -> ArchiveError:
             "unable to open config file" in text:
         return ArchiveError(f"restic: no repository at {repository}",
                             f"create it first: restic init -r {repository}")
+    if "Fatal:" in text:  # the cause; restic may print more after it (a lock it could not
+        # remove), and may not start it on a line of its own
+        fatal = text[text.rindex("Fatal:"):].splitlines()[0]
+        return ArchiveError(f"restic backup failed: {fatal}", exc.hint)
     return ArchiveError(f"restic backup failed: {exc}", exc.hint)
