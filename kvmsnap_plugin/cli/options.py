@@ -123,3 +123,24 @@ def add_backup_arguments(backup: argparse.ArgumentParser) -> None:
     backup.add_argument("--dry-run", action="store_true",
                         help="show what would be done, touching nothing")
     add_many_vm_arguments(backup)
+
+
+def add_restore_arguments(restore: argparse.ArgumentParser) -> None:
+    restore.add_argument("--format", choices=["raw", "qcow2"],
+                         help="the restored images' format (default: each disk's own; a "
+                         "UEFI variable store stays raw)")
+    restore.add_argument("--disk", action="append", default=[], metavar="DEVICE",
+                         help="restore only this disk (repeatable; default: all)")
+    restore.add_argument("--force", action="store_true",
+                         help="overwrite images in a non-empty --to, or the definition of a "
+                         "shut-off libvirt domain of the --name (never a running VM's)")
+    restore.add_argument("--name", help="a libvirt VM's restored domain name "
+                         "(default: <vm>-restored)")
+    restore.add_argument("--define", action="store_true",
+                         help="define the restored libvirt domain (its domain.xml)")
+    restore.add_argument("--start", action="store_true",
+                         help="define and start the restored libvirt domain")
+    restore.add_argument("--libvirt-uri", default=DEFAULT_LIBVIRT_URI, metavar="URI",
+                         help=f"where to define it (default {DEFAULT_LIBVIRT_URI})")
+    restore.add_argument("--plug-nics", action="store_true",
+                         help="keep the restored domain's NICs connected (default: link down)")
