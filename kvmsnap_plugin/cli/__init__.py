@@ -141,7 +141,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise UsageError("restore from one place", "pass --borg REPO::ARCHIVE or --restic REPO")
     to = Path(args.to)
     options = RestoreOptions(args.format, tuple(args.disk), args.force, args.name,
-                             args.define, args.start, args.libvirt_uri, args.plug_nics)
+                             args.define, args.start, args.libvirt_uri, args.plug_nics,
+                             args.in_place)
     done = (restore_borg(args.borg, to, options) if args.borg else
             restore_restic(args.restic, to, run=args.run, vm=args.vm, options=options))
     print(json.dumps(asdict(done), indent=2) if args.json else done.render())

@@ -144,3 +144,6 @@ def add_restore_arguments(restore: argparse.ArgumentParser) -> None:
                          help=f"where to define it (default {DEFAULT_LIBVIRT_URI})")
     restore.add_argument("--plug-nics", action="store_true",
                          help="keep the restored domain's NICs connected (default: link down)")
+    restore.add_argument("--in-place", action="store_true",
+                         help="over the VM's own images, as recorded (needs --force and the "
+                         "VM shut off; --to then holds only the notes)")

@@ -82,6 +82,7 @@ class RestoreOptions:
     start: bool = False  # and boot it
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
     plug_nics: bool = False  # keep the restored domain's NICs connected
+    in_place: bool = False  # over the VM's own images (shut off, with force)
 
 
 def restore_borg(archive: str, to: Path, options: RestoreOptions = RestoreOptions()) -> Restored:
@@ -168,7 +169,8 @@ def _restore(record: VmRecord, target: Path, options: RestoreOptions,
              source: Callable[[RecordedDisk], list[str]]) -> Restored:
     """Check everything that can be refused, then stream each chosen disk into place."""
     chosen = _chosen(record, options.disks)
-    planned = [(d, target / f"{safe_name(d.device)}.{_format(d, options)}") for d in chosen]
+    planned = ([(d, _own_image(d, options)) for d in chosen] if options.in_place else
+               [(d, target / f"{safe_name(d.device)}.{_format(d, options)}") for d in chosen])
     refuse_images_in_use(path for _d, path in planned)
     domain = plan_domain(record.vm, record.domain_xml, options.name,
                          options.define or options.start, options.libvirt_uri, options.force)
@@ -189,6 +191,22 @@ def _chosen(record: VmRecord, devices: Sequence[str]) -> list[RecordedDisk]:
         raise UsageError(f"the backup of {record.vm} has no disk {', '.join(unknown)}",
                          f"its disks: {', '.join(known)}")
     return [d for d in record.disks if not devices or d.device in devices]
+
+
+def _own_image(disk: RecordedDisk, options: RestoreOptions) -> Path:
+    """``--in-place``: the disk's image as recorded, written over in its own format."""
+    if options.define or options.start or options.format:
+        raise UsageError("--in-place restores the VM's own images for its own definition",
+                         "drop --define, --start and --format, or restore into --to alone")
+    if not options.force:
+        raise UsageError(f"--in-place overwrites {disk.image}, the disk {disk.device} of "
+                         "the VM backed up", "shut the VM off and pass --force as well")
+    image = Path(disk.image)
+    if disk.format not in ("raw", "qcow2") or (image.exists() and not image.is_file()):
+        raise UsageError(f"{disk.image} ({disk.format}) cannot be restored in place: kvmsnap "
+                         "writes raw and qcow2 image files", "restore into --to, then copy "
+                         "the raw image onto the device (qemu-img convert -n)")
+    return image
 
 
 def _format(disk: RecordedDisk, options: RestoreOptions) -> str:
