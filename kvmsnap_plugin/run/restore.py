@@ -202,6 +202,9 @@ def _own_image(disk: RecordedDisk, options: RestoreOptions) -> Path:
         raise UsageError(f"--in-place overwrites {disk.image}, the disk {disk.device} of "
                          "the VM backed up", "shut the VM off and pass --force as well")
     image = Path(disk.image)
+    if not image.parent.is_dir():
+        raise UsageError(f"{image.parent} (where {disk.device}'s image was) does not exist",
+                         "create it, or restore into --to alone")
     if disk.format not in ("raw", "qcow2") or (image.exists() and not image.is_file()):
         raise UsageError(f"{disk.image} ({disk.format}) cannot be restored in place: kvmsnap "
                          "writes raw and qcow2 image files", "restore into --to, then copy "
