@@ -178,7 +178,8 @@ class LibvirtBackend:
                       for d in disks)
         check_disks(self.domain, disks)
         return Parent(None, self.pid, self.domain, tuple(argv),
-                      (version["major"], version["minor"], version["micro"]), disks)
+                      (version["major"], version["minor"], version["micro"]), disks,
+                      domain_xml=self._persistent_xml())
 
     def _describe_offline(self) -> Parent:
         """A shut-off domain: its images, from its persistent XML, are consistent as they
@@ -193,7 +194,12 @@ class LibvirtBackend:
         check_disks(self.domain, disks)
         log.info("%s is shut off: backing up its disk images as they are, without a fork",
                  self.domain)
-        return Parent(None, 0, self.domain, (), (0, 0, 0), disks, offline=True)
+        return Parent(None, 0, self.domain, (), (0, 0, 0), disks, offline=True,
+                      domain_xml=xml)
+
+    def _persistent_xml(self) -> str:
+        """The definition a restore rewrites (without VIR_DOMAIN_XML_SECURE: no passwords)."""
+        return self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE)
 
     # -- the fork ---------------------------------------------------------------------------
     def pause(self) -> None:

@@ -23,6 +23,7 @@ from kvmsnap_plugin.cli.options import (
     add_backup_arguments,
     add_fork_arguments,
     add_global_arguments,
+    add_restore_arguments,
     add_verify_arguments,
     add_vm_arguments,
 )
@@ -138,13 +139,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from kvmsnap_plugin.run.restore import restore_borg, restore_restic
+    from kvmsnap_plugin.run.restore import RestoreOptions, restore_borg, restore_restic
 
     if bool(args.borg) == bool(args.restic):
         raise UsageError("restore from one place", "pass --borg REPO::ARCHIVE or --restic REPO")
     to = Path(args.to)
-    done = (restore_borg(args.borg, to) if args.borg else
-            restore_restic(args.restic, to, run=args.run, vm=args.vm))
+    options = RestoreOptions(args.format, tuple(args.disk), args.force, args.name,
+                             args.define, args.start, args.libvirt_uri, args.plug_nics,
+                             args.in_place)
+    done = (restore_borg(args.borg, to, options) if args.borg else
+            restore_restic(args.restic, to, run=args.run, vm=args.vm, options=options))
     print(json.dumps(asdict(done), indent=2) if args.json else done.render())
     return EXIT_OK
 
@@ -301,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--run", help="with --restic: the backup's run id (default: latest)")
     restore.add_argument("--vm", help="with --restic: the latest backup of this VM")
     restore.add_argument("--to", required=True, metavar="DIR", help="an empty directory")
+    add_restore_arguments(restore)
     add_verify_arguments(add("verify", cmd_verify, "boot a backup in a sandbox and prove it "
                              "comes up (image), or that it holds its files (files)"))
     recover = add("recover", cmd_recover, "finish or undo every interrupted kvmsnap run on "

@@ -148,3 +148,27 @@ def add_verify_arguments(verify: argparse.ArgumentParser) -> None:
     verify.add_argument("--workdir", help=f"private work directory (default {DEFAULT_WORKDIR})")
     verify.add_argument("--clone-console", metavar="FILE",
                         help="keep the booted copy's console log here")
+
+
+def add_restore_arguments(restore: argparse.ArgumentParser) -> None:
+    restore.add_argument("--format", choices=["raw", "qcow2"],
+                         help="the restored images' format (default: each disk's own; a "
+                         "UEFI variable store stays raw)")
+    restore.add_argument("--disk", action="append", default=[], metavar="DEVICE",
+                         help="restore only this disk (repeatable; default: all)")
+    restore.add_argument("--force", action="store_true",
+                         help="overwrite images in a non-empty --to, or the definition of a "
+                         "shut-off libvirt domain of the --name (never a running VM's)")
+    restore.add_argument("--name", help="a libvirt VM's restored domain name "
+                         "(default: <vm>-restored)")
+    restore.add_argument("--define", action="store_true",
+                         help="define the restored libvirt domain (its domain.xml)")
+    restore.add_argument("--start", action="store_true",
+                         help="define and start the restored libvirt domain")
+    restore.add_argument("--libvirt-uri", default=DEFAULT_LIBVIRT_URI, metavar="URI",
+                         help=f"where to define it (default {DEFAULT_LIBVIRT_URI})")
+    restore.add_argument("--plug-nics", action="store_true",
+                         help="keep the restored domain's NICs connected (default: link down)")
+    restore.add_argument("--in-place", action="store_true",
+                         help="over the VM's own images, as recorded (needs --force and the "
+                         "VM shut off; --to then holds only the notes)")

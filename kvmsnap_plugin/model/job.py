@@ -279,6 +279,9 @@ class VmRecord:
     argv: list[str]
     disks: list[RecordedDisk]
     version: int = 1
+    #: a libvirt domain's persistent XML at backup time ("" for a bare QEMU): what
+    #: `kvmsnap restore --define` rewrites into the restored copy's definition
+    domain_xml: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()

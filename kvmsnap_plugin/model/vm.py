@@ -47,6 +47,8 @@ class Parent:
     clone_drop: tuple[str, ...] = ()
     #: the options the parent's own QEMU binary accepts (None: not probed, QEMU 7.2's)
     qemu_options: QemuOptions | None = None
+    #: a libvirt domain's persistent XML (inactive, no secrets): archived in the VM record
+    domain_xml: str = ""
 
     @property
     def writable_disks(self) -> tuple[ParentDisk, ...]:

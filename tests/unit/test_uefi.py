@@ -12,7 +12,8 @@ from kvmsnap_plugin.backends.libvirt_xml import nvram_disk
 from kvmsnap_plugin.disks.expose import flash_file
 from kvmsnap_plugin.errors import UsageError, VMError
 from kvmsnap_plugin.model import RecordedDisk, VmRecord
-from kvmsnap_plugin.run.restore import _finish, _materialize
+from kvmsnap_plugin.run.restore import RestoredDisk, RestoreOptions, _finish, _format
+from kvmsnap_plugin.run.restore_stream import write_image
 from kvmsnap_plugin.vm.clone_options import ClonePolicy, refuse_unclonable
 from kvmsnap_plugin.vm.parent import block_disks
 
@@ -58,10 +59,12 @@ def test_a_restored_vars_store_stays_raw_and_the_note_says_what_it_is(tmp_path: 
     disk = RecordedDisk("pflash1", "/vm/VARS.fd", "raw", 4096, flash=True)
     target = tmp_path / "to"
     target.mkdir()
-    restored = _materialize(raw, disk, target)
-    assert restored.flash and restored.format == "raw"
+    assert _format(disk, RestoreOptions(format="qcow2")) == "raw"  # whatever the others are
+    dest = write_image(raw, target / "pflash1.raw", "raw", disk.virtual_size, timeout=60)
+    restored = RestoredDisk(disk.device, str(dest), disk.image, "raw", disk.flash)
     assert Path(restored.path).read_bytes() == b"_FVH" * 1024
-    done = _finish(VmRecord("web", "1", "t", "clean", "x", argv, [disk]), [restored], target)
+    done = _finish(VmRecord("web", "1", "t", "clean", "x", argv, [disk]), [restored], target,
+                   None, RestoreOptions())
     assert done.argv[-1] == f"if=pflash,unit=1,format=raw,file={restored.path}"
     assert "the UEFI variable store (pflash)" in Path(done.note).read_text()
 
