@@ -57,7 +57,7 @@ def fetch_borg(archive: str, work: Path) -> Fetched:
     listing = _borg_listing(borg, archive)
     _borg_run([borg, "extract", archive, METADATA_FILE], work, f"{archive} has no "
               f"{METADATA_FILE}" if METADATA_FILE not in listing else "")
-    record = _record(work / METADATA_FILE, archive)
+    record = _record_at(work / METADATA_FILE, archive)
     wanted = [raw_name(d.device) for d in record.disks]
     if not all(name in listing for name in wanted):
         return Fetched(record, archive, "files", listing=listing)
@@ -108,7 +108,7 @@ def fetch_restic(repository: str, work: Path, run: str | None = None,
 
     _restic_dump(restic.path, repository, snapshot_of(METADATA_FILE), METADATA_FILE,
                  work / METADATA_FILE)
-    record = _record(work / METADATA_FILE, source)
+    record = _record_at(work / METADATA_FILE, source)
     images = {}
     for disk in record.disks:
         name = raw_name(disk.device)
@@ -147,7 +147,7 @@ def _restic_files(restic: process.ShProgram, repository: str, work: Path, run: s
     _restic_dump(restic.path, repository, snapshot, meta.lstrip("/"), work / METADATA_FILE)
     listing = {n["path"][len(root):]: int(n.get("size", 0)) if n.get("type") == "file"
                else -1 for n in nodes if n["path"].startswith(root)}
-    return Fetched(_record(work / METADATA_FILE, source), source, "files", listing=listing)
+    return Fetched(_record_at(work / METADATA_FILE, source), source, "files", listing=listing)
 
 
 def _restic_dump(restic: str, repository: str, snapshot: str, name: str, dest: Path) -> Path:
@@ -187,3 +187,8 @@ def sparse_copy(source, out) -> int:
         size += len(chunk)
     out.truncate(size)
     return size
+
+
+def _record_at(path: Path, source: str) -> VmRecord:
+    """The VM record extracted to ``path`` (restore's parser: an empty text says none)."""
+    return _record(path.read_text() if path.is_file() else "", source)
