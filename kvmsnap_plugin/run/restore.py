@@ -142,12 +142,27 @@ def _restic_snapshots(restic: process.ShProgram, repository: str, run: str | Non
         raise ArchiveError(f"no kvmsnap image backups in {repository}",
                            "back up with --mode image (or both) first")
     if run is None:
-        run = next(t[4:] for s in sorted(found, key=lambda s: s["time"], reverse=True)
-                   for t in s.get("tags", []) if t.startswith("run:"))
+        run = _latest_complete_run(found)
     elif run not in runs:
         raise UsageError(f"no backup run {run} in {repository}",
                          f"known runs: {', '.join(sorted(runs))}")
     return [s for s in found if f"run:{run}" in s.get("tags", [])]
+
+
+def _latest_complete_run(found: list[dict]) -> str:
+    """The newest run that has its VM record: restic makes a snapshot per disk and the
+    record last, so a run whose repository went away half way has none and is passed over
+    (with a warning: `restic forget --tag run:ID` removes its disks' snapshots)."""
+    newest_first = sorted(found, key=lambda s: s["time"], reverse=True)
+    runs = list(dict.fromkeys(t[4:] for s in newest_first for t in s.get("tags", [])
+                              if t.startswith("run:")))
+    for run in runs:
+        mine = [s for s in found if f"run:{run}" in s.get("tags", [])]
+        if _snapshot_of(mine, METADATA_FILE) is not None:
+            return run
+        log.warning("run %s is incomplete (no %s snapshot): restoring an older one",
+                    run, METADATA_FILE)
+    return runs[0]  # none is complete: the newest, which then fails naming what is missing
 
 
 def _record(text: str, source: str) -> VmRecord:

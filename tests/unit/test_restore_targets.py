@@ -136,3 +136,17 @@ def test_in_place_needs_force_and_an_image_file(tmp_path):
         _own_image(RecordedDisk("vda", "/dev/null", "raw", 1), RestoreOptions(force=True))
     with pytest.raises(UsageError, match="for its own definition"):
         _own_image(disk, RestoreOptions(in_place=True, force=True, define=True))
+
+
+def test_the_latest_restic_run_without_its_record_is_passed_over(caplog):
+    from kvmsnap_plugin.run.restore import _latest_complete_run
+
+    def snap(run: str, time: str, path: str) -> dict:
+        return {"time": time, "tags": ["kvmsnap", "image", f"run:{run}"], "paths": [path]}
+
+    found = [snap("a", "2026-01-01T01:00", "/vdisk0.raw"),
+             snap("a", "2026-01-01T01:01", "/kvmsnap-vm.json"),
+             snap("b", "2026-01-02T01:00", "/vdisk0.raw")]  # the repository went away here
+    assert _latest_complete_run(found) == "a"
+    assert "run b is incomplete" in caplog.text
+    assert _latest_complete_run(found[2:]) == "b"  # none complete: the newest fails later
