@@ -23,7 +23,10 @@ SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "initramfs-tools", "dbus",
             "xfsprogs", "e2fsprogs",
             # the realistic layout (:mod:`kvmsnap_demo.debian.realistic`): built by the guest
-            "lvm2", "cryptsetup", "dosfstools", "btrfs-progs", "gdisk")
+            "lvm2", "cryptsetup", "dosfstools", "btrfs-progs", "gdisk",
+            # network filesystems the clone must shut down with (tests/integration/
+            # test_network_fs.py), and the agent that detaches them in the clone
+            "nfs-common", "qemu-guest-agent")
 #: Installed after the configuration is written, so its initramfs is built only once.
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 DISK_MIB = 2048

@@ -1,6 +1,9 @@
 """Shut the clone down in order: the ACPI power button, and a timeout ladder behind it.
 
-Rungs: press the power button; press it again after ``repress_after`` seconds (some guests
+First, through the clone's guest agent if it has one, its network filesystems are found
+and detached (:mod:`kvmsnap_plugin.vm.network_fs`): with its network cut, a guest would
+otherwise wait on a silent server for as long as the ladder lets it. Rungs: press the
+power button; press it again after ``repress_after`` seconds (some guests
 miss a press made while they are busy); after as long again, ask the guest agent to power
 off, if the clone has one; after ``timeout`` seconds in all, stop the clone hard. Only a
 shutdown the guest made itself (QEMU's SHUTDOWN event with reason ``guest-shutdown``)
@@ -19,11 +22,14 @@ from kvmsnap_plugin.errors import KvmsnapError, StepTimeout
 from kvmsnap_plugin.host import faults
 from kvmsnap_plugin.model import ShutdownPolicy, ShutdownResult
 from kvmsnap_plugin.vm.machine import Machine
+from kvmsnap_plugin.vm.network_fs import detach_network_mounts
 
 log = logging.getLogger(__name__)
 
 #: presses of the power button before the guest agent is asked
 PRESSES = 2
+#: the share of the shutdown timeout the clone's network filesystems may take (at most)
+NETWORK_FS_SHARE = 0.25
 
 
 def shut_down(clone: Machine, policy: ShutdownPolicy,
@@ -32,6 +38,8 @@ def shut_down(clone: Machine, policy: ShutdownPolicy,
     clone.qmp.events()
     clone.qmp.execute("cont")
     ladder = _Ladder(clone, policy, agent_socket)
+    network_mounts = detach_network_mounts(agent_socket, policy.detach_network_fs,
+                                           budget=policy.timeout * NETWORK_FS_SHARE)
     try:
         reason = ladder.climb()
     finally:
@@ -45,7 +53,7 @@ def shut_down(clone: Machine, policy: ShutdownPolicy,
     log.info("clone %s after %.1f s (%s)", "shut down cleanly" if guest_did_it else
              "was stopped", seconds, reason)
     return ShutdownResult(guest_did_it, ended_by, seconds, ladder.presses, reason,
-                          ladder.agent_asked)
+                          ladder.agent_asked, network_mounts)
 
 
 class _Ladder:
