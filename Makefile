@@ -16,7 +16,7 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
 	restic fuse3 libnbd-bin libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config \
-	dosfstools lvm2 curl ovmf
+	dosfstools lvm2 curl ovmf nfs-ganesha nfs-ganesha-vfs
 
 .PHONY: help deps venv guest qemu10 demo test lint bench clean install uninstall
 
