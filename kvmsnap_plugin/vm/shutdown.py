@@ -39,7 +39,8 @@ def shut_down(clone: Machine, policy: ShutdownPolicy,
     clone.qmp.execute("cont")
     ladder = _Ladder(clone, policy, agent_socket)
     network_mounts = detach_network_mounts(agent_socket, policy.detach_network_fs,
-                                           budget=policy.timeout * NETWORK_FS_SHARE)
+                                           budget=policy.timeout * NETWORK_FS_SHARE,
+                                           release_for=policy.timeout)
     try:
         reason = ladder.climb()
     finally:

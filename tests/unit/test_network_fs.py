@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from kvmsnap_plugin.model import NetworkMount
-from kvmsnap_plugin.vm.network_fs import detach_network_mounts, parse_mounts
+from kvmsnap_plugin.vm.network_fs import FORCED, RELEASE_LOOP, detach_network_mounts, parse_mounts
 
 PROC_MOUNTS = """\
 /dev/vda1 / ext4 rw,relatime 0 0
@@ -21,13 +21,14 @@ tmpfs /run tmpfs rw 0 0
 
 
 class FakeAgent:
-    """A qemu-ga that answers sync, and runs ``cat`` and ``umount`` (exit ``umount_code``)."""
+    """A qemu-ga that answers sync, and runs ``cat`` and the release loop's launcher (exit
+    ``launch_code``)."""
 
-    def __init__(self, path: Path, umount_code: int = 0) -> None:
+    def __init__(self, path: Path, launch_code: int = 0) -> None:
         self.server = socket.socket(socket.AF_UNIX)
         self.server.bind(str(path))
         self.server.listen(1)
-        self.umount_code = umount_code
+        self.launch_code = launch_code
         self.ran: list[list[str]] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -49,9 +50,9 @@ class FakeAgent:
         else:  # guest-exec-status
             argv = self.ran[args["pid"] - 1]
             out = PROC_MOUNTS if argv[0] == "cat" else ""
-            reply = {"exited": True, "exitcode": 0 if argv[0] == "cat" else self.umount_code,
+            reply = {"exited": True, "exitcode": 0 if argv[0] == "cat" else self.launch_code,
                      "out-data": base64.b64encode(out.encode()).decode(),
-                     "err-data": base64.b64encode(b"umount: busy").decode()}
+                     "err-data": base64.b64encode(b"read-only /run").decode()}
         return json.dumps({"return": reply}).encode() + b"\n"
 
 
@@ -61,21 +62,25 @@ def test_only_network_filesystems_are_listed_with_their_escapes_undone():
         ("10.0.2.2:/export/b", "/mnt/a/inner", "nfs")]
 
 
-def test_each_network_mount_is_detached_lazily_and_forced_deepest_first(tmp_path):
+def test_one_loop_forces_every_network_mount_off_deepest_first(tmp_path):
     agent = FakeAgent(tmp_path / "qga.sock")
-    mounts = detach_network_mounts(tmp_path / "qga.sock", detach=True, budget=10)
-    assert agent.ran == [["cat", "/proc/mounts"],
-                         ["umount", "-i", "-c", "-l", "-f", "/mnt/a/inner"],
-                         ["umount", "-i", "-c", "-l", "-f", "/mnt/a"],
-                         ["umount", "-i", "-c", "-l", "-f", "/mnt/my share"]]
+    mounts = detach_network_mounts(tmp_path / "qga.sock", detach=True, budget=10,
+                                   release_for=120)
+    cat, launch = agent.ran
+    assert cat == ["cat", "/proc/mounts"]
+    assert launch[:2] == ["/bin/sh", "-c"] and "systemd-run" in launch[2]
+    # as /proc/mounts escapes them: the loop greps for them there
+    assert launch[3:] == ["kvmsnap", RELEASE_LOOP, "120", "/mnt/a/inner", "/mnt/a",
+                          "/mnt/my\\040share"]
     assert [(m.mountpoint, m.outcome) for m in mounts] == [
-        ("/mnt/a", "detached"), ("/mnt/my share", "detached"), ("/mnt/a/inner", "detached")]
+        ("/mnt/a", FORCED), ("/mnt/my share", FORCED), ("/mnt/a/inner", FORCED)]
 
 
-def test_a_failed_umount_is_reported_and_the_mount_left_to_the_guest(tmp_path):
-    FakeAgent(tmp_path / "qga.sock", umount_code=32)
+def test_a_loop_that_cannot_start_is_reported_and_the_mounts_left_to_the_guest(tmp_path):
+    FakeAgent(tmp_path / "qga.sock", launch_code=1)
     mounts = detach_network_mounts(tmp_path / "qga.sock", detach=True, budget=10)
-    assert {m.outcome for m in mounts} == {"umount failed (umount: busy); left to the guest"}
+    assert {m.outcome for m in mounts} == {
+        "the release loop did not start (read-only /run); left to the guest"}
 
 
 def test_without_detach_the_mounts_are_only_listed(tmp_path):
