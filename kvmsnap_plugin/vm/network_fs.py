@@ -44,7 +44,8 @@ LEFT = "left to the guest"
 #: (NFSv4 ends its session): that one, and any other umount still naming a mount already
 #: gone, is killed (the wait is killable), instead of holding systemd's final stage up
 #: for its whole timeout.
-RELEASE_LOOP = r"""end=$(( $(date +%s) + $1 )); shift
+RELEASE_LOOP = r"""trap '' TERM HUP  # systemd's last stage: the loop ends itself, soon
+end=$(( $(date +%s) + $1 )); shift
 while [ "$(date +%s)" -lt "$end" ]; do
     left=0
     for m in "$@"; do
@@ -55,7 +56,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
         fi
         for p in /proc/[0-9]*; do
             case " $(tr '\0' ' ' 2>/dev/null < "$p/cmdline")" in
-            *umount\ *" $mp "*) left=1; kill -9 "${p#/proc/}" 2>/dev/null ;;
+            *umount\ "$mp "*|*umount\ *" $mp "*) left=1; kill -9 "${p#/proc/}" 2>/dev/null ;;
             esac
         done
     done
