@@ -46,21 +46,25 @@ LEFT = "left to the guest"
 #: for its whole timeout.
 RELEASE_LOOP = r"""trap '' TERM HUP  # systemd's last stage: the loop ends itself, soon
 end=$(( $(date +%s) + $1 )); shift
+grace=10  # rounds of killing stuck umounts once every mount is gone
 while [ "$(date +%s)" -lt "$end" ]; do
-    left=0
+    mounted=0; stuck=0
     for m in "$@"; do
         mp=$(printf '%b' "$m")
         if grep -qF " $m " /proc/mounts; then
-            left=1; umount -i -c -f "$mp" </dev/null >/dev/null 2>&1 &
+            mounted=1; umount -i -c -f "$mp" </dev/null >/dev/null 2>&1 &
             continue
         fi
         for p in /proc/[0-9]*; do
             case " $(tr '\0' ' ' 2>/dev/null < "$p/cmdline")" in
-            *umount\ "$mp "*|*umount\ *" $mp "*) left=1; kill -9 "${p#/proc/}" 2>/dev/null ;;
+            *umount\ "$mp "*|*umount\ *" $mp "*) stuck=1; kill -9 "${p#/proc/}" 2>/dev/null ;;
             esac
         done
     done
-    [ "$left" = 0 ] && exit 0
+    if [ "$mounted" = 0 ]; then
+        grace=$((grace - 1))
+        if [ "$stuck" = 0 ] || [ "$grace" -le 0 ]; then exit 0; fi
+    fi
     sleep 0.5
 done
 for m in "$@"; do umount -i -c -l -f "$(printf '%b' "$m")"; done
