@@ -43,7 +43,8 @@ LEFT = "left to the guest"
 #: that takes a mount away last tears the client down and waits on the server itself
 #: (NFSv4 ends its session): that one, and any other umount still naming a mount already
 #: gone, is killed (the wait is killable), instead of holding systemd's final stage up
-#: for its whole timeout.
+#: for its whole timeout. Only umount processes' command lines are read (by their comm):
+#: reading another's may wait on its memory, and a fork per process is slow under TCG.
 RELEASE_LOOP = r"""trap '' TERM HUP  # systemd's last stage: the loop ends itself, soon
 end=$(( $(date +%s) + $1 )); shift
 grace=10  # rounds of killing stuck umounts once every mount is gone
@@ -56,6 +57,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
             continue
         fi
         for p in /proc/[0-9]*; do
+            { read -r comm < "$p/comm"; } 2>/dev/null && [ "$comm" = umount ] || continue
             case " $(tr '\0' ' ' 2>/dev/null < "$p/cmdline")" in
             *umount\ "$mp "*|*umount\ *" $mp "*) stuck=1; kill -9 "${p#/proc/}" 2>/dev/null ;;
             esac
