@@ -47,7 +47,7 @@ from kvmsnap_plugin.vm.network_fs import FORCED, LEFT
 pytestmark = pytest.mark.qemu
 
 #: the clone's shutdown (the network mounts released, the power button, QEMU's exit) under
-#: a loaded TCG host: well under systemd's 90 s per unit. Measured: 20-27 s with the
+#: a loaded TCG host: well under systemd's 90 s per unit. Measured: 6-20 s with the
 #: release; without it a writer holding unwritten lines held the clone until the timeout.
 SHUTDOWN_BOUND = 60.0
 GUEST_IP = "10.0.2.15/24"
