@@ -19,7 +19,7 @@ APT_PACKAGES := python3 python3-venv python3-dev build-essential \
 	e2fsprogs xfsprogs cpio kmod busybox-static util-linux fdisk debootstrap \
 	restic fuse3 libnbd-bin libvirt-daemon-system libvirt-clients libvirt-dev \
 	liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev pkg-config \
-	dosfstools lvm2 curl ovmf openssh-server rclone
+	dosfstools lvm2 curl ovmf openssh-server rclone nfs-ganesha nfs-ganesha-vfs
 # libguestfs (files mode's route for LVM, LUKS, vfat, NTFS the host kernel cannot mount):
 # installed without Recommends (they pull a desktop's worth of tools); the appliance's
 # kernel is only a Recommends, so it is named here; ntfs-3g and btrfs-progs give the NTFS and

@@ -24,8 +24,10 @@ PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "initramfs-tools", "dbus"
             "xfsprogs", "e2fsprogs",
             # the realistic layout (:mod:`kvmsnap_demo.debian.realistic`): built by the guest
             "lvm2", "cryptsetup", "dosfstools", "btrfs-progs", "gdisk",
-            # `kvmsnap verify` asks the guest agent whether the guest came up
-            "qemu-guest-agent")
+            # `kvmsnap verify` asks the guest agent whether the guest came up; the clone's
+            # shutdown asks it for the network filesystems it must detach
+            # (tests/integration/test_network_fs.py mounts NFS with nfs-common)
+            "qemu-guest-agent", "nfs-common")
 #: Installed after the configuration is written, so its initramfs is built only once.
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 DISK_MIB = 2048

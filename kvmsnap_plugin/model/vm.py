@@ -148,6 +148,9 @@ class ShutdownPolicy:
     timeout: float = SHUTDOWN_TIMEOUT
     repress_after: float = REPRESS_AFTER
     on_unclean: OnUnclean = OnUnclean.FAIL
+    #: before the power button, lazily force-unmount the clone's network filesystems
+    #: through its guest agent (False: leave them to the guest's shutdown)
+    detach_network_fs: bool = True
 
     def __post_init__(self) -> None:
         if self.timeout < 1:
@@ -169,6 +172,8 @@ class ShutdownResult:
     presses: int
     reason: str  # QEMU's SHUTDOWN reason, or why there was none
     agent_asked: bool = False  # the guest agent was asked to power off
+    #: the network filesystems the clone had mounted, and what was done to each
+    network_mounts: tuple[NetworkMount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,3 +212,16 @@ class CloneBinary:
 
 #: what the kernel appends to /proc/PID/exe once the file was deleted or replaced
 DELETED = " (deleted)"
+
+
+@dataclass(frozen=True)
+class NetworkMount:
+    """A network filesystem mounted in the clone (from its /proc/mounts)."""
+
+    source: str  # server:/path, //server/share
+    mountpoint: str
+    fstype: str  # nfs, nfs4, cifs...
+    options: str
+    #: "detached" (lazy, forced: the clone's unwritten data for it dropped), "left to the
+    #: guest", or why it could not be detached
+    outcome: str

@@ -275,8 +275,11 @@ def _by_agent(plan: BootPlan, settings: VerifySettings, watch: _Watch,
         if not settings.command:
             watch.report.how = "guest agent: guest-ping answered"
             return
-        code, out = agent.run(settings.command, max(1.0, deadline - time.monotonic()))
+        code, out, err = agent.run(settings.command, max(1.0, deadline - time.monotonic()))
     shown = " ".join(settings.command)
+    out = "\n".join(filter(None, (out.strip(), err.strip())))
+    if code is None:
+        raise StepTimeout(f"{shown} did not finish in the guest in time")
     if code != 0:
         raise VMError(f"{shown} exited {code} in the guest: {out.splitlines()[-1:] or ''}")
     watch.report.how = f"guest agent: {shown} exited 0 ({out.splitlines()[-1] if out else ''})"

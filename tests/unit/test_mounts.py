@@ -86,3 +86,23 @@ def test_each_filesystem_this_host_mounts_accepts_its_read_only_options(tmp_path
             assert mounts.is_mountpoint(target)
         finally:
             mounts.unmount(target, remove=False)
+
+
+def test_two_xfs_filesystems_with_one_uuid_mount_at_once(tmp_path):
+    """Clones of one template share their xfs UUID; backed up at once, both must mount."""
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    with open(first, "wb") as out:
+        out.truncate(320 << 20)
+    process.run(["mkfs.xfs", "-q", str(first)], timeout=60)
+    process.run(["cp", "--sparse=always", str(first), str(second)], timeout=60)
+    targets = [tmp_path / "ma", tmp_path / "mb"]
+    with mounts.loop_attached(first) as loop_a, mounts.loop_attached(second) as loop_b:
+        try:
+            for loop, target in zip((loop_a, loop_b), targets, strict=True):
+                target.mkdir()
+                mounts.mount_read_only(loop, target, "xfs")
+            assert all(mounts.is_mountpoint(t) for t in targets)
+        finally:
+            for target in targets:
+                if mounts.is_mountpoint(target):
+                    mounts.unmount(target, remove=False)

@@ -105,7 +105,7 @@ def test_the_agent_is_synced_before_it_is_asked(tmp_path):
     def agent() -> None:
         conn, _ = server.accept()
         lines = conn.makefile("rb")
-        sync = json.loads(lines.readline())
+        sync = json.loads(lines.readline().lstrip(b"\xff"))  # 0xFF: a reset first
         conn.sendall(b'\xff{"return": 1}\n' + json.dumps(
             {"return": sync["arguments"]["id"]}).encode() + b"\n")
         assert json.loads(lines.readline())["execute"] == "guest-ping"
