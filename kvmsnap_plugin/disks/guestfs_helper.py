@@ -125,23 +125,30 @@ def _key(path: str) -> str:
 
 
 def _logical_volumes(g, pvs) -> list:
-    """Every LV of the volume groups on ``pvs``, named DISK/lvm/VG/LV by its first PV."""
+    """Every LV of the volume groups on ``pvs``, named DISK/lvm/VG/LV by its first PV.
+
+    PVs are matched by UUID, asked of each PV device by its libguestfs name: ``pvs_full``'s
+    ``pv_name`` is the appliance kernel's name, untranslated, and the kernel probes the
+    drives asynchronously, so its sda4 may be libguestfs' sdb4 (seen with two NBD drives)."""
     g.lvm_scan(True)
-    pv_devices = {pv["pv_uuid"].replace("-", ""): g.canonical_device_name(pv["pv_name"])
-                  for pv in g.pvs_full()}
-    canonical = {g.canonical_device_name(d): item for d, item in pvs.items()}
+    by_uuid = {_bare_uuid(uuid): item for device, item in pvs.items()
+               if (uuid := _quiet(g.pvuuid, device))}
     found = []
     for lv in sorted(g.lvs()):
         vg, name = lv.split("/")[-2:]
-        item = next((canonical[pv_devices.get(uuid.replace("-", ""), "")]
-                     for uuid in g.vgpvuuids(vg)
-                     if pv_devices.get(uuid.replace("-", "")) in canonical), None)
+        item = next((by_uuid[uuid] for uuid in map(_bare_uuid, g.vgpvuuids(vg))
+                     if uuid in by_uuid), None)
         if item is None:
             continue  # a volume group on no disk we were asked about
         disk = item["where"].split("/")[0]
         found.append({"where": f"{disk}/lvm/{vg}/{name}", "parent": item["where"],
                       "device": lv})
     return found
+
+
+def _bare_uuid(uuid: str) -> str:
+    """LVM prints a PV UUID with or without its dashes, depending on the call."""
+    return uuid.strip().replace("-", "")
 
 
 def _mount(g, fs, scratch: str) -> dict:

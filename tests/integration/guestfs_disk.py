@@ -1,9 +1,10 @@
 """Make the libguestfs route's test disk, with libguestfs itself (no host device-mapper
 needed): run by ``/usr/bin/python3 guestfs_disk.py IMAGE KEYFILE XFS``, the system Python
-that has the binding. A GPT qcow2 disk: p1 an LVM PV (VG ``kvg``; LVs ``srv`` ext4, ``data``
-the xfs image XFS made on the host: Debian's appliance has no mkfs.xfs without
-libguestfs-xfs, ``tank`` btrfs), p2 LUKS (key from KEYFILE) with ext4 inside, p3 vfat, p4
-NTFS; each filesystem holds ``marker-NAME.txt`` ("marker NAME"). Prints the LUKS UUID."""
+that has the binding. A GPT qcow2 disk: p1 an LVM PV (VG ``k-vg``, with a hyphen as
+installers name them, so its mapper names are k--vg-*; LVs ``srv`` ext4, ``data`` the xfs
+image XFS made on the host: Debian's appliance has no mkfs.xfs without libguestfs-xfs,
+``tank`` btrfs), p2 LUKS (key from KEYFILE) with ext4 inside, p3 vfat, p4 NTFS; each
+filesystem holds ``marker-NAME.txt`` ("marker NAME"). Prints the LUKS UUID."""
 
 import os
 import sys
@@ -34,19 +35,19 @@ def main(image: str, key_file: str, xfs_image: str) -> None:
         g.part_add(disk, "p", first * MIB_SECTORS, last * MIB_SECTORS - 1)
     g.part_add(disk, "p", PARTITIONS[-1][2] * MIB_SECTORS, -MIB_SECTORS)
     g.pvcreate(disk + "1")
-    g.vgcreate("kvg", [disk + "1"])
+    g.vgcreate("k-vg", [disk + "1"])
     for name, mib, fstype in VOLUMES:
-        g.lvcreate(name, "kvg", mib)
+        g.lvcreate(name, "k-vg", mib)
         if fstype:
-            g.mkfs(fstype, f"/dev/kvg/{name}")
+            g.mkfs(fstype, f"/dev/k-vg/{name}")
         else:
-            g.upload(xfs_image, f"/dev/kvg/{name}")
+            g.upload(xfs_image, f"/dev/k-vg/{name}")
     g.luks_format(disk + "2", key, 0)
     g.cryptsetup_open(disk + "2", key, "secret")
     g.mkfs("ext4", "/dev/mapper/secret")
     g.mkfs("vfat", disk + "3")
     g.mkfs("ntfs", disk + "4")
-    marked = [(f"/dev/kvg/{name}", name) for name, _, fstype in VOLUMES if fstype]
+    marked = [(f"/dev/k-vg/{name}", name) for name, _, fstype in VOLUMES if fstype]
     marked += [("/dev/mapper/secret", "luks"), (disk + "3", "vfat"), (disk + "4", "ntfs")]
     for device, name in marked:
         g.mount(device, "/")

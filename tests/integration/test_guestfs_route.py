@@ -22,8 +22,8 @@ from kvmsnap_plugin.vm.qemu_args import escape
 pytestmark = pytest.mark.qemu
 
 #: each marker file, where the backup puts it (the demo names the disk by its device id)
-MARKERS = {"srv": "vextra/lvm/kvg/srv", "data": "vextra/lvm/kvg/data",
-           "tank": "vextra/lvm/kvg/tank", "luks": "vextra/p2", "vfat": "vextra/p3",
+MARKERS = {"srv": "vextra/lvm/k-vg/srv", "data": "vextra/lvm/k-vg/data",
+           "tank": "vextra/lvm/k-vg/tank", "luks": "vextra/p2", "vfat": "vextra/p3",
            "ntfs": "vextra/p4"}
 
 
@@ -114,8 +114,8 @@ def test_without_the_key_the_luks_volume_is_named_not_archived(start_demo, guest
     assert parts["vextra/p2"]["outcome"] == "not-archived"
     assert report["warnings"] == [
         f"vextra/p2 (crypto_LUKS) NOT ARCHIVED: LUKS volume {uuid}: no key (luks_keys)"]
-    assert parts["vextra/lvm/kvg/srv"]["outcome"] == "archived"
-    assert (root / "vextra/lvm/kvg/srv/marker-srv.txt").read_text() == "marker srv\n"
+    assert parts["vextra/lvm/k-vg/srv"]["outcome"] == "archived"
+    assert (root / "vextra/lvm/k-vg/srv/marker-srv.txt").read_text() == "marker srv\n"
     assert (root / "vextra/p3/marker-vfat.txt").read_text() == "marker vfat\n"
 
     released = kvmsnap("release", "--qmp", str(vm.paths.backup_qmp))

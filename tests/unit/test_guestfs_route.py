@@ -10,7 +10,7 @@ import pytest
 
 from kvmsnap_plugin import cli
 from kvmsnap_plugin.config import fork_options
-from kvmsnap_plugin.disks import classify, guestfs_route
+from kvmsnap_plugin.disks import classify, guestfs_helper, guestfs_route
 from kvmsnap_plugin.errors import UsageError
 from kvmsnap_plugin.host import mounts
 from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Outcome, PartKind, ProbeInfo
@@ -144,6 +144,47 @@ def test_what_the_appliance_found_is_named_and_bound_under_the_mount_root(tmp_pa
         guestfs_route.close(appliance)
     assert not mounts.mounts_under(root)
     assert list(root.iterdir()) == []  # vdisk1/lvm/vg0 made for the binds are gone
+
+
+class KernelOrderAppliance:
+    """The calls of a libguestfs handle the helper makes to find logical volumes, answering
+    as the appliance did for the realistic Debian guest (issue #14): the guest's second disk
+    is libguestfs' /dev/sdb but the appliance kernel's /dev/sda (it probes the drives
+    asynchronously), and ``pvs_full`` gives the kernel's name, untranslated."""
+
+    PV_UUID = "6Rz15A-lAHY-Gf0o-R87v-KcKi-xk5m-v0su6U"
+
+    def lvm_scan(self, activate):
+        pass
+
+    def pvs(self):
+        return ["/dev/sdb4"]
+
+    def pvs_full(self):
+        return [{"pv_name": "/dev/sda4", "pv_uuid": self.PV_UUID.replace("-", "")}]
+
+    def pvuuid(self, device):
+        if device != "/dev/sdb4":
+            raise RuntimeError(f"pvuuid: {device}: not a physical volume")
+        return self.PV_UUID
+
+    def canonical_device_name(self, device):
+        return device
+
+    def vgpvuuids(self, vg):
+        return [self.PV_UUID] if vg == "kvmsnap-vg" else []
+
+    def lvs(self):
+        return ["/dev/kvmsnap-vg/srv"]
+
+
+def test_logical_volumes_are_found_when_the_appliance_kernel_names_disks_otherwise():
+    pv = {"where": "vdisk1/p4", "drive": 1, "partition": 4, "kind": "lvm-pv", "key": None}
+    found = guestfs_helper._logical_volumes(KernelOrderAppliance(), {"/dev/sdb4": pv})
+    assert found == [{"where": "vdisk1/lvm/kvmsnap-vg/srv", "parent": "vdisk1/p4",
+                      "device": "/dev/kvmsnap-vg/srv"}]
+    # a PV device that is not one (pvuuid fails) finds nothing, and raises nothing
+    assert guestfs_helper._logical_volumes(KernelOrderAppliance(), {"/dev/sdb5": pv}) == []
 
 
 def test_luks_keys_from_the_config_and_the_command_line(tmp_path):
