@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import kvmsnap
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvmsnap_plugin.host import process
 
@@ -43,7 +44,13 @@ def test_three_vms_two_at_a_time_one_failing_one_with_a_failed_target(start_demo
     other_repo = tmp_path / "borg-other"
     process.run([process.find_program("borg", "borgbackup"), "init", "--encryption=repokey",
                  other_repo], timeout=120)
-    config = write_config(tmp_path, f"""
+    metrics, notified = tmp_path / "kvmsnap.prom", tmp_path / "notified"
+    notify = f"""["sh", "-c", 'echo "$KVMSNAP_VM $KVMSNAP_STATUS" >> {notified}']"""
+    config = write_config(tmp_path, f"""on_failure = {notify}
+
+[run]
+metrics_file = "{metrics}"
+
 [[vm]]
 name = "a"
 qmp = "{vms['a'].paths.backup_qmp}"
@@ -97,6 +104,16 @@ repository = "{tmp_path / 'no-repo'}"
     assert len(errors) == 2 and errors[0].startswith("kvmsnap: error: a: ") \
         and errors[1].startswith("kvmsnap: error: c: "), done.stderr
     assert "kvmsnap: [3/3] c: started" in done.stderr  # progress, a line per start and end
+    # monitoring: the textfile collector's file holds every VM's result, and the failure
+    # command ran once per failed VM, with its name and status
+    samples = {(sample.name, sample.labels.get("vm")): sample.value
+               for family in text_string_to_metric_families(metrics.read_text())
+               for sample in family.samples}
+    assert {vm: samples["kvmsnap_exit_status", vm] for vm in "abc"} == {"a": 2, "b": 0, "c": 2}
+    assert samples["kvmsnap_pause_milliseconds", "b"] > 0
+    assert ("kvmsnap_last_success_timestamp_seconds", "b") in samples
+    assert ("kvmsnap_last_success_timestamp_seconds", "c") not in samples
+    assert sorted(notified.read_text().splitlines()) == ["a error", "c error"]
     for vm in vms.values():  # every parent runs on, on its own chain
         assert not list(vm.paths.disks[0].parent.glob("*.kvmsnap-*"))
         vm.wait_counter(vm.counter() + 1)
