@@ -38,9 +38,10 @@ def overlapped(one: dict, other: dict) -> bool:
     return one["started_at"] < other["finished_at"] and other["started_at"] < one["finished_at"]
 
 
-def test_three_vms_two_at_a_time_one_failing_one_with_a_failed_target(start_demo, borg_repo,
-                                                                        tmp_path):
-    vms = {name: start_demo() for name in ("a", "b", "c")}
+def test_four_vms_two_at_a_time_one_failing_one_with_a_failed_target(start_demo, start_domain,
+                                                                       borg_repo, tmp_path):
+    vms = {name: start_demo() for name in ("a", "b", "c")}  # bare QEMU
+    domain = start_domain()  # and a libvirt domain, in one config
     other_repo = tmp_path / "borg-other"
     process.run([process.find_program("borg", "borgbackup"), "init", "--encryption=repokey",
                  other_repo], timeout=120)
@@ -66,6 +67,12 @@ name = "c"
 qmp = "{vms['c'].paths.backup_qmp}"
 archivers = ["missing"]            # its only repository does not exist: c fails alone
 
+[[vm]]
+name = "d"
+domain = "{domain.name}"
+libvirt_uri = "{domain.uri}"
+archivers = ["good"]
+
 {good_borg(borg_repo)}
 [archiver.broken]
 type = "borg"
@@ -81,10 +88,11 @@ repository = "{tmp_path / 'no-repo'}"
     assert done.returncode == 2, done.stderr[-3000:]  # the worst of the VMs'
     outcomes = json.loads(done.stdout)
     by_vm = {o["vm"]: o for o in outcomes}
-    assert [o["vm"] for o in outcomes] == ["a", "b", "c"]
+    assert [o["vm"] for o in outcomes] == ["a", "b", "c", "d"]
 
-    # b: archived, clean
-    assert (by_vm["b"]["status"], by_vm["b"]["exit_code"]) == ("ok", 0), by_vm["b"]
+    # b and the libvirt domain d: archived, clean
+    for vm in "bd":
+        assert (by_vm[vm]["status"], by_vm[vm]["exit_code"]) == ("ok", 0), by_vm[vm]
     assert by_vm["b"]["targets"] == [{"target": "good", "status": "ok"}]
     # a: its first target failed, its second got the archive; exit code 2 for a
     assert by_vm["a"]["exit_code"] == 2 and by_vm["a"]["status"] == "error"
@@ -97,19 +105,20 @@ repository = "{tmp_path / 'no-repo'}"
     assert "no-repo" in by_vm["c"]["error"] and by_vm["c"]["fix"]
 
     names = borg_archives(borg_repo)
-    assert any(n.startswith("a-") for n in names) and any(n.startswith("b-") for n in names)
+    assert all(any(n.startswith(f"{vm}-") for n in names) for vm in "abd"), names
     assert borg_archives(other_repo) == []
     assert overlapped(by_vm["a"], by_vm["b"])  # two at once: a and b ran side by side
     errors = [line for line in done.stderr.splitlines() if line.startswith("kvmsnap: error:")]
     assert len(errors) == 2 and errors[0].startswith("kvmsnap: error: a: ") \
         and errors[1].startswith("kvmsnap: error: c: "), done.stderr
-    assert "kvmsnap: [3/3] c: started" in done.stderr  # progress, a line per start and end
+    assert "[3/4] c: started" in done.stderr  # progress, a line per start and end
     # monitoring: the textfile collector's file holds every VM's result, and the failure
     # command ran once per failed VM, with its name and status
     samples = {(sample.name, sample.labels.get("vm")): sample.value
                for family in text_string_to_metric_families(metrics.read_text())
                for sample in family.samples}
-    assert {vm: samples["kvmsnap_exit_status", vm] for vm in "abc"} == {"a": 2, "b": 0, "c": 2}
+    assert {vm: samples["kvmsnap_exit_status", vm] for vm in "abcd"} == {
+        "a": 2, "b": 0, "c": 2, "d": 0}
     assert samples["kvmsnap_pause_milliseconds", "b"] > 0
     assert ("kvmsnap_last_success_timestamp_seconds", "b") in samples
     assert ("kvmsnap_last_success_timestamp_seconds", "c") not in samples
@@ -117,6 +126,7 @@ repository = "{tmp_path / 'no-repo'}"
     for vm in vms.values():  # every parent runs on, on its own chain
         assert not list(vm.paths.disks[0].parent.glob("*.kvmsnap-*"))
         vm.wait_counter(vm.counter() + 1)
+    assert domain.state() == "running" and domain.blklist() == [("vda", str(domain.disks[0]))]
 
 
 def test_all_domains_and_a_glob_table_with_one_excluded(start_domain, borg_repo, tmp_path):
