@@ -40,9 +40,11 @@ def vm_context(name: str) -> Iterator[None]:
 
 
 def log_as_vm(name: str) -> None:
-    """From now on in this context (inside :func:`vm_context`, which restores what was
-    before), lines name ``name``: the VM's own name, once QEMU has told it."""
-    current_vm.set(name)
+    """Inside :func:`vm_context` (which restores what was before), lines name ``name`` from
+    now on: the VM's own name, once QEMU has told it. Outside one, nothing: a name set
+    there would outlive the VM (a pipeline called directly, as the tests do)."""
+    if current_vm.get():
+        current_vm.set(name)
 
 
 class VmFilter(logging.Filter):

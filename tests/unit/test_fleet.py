@@ -342,3 +342,10 @@ def test_a_vm_without_a_given_name_is_reported_and_logged_under_qemus_name():
     [outcome] = run_fleet([unnamed], RunSettings(), named_by_qemu)
     assert outcome.vm == "web" and outcome.as_dict()["vm"] == "web"
     assert seen == ["qmp", "web"] and current_vm.get() == ""  # restored after the VM
+
+
+def test_naming_a_vm_outside_a_vm_context_leaks_into_nothing():
+    from kvmsnap_plugin.run.logs import current_vm, log_as_vm
+
+    log_as_vm("web")  # a pipeline called directly, not through the run of many
+    assert current_vm.get() == ""

@@ -58,3 +58,26 @@ def test_the_fatal_error_is_reported_not_the_lock_restic_could_not_remove_after_
                                          stderr=stderr), target)
     assert str(error) == ("restic backup failed: Fatal: unable to save snapshot: "
                           "client.Post: connection refused")
+
+
+def _explained(stderr: str) -> str:
+    target = ArchiveTarget("r", "restic", "image", {"repository": "rest:http://h/demo/"})
+    return str(restic._explain(ProcessError("restic failed with exit code 1", "run it by hand",
+                                            returncode=1, stderr=stderr), target))
+
+
+def test_retries_naming_the_config_file_are_not_taken_for_a_missing_repository():
+    # a server gone mid-backup: restic's retries may name the config file before it gives up
+    stderr = ('Load(<config/0000000000>, 0, 0) returned error, retrying after 552ms: '
+              'unable to open config file: Get "http://h/demo/config": connection refused\n'
+              'Fatal: unable to save snapshot: client.Post: connection refused\n')
+    assert _explained(stderr) == ("restic backup failed: Fatal: unable to save snapshot: "
+                                  "client.Post: connection refused")
+
+
+def test_a_missing_repository_and_a_wrong_password_are_named():
+    missing = ("Fatal: unable to open config file: Stat: stat /r/config: no such file or "
+               "directory\nIs there a repository at the following location?\n/r\n")
+    assert _explained(missing) == "restic: no repository at rest:http://h/demo/"
+    wrong = "Fatal: wrong password or no key found\n"
+    assert _explained(wrong) == "restic: wrong password for rest:http://h/demo/"

@@ -243,15 +243,18 @@ def _summary(stdout: str) -> dict:
 
 def _explain(exc: ProcessError, target: ArchiveTarget) -> ArchiveError:
     text, repository = exc.stderr, hide_url_passwords(str(target.option("repository")))
-    if "wrong password" in text:
+    # The Fatal line is the cause; restic may print more after it (a lock it could not
+    # remove) and may not start it on a line of its own. Before it may come retries that
+    # name the config file (a server gone mid-backup): they are not the cause.
+    fatal = text[text.rindex("Fatal:"):].splitlines()[0] if "Fatal:" in text else ""
+    cause = fatal or text
+    if "wrong password" in cause:
         return ArchiveError(f"restic: wrong password for {repository}",
                             "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE")
-    if "Is there a repository at the following location?" in text or \
-            "unable to open config file" in text:
+    if "unable to open config file" in cause or (
+            not fatal and "Is there a repository at the following location?" in text):
         return ArchiveError(f"restic: no repository at {repository}",
                             f"create it first: restic init -r {repository}")
-    if "Fatal:" in text:  # the cause; restic may print more after it (a lock it could not
-        # remove), and may not start it on a line of its own
-        fatal = text[text.rindex("Fatal:"):].splitlines()[0]
+    if fatal:
         return ArchiveError(f"restic backup failed: {fatal}", exc.hint)
     return ArchiveError(f"restic backup failed: {exc}", exc.hint)
