@@ -350,34 +350,3 @@ def test_borg_over_ssh_gone_mid_backup(start_demo, tmp_path, ssh_server, borg_ov
     [archive] = json.loads(borg("list", "--json", borg_over_ssh))["archives"]
     assert archive["name"].endswith("-image")
     assert_parent_fine(vm, tmp_path, disk_dir_before)
-
-
-def test_restic_over_rest_gone_mid_backup(start_demo, tmp_path, rest_server, restic_env):
-    remote = restic_over_rest(rest_server)
-    vm = start_demo()
-    vm.wait_counter(5)
-    disk_dir_before = disk_dir_listing(vm)
-    config = write_config(tmp_path, vm, restic_archiver(remote, "--limit-upload", "64"),
-                          mode="image")
-    proc = start_kvmsnap("backup", "--config", str(config))
-    # Pulled once restic has read 8 MiB of the first disk's stream (of 64). (Gone between
-    # two disks, the earlier disks' snapshots would stay, each complete, but the run would
-    # lack its kvmsnap-vm.json snapshot: see the README.)
-    wait_until(lambda: any(read_bytes(pid) > 8 << 20 for pid in descendants(proc.pid)
-                           if "disk:vdisk0" in cmdline(pid)), "restic reading", proc)
-    rest_server.kill()
-    failed = finish(proc)  # restic retries for about a minute, then gives up
-    line = assert_one_line_error(failed, "restic backup failed: Fatal:")  # the cause
-    assert_no_secrets(failed)
-    assert_parent_fine(vm, tmp_path, disk_dir_before)
-    rest_server.start()
-    assert json.loads(remote("snapshots", "--json")) == [], line  # nothing partial
-    print(f"error: {line}")
-    write_config(tmp_path, vm, restic_archiver(remote), mode="image")
-    again = kvmsnap("backup", "--config", str(config))
-    assert again.returncode == 0, again.stderr[-3000:]
-    snapshots = json.loads(remote("snapshots", "--json"))
-    assert len({t for s in snapshots for t in s["tags"] if t.startswith("run:")}) == 1
-    assert sorted(t for s in snapshots for t in s["tags"] if t.startswith("disk:")) == \
-        ["disk:kvmsnap-vm.json", "disk:vdisk0"]
-    assert_parent_fine(vm, tmp_path, disk_dir_before)
