@@ -42,6 +42,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kvmsnap_verdicts": (
         "Filesystems of the last backup by verdict (clean, needs-recovery, unknown).",
         ("verdict",)),
+    "kvmsnap_verify_status": (
+        "The last backup's verification (verify = true): 0 proven, 1 came up but not all "
+        "proven, 2 did not come up.", ()),
+    "kvmsnap_verify_came_up_seconds": (
+        "From the verification's boot to the guest proven up, in the last backup.", ()),
 }
 LAST_SUCCESS = "kvmsnap_last_success_timestamp_seconds"
 
@@ -90,6 +95,11 @@ def _report_series(name: str, vm: dict[str, str], report: BackupReport) -> Itera
             yield {**labels, "kind": "read"}, archive.bytes
             if archive.stored_bytes is not None:
                 yield {**labels, "kind": "new"}, archive.stored_bytes
+    elif name == "kvmsnap_verify_status" and report.verified is not None:
+        yield vm, report.verified.exit_code
+    elif name == "kvmsnap_verify_came_up_seconds" and report.verified is not None \
+            and report.verified.came_up_s is not None:
+        yield vm, report.verified.came_up_s
     elif name == "kvmsnap_verdicts":
         for state in FsState:
             yield ({**vm, "verdict": state.value},

@@ -135,3 +135,18 @@ def test_the_file_is_replaced_whole_and_readable_by_node_exporter(settings, tmp_
 
 def test_no_metrics_file_no_metrics(tmp_path):
     assert write_metrics(RunSettings(), [ok("web", 1000.0)]) is None
+
+
+def test_a_verified_backup_has_its_verification_in_the_metrics(settings):
+    from dataclasses import replace
+
+    from kvmsnap_plugin.model import VerifyReport
+
+    proven = VerifyReport("web", "repo::web-1", "image", booted=True, came_up=True,
+                          shut_down_clean=True, came_up_s=12.5)
+    verified = VmOutcome("web", 0, 970.0, 1000.0, replace(report("web"), verified=proven))
+    write_metrics(settings, [verified, ok("db", 1000.0)])
+    got = parsed(settings.metrics_file)
+    assert got["kvmsnap_verify_status", (("vm", "web"),)] == proven.exit_code == 0
+    assert got["kvmsnap_verify_came_up_seconds", (("vm", "web"),)] == 12.5
+    assert ("kvmsnap_verify_status", (("vm", "db"),)) not in got  # not verified: no series
