@@ -320,7 +320,8 @@ def show_outcomes(outcomes: Sequence[VmOutcome], as_json: bool) -> None:
     else:
         # each under the job's name (QEMU's -name, in the report, may be shared)
         print("\n".join(_render(replace(o.report, vm=o.vm)) if o.report else
-                        f"{o.vm}: FAILED" for o in outcomes))
+                        f"{o.vm}: {o.status.upper() if o.status == 'skipped' else 'FAILED'}"
+                        for o in outcomes))
 
 
 def _print_error(outcome: VmOutcome, named: bool) -> None:
@@ -332,7 +333,8 @@ def _print_error(outcome: VmOutcome, named: bool) -> None:
                 f"{failures[0].error} (fix: {failures[0].fix})")
     else:
         return
-    print(f"kvmsnap: error: {outcome.vm + ': ' if named else ''}{masked(line)}",
+    kind = "skipped" if outcome.status == "skipped" else "error"  # a skip is no failure
+    print(f"kvmsnap: {kind}: {outcome.vm + ': ' if named else ''}{masked(line)}",
           file=sys.stderr)
 
 

@@ -349,3 +349,16 @@ def test_naming_a_vm_outside_a_vm_context_leaks_into_nothing():
 
     log_as_vm("web")  # a pipeline called directly, not through the run of many
     assert current_vm.get() == ""
+
+
+def test_a_skipped_vm_of_many_is_said_skipped_not_an_error(capsys):
+    from kvmsnap_plugin.model import VmOutcome
+    from kvmsnap_plugin.run.fleet import show_outcomes
+
+    show_outcomes([VmOutcome("web", 75, 1.0, 2.0, error="web is not running", fix="none"),
+                   VmOutcome("db", 2, 1.0, 2.0, error="db broke", fix="mend it")],
+                  as_json=False)
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["kvmsnap: skipped: web: web is not running (fix: none)",
+                                "kvmsnap: error: db: db broke (fix: mend it)"]
+    assert out.splitlines() == ["web: SKIPPED", "db: FAILED"]
