@@ -6,6 +6,8 @@ P2  end to end: fork + clean shutdown + archive (borg/restic, files/image) again
 P3  the clone's cost: restore time and peak RSS against guest RAM
 P4  block-commit time against what the parent wrote during the backup (qemu-io writes and
     guest-written files)
+P5  files mode's two routes on the same ext4 image: a native read-only mount against the
+    libguestfs route (what the host cannot mount: LVM, LUKS, vfat, NTFS)
 
 P1 and P3 come from the same forks, on each QEMU build of ``--qemu`` (default: Debian 12's 7.2
 and QEMU 10.0 from bookworm-backports, ``make qemu10``): one guest per build, their forks
@@ -26,16 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import commit_bench, e2e_bench, fork_bench, report
+from bench import commit_bench, e2e_bench, fork_bench, guestfs_bench, report
 from bench.common import Settings, machine_info, machine_line, progress, write_json
 from kvmsnap_demo.builder import build_guest
 from kvmsnap_demo.qemu_builds import BUILDS
 from kvmsnap_plugin.host.probes import choose_accelerator
 
-BENCHMARKS = ("P1", "P2", "P3", "P4")
+BENCHMARKS = ("P1", "P2", "P3", "P4", "P5")
 DEFAULT_OUT = Path("bench/out")
 #: where each benchmark's results live in results.json (P1 and P3 share their forks)
-SECTION = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4"}
+SECTION = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4", "P5": "P5"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         _save(results, json_path, started)
         results["P2"]["summary"] = e2e_bench.summarise(results["P2"]["records"],
                                                        results["P2"].get("reps"))
+    if "P5" in settings.only:
+        section = time.monotonic()
+        results["P5"] = guestfs_bench.run(settings)
+        _provenance(results, {"P5"}, section)
+        results["P5"]["summary"] = guestfs_bench.summarise(results["P5"]["records"])
     results["duration_s"] = time.monotonic() - started
     if previous:
         kept = _carry_over(results, previous, settings.only)
@@ -171,6 +178,8 @@ def render(out: Path) -> int:
     if "P2" in results:
         results["P2"]["summary"] = e2e_bench.summarise(results["P2"]["records"],
                                                        results["P2"].get("reps"))
+    if "P5" in results:
+        results["P5"]["summary"] = guestfs_bench.summarise(results["P5"]["records"])
     return _finish(results, out)
 
 
@@ -182,7 +191,7 @@ def _finish(results: dict[str, Any], out: Path) -> int:
     (out / "RESULTS.md").write_text(report.markdown(results, plots))
     progress(f"done in {results['duration_s'] / 60:.1f} min: {out / 'RESULTS.md'}, "
              f"{json_path.name}, {', '.join(plots) or 'no plots (matplotlib missing)'}")
-    failures = sum(1 for key in ("forks", "P2", "P4") if key in results
+    failures = sum(1 for key in ("forks", "P2", "P4", "P5") if key in results
                    for r in results[key]["records"] if "error" in r)
     if failures:
         progress(f"{failures} sample(s) failed; see 'error' in {json_path}")

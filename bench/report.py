@@ -53,6 +53,10 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         lines += versions.markdown(forks)
     if "P4" in chosen and "P4" in results and "summary" in results["P4"]:
         lines += _p4(results["P4"])
+    if "P5" in chosen and "P5" in results and "summary" in results["P5"]:
+        from bench.guestfs_bench import markdown as p5_markdown
+
+        lines += p5_markdown(results["P5"])
     failed = [r for key in ("forks", "P2", "P4") if key in results
               for r in results[key]["records"] if "error" in r]
     if failed:
@@ -77,7 +81,7 @@ def _failed_label(r: dict[str, Any]) -> str:
     return f"{r.get('ram_mib', '')} {r.get('variant', '')}"
 
 
-SECTIONS = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4"}
+SECTIONS = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4", "P5": "P5"}
 
 
 def provenance(results: dict[str, Any]) -> dict[str, dict[str, Any]]:

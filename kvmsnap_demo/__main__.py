@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="kvmsnap's demo and test guests")
     parser.add_argument("--debug", action="store_true", help="debug log and tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    parser.set_defaults(log=None)  # run_command's log destination: the default
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="back up the running demo guest into borg and restic, "
                           "and show the difference from a crash-consistent snapshot")

@@ -4,7 +4,8 @@ Boots the demo guest (its workload keeps writing lines that stay in the page cac
 it up while it runs into a borg and a restic repository, and shows the difference that is
 the point of kvmsnap: the crash-consistent image of the fork instant (what a plain
 snapshot gives) next to the cleanly shut-down clone that was archived. Finally the parent
-is shut down and its disk checked: it never noticed, and lost nothing.
+is shut down and its disk checked: it never noticed, and lost nothing. Last, the backup is
+verified: its image archive boots in a sandbox (``kvmsnap verify``) and shuts down clean.
 """
 
 from __future__ import annotations
@@ -20,11 +21,20 @@ from kvmsnap_demo.builder import build_guest
 from kvmsnap_demo.disk import DiskContents, read_disk
 from kvmsnap_demo.vm import DemoOptions, demo_vm
 from kvmsnap_plugin.host import probes, process
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport, ForkOptions
+from kvmsnap_plugin.model import (
+    ArchiveTarget,
+    BackupJob,
+    BackupReport,
+    ForkOptions,
+    VerifyReport,
+    VerifySettings,
+)
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.pipeline import backup
 from kvmsnap_plugin.run.report import render_report
+from kvmsnap_plugin.run.verify import render as render_verify
+from kvmsnap_plugin.run.verify import verify_borg
 
 log = logging.getLogger("kvmsnap")
 
@@ -50,10 +60,12 @@ class DemoReport:
     backup: BackupReport
     views: list[View]
     repositories: dict[str, str]
+    verified: VerifyReport  # the image archive booted again: `kvmsnap verify`
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["backup"] = self.backup.as_dict()
+        data["verified"] = self.verified.as_dict()
         return data
 
     def render(self) -> str:
@@ -65,6 +77,7 @@ class DemoReport:
                  for v in self.views]
         rows += ["", *(f"{kind} repository: {path}" for kind, path in
                        self.repositories.items())]
+        rows += ["", render_verify(self.verified)]
         return "\n".join(rows)
 
 
@@ -103,12 +116,23 @@ def run_demo(out: Path) -> DemoReport:
         log.info("the backup is done; the parent ran on: shutting it down to check it")
         vm.power_off_cleanly()
         parent = read_disk(vm.paths.disks[0], scratch / "parent.raw")
+        verified = _verify(repositories["borg"], report, scratch)
     assert crash.disk is not None
     views = [View.of("crash-consistent snapshot of the fork instant", crash.disk),
              View.of("kvmsnap's clean clone, as borg archived it", archived),
              View.of("the parent, shut down after the backup", parent)]
     return DemoReport(accel, counter, report, views, {k: str(v) for k, v in
-                                                      repositories.items()})
+                                                      repositories.items()}, verified)
+
+
+def _verify(borg_repo: Path, report: BackupReport, scratch: Path) -> VerifyReport:
+    """`kvmsnap verify` of the image archive just made: it boots, on its own, to the
+    workload's ready line, and shuts down clean (seconds for the demo guest)."""
+    image = next(a for a in report.archives if a.type == "borg" and a.kind == "image")
+    log.info("verifying the backup: booting %s in a sandbox", image.name)
+    return verify_borg(f"{borg_repo}::{image.name}", VerifySettings(console=r"KVMSNAP-READY",
+                                                                    timeout=120),
+                       scratch / "verify-work")
 
 
 def _fresh_repositories(out: Path) -> dict[str, Path]:

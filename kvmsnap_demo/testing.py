@@ -18,7 +18,14 @@ import pytest
 
 from kvmsnap_demo import qemu_builds
 from kvmsnap_demo.builder import DemoGuest, build_guest
-from kvmsnap_demo.debian import DebianGuest, DebianVM, build_debian_guest, debian_vm
+from kvmsnap_demo.debian import (
+    DebianGuest,
+    DebianVM,
+    RealisticGuest,
+    build_debian_guest,
+    build_realistic_guest,
+    debian_vm,
+)
 from kvmsnap_demo.disk import DiskContents, read_disk
 from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
 from kvmsnap_plugin.errors import KvmsnapError
@@ -45,6 +52,16 @@ def debian_guest() -> DebianGuest:
 
     Fails, never skips, without QEMU or debootstrap's prerequisites."""
     return build_debian_guest()
+
+
+@pytest.fixture(scope="session")
+def realistic_debian_guest(debian_guest: DebianGuest, accel: str) -> RealisticGuest:
+    """The Debian guest plus a second disk laid out like real installs: GPT with BIOS boot,
+    EFI vfat at /boot/efi, swap, an ext4 LV at /srv, btrfs, ext4 in LUKS2 at /secret.
+
+    The guest lays the disk out itself on one boot, cached beside the image (minutes,
+    once); start it with ``kvmsnap_demo.debian.realistic_vm``."""
+    return build_realistic_guest(debian_guest, accel)
 
 
 @pytest.fixture

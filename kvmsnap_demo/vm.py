@@ -46,6 +46,16 @@ class DemoOptions:
     #: each line's number also on the disk (/instant) and a stream of records (/stream), both
     #: O_DIRECT; the stream preallocates 80 MiB: give it disk_size_mib=128
     instant: bool = False
+    #: boot through OVMF with a writable VARS flash given as "drive" (-drive if=pflash) or
+    #: "blockdev" (-blockdev + -machine pflash1=NODE, as libvirt does); "" for no firmware
+    uefi: Literal["", "drive", "blockdev"] = ""
+    #: the VARS file to boot with (a restored one, say); default: a fresh copy of OVMF's
+    uefi_vars: Path | None = None
+
+
+#: Debian's ovmf: the 4 MiB build without Secure Boot (no SMM needed, so `-machine pc` works)
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,21 @@ class DemoPaths:
     qmp: Path  # the launcher's own QMP socket
     backup_qmp: Path  # a second one, for kvmsnap (a QMP socket serves one client at a time)
     console: Path
+    uefi_vars: Path | None = None  # the guest's writable VARS flash (DemoOptions.uefi)
+
+
+def uefi_argv(syntax: str, vars_file: Path) -> list[str]:
+    """OVMF's read-only code and a writable VARS store; OVMF boots the demo's -kernel and
+    -initrd through fw_cfg, so the guest is the same, only the firmware changes."""
+    if syntax == "drive":
+        return ["-drive", f"if=pflash,unit=0,readonly=on,format=raw,file={escape(OVMF_CODE)}",
+                "-drive", f"if=pflash,unit=1,format=raw,file={escape(vars_file)}"]
+    return ["-blockdev", f"driver=file,filename={escape(OVMF_CODE)},node-name=uefi-code-file,"
+                         "read-only=on",
+            "-blockdev", "driver=raw,file=uefi-code-file,node-name=uefi-code,read-only=on",
+            "-blockdev", f"driver=file,filename={escape(vars_file)},node-name=uefi-vars-file",
+            "-blockdev", "driver=raw,file=uefi-vars-file,node-name=uefi-vars",
+            "-machine", "pflash0=uefi-code,pflash1=uefi-vars"]
 
 
 def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions) -> list[str]:
@@ -96,6 +121,8 @@ def demo_argv(guest: DemoGuest, accel: str, paths: DemoPaths, opts: DemoOptions)
         restrict = "off" if opts.callhome else "on"
         argv += ["-netdev", f"user,id=net0,restrict={restrict}",
                  "-device", "virtio-net-pci,netdev=net0,id=nic0"]
+    if opts.uefi and paths.uefi_vars:
+        argv += uefi_argv(opts.uefi, paths.uefi_vars)
     return argv + list(opts.extra_args)
 
 
@@ -156,6 +183,18 @@ class DemoVM(WorkloadVM):
         self.shutdown()
 
 
+def _uefi_vars(opts: DemoOptions, base: Path) -> Path | None:
+    if not opts.uefi:
+        return None
+    if opts.uefi_vars:
+        return opts.uefi_vars
+    if not OVMF_CODE.exists():
+        raise FileNotFoundError(f"{OVMF_CODE} is missing: apt-get install ovmf")
+    vars_file = base / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, vars_file)
+    return vars_file
+
+
 @contextlib.contextmanager
 def demo_vm(guest: DemoGuest, accel: str, opts: DemoOptions = DemoOptions(),
             workdir: Path | None = None,
@@ -174,7 +213,7 @@ def demo_vm(guest: DemoGuest, accel: str, opts: DemoOptions = DemoOptions(),
         opts = dataclasses.replace(opts, disks=len(disks))
         with socket_dir() as sockets:
             paths = DemoPaths(base, disks, sockets / "qmp.sock", sockets / "backup-qmp.sock",
-                              base / "console.log")
+                              base / "console.log", _uefi_vars(opts, base))
             vm = DemoVM(demo_argv(guest, accel, paths, opts), paths, opts)
             with vm:
                 yield vm

@@ -13,6 +13,8 @@ from pathlib import Path
 
 #: RAM state, clone overlays, raw views, default mount roots (per run: 0700)
 DEFAULT_WORKDIR = Path("/var/tmp/kvmsnap")
+#: the config file the units and the README name (`kvmsnap config validate` reads it)
+DEFAULT_CONFIG = Path("/etc/kvmsnap/kvmsnap.toml")
 #: journals and per-VM locks (0700): what `kvmsnap recover` reads
 STATE_DIR = Path(os.environ.get("KVMSNAP_STATE_DIR", "/var/lib/kvmsnap"))
 #: small per-run things that must not outlive a reboot: unix sockets (0700)

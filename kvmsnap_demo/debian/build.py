@@ -56,14 +56,14 @@ def build_debian_guest(cache: Path | None = None) -> DebianGuest:
     mirror = apt_mirror()
     key = cache_key(mirror)
     final = cache / f"debian-{key}"
-    with _build_lock(cache):
+    with build_lock(cache):
         if not (final / "build-info.json").exists():
             _build_into(final, cache, mirror, key)
     return load_guest(final)
 
 
 @contextlib.contextmanager
-def _build_lock(cache: Path) -> Iterator[None]:
+def build_lock(cache: Path) -> Iterator[None]:
     """One build at a time per cache (parallel test sessions share it)."""
     with open(cache / ".debian-build.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -207,7 +207,8 @@ def _configure(root: Path, partitions: Sequence[Partition], key: str) -> None:
     if Path("/etc/resolv.conf").exists():  # apt inside the chroot downloads the kernel
         shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
     _chroot(root, ["systemctl", "set-default", "multi-user.target"], timeout=60)
-    _chroot(root, ["systemctl", "enable", "kvmsnap-workload.service"], timeout=60)
+    _chroot(root, ["systemctl", "enable", "kvmsnap-workload.service",
+                   "kvmsnap-layout.service"], timeout=60)
     _chroot(root, ["systemctl", "mask", *MASKED_UNITS], timeout=60)
 
 

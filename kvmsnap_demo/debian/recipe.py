@@ -21,7 +21,13 @@ from kvmsnap_plugin.host import mounts
 RECIPE_VERSION = 2
 SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "initramfs-tools", "dbus",
-            "xfsprogs", "e2fsprogs")
+            "xfsprogs", "e2fsprogs",
+            # the realistic layout (:mod:`kvmsnap_demo.debian.realistic`): built by the guest
+            "lvm2", "cryptsetup", "dosfstools", "btrfs-progs", "gdisk",
+            # `kvmsnap verify` asks the guest agent whether the guest came up; the clone's
+            # shutdown asks it for the network filesystems it must detach
+            # (tests/integration/test_network_fs.py mounts NFS with nfs-common)
+            "qemu-guest-agent", "nfs-common")
 #: Installed after the configuration is written, so its initramfs is built only once.
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 DISK_MIB = 2048
@@ -30,6 +36,10 @@ WORKLOAD_ASSET = "debian-workload.sh"
 WORKLOAD_LOG = "workload.log"
 MARKER = "clean-shutdown"
 ROOT_WORKLOAD_DIR = "/var/lib/kvmsnap-workload"
+#: the kernel command-line word that makes a boot run the host's layout script, and the
+#: fw_cfg name the script comes in
+LAYOUT_ARG = "kvmsnap.layout"
+LAYOUT_FW_CFG = "opt/kvmsnap/layout"
 
 #: fsck.mode=skip and rw: no fsck pass and no remount under slow TCG; panic=-1 with
 #: QEMU's -no-reboot turns a kernel panic into a quick QEMU exit instead of a hang.
@@ -99,6 +109,8 @@ GUEST_FILES: dict[str, str] = {
 [Unit]
 Description=kvmsnap test workload
 RequiresMountsFor=/var/lib /data
+# Not while the guest lays out its realistic second disk (that boot only builds it).
+ConditionKernelCommandLine=!kvmsnap.layout
 # READY must mean the power button works: logind watches the buttons before it is started.
 After=systemd-logind.service
 
@@ -106,6 +118,27 @@ After=systemd-logind.service
 Type=exec
 ExecStart=/usr/local/sbin/kvmsnap-workload
 TimeoutStopSec=20s
+
+[Install]
+WantedBy=multi-user.target
+""",
+    # Runs the script the host passes in fw_cfg, on a boot whose command line asks for it:
+    # the realistic layout is built by the guest (the host may lack device-mapper), and
+    # the script stays out of this image, so changing it does not rebuild the image.
+    "etc/systemd/system/kvmsnap-layout.service": f"""\
+[Unit]
+Description=kvmsnap: lay out a blank disk with the script the host passes
+ConditionKernelCommandLine={LAYOUT_ARG}
+After=local-fs.target systemd-udev-settle.service
+SuccessAction=poweroff
+FailureAction=poweroff
+
+[Service]
+Type=oneshot
+ExecStartPre=/sbin/modprobe qemu_fw_cfg
+ExecStart=/bin/sh /sys/firmware/qemu_fw_cfg/by_name/{LAYOUT_FW_CFG}/raw
+StandardOutput=journal+console
+StandardError=journal+console
 
 [Install]
 WantedBy=multi-user.target

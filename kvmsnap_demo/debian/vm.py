@@ -23,8 +23,10 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def debian_argv(guest: DebianGuest, accel: str, paths: DemoPaths, *, memory_mib: int = 1024,
-                smp: int = 1, nic: bool = True, extra_args: Sequence[str] = ()) -> list[str]:
-    """The QEMU command line, shaped like the demo guest's (and libvirt's) for kvmsnap."""
+                smp: int = 1, nic: bool = True, extra_args: Sequence[str] = (),
+                agent: bool = False) -> list[str]:
+    """The QEMU command line, shaped like the demo guest's (and libvirt's) for kvmsnap.
+    ``agent``: the guest agent's channel (qemu-guest-agent is installed in the guest)."""
     argv = [
         process.find_program(QEMU, "qemu-system-x86"),
         "-name", "kvmsnap-debian",
@@ -43,6 +45,12 @@ def debian_argv(guest: DebianGuest, accel: str, paths: DemoPaths, *, memory_mib:
     if nic:
         argv += ["-netdev", "user,id=net0,restrict=on",
                  "-device", "virtio-net-pci,netdev=net0,id=nic0"]
+    if agent:
+        argv += ["-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", f"socket,id=qga0,path={paths.qmp.with_name('qga.sock')},"
+                             "server=on,wait=off",
+                 "-device", "virtserialport,bus=vser0.0,chardev=qga0,"
+                            "name=org.qemu.guest_agent.0"]
     return argv + list(extra_args)
 
 
@@ -97,19 +105,21 @@ class DebianVM(WorkloadVM):
 @contextlib.contextmanager
 def debian_vm(guest: DebianGuest, accel: str, workdir: Path, memory_mib: int = 1024, *,
               smp: int = 1, nic: bool = True, extra_args: Sequence[str] = (),
-              disk: Path | None = None) -> Iterator[DebianVM]:
+              disk: Path | None = None,
+              extra_disks: Sequence[Path] = (), agent: bool = False) -> Iterator[DebianVM]:
     """Start the guest on a fresh qcow2 overlay in ``workdir``; always stop QEMU after.
 
     The overlay and the console log stay in ``workdir`` (the caller's) for inspection.
-    ``disk`` boots an existing disk image instead (e.g. one ``kvmsnap restore`` made).
+    ``disk`` boots an existing disk image instead (e.g. one ``kvmsnap restore`` made);
+    ``extra_disks`` (qcow2) follow it as vdb, vdc...
     """
     workdir.mkdir(parents=True, exist_ok=True)
     overlay = disk or make_overlay(guest.base_image, workdir / "disk0.qcow2")
     with socket_dir() as sockets:
-        paths = DemoPaths(workdir, (overlay,), sockets / "qmp.sock",
+        paths = DemoPaths(workdir, (overlay, *extra_disks), sockets / "qmp.sock",
                           sockets / "backup-qmp.sock", workdir / "console.log")
         argv = debian_argv(guest, accel, paths, memory_mib=memory_mib, smp=smp, nic=nic,
-                           extra_args=extra_args)
+                           extra_args=extra_args, agent=agent)
         with DebianVM(argv, paths, guest) as vm:
             yield vm
 

@@ -9,7 +9,10 @@ to the frozen image, no pivot). Raw QMP snapshots behind libvirt's back leave it
 ("Need a root block node").
 
 Only the RAM snapshot goes through QEMU's monitor (libvirt has no background snapshot),
-through :class:`~kvmsnap_plugin.backends.libvirt_monitor.DomainMonitor`.
+through :class:`~kvmsnap_plugin.backends.libvirt_monitor.DomainMonitor`; and so does the
+UEFI variable store (the domain's ``<nvram>``, a pflash), which is no libvirt disk and which
+libvirt's snapshots leave out: its overlay is put on and committed back over QMP as for a
+bare QEMU, inside the same pause, and the commit leaves libvirt's own nodes as they were.
 
 The clone is a bare QEMU started from the domain's ``/proc/PID/cmdline`` (see
 :mod:`kvmsnap_plugin.vm.clone`): libvirt never learns of it.
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -34,9 +39,11 @@ from kvmsnap_plugin.backends.libvirt_xml import (
     disk_by_target,
     domain_disks,
     named_by_target,
+    nvram_disk,
     pointed_back,
     snapshot_xml,
 )
+from kvmsnap_plugin.backends.qmp import QmpBackend
 from kvmsnap_plugin.errors import StepTimeout, VMError
 from kvmsnap_plugin.host import faults, process
 from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, ForkedDisk, JournalState, Parent
@@ -48,6 +55,9 @@ from kvmsnap_plugin.vm.parent import (
 )
 
 log = logging.getLogger(__name__)
+
+#: what the UEFI variable store is called (libvirt's ``<nvram>``), running or shut off
+NVRAM = "nvram"
 
 __all__ = ["DomainMonitor", "LibvirtBackend", "connect", "find_domain", "reopen"]
 
@@ -163,22 +173,33 @@ class LibvirtBackend:
         version = self.monitor.execute("query-version")["qemu"]
         disks = named_by_target(block_disks(self.monitor.execute("query-block")),
                                 self.dom.XMLDesc(0))
+        # libvirt's UEFI variable store: "nvram", as in its XML and when shut off
+        disks = tuple(replace(d, device=NVRAM) if d.flash and not d.read_only else d
+                      for d in disks)
         check_disks(self.domain, disks)
         return Parent(None, self.pid, self.domain, tuple(argv),
-                      (version["major"], version["minor"], version["micro"]), disks)
+                      (version["major"], version["minor"], version["micro"]), disks,
+                      domain_xml=self._persistent_xml())
 
     def _describe_offline(self) -> Parent:
         """A shut-off domain: its images, from its persistent XML, are consistent as they
         are (the guest shut down, or was never started); nothing to fork."""
         # An empty CD drive has no source; a writable disk without a file (a pool volume,
         # a network disk) stays in, to be refused by name below rather than skipped.
-        disks = tuple(offline_disk(d) for d in
-                      domain_disks(self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE))
-                      if d.source or not d.read_only)
+        xml = self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE)
+        disks = tuple(offline_disk(d) for d in domain_disks(xml) if d.source or not d.read_only)
+        nvram = nvram_disk(xml)
+        if nvram and os.path.isfile(nvram.source or ""):  # made at the first start
+            disks += (replace(offline_disk(nvram), flash=True),)
         check_disks(self.domain, disks)
         log.info("%s is shut off: backing up its disk images as they are, without a fork",
                  self.domain)
-        return Parent(None, 0, self.domain, (), (0, 0, 0), disks, offline=True)
+        return Parent(None, 0, self.domain, (), (0, 0, 0), disks, offline=True,
+                      domain_xml=xml)
+
+    def _persistent_xml(self) -> str:
+        """The definition a restore rewrites (without VIR_DOMAIN_XML_SECURE: no passwords)."""
+        return self.dom.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE)
 
     # -- the fork ---------------------------------------------------------------------------
     def pause(self) -> None:
@@ -190,10 +211,12 @@ class LibvirtBackend:
             self.dom.resume()
 
     def attach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
-        """Nothing: libvirt opens the overlays during the snapshot."""
+        """libvirt opens its disks' overlays during the snapshot; a flash's, QMP."""
+        _FlashOverQmp(self.monitor).attach_overlays(_flashes(planned))
 
     def detach_overlays(self, planned: Sequence[ForkedDisk]) -> None:
-        """Nothing: an overlay that is no disk's layer is not open."""
+        """A disk's overlay that is no layer is not open; a flash's was opened by QMP."""
+        _FlashOverQmp(self.monitor).detach_overlays(_flashes(planned))
 
     def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
         libvirt = libvirt_module()
@@ -203,13 +226,19 @@ class LibvirtBackend:
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT)
         with libvirt_errors("the disk snapshot through libvirt failed",
                             "see the message; the domain was resumed on its own chain"):
-            xml = snapshot_xml(planned, domain_disks(self.dom.XMLDesc(0)), name)
-            self.dom.snapshotCreateXML(xml, flags)
+            disks = [d for d in planned if not d.disk.flash]
+            if disks:
+                xml = snapshot_xml(disks, domain_disks(self.dom.XMLDesc(0)), name)
+                self.dom.snapshotCreateXML(xml, flags)
+        # Still paused: the flash's snapshot is of the same instant as the disks'.
+        _FlashOverQmp(self.monitor).snapshot_disks(_flashes(planned), name)
 
     # -- the commit back --------------------------------------------------------------------
     def commit_one(self, disk: ForkedDisk, timeout: float) -> int:
         """Like ``virsh blockcommit --active --pivot --base FROZEN``: without the base,
         libvirt would merge into the *bottom* of the chain."""
+        if disk.disk.flash:
+            return _FlashOverQmp(self.monitor).commit_one(disk, timeout)
         libvirt = libvirt_module()
         target = disk.disk.device
         with libvirt_errors(f"block commit of {target}"):
@@ -231,6 +260,8 @@ class LibvirtBackend:
     def commit_below(self, disk: ForkedDisk, root: str, timeout: float) -> int:
         """Like ``virsh blockcommit --base FROZEN --top OVERLAY`` (not --active): libvirt
         rewrites the upper image's backing and drops the overlay from the chain."""
+        if disk.disk.flash:
+            return _FlashOverQmp(self.monitor).commit_below(disk, root, timeout)
         libvirt = libvirt_module()
         target = disk.disk.device
         with libvirt_errors(f"block commit of {target} below another snapshot"):
@@ -313,6 +344,21 @@ class LibvirtBackend:
             if changed:
                 self.conn.defineXML(xml)
         return changed
+
+
+class _FlashOverQmp(QmpBackend):
+    """A bare QEMU's overlays and commits, on the domain's monitor: for firmware flashes."""
+
+    def __init__(self, monitor: DomainMonitor) -> None:  # no socket: libvirt's monitor
+        self.monitor = monitor  # type: ignore[assignment]
+
+    def snapshot_disks(self, planned: Sequence[ForkedDisk], name: str) -> None:
+        if planned:
+            super().snapshot_disks(planned, name)
+
+
+def _flashes(planned: Sequence[ForkedDisk]) -> list[ForkedDisk]:
+    return [d for d in planned if d.disk.flash]
 
 
 def suspended_reason(libvirt: Any, dom: Any) -> str | None:

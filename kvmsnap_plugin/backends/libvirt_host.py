@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kvmsnap_plugin.backends.libvirt_monitor import libvirt_module
 from kvmsnap_plugin.backends.libvirt_xml import DomainDisk
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import ParentDisk
+from kvmsnap_plugin.vm.parent import is_block_device
 
 
 def find_qemu_pid(name: str, uuid: str) -> int:
@@ -59,4 +61,17 @@ def offline_disk(disk: DomainDisk) -> ParentDisk:
                       format=disk.format or top.get("format", "raw"),
                       virtual_size=int(top.get("virtual-size", 0)),
                       read_only=disk.read_only,
-                      chain=tuple(i.get("filename", "") for i in info))
+                      chain=tuple(i.get("filename", "") for i in info),
+                      host_device=disk.kind == "block" and is_block_device(source))
+
+
+
+def running_domain_names(conn: Any) -> list[str]:
+    """The names of the domains running (or paused) on the connection, sorted."""
+    libvirt = libvirt_module()
+    try:
+        domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    except libvirt.libvirtError as exc:
+        raise VMError(f"cannot list libvirt's domains: {exc}",
+                      "run kvmsnap as root, or pass the right --libvirt-uri") from None
+    return sorted(dom.name() for dom in domains)

@@ -92,7 +92,12 @@ def pointed_back(xml: str, disks: Sequence[ForkedDisk]) -> tuple[str, list[str]]
         disk = ours.get(source.get("file", "")) if source is not None else None
         if source is None or disk is None:
             continue
-        source.set("file", str(disk.frozen))
+        if disk.disk.host_device:  # <disk type='block'><source dev=...>, as it was
+            node.set("type", "block")
+            source.attrib.pop("file", None)
+            source.set("dev", str(disk.frozen))
+        else:
+            source.set("file", str(disk.frozen))
         for backing in node.findall("backingStore"):
             node.remove(backing)
         driver = node.find("driver")
@@ -100,3 +105,78 @@ def pointed_back(xml: str, disks: Sequence[ForkedDisk]) -> tuple[str, list[str]]
             driver.set("type", disk.disk.format)
         changed.append(disk.disk.device)
     return ET.tostring(root, encoding="unicode"), changed
+
+
+def nvram_disk(xml: str) -> DomainDisk | None:
+    """A UEFI domain's variable store (``<os><nvram>``) as a disk named ``nvram``: it is
+    part of the VM's state like its disks, but no ``<disk>`` of libvirt's."""
+    node = ET.fromstring(xml).find("./os/nvram")
+    path = (node.text or "").strip() if node is not None else ""
+    if node is None or not path:
+        return None
+    return DomainDisk("nvram", None, path, "file", node.get("format") or "raw", False, None)
+
+
+@dataclass(frozen=True)
+class RestoredDomain:
+    """How a restored copy of a domain differs from the domain that was backed up."""
+
+    name: str
+    uuid: str
+    disks: dict[str, tuple[str, str]]  # target (vda) -> (restored image, its format)
+    nvram: str | None  # the restored UEFI variable store
+    plug_nics: bool  # keep the NICs' links up (default: down, the copy stays off the LAN)
+    log_dir: str  # where file consoles (serial/console type='file') write instead
+
+
+def restored_xml(xml: str, restored: RestoredDomain) -> tuple[str, list[str]]:
+    """The recorded (inactive) domain XML rewritten for a restored copy that can run beside
+    the original: its name and UUID, its disks on the restored images, new MAC addresses
+    (libvirt makes them: the old ones are removed), links down, consoles into ``log_dir``;
+    a writable disk that was not restored is dropped (it is the original's image).
+    Returns the XML and the targets dropped."""
+    root = ET.fromstring(xml)
+    _set_child(root, "name", restored.name)
+    _set_child(root, "uuid", restored.uuid)
+    devices = root.find("devices")
+    dropped = []
+    for node in devices.findall("disk") if devices is not None else []:
+        target = node.find("target")
+        dev = target.get("dev", "") if target is not None else ""
+        if dev in restored.disks:
+            _point_disk(node, *restored.disks[dev])
+        elif node.find("readonly") is None and node.get("device") not in ("cdrom", "floppy"):
+            devices.remove(node)  # type: ignore[union-attr]
+            dropped.append(dev)
+    nvram = root.find("./os/nvram")
+    if nvram is not None and restored.nvram:
+        nvram.text = restored.nvram
+    for nic in root.findall("./devices/interface"):
+        for old in nic.findall("mac") + nic.findall("link") + nic.findall("target"):
+            nic.remove(old)  # the original's MAC and tap device name, its link state
+        if not restored.plug_nics:
+            ET.SubElement(nic, "link", state="down")
+    for number, console in enumerate(root.findall("./devices/serial")
+                                     + root.findall("./devices/console")):
+        source = console.find("source")
+        if console.get("type") == "file" and source is not None:
+            source.set("path", f"{restored.log_dir}/console{number}.log")
+    return ET.tostring(root, encoding="unicode"), dropped
+
+
+def _set_child(root: ET.Element, tag: str, text: str) -> None:
+    node = root.find(tag)
+    if node is None:
+        node = ET.SubElement(root, tag)
+    node.text = text
+
+
+def _point_disk(node: ET.Element, path: str, fmt: str) -> None:
+    node.set("type", "file")
+    for child in node.findall("source") + node.findall("backingStore"):
+        node.remove(child)
+    source = ET.Element("source", file=path)
+    node.insert(1 if node.find("driver") is not None else 0, source)
+    driver = node.find("driver")
+    if driver is not None:
+        driver.set("type", fmt)

@@ -49,9 +49,7 @@ _RULE_REASONS = {
 }
 #: why files mode cannot read a kind that holds data (yet)
 _NOT_READ = {
-    PartKind.LVM_PV: "LVM physical volume: kvmsnap does not open its logical volumes yet; "
-                     "use image mode or --skip-partition",
-    PartKind.LUKS: "LUKS: no key to open it; use image mode or --skip-partition",
+    PartKind.LVM_PV: "LVM physical volume: its logical volumes are read through libguestfs",
     PartKind.UNKNOWN: "no filesystem kvmsnap recognises; use image mode or --skip-partition",
 }
 
@@ -81,11 +79,13 @@ def plan_files(fs: ExposedFilesystem, rules: Sequence[SkipRule],
         return Outcome.SKIPPED_BY_CONFIG, f"skip_partitions {rule}"
     if fs.kind in _RULE_REASONS:
         return Outcome.SKIPPED_BY_RULE, _RULE_REASONS[fs.kind]
+    if fs.kind is PartKind.LUKS:  # the libguestfs route opens it when a key is named
+        return Outcome.NOT_ARCHIVED, f"LUKS volume {fs.probed.uuid}: no key (luks_keys)"
     if fs.kind in _NOT_READ:
         return Outcome.NOT_ARCHIVED, _NOT_READ[fs.kind]
     if fs.fstype not in mountable:
-        return Outcome.NOT_ARCHIVED, (f"{fs.fstype}: kvmsnap has no read-only mount for it; "
-                                      "use image mode or --skip-partition")
+        return Outcome.NOT_ARCHIVED, (f"{fs.fstype}: the host kernel cannot mount it; "
+                                      "read through libguestfs")
     return Outcome.ARCHIVED, f"mounted read-only ({fs.fstype})"
 
 

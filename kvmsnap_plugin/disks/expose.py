@@ -16,6 +16,11 @@ those are mounted, the NBD exports are served too.
 Each image is opened in the format QEMU knows it by, never one guessed from its contents:
 a raw disk whose guest wrote a qcow2 header (naming a host file as backing file) into it
 is exposed as the raw bytes it is.
+
+A firmware flash (OVMF's UEFI variable store, ``flash=``) holds no filesystem: it is
+exported like a disk (image mode archives it as ``DISK.raw``), never classified or mounted,
+and copied whole into the mount root as ``uefi-vars.fd`` for files mode (an extra file: it
+is a few hundred KiB, and the image archives' copy of it deduplicates).
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import stat
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvmsnap_plugin.disks import classify, verify
+from kvmsnap_plugin.disks import classify, guestfs_route, verify
 from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.host import dirs, mounts, process
 from kvmsnap_plugin.model import ExposedDisk, ExposedFilesystem, Exposure, Outcome, SkipRule
@@ -71,7 +77,11 @@ class Exposed:
     #: the NBD socket's private directory, removed by :func:`unexpose`
     sockets: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     nbd_uris: list[str] = field(default_factory=list)
+    #: what the host cannot mount, served by libguestfs (disks/guestfs_route.py)
+    appliance: guestfs_route.Appliance | None = None
 
+#: the largest firmware flash copied into files mode (x86's pflash window: 64 MiB)
+MAX_FLASH_BYTES = 64 << 20
 #: the loop devices' read-ahead, in 512-byte sectors (4 MiB)
 READ_AHEAD_SECTORS = 8192
 
@@ -82,11 +92,12 @@ Image = tuple[str, Path, str]
 @contextlib.contextmanager
 def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
             mount: bool = True, timeout: float = 60.0,
-            recorder: Recorder | None = None,
-            skip: Sequence[SkipRule] = ()) -> Iterator[Exposure]:
+            recorder: Recorder | None = None, skip: Sequence[SkipRule] = (),
+            flash: Collection[str] = (), luks_keys: Sequence[tuple[str, Path]] = (),
+            guestfs: bool = True) -> Iterator[Exposure]:
     """:func:`expose`, undone on exit."""
     handle = expose(images, workdir, root, mount=mount, timeout=timeout, recorder=recorder,
-                    skip=skip)
+                    skip=skip, flash=flash, luks_keys=luks_keys, guestfs=guestfs)
     try:
         yield handle.view
     finally:
@@ -95,14 +106,20 @@ def exposed(images: Sequence[Image], workdir: Path, root: Path, *,
 
 def expose(images: Sequence[Image], workdir: Path, root: Path, *,
            mount: bool = True, timeout: float = 60.0,
-           recorder: Recorder | None = None, skip: Sequence[SkipRule] = ()) -> Exposed:
+           recorder: Recorder | None = None, skip: Sequence[SkipRule] = (),
+           flash: Collection[str] = (), luks_keys: Sequence[tuple[str, Path]] = (),
+           guestfs: bool = True) -> Exposed:
     """Expose ``(name, image, format)``: raw views in ``workdir/images``, filesystems under
     ``root``. Undo with :func:`unexpose` (done here on failure).
 
     With a recorder (the journal), each export, loop device and mount is recorded before it
     is made, so recovery can undo them after a crash, and a split backup (``kvmsnap
     mount``) can leave them for ``kvmsnap release``. Every partition is classified
-    (disks/classify.py); what ``skip`` names is not mounted.
+    (disks/classify.py); what ``skip`` names is not mounted. The disks ``flash`` names are
+    firmware flashes: copied beside the trees (:func:`flash_file`), not classified. In files
+    mode what the host cannot mount (LVM, LUKS with a key in ``luks_keys``, vfat, NTFS...) is
+    opened through libguestfs (disks/guestfs_route.py) unless ``guestfs`` is False (image
+    mode: its appliance costs 20-60 s and the images hold everything anyway).
     """
     record = recorder or _Nowhere()
     dirs.private_dir(root, "the mount root")
@@ -119,10 +136,22 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
             record.append("loops", str(loop))
             handle.loops.append(loop)
             _read_ahead(loop)
-            filesystems = [_filesystem(handle, name, partition, device, mount, record, skip)
-                           for partition, device in mounts.block_devices(loop, timeout)]
+            filesystems = [] if name in flash else [
+                _filesystem(handle, name, partition, device, mount, record, skip)
+                for partition, device in mounts.block_devices(loop, timeout)]
             handle.view.disks.append(ExposedDisk(name, export, loop, tuple(filesystems),
                                                  nbd_uri))
+        flashes = [(name, export) for (name, _, _), export in zip(images, handle.exports,
+                                                                  strict=True) if name in flash]
+        for name, export in flashes:
+            add_file(handle.view, flash_file(name, len(flashes)), _flash_bytes(name, export),
+                     record)
+            log.info("%s is a firmware flash (the UEFI variable store): files mode archives "
+                     "it whole as %s", name, flash_file(name, len(flashes)))
+        if mount and guestfs:
+            handle.view.disks[:], handle.appliance = guestfs_route.route(
+                handle.view.disks, images, root, workdir, keys=luks_keys, skip=skip,
+                recorder=recorder)
     except BaseException:
         unexpose(handle)
         raise
@@ -138,12 +167,29 @@ def add_file(exposure: Exposure, name: str, content: bytes,
     exposure.extra_files.append(name)
 
 
+def flash_file(name: str, flashes: int) -> str:
+    """The files-mode name of a firmware flash: ``uefi-vars.fd`` for a VM's one writable
+    flash (OVMF's variable store beside its read-only code), else one per flash."""
+    return "uefi-vars.fd" if flashes == 1 else f"uefi-{safe_name(name)}.fd"
+
+
+def _flash_bytes(name: str, export: Path) -> bytes:
+    """The flash's content, read from its raw view; a flash is small (x86 maps at most
+    64 MiB of them), anything larger is no firmware store."""
+    if export.stat().st_size > MAX_FLASH_BYTES:
+        raise HostError(f"disk {name} is attached as firmware flash but is larger than "
+                        f"{MAX_FLASH_BYTES >> 20} MiB", "attach only firmware images as pflash")
+    return export.read_bytes()
+
+
 def unexpose(handle: Exposed) -> None:
     """Unmount, detach the loop devices, stop the export daemon, remove the raw views."""
     view = handle.view
     for name in view.extra_files:
         (view.root / name).unlink(missing_ok=True)
         (view.images_dir / name).unlink(missing_ok=True)
+    guestfs_route.close(handle.appliance)
+    handle.appliance = None
     for mountpoint in reversed(handle.mounts):
         mounts.unmount(mountpoint)
     for loop in reversed(handle.loops):
@@ -202,8 +248,8 @@ def _start_exports(handle: Exposed, images: Sequence[Image], timeout: float,
         export = images_dir / f"{safe_name(name)}.raw"
         dirs.create_file(export)  # the FUSE export's mount point
         handle.exports.append(export)
-        argv += ["--blockdev", f"driver=file,node-name=f{index},filename={escape(image)},"
-                               "read-only=on",
+        argv += ["--blockdev", f"driver={_protocol(image)},node-name=f{index},"
+                               f"filename={escape(image)},read-only=on",
                  "--blockdev", f"driver={_driver(image_format)},node-name=d{index},"
                                f"file=f{index},read-only=on",
                  "--export", f"type=fuse,id=e{index},node-name=d{index},"
@@ -231,6 +277,12 @@ def _driver(image_format: str) -> str:
         raise HostError(f"cannot expose a disk image of format {image_format!r}",
                         "back the VM up with disks in qcow2 or raw format")
     return image_format
+
+
+def _protocol(image: Path) -> str:
+    """QEMU's ``file`` driver opens regular files only; a host block device (an offline
+    VM's LVM volume, say) needs ``host_device``."""
+    return "host_device" if stat.S_ISBLK(image.stat().st_mode) else "file"
 
 
 def _wait_mounted(exports: list[Path], daemon, stderr_path: Path, timeout: float) -> None:

@@ -44,7 +44,7 @@ from kvmsnap_plugin.fork.chain import (
     locate,
     stamp_of,
 )
-from kvmsnap_plugin.host import faults
+from kvmsnap_plugin.host import dirs, faults
 from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.model import (
     FORK_TIMEOUT,
@@ -58,6 +58,7 @@ from kvmsnap_plugin.model import (
     ParentDisk,
     RamMethod,
 )
+from kvmsnap_plugin.paths import DEFAULT_WORKDIR, safe_name
 from kvmsnap_plugin.vm.clone_options import clonable
 from kvmsnap_plugin.vm.clone_secrets import write_clone_secrets
 from kvmsnap_plugin.vm.qmp import Event
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 Record = Callable[..., None]
 #: tests only: the KVMSNAP_FAULT value that hangs the parent's QEMU before the disk snapshot
 HANG_POINT = "hang-parent"
+#: the work directory's subdirectory for the parent's overlays of block-device disks
+BLOCK_OVERLAYS = "overlays"
 #: how often the pause asks whether the capture is done: each wait ends the pause later
 CAPTURE_POLL = 0.002
 
@@ -136,20 +139,27 @@ def open_parent(job: BackupJob) -> ParentHandle:
     return ParentHandle(QmpBackend(job.qmp, job.fork.pid), job.fork.clone_drop)
 
 
-def parent_overlay_path(disk: ParentDisk, run_id: str, overlay_dir: Path | None) -> Path:
+def parent_overlay_path(disk: ParentDisk, run_id: str, overlay_dir: Path | None,
+                        workdir: Path = DEFAULT_WORKDIR) -> Path:
     """Where the parent writes during the backup: next to its image unless told otherwise.
 
     Next to the image means the same filesystem and the same persistence as the image, so
-    a host crash mid-backup leaves a chain that ``kvmsnap recover`` can commit.
+    a host crash mid-backup leaves a chain that ``kvmsnap recover`` can commit. A block
+    device has none (/dev is no place for files): WORKDIR/overlays, which outlives the
+    run's own directory (removed at the end even if the commit back failed).
     """
     frozen = Path(disk.filename)
+    if disk.host_device:  # /dev/vg0/data and /dev/vg1/data get different names
+        name = safe_name(str(frozen).removeprefix("/dev/").replace("/", "-"))
+        return (overlay_dir or workdir / BLOCK_OVERLAYS) / f"{name}.kvmsnap-{run_id}.qcow2"
     directory = overlay_dir or frozen.parent
     return directory / f"{frozen.name}.kvmsnap-{run_id}.qcow2"
 
 
-def plan_fork(parent: Parent, run_id: str, overlay_dir: Path | None) -> tuple[ForkedDisk, ...]:
+def plan_fork(parent: Parent, run_id: str, overlay_dir: Path | None,
+              workdir: Path = DEFAULT_WORKDIR) -> tuple[ForkedDisk, ...]:
     """The parent's overlays-to-be: recorded in the journal before they exist."""
-    return tuple(ForkedDisk(disk, parent_overlay_path(disk, run_id, overlay_dir),
+    return tuple(ForkedDisk(disk, parent_overlay_path(disk, run_id, overlay_dir, workdir),
                             f"kvmsnap-{run_id}-{index}")
                  for index, disk in enumerate(parent.writable_disks))
 
@@ -227,6 +237,9 @@ def _attach_overlays(backend: Backend, planned: Sequence[ForkedDisk]) -> None:
     try:
         for forked in planned:
             disk = forked.disk
+            if disk.host_device:  # its own directory, not an image's: make or check it
+                dirs.user_dir(forked.parent_overlay.parent, "the directory of the parent's "
+                              "overlays (--overlay-dir)")
             create_overlay(forked.parent_overlay, disk.filename, disk.format, disk.virtual_size)
         backend.attach_overlays(planned)
     except BaseException:

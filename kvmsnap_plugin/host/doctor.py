@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sysconfig
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,19 +104,54 @@ def check_resume_logic() -> Check:
                  f"{expected}")
 
 
+#: what a kernel prints when it booted as far as mounting its root (no initrd given)
+KERNEL_BOOTED = "Kernel panic - not syncing: VFS"
+
+
+def host_kernel() -> Path | None:
+    """The host's own kernel image, to probe KVM with when no test guest did."""
+    image = Path("/boot") / f"vmlinuz-{os.uname().release}"
+    return image if os.access(image, os.R_OK) else None
+
+
 def check_accelerator() -> Check:
-    """Clones always run on their parent's accelerator; this only tells what guests get."""
+    """Clones always run on their parent's accelerator; this only tells what guests get.
+    Decided by booting a kernel under KVM (bounded): a test guest's probe, cached until
+    reboot, or else the host's own kernel, no guest needed."""
     known = probes.cached_accelerator()
+    kernel = host_kernel()
+    if known is None and kernel is not None:
+        known = probes.choose_accelerator(kernel, None, booted=KERNEL_BOOTED)
     if known is None:
         usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
         return Check("accelerator", "warn",
-                     f"not probed (/dev/kvm {'present' if usable else 'absent'}); clones run "
-                     "on their parent's accelerator", "KVMSNAP_ACCEL=kvm|tcg, or boot a "
-                     "test guest once (`make guest`): its bounded probe is cached until reboot")
+                     f"not probed (/dev/kvm {'present' if usable else 'absent'}; no readable "
+                     f"/boot/vmlinuz-{os.uname().release} to boot); clones run on their "
+                     "parent's accelerator", "KVMSNAP_ACCEL=kvm|tcg tells kvmsnap")
     accel, why = known
     status = "ok" if accel == "kvm" else "warn"
     fix = "" if accel == "kvm" else "guests run under TCG (slow but correct); enable KVM"
     return Check("accelerator", status, f"{accel}: {why}", fix)
+
+
+def share_dir() -> Path | None:
+    """Where the hook scripts, units and examples are: the environment's share/kvmsnap
+    (installed from the wheel), or the checkout's top level (a development install)."""
+    for root in (Path(sysconfig.get_path("data")) / "share" / "kvmsnap",
+                 Path(__file__).resolve().parents[2]):
+        if (root / "hooks" / "kvmsnap-borgmatic-before").is_file():
+            return root
+    return None
+
+
+def check_hooks() -> Check:
+    root = share_dir()
+    if root is None:
+        return Check("hooks", "warn", "the hook scripts were not found",
+                     "install kvmsnap from its wheel or `make install`")
+    hooks = sorted(p.name for p in (root / "hooks").iterdir() if os.access(p, os.X_OK))
+    return Check("hooks", "ok", f"hook scripts in {root / 'hooks'} ({', '.join(hooks)}); "
+                 f"units and examples in {root / 'contrib'}")
 
 
 def check_uffd() -> Check:
@@ -188,6 +224,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     lambda: check_program("restic", "restic", "restic", required=False, args=("version",)),
     lambda: check_program("borgmatic", "borgmatic", "borgmatic (pip install borgmatic)",
                           required=False),
+    check_hooks,
 )
 
 

@@ -41,13 +41,15 @@ def raw_copy(image: Path, dest: Path, image_format: str) -> Path:
     return convert(image, image_format, dest, "raw", shared=True, timeout=600)
 
 
-def keep_images(images: Sequence[tuple[str, Path, str]], keep_dir: Path) -> list[Path]:
+def keep_images(images: Sequence[tuple[str, Path, str]], keep_dir: Path,
+                vm: str) -> list[Path]:
     """Write ``(device, image, format)`` out as standalone, sparse qcow2 images (no backing
-    file), 0600, into ``keep_dir`` (created 0700, or checked: writable by nobody else)."""
-    dirs.user_dir(keep_dir, "the --keep directory")
+    file), 0600, into ``keep_dir/VM`` (created 0700, or checked: writable by nobody else):
+    VMs that share a keep directory never overwrite each other's images."""
+    directory = dirs.user_dir(keep_dir / safe_name(vm), "the --keep directory")
     kept = []
     for device, image, image_format in images:
-        target = keep_dir / f"{safe_name(device)}.qcow2"
+        target = directory / f"{safe_name(device)}.qcow2"
         log.info("keeping the clone's disk %s as %s", device, target)
         kept.append(convert(image, image_format, target, "qcow2"))
     return kept

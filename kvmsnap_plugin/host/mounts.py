@@ -21,9 +21,12 @@ from kvmsnap_plugin.host import process
 #: nodes or programs work on the host
 SAFE_OPTIONS = "ro,nosuid,nodev,noexec"
 #: per filesystem type, what replays no journal (the clone's disks are never written)
+#: (btrfs: "nologreplay" is the deprecated spelling of rescue=nologreplay, kernel 5.9+;
+#: xfs: nouuid, as clones of one template share a UUID and may be backed up at once)
 MOUNT_OPTIONS = {fstype: ",".join([SAFE_OPTIONS, *extra]) for fstype, extra in {
-    "ext4": ["noload"], "ext3": ["noload"], "ext2": [], "xfs": ["norecovery"], "vfat": [],
-    "btrfs": ["nologreplay"]}.items()}
+    "ext4": ["noload"], "ext3": ["noload"], "ext2": [], "xfs": ["norecovery", "nouuid"],
+    "vfat": [],
+    "btrfs": ["rescue=nologreplay"]}.items()}
 #: filesystems whose data leaves this host or passes through a user-space daemon: no place
 #: for the guest's RAM (keys included) unless the user says so
 REMOTE_FILESYSTEMS = frozenset({

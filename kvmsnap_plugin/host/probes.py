@@ -52,8 +52,10 @@ def uffd_wp_supported() -> tuple[bool, str]:
         os.close(fd)
 
 
-def kvm_usable(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    """Boot the demo kernel under KVM with the probe flag; True if it powers off in time."""
+def kvm_usable(kernel: Path, initrd: Path | None, timeout: float = PROBE_TIMEOUT, *,
+               booted: str = "KVMSNAP-PROBE-OK") -> tuple[bool, str]:
+    """Boot a kernel under KVM; True if it says ``booted`` on its console and ends in time
+    (the demo guest's probe flag; or any kernel without an initrd: its root-mount panic)."""
     try:
         with open("/dev/kvm", "rb+", buffering=0):
             pass
@@ -63,7 +65,7 @@ def kvm_usable(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT) -> tu
         log_path = Path(tmp) / "console.log"
         argv = [process.find_program(QEMU, "qemu-system-x86"), "-accel", "kvm", "-m", "128",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-kernel", kernel, "-initrd", initrd,
+                "-kernel", kernel, *(["-initrd", initrd] if initrd else []),
                 "-append", "console=ttyS0 quiet panic=-1 kvmsnap.probe=1",
                 "-chardev", f"file,id=c,path={log_path}", "-serial", "chardev:c"]
         proc = process.spawn(argv)
@@ -73,17 +75,18 @@ def kvm_usable(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT) -> tu
             process.stop(proc, grace=2)
             return False, f"a guest under KVM did not boot within {timeout:g} s (nested KVM?)"
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if "KVMSNAP-PROBE-OK" in text:
+        if booted in text:
             return True, "a guest booted under KVM"
         return False, f"QEMU with KVM exited with code {proc.returncode} before booting"
 
 
-def choose_accelerator(kernel: Path, initrd: Path) -> tuple[str, str]:
+def choose_accelerator(kernel: Path, initrd: Path | None, *,
+                       booted: str = "KVMSNAP-PROBE-OK") -> tuple[str, str]:
     """("kvm"|"tcg", why). KVMSNAP_ACCEL overrides; the probe is cached until reboot."""
     known = cached_accelerator()
     if known:
         return known
-    ok, why = kvm_usable(kernel, initrd)
+    ok, why = kvm_usable(kernel, initrd, booted=booted)
     accel = "kvm" if ok else "tcg"
     cache = _probe_cache()
     if cache:

@@ -29,6 +29,7 @@ from typing import Any
 
 from kvmsnap_plugin.errors import HostError, ProcessError
 from kvmsnap_plugin.host.secrets import mask, secret_values, shown_command
+from kvmsnap_plugin.host.waiting import waited_by_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +131,25 @@ def run(
     call = Call.of(argv, secret_values(env), timeout)
     log.debug("run: %s", call.shown)
     try:
-        proc = subprocess.run(call.argv, input=input, stdout=stdout, stderr=subprocess.PIPE,
-                              env=child_env(env, inherit_env), timeout=timeout,
-                              pass_fds=tuple(pass_fds), cwd=cwd, check=False)
+        # subprocess.run's own steps, with the program known to waiting.interrupt_waited()
+        with subprocess.Popen(call.argv, stdin=subprocess.PIPE if input is not None else None,
+                              stdout=stdout, stderr=subprocess.PIPE,
+                              env=child_env(env, inherit_env), pass_fds=tuple(pass_fds),
+                              cwd=cwd) as proc, waited_by_this_thread(proc.pid):
+            try:
+                out_bytes, err_bytes = proc.communicate(input, timeout=timeout)
+            except BaseException:  # a timeout, Ctrl-C: never leave it running
+                proc.kill()
+                proc.wait()
+                raise
     except FileNotFoundError as exc:
         raise HostError(f"program not found: {call.argv[0]}") from exc
     except subprocess.TimeoutExpired as exc:
         raise call.timed_out() from exc
     if check and proc.returncode not in set(ok_codes):
-        raise call.failed(proc.returncode, proc.stderr)
-    out = proc.stdout.decode(errors="replace") if proc.stdout is not None else ""
-    return call.result(proc.returncode, out, proc.stderr)
+        raise call.failed(proc.returncode, err_bytes)
+    out = out_bytes.decode(errors="replace") if out_bytes is not None else ""
+    return call.result(proc.returncode, out, err_bytes)
 
 
 def spawn(
@@ -224,7 +233,8 @@ class ShProgram:
 
         call = self._call(running.cmd[1:])
         try:
-            running.wait()
+            with waited_by_this_thread(running.pid):
+                running.wait()
         except sh.ErrorReturnCode as exc:  # a signal too (sh.SignalException)
             raise call.failed(exc.exit_code, exc.stderr) from None
         except sh.TimeoutException:

@@ -185,6 +185,11 @@ def meminfo(path: Path = MEMINFO) -> dict[str, int]:
     return values
 
 
+def available_memory(path: Path = MEMINFO) -> int:
+    """What the kernel can give without swapping (``MemAvailable``), in bytes."""
+    return meminfo(path).get("MemAvailable", 0)
+
+
 def default_huge_page_size(path: Path = MEMINFO) -> int:
     return meminfo(path).get("Hugepagesize", 2 << 20)
 
@@ -203,7 +208,7 @@ def free_huge_pages(page_size: int, root: Path = HUGEPAGES) -> int:
 def check_clone_memory(need: CloneMemory, *, meminfo_path: Path = MEMINFO,
                        hugepages_root: Path = HUGEPAGES) -> None:
     """Refuse (HostError) a clone the host cannot hold next to the parent."""
-    available = meminfo(meminfo_path).get("MemAvailable", 0)
+    available = available_memory(meminfo_path)
     wanted = need.ordinary + QEMU_OVERHEAD
     if available < wanted:
         raise HostError(

@@ -40,6 +40,8 @@ class Outcome(StrEnum):
     SKIPPED_BY_RULE = "skipped-by-rule"  # holds no files (swap, BIOS boot, ...)
     SKIPPED_BY_CONFIG = "skipped-by-config"  # skip_partitions / --skip-partition
     NOT_ARCHIVED = "not-archived"  # holds data files mode could not read: a warning
+    #: a container (LVM physical volume, LUKS holding LVM) opened: its volumes are listed
+    OPENED = "opened"
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,11 @@ class ExposedFilesystem:
     outcome: Outcome = Outcome.ARCHIVED
     reason: str = ""
     probed: ProbeInfo = field(default_factory=ProbeInfo)
+    #: "" for the host's own mount, "libguestfs" for what its appliance mounted
+    route: str = ""
+    #: the filesystem's first bytes, read inside the appliance, when ``device`` is none of
+    #: the host's (a logical volume, an opened LUKS volume): what its verdict is taken from
+    head: bytes = field(default=b"", repr=False)
 
     @property
     def where(self) -> str:
@@ -211,3 +218,14 @@ class ArchiveResult:
     stored_bytes: int | None  # new bytes in the repository (after dedup/compression)
     seconds: float
     warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetFailure:
+    """An archive target that got no archive in this run (the others were still tried):
+    that repository has no backup of the run, so the VM's exit code is 2."""
+
+    target: str
+    type: str
+    error: str  # one line, secrets masked
+    fix: str

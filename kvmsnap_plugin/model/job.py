@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from kvmsnap_plugin.model.disks import (
     ArchiveTarget,
     PartitionRecord,
     SkipRule,
+    TargetFailure,
     Verdict,
 )
 from kvmsnap_plugin.model.vm import (
@@ -111,6 +112,12 @@ class RunSettings:
     exclude: tuple[str, ...] = ()  # VM names or globs left out
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_clones, int) or self.max_clones < 1:
+            raise UsageError(f"max_clones must be a whole number, at least 1, not "
+                             f"{self.max_clones!r}", "pass --max-clones 1 or more "
+                             "(max_clones = 2 in [run])")
+
 
 @dataclass(frozen=True)
 class BackupJob:
@@ -124,6 +131,15 @@ class BackupJob:
     domain: str | None = None  # a libvirt domain's name
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
     commands: VmCommands = field(default_factory=VmCommands)
+    #: False: ``name`` only stands in (the socket's path) until the VM is asked for its own
+    #: (QEMU's -name, else its UUID, else the socket's stem) when its session opens
+    name_given: bool = True
+    #: ``verify = true``: boot the image archive this backup just made (run/verify.py)
+    verify: VerifySettings = field(default_factory=lambda: VerifySettings())
+
+    def named(self, name: str) -> BackupJob:
+        """This job under the VM's own ``name``, unless one was given."""
+        return self if self.name_given else replace(self, name=name, name_given=True)
 
     @property
     def identity(self) -> str:
@@ -156,6 +172,10 @@ class BackupReport:
     clone_binary: CloneBinary | None = None  # the QEMU the clone ran (None: no clone)
     #: every partition of every disk, with what was done to it
     partitions: list[PartitionRecord] = field(default_factory=list)
+    #: targets that got no archive (the others were still attempted): exit code 2
+    failed_targets: list[TargetFailure] = field(default_factory=list)
+    #: ``verify = true``: what booting the image archive it made proved
+    verified: VerifyReport | None = None
 
     @property
     def clean(self) -> bool:
@@ -167,6 +187,10 @@ class BackupReport:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["clean"] = self.clean
+        data["targets"] = [{"target": t, "status": "ok"} for t in
+                           dict.fromkeys(a.target for a in self.archives)] + [
+            {"target": f.target, "status": "error", "error": f.error, "fix": f.fix}
+            for f in self.failed_targets]
         if self.clone_binary:
             data["clone_binary"]["summary"] = self.clone_binary.describe()
         return data
@@ -191,11 +215,10 @@ class VmOutcome:
         return {0: "ok", 1: "warning", 75: "skipped"}.get(self.exit_code, "error")
 
     def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"vm": self.vm, "status": self.status,
-                                "exit_code": self.exit_code, "started_at": self.started_at,
-                                "finished_at": self.finished_at}
-        if self.report is not None:
-            data.update(self.report.as_dict())
+        # the job's name wins over the report's (QEMU's -name, which VMs may share)
+        data: dict[str, Any] = self.report.as_dict() if self.report is not None else {}
+        data.update(vm=self.vm, status=self.status, exit_code=self.exit_code,
+                    started_at=self.started_at, finished_at=self.finished_at)
         if self.error:
             data.update(error=self.error, fix=self.fix)
         return data
@@ -240,6 +263,8 @@ class RecordedDisk:
     image: str  # the parent's image file at backup time
     format: str
     virtual_size: int
+    #: a firmware flash (the UEFI variable store): restore it raw, boot it as pflash
+    flash: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,6 +279,9 @@ class VmRecord:
     argv: list[str]
     disks: list[RecordedDisk]
     version: int = 1
+    #: a libvirt domain's persistent XML at backup time ("" for a bare QEMU): what
+    #: `kvmsnap restore --define` rewrites into the restored copy's definition
+    domain_xml: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
@@ -263,3 +291,70 @@ class VmRecord:
         data: dict[str, Any] = json.loads(text)
         data["disks"] = [RecordedDisk(**d) for d in data.get("disks", [])]
         return cls(**data)
+
+
+# -- verify ---------------------------------------------------------------------------------
+#: what shows a guest has booted to its prompt, when nothing else is configured
+DEFAULT_VERIFY_CONSOLE = r"login: |Reached target .*(Multi-User|Graphical)|KVMSNAP-READY"
+VERIFY_TIMEOUT = 600.0  # seconds for a restored guest to come up (TCG boots are slow)
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How to prove a backup (``kvmsnap verify``, or ``verify = true`` after each backup):
+    what shows the booted copy came up, and which files a files archive must hold."""
+
+    enabled: bool = False  # ``verify = true``: right after each backup, on its image archive
+    command: tuple[str, ...] = ()  # run through the guest agent; exit status 0: came up
+    console: str = ""  # a regex a console line must match ("" and no command: the default)
+    timeout: float = VERIFY_TIMEOUT
+    files: tuple[str, ...] = ()  # marker files a files archive must hold (vdisk0/p1/etc/...)
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise UsageError(f"verify timeout {self.timeout:g} s is too small",
+                             "give the guest time to boot, e.g. verify_timeout = 600")
+        if self.console:
+            try:
+                re.compile(self.console)
+            except re.error as exc:
+                raise UsageError(f"verify_console {self.console!r} is no regex: {exc}",
+                                 'write a Python regex, e.g. "login:|READY"') from None
+        object.__setattr__(self, "command", tuple(self.command))
+        object.__setattr__(self, "files", tuple(f.strip("/") for f in self.files))
+
+
+@dataclass
+class VerifyReport:
+    """What ``kvmsnap verify`` proved of one backup (seconds from the start of the boot)."""
+
+    vm: str
+    source: str  # REPO::ARCHIVE, or the restic repository and run
+    mode: str  # "image" or "files"
+    booted: bool = False
+    came_up: bool = False
+    shut_down_clean: bool = False
+    booted_s: float | None = None
+    came_up_s: float | None = None
+    shut_down_s: float | None = None
+    how: str = ""  # what proved it came up: "guest agent: ...", "console: ..."
+    reason: str = ""  # one line: why it is not proven (empty when all is good)
+    failed: bool = False  # the reason is a failure (exit 2), not a doubt (exit 1)
+    verdicts: list[Verdict] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)  # files mode: what was found
+    materialised_bytes: int = 0  # the space the archive's images took (sparse)
+
+    @property
+    def exit_code(self) -> int:
+        """0: all proven; 1: came up (or is complete) but not all proven; 2: did not."""
+        if self.failed or (self.mode == "image" and not self.came_up):
+            return 2
+        if self.reason or not all(v.clean for v in self.verdicts):
+            return 1
+        return 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(exit_code=self.exit_code, status={0: "ok", 1: "warning"}.get(
+            self.exit_code, "failed"))
+        return data

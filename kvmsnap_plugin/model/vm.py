@@ -23,6 +23,12 @@ class ParentDisk:
     chain: tuple[str, ...]  # image files from the top down to the base
     #: how an image of the chain is encrypted ("luks", or qcow2's old "aes"); "" for none
     encryption: str = ""
+    #: the top image is a host block device (LVM volume, zvol, mapped iSCSI/RBD, loop):
+    #: the parent's overlay then cannot go beside it (see fork/engine.py)
+    host_device: bool = False
+    #: a firmware flash (pflash): with OVMF the UEFI variable store (boot entries, Secure
+    #: Boot keys), forked with the disks but archived as a file, not mounted
+    flash: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class Parent:
     clone_drop: tuple[str, ...] = ()
     #: the options the parent's own QEMU binary accepts (None: not probed, QEMU 7.2's)
     qemu_options: QemuOptions | None = None
+    #: a libvirt domain's persistent XML (inactive, no secrets): archived in the VM record
+    domain_xml: str = ""
 
     @property
     def writable_disks(self) -> tuple[ParentDisk, ...]:
@@ -140,6 +148,9 @@ class ShutdownPolicy:
     timeout: float = SHUTDOWN_TIMEOUT
     repress_after: float = REPRESS_AFTER
     on_unclean: OnUnclean = OnUnclean.FAIL
+    #: before the power button, lazily force-unmount the clone's network filesystems
+    #: through its guest agent (False: leave them to the guest's shutdown)
+    detach_network_fs: bool = True
 
     def __post_init__(self) -> None:
         if self.timeout < 1:
@@ -161,6 +172,8 @@ class ShutdownResult:
     presses: int
     reason: str  # QEMU's SHUTDOWN reason, or why there was none
     agent_asked: bool = False  # the guest agent was asked to power off
+    #: the network filesystems the clone had mounted, and what was done to each
+    network_mounts: tuple[NetworkMount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,3 +212,16 @@ class CloneBinary:
 
 #: what the kernel appends to /proc/PID/exe once the file was deleted or replaced
 DELETED = " (deleted)"
+
+
+@dataclass(frozen=True)
+class NetworkMount:
+    """A network filesystem mounted in the clone (from its /proc/mounts)."""
+
+    source: str  # server:/path, //server/share
+    mountpoint: str
+    fstype: str  # nfs, nfs4, cifs...
+    options: str
+    #: "detached" (lazy, forced: the clone's unwritten data for it dropped), "left to the
+    #: guest", or why it could not be detached
+    outcome: str

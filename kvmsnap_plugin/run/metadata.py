@@ -22,10 +22,11 @@ REDACTED = "<redacted>"
 
 def record_of(point: ForkPoint, run: str, label: Label, vm: str) -> VmRecord:
     """The record of one backup; ``taken_at`` is stamped now, seconds after the fork."""
-    disks = [RecordedDisk(d.device, d.filename, d.format, d.virtual_size)
+    disks = [RecordedDisk(d.device, d.filename, d.format, d.virtual_size, d.flash)
              for d in point.parent.writable_disks]
     return VmRecord(vm, run, datetime.now(UTC).isoformat(timespec="seconds"), label,
-                    point.method, without_secrets(point.parent.argv), disks)
+                    point.method, without_secrets(point.parent.argv), disks,
+                    domain_xml=point.parent.domain_xml)
 
 
 def without_secrets(argv: Sequence[str]) -> list[str]:

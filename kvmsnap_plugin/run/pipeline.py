@@ -15,6 +15,7 @@ and between steps the parent must run: stopped on an I/O error, it ends the run 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from kvmsnap_plugin.disks import classify, verify
 from kvmsnap_plugin.disks.expose import add_file, expose, unexpose
-from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, VMError
+from kvmsnap_plugin.errors import SkipBackup, VMError
 from kvmsnap_plugin.fork.engine import ParentHandle, open_parent, parent_overlay_path, plan_fork
 from kvmsnap_plugin.fork.watchdog import guarding
 from kvmsnap_plugin.host import faults, process
@@ -53,6 +54,7 @@ from kvmsnap_plugin.model import (
     RamMethod,
     Recovery,
     ShutdownResult,
+    TargetFailure,
     Verdict,
 )
 from kvmsnap_plugin.paths import safe_name, socket_dir
@@ -60,13 +62,14 @@ from kvmsnap_plugin.plugin.manager import Hooks
 from kvmsnap_plugin.run import metadata
 from kvmsnap_plugin.run.journal import (
     Journal,
-    held_mount,
     pending_journal,
     refuse_if_mounted,
     vm_identity,
 )
+from kvmsnap_plugin.run.logs import log_as_vm
 from kvmsnap_plugin.run.recovery import recover
 from kvmsnap_plugin.run.report import warnings_of
+from kvmsnap_plugin.run.targets import archive_each, checked_targets
 from kvmsnap_plugin.run.watch import watching
 from kvmsnap_plugin.vm.clone import (
     check_room,
@@ -83,6 +86,9 @@ log = logging.getLogger(__name__)
 #: how an offline backup's "clone" ended: there was none, the VM was already shut off
 OFFLINE = ShutdownResult(clean=True, ended_by="offline", seconds=0.0, presses=0,
                          reason="shut off before the backup")
+#: numbers the runs of this process: VMs backed up at once, in the same second, get
+#: distinct run ids (and so distinct overlays in a shared --overlay-dir)
+_RUN_NUMBERS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class Run:
     id: str  # names the parent's overlays and ties the archives of this run together
     parent: ParentHandle | None = None  # a running parent (None: shut off, no fork)
     commits: list[Commit] = field(default_factory=list)  # filled as the parent is given back
+    #: targets that got no archive (their repository failed); the others were still tried
+    failed_targets: list[TargetFailure] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -146,41 +154,30 @@ def release(job: BackupJob) -> Recovery:
         return _recover_or_fail(journal)
 
 
-def recover_all(force: bool = False) -> list[Recovery]:
-    """Finish or undo every interrupted run this host has a journal of. A split backup
-    still mounted for its reader is left alone (unless ``force``); a journal that cannot
-    be read is set aside as ``*.corrupt`` and reported; either way the others go on."""
-    results = []
-    for path in Journal.all_pending():
-        try:
-            with Journal.acquire_file(path, quarantine=True) as journal:
-                if not journal.pending:
-                    continue
-                where = None if force else held_mount(journal.current)
-                results.append(recover(journal) if where is None else Recovery(
-                    journal.current.vm, [f"left alone: mounted at {where}, waiting for "
-                                         "`kvmsnap release` (or `kvmsnap recover --force`)"]))
-        except KvmsnapError as exc:
-            results.append(Recovery(path.stem, problems=[exc.one_line()]))
-    return results
-
-
 def plan(job: BackupJob) -> Plan:
     """Describe what :func:`backup` would do, touching nothing."""
     clone = None
     with open_parent(job) as handle:
         parent = handle.describe()
+        job = named(job, parent.name)
         if not parent.offline:
             with tempfile.TemporaryDirectory() as tmp:
                 clone = plan_clone(parent, Path(tmp), Path(tmp), monitor=handle.backend.monitor)
     disks = [{"device": d.device, "image": d.filename,
               "overlay": "none (shut off: read as it is)" if parent.offline else
-              str(parent_overlay_path(d, "RUN", job.fork.overlay_dir))}
+              str(parent_overlay_path(d, "RUN", job.fork.overlay_dir, job.fork.workdir))}
              for d in parent.writable_disks]
     argv = metadata.without_secrets(clone.argv) if clone else []
     return Plan(parent.name, parent.pid, disks, argv,
                 [f"{t.name} ({t.type}, {t.mode})" for t in job.targets],
                 str(mount_root(job)), clone.binary.describe() if clone and clone.binary else "")
+
+
+def named(job: BackupJob, name: str) -> BackupJob:
+    """The job under the VM's own name if none was given; log lines say it from now on."""
+    job = job.named(name)
+    log_as_vm(job.name)
+    return job
 
 
 def mount_root(job: BackupJob) -> Path:
@@ -237,16 +234,20 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
     started = time.monotonic()
     with open_parent(job) as handle:
         parent = handle.describe()
+        job = named(job, parent.name)
         if not parent.offline:  # refuse what cannot fit while the VM runs untouched
             check_room(parent, handle.backend.monitor, job.fork, {parent_overlay_path(
-                d, "RUN", job.fork.overlay_dir).parent for d in parent.writable_disks})
+                d, "RUN", job.fork.overlay_dir, job.fork.workdir).parent
+                for d in parent.writable_disks})
         # Before pre_backup: a plugin may freeze the guest's filesystems there until the fork.
         huge_pages = _collapse_huge_pages(parent, job.fork)
+        job, failed_targets = checked_targets(job, hooks, parent)
         reason = hooks.pre_backup(job, parent)
         if reason:
             raise SkipBackup(f"{job.name}: skipped by a plugin: {reason}")
         with contextlib.ExitStack() as cleanup:
             run = _start(job, hooks, journal, handle, parent)
+            run.failed_targets.extend(failed_targets)
             cleanup.callback(shutil.rmtree, run.workdir, ignore_errors=True)
             if parent.offline:  # a shut-off VM: its images are consistent as they are
                 stopped = _offline(run, parent)
@@ -281,7 +282,8 @@ def _start(job: BackupJob, hooks: Hooks, journal: Journal, handle: ParentHandle,
                   mount_root=str(mount_root(job)), **handle.journal_fields())
     workdir = make_workdir(job.fork.workdir, parent.name)
     journal.record(workdir=str(workdir))
-    return Run(job, hooks, journal, workdir, f"{os.getpid()}-{int(time.time())}",
+    return Run(job, hooks, journal, workdir,
+               f"{os.getpid()}-{int(time.time())}-{next(_RUN_NUMBERS)}",
                None if parent.offline else handle)
 
 
@@ -320,7 +322,7 @@ def _fork_and_shut_down(run: Run, handle: ParentHandle, parent: Parent,
 
 
 def _fork(run: Run, handle: ParentHandle, parent: Parent) -> ForkPoint:
-    planned = plan_fork(parent, run.id, run.job.fork.overlay_dir)
+    planned = plan_fork(parent, run.id, run.job.fork.overlay_dir, run.job.fork.workdir)
     run.journal.record(phase=Phase.FORKING, overlays=planned)
     with guarding(handle.journal_fields()):  # resumes the parent if kvmsnap dies paused
         point = handle.fork(parent, planned, run.workdir / "ram.state", run.job.fork.method,
@@ -353,8 +355,11 @@ def _shut_down_clone(run: Run, clone_plan: ClonePlan, point: ForkPoint) -> Stopp
 def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposure:
     """The disks to archive, read-only, with the VM's record beside them."""
     run.journal.record(clone=None, phase=Phase.SHUT_DOWN)
+    image_only = bool(run.job.targets) and all(t.mode is Mode.IMAGE for t in run.job.targets)
     exposed = expose(stopped.images, run.workdir, run.root, recorder=run.journal,
-                     skip=run.job.fork.skip_partitions)
+                     skip=run.job.fork.skip_partitions, luks_keys=run.job.fork.luks_keys,
+                     flash={d.device for d in stopped.point.parent.writable_disks if d.flash},
+                     guestfs=not image_only)
     cleanup.callback(unexpose, exposed)
     record = metadata.record_of(stopped.point, run.id, stopped.label, run.job.name)
     add_file(exposed.view, METADATA_FILE, record.to_json(), run.journal)
@@ -363,23 +368,14 @@ def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposu
 
 
 def _archive_and_verify(run: Run, stopped: Stopped, exposure: Exposure) -> Results:
-    archives = _archive(run, exposure, stopped.label)
+    faults.point("archiving")
+    archives, failures = archive_each(run.job, run.hooks, exposure, stopped.label)
+    run.failed_targets.extend(failures)
     image_only = bool(run.job.targets) and all(t.mode is Mode.IMAGE for t in run.job.targets)
     verdicts = verify.verdicts(classify.to_verdict(exposure.filesystems, image_only))
     keep_dir = run.job.fork.keep_dir
-    kept = [str(p) for p in keep_images(stopped.images, keep_dir)] if keep_dir else []
+    kept = [str(p) for p in keep_images(stopped.images, keep_dir, run.job.name)] if keep_dir else []
     return Results(archives, verdicts, kept, classify.records(exposure.filesystems, image_only))
-
-
-def _archive(run: Run, exposure: Exposure, label: Label) -> list[ArchiveResult]:
-    """Every target of the job in turn; the first failure stops the rest and propagates."""
-    results: list[ArchiveResult] = []
-    faults.point("archiving")
-    for target in run.job.targets:
-        log.info("archiving %s into %s (%s, %s)", run.job.name, target.name, target.type,
-                 target.mode)
-        results += run.hooks.archive(run.job, target, exposure, label)
-    return results
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -392,4 +388,5 @@ def _report(run: Run, stopped: Stopped, results: Results, huge_pages: Collapse |
         stopped.shutdown, results.verdicts, results.archives, results.kept, run.commits,
         total_s, warnings_of(stopped.label, results.verdicts, results.archives,
                              results.partitions),
-        huge_pages=huge_pages, clone_binary=stopped.binary, partitions=results.partitions)
+        huge_pages=huge_pages, clone_binary=stopped.binary, partitions=results.partitions,
+        failed_targets=run.failed_targets)

@@ -26,7 +26,7 @@ from kvmsnap_plugin.fork.recovery import give_back
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.host.mounts import detach_loops_of, detach_orphaned_loop, is_mountpoint, unmount
 from kvmsnap_plugin.model import JournalState, Recovery
-from kvmsnap_plugin.run.journal import Journal
+from kvmsnap_plugin.run.journal import Journal, held_mount
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +99,20 @@ def _remove_files(state: JournalState, journal: Journal, result: Recovery) -> No
             Path(root).rmdir()
 
 
+def recover_all(force: bool = False) -> list[Recovery]:
+    """Finish or undo every interrupted run this host has a journal of. A split backup
+    still mounted for its reader is left alone (unless ``force``); a journal that cannot
+    be read is set aside as ``*.corrupt`` and reported; either way the others go on."""
+    results = []
+    for path in Journal.all_pending():
+        try:
+            with Journal.acquire_file(path, quarantine=True) as journal:
+                if not journal.pending:
+                    continue
+                where = None if force else held_mount(journal.current)
+                results.append(recover(journal) if where is None else Recovery(
+                    journal.current.vm, [f"left alone: mounted at {where}, waiting for "
+                                         "`kvmsnap release` (or `kvmsnap recover --force`)"]))
+        except KvmsnapError as exc:
+            results.append(Recovery(path.stem, problems=[exc.one_line()]))
+    return results

@@ -35,6 +35,10 @@ def render_report(report: BackupReport) -> str:
     lines += [_partition(p) for p in report.partitions]
     lines += [_verdict(v) for v in report.verdicts]
     lines += [_archive(a) for a in report.archives]
+    lines += [f"  netfs    {m.mountpoint:18} {m.fstype:6} {m.source}: {m.outcome}"
+              for m in report.shutdown.network_mounts]
+    lines += [f"  FAILED   {f.target:18} {f.type:6} {f.error} (fix: {f.fix})"
+              for f in report.failed_targets]
     lines += [f"  kept     {path}" for path in report.kept]
     lines += [f"  warning  {w}" for w in report.warnings]
     return "\n".join(lines)

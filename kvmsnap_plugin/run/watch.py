@@ -11,6 +11,7 @@ committed back into its images (which have their space) and the guest is resumed
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import signal
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from kvmsnap_plugin.errors import KvmsnapError
+from kvmsnap_plugin.host.waiting import interrupt_waited
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ def watching(parent: Checkable | None, every: float = EVERY) -> Iterator[None]:
     active = threading.Lock()  # held while the block runs: the only window to interrupt it
     active.acquire()
     stop = threading.Event()
-    thread = threading.Thread(target=_poll, args=(parent, every, stop, active, found),
+    watched = threading.current_thread()  # a VM of a run of many runs in its own thread
+    thread = threading.Thread(target=_poll, args=(parent, every, stop, active, found, watched),
                               name="kvmsnap-parent-watch", daemon=True)
     thread.start()
     try:
@@ -61,7 +64,7 @@ def watching(parent: Checkable | None, every: float = EVERY) -> Iterator[None]:
 
 
 def _poll(parent: Checkable, every: float, stop: threading.Event, active: threading.Lock,
-          found: list[KvmsnapError]) -> None:
+          found: list[KvmsnapError], watched: threading.Thread) -> None:
     while not stop.wait(every):
         try:
             parent.check_healthy()
@@ -69,12 +72,26 @@ def _poll(parent: Checkable, every: float, stop: threading.Event, active: thread
             found.append(exc)
             if not active.acquire(blocking=False):  # the block still runs: end it now
                 log.error("%s", exc)
-                # A real signal to the main thread: it also ends a blocking wait (borg
-                # quietly running in subprocess.run), which a simulated one would not.
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                interrupt_thread(watched)
             else:
                 active.release()
             return
         except Exception as exc:  # the monitor went away: the next step will say why
             log.debug("watching the parent: %s", exc)
             return
+
+
+def interrupt_thread(thread: threading.Thread) -> None:
+    """Raise KeyboardInterrupt in ``thread`` so that it unwinds its cleanup.
+
+    The main thread gets a real SIGINT: it also ends a blocking wait (borg quietly running
+    in subprocess.run), which a simulated one would not. Another thread (one VM of a run
+    of many) cannot be signalled alone (the SIGINT would interrupt the whole run, every
+    VM): it gets the exception at its next Python step, at once when the program it waits
+    for (borg, restic) is ended, as a Ctrl-C would end it."""
+    if thread is threading.main_thread():
+        signal.pthread_kill(thread.ident or 0, signal.SIGINT)
+    elif thread.ident is not None and thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                   ctypes.py_object(KeyboardInterrupt))
+        interrupt_waited(thread.ident)  # a program it waits for ends: it sees it

@@ -50,6 +50,8 @@ IMAGE_SHORTCUTS = ("hda", "hdb", "hdc", "hdd", "pflash", "fda", "fdb", "sd", "mt
 #: libvirt's per-run key for the secrets it hands QEMU (in the domain's runtime directory)
 MASTER_KEY = "master-key.aes"
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+#: the protocol drivers of the disks kvmsnap forks: image files and host block devices
+PROTOCOLS = ("file", "host_device")
 
 
 def rewrite_argv(argv: list[str], parent_disks: Sequence[ParentDisk],
@@ -164,14 +166,14 @@ class _Rewriter:
         clone = _blockdev_clone(spec, self.by_file)
         if clone is None:
             return value
-        if spec.get("driver") == "file":
-            spec["filename"] = str(clone.overlay)
+        if spec.get("driver") in PROTOCOLS:
+            spec.update(driver="file", filename=str(clone.overlay))  # a file, even on a device
             self.file_nodes[spec.get("node-name", "")] = clone
         else:  # a format node with an inline file child
-            spec["file"]["filename"] = str(clone.overlay)
+            spec["file"].update(driver="file", filename=str(clone.overlay))
             _as_overlay_format(spec)
         self.used.add(str(clone.overlay))
-        return render_blockdev(spec)
+        return render_blockdev(spec, like=value)
 
     def network(self, name: str, value: str) -> str:
         return _isolate_network(name, value)
@@ -240,10 +242,10 @@ def _chardev_id(value: str) -> str | None:
 
 # -- disks ---------------------------------------------------------------------------------------
 def _blockdev_clone(spec: dict[str, Any], by_file: dict[str, CloneDisk]) -> CloneDisk | None:
-    if spec.get("driver") == "file":
+    if spec.get("driver") in PROTOCOLS:
         return by_file.get(os.path.realpath(str(spec.get("filename", ""))))
     child = spec.get("file")
-    if isinstance(child, dict) and child.get("driver") == "file":
+    if isinstance(child, dict) and child.get("driver") in PROTOCOLS:
         return by_file.get(os.path.realpath(str(child.get("filename", ""))))
     return None
 
@@ -267,7 +269,7 @@ def _fix_blockdev_formats(options: list[Option], file_nodes: dict[str, CloneDisk
         spec = parse_blockdev(option.value or "")
         if isinstance(spec.get("file"), str) and spec["file"] in file_nodes:
             _as_overlay_format(spec)
-            option.value = render_blockdev(spec)
+            option.value = render_blockdev(spec, like=option.value or "")
 
 
 # -- network -------------------------------------------------------------------------------------

@@ -102,14 +102,16 @@ class Refusal:
 
     what: str
     droppable: bool = False
+    hint: str = ""  # the fix, where the general one would mislead
 
     def error(self, name: str, value: str, drop: str) -> VMError:
         shown = f"-{name} {value}".strip() if name else value
         if len(shown) > 100:
             shown = shown[:97] + "..."
-        hint = (f"if it only serves the parent, pass --clone-drop {drop}; otherwise back "
-                "the VM up offline" if self.droppable else
-                "back this VM up offline, or remove it from the VM")
+        hint = self.hint or (
+            f"if it only serves the parent, pass --clone-drop {drop}; otherwise back the VM "
+            "up offline" if self.droppable else "back this VM up offline, or remove it from "
+            "the VM")
         return VMError(f"the VM cannot be forked: it has {self.what} ({shown})", hint)
 
 
@@ -282,10 +284,22 @@ def _network(value: str, _pid: int | None) -> Refusal | None:
     return None
 
 
+#: what to do instead (leaving the TPM out of the clone cannot work: the guest's TPM device
+#: is part of the machine its RAM state fits, so no drop is offered)
+SWTPM_HINT = ("back this VM up offline, with swtpm's state directory (e.g. "
+              "/var/lib/libvirt/swtpm/UUID) beside its disks, or remove the vTPM")
+
+
 def _tpm(value: str, _pid: int | None) -> Refusal:
     kind = option_fields(value, "type").get("type", "")
     if kind == "emulator":
-        return Refusal("a TPM emulator, whose state lives in its swtpm process")
+        # The TPM's keys, PCRs and NVRAM live in the swtpm process, not in QEMU. QEMU does
+        # carry swtpm's state blobs in its migration stream, so a clone could get a
+        # private swtpm loaded from the RAM snapshot; but that swtpm's state would then
+        # have to be archived and restored beside the disks (sealed keys, BitLocker), which
+        # kvmsnap does not do: a backup without it would not restore a working guest.
+        return Refusal("a vTPM (TPM emulator), whose state lives in its swtpm process, "
+                       "outside QEMU and its RAM snapshot", hint=SWTPM_HINT)
     return Refusal(f"a host TPM ({kind or 'tpmdev'}), which one VM at a time can use")
 
 

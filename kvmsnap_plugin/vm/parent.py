@@ -9,7 +9,10 @@ Whether a clone of it can be built is decided in one place, before anything is t
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,16 +29,27 @@ def discover(session: Monitor, qmp_socket: Path, pid: int) -> Parent:
     check_runstate(session)
     argv = read_cmdline(pid)
     version = session.execute("query-version")["qemu"]
-    name = session.execute("query-name").get("name") or f"vm-{pid}"
+    name = vm_name(session, qmp_socket)
     disks = block_disks(session.execute("query-block"))
     check_disks(name, disks)
     return Parent(qmp_socket, pid, name, tuple(argv),
                   (version["major"], version["minor"], version["micro"]), disks)
 
 
+def vm_name(session: Monitor, qmp_socket: Path) -> str:
+    """What the VM calls itself: QEMU's ``-name``, else its ``-uuid``, else the socket's
+    stem (``/run/qemu/web.qmp`` -> web)."""
+    name = session.execute("query-name").get("name")
+    if name:
+        return name
+    uuid = session.execute("query-uuid").get("UUID", "")
+    return uuid if uuid.strip("0-") else qmp_socket.stem  # all zeros: no -uuid given
+
+
 def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:
-    """Refuse a VM kvmsnap cannot back up: no writable disk, one that is not a file, or an
-    encrypted one (the overlays kvmsnap puts on it would not be)."""
+    """Refuse a VM kvmsnap cannot back up: no writable disk, one that is neither a local
+    file nor a host block device, or an encrypted one (the overlays kvmsnap puts on it
+    would not be)."""
     if not any(not d.read_only for d in disks):
         raise VMError(f"{name} has no writable disk: there is nothing to back up",
                       "attach the VM's disks read-write, or back the images up directly")
@@ -46,9 +60,34 @@ def check_disks(name: str, disks: Sequence[ParentDisk]) -> None:
             raise VMError(f"disk {disk.device} of {name} is encrypted{kind}: kvmsnap's "
                           "overlays would hold the data written during the backup unencrypted",
                           "back it up offline (its images are encrypted as they are)")
-        if not disk.read_only and not _is_local_file(disk.filename):
-            raise VMError(f"disk {disk.device} of {name} is not a local image file "
-                          f"({disk.filename})", "kvmsnap needs file-backed disks (qcow2/raw)")
+        if not disk.read_only:
+            check_storage(name, disk)
+
+
+def check_storage(name: str, disk: ParentDisk) -> None:
+    """A writable disk must be a local image file or a writable host block device: kvmsnap
+    puts a qcow2 overlay file on top of it and commits the overlay back into it."""
+    if disk.host_device:
+        if _read_only_device(disk.filename):
+            raise VMError(f"disk {disk.device} of {name} is the block device "
+                          f"{disk.filename}, which the host kernel has made read-only: "
+                          "kvmsnap could not commit the VM's writes back into it",
+                          f"make it writable (`blockdev --setrw {disk.filename}`) or "
+                          "attach the disk read-only")
+        return
+    if _is_relative(disk.filename):
+        # QEMU resolved it against its working directory at start; kvmsnap cannot be sure
+        # which file that was (QEMU may have changed directory since, e.g. -daemonize)
+        raise VMError(f"disk {disk.device} of {name} is given by a relative path "
+                      f"({disk.filename}): kvmsnap cannot tell for sure which file that is",
+                      "start QEMU with absolute paths for its images and flash files "
+                      "(libvirt always does)")
+    if not _is_local_file(disk.filename):
+        raise VMError(f"disk {disk.device} of {name} is {_storage_of(disk.filename)} "
+                      f"({disk.filename}), not a local image file or host block device",
+                      "kvmsnap needs qcow2/raw image files or host block devices: map a "
+                      "network volume on the host (rbd map, iscsiadm, nbd-client) and give "
+                      "QEMU its /dev path")
 
 
 def check_runstate(session: Monitor) -> None:
@@ -98,15 +137,18 @@ def _disk(block: dict[str, Any]) -> ParentDisk | None:
     qdev = block.get("qdev", "")
     match = re.match(r"^/machine/peripheral/([^/]+)", qdev)
     device = match.group(1) if match else block.get("device") or inserted["node-name"]
+    filename = image.get("filename", inserted.get("file", ""))
     return ParentDisk(
         device=device,
         node=inserted["node-name"],
-        filename=image.get("filename", inserted.get("file", "")),
+        filename=filename,
         format=image.get("format", inserted.get("drv", "")),
         virtual_size=int(image.get("virtual-size", 0)),
         read_only=bool(inserted.get("ro")),
         chain=tuple(chain),
         encryption=_encryption(inserted, image),
+        host_device=is_block_device(filename),
+        flash=bool(re.match(r"^/machine/[^/]+\.flash\d+$", qdev)),  # system.flash1 (x86)
     )
 
 
@@ -125,8 +167,48 @@ def _encryption(inserted: dict[str, Any], image: dict[str, Any]) -> str:
     return "encrypted" if inserted.get("encrypted") else ""
 
 
+def _is_relative(filename: str) -> bool:
+    return bool(filename) and not filename.startswith(("/", "json:")) and \
+        not re.match(r"^[a-z][a-z0-9.+-]*:", filename)
+
+
 def _is_local_file(filename: str) -> bool:
     return filename.startswith("/") and Path(filename).is_file()
+
+
+def is_block_device(filename: str) -> bool:
+    """Is ``filename`` (as QEMU names the image) a host block device? QEMU opens it with
+    its ``host_device`` driver then."""
+    try:
+        return filename.startswith("/") and stat.S_ISBLK(os.stat(filename).st_mode)
+    except OSError:
+        return False
+
+
+def _read_only_device(device: str) -> bool:
+    """The kernel's read-only flag of a block device (``blockdev --getro``)."""
+    try:
+        rdev = os.stat(device).st_rdev
+        return Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/ro").read_text() \
+            .strip() == "1"
+    except OSError:
+        return False  # no sysfs to ask: QEMU's own open for writing will have told
+
+
+def _storage_of(filename: str) -> str:
+    """What a disk that is no local file is, for people: "on the rbd protocol", ..."""
+    if filename.startswith("json:"):
+        try:
+            node = json.loads(filename[5:])
+            while isinstance(node.get("file"), dict):
+                node = node["file"]  # down to the protocol node
+            return f"on the {node.get('driver', 'unknown')} protocol"
+        except (ValueError, AttributeError):
+            return "an image QEMU describes in JSON"
+    scheme = re.match(r"^([a-z][a-z0-9.-]*)(\+[a-z]+)?:", filename)
+    if scheme:
+        return f"on the {scheme.group(1)} protocol"
+    return "neither a file nor a block device"
 
 
 def find_parent_socket(value: str) -> Path:

@@ -217,5 +217,27 @@ def parse_blockdev(text: str) -> dict[str, Any]:
     return result
 
 
-def render_blockdev(spec: dict[str, Any]) -> str:
-    return json.dumps(spec, separators=(",", ":"))
+def render_blockdev(spec: dict[str, Any], like: str = "{") -> str:
+    """``spec`` in the syntax of ``like`` (the value it was parsed from): dotted key=value
+    stays key=value, because QEMU converts its strings by the schema (``cache.direct=on``
+    is a boolean there) while JSON would pass them on as strings and be refused."""
+    flat = _dotted(spec)
+    if like.lstrip().startswith("{") or flat is None:
+        return json.dumps(spec, separators=(",", ":"))
+    return ",".join(f"{key}={value.replace(',', ',,')}" for key, value in flat)
+
+
+def _dotted(spec: dict[str, Any], prefix: str = "") -> list[tuple[str, str]] | None:
+    """Nested string values as dotted pairs; None if a value is not a string or a dict."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            inner = _dotted(value, f"{prefix}{key}.")
+            if inner is None:
+                return None
+            pairs += inner
+        elif isinstance(value, str):
+            pairs.append((f"{prefix}{key}", value))
+        else:
+            return None
+    return pairs

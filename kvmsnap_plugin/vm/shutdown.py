@@ -1,6 +1,9 @@
 """Shut the clone down in order: the ACPI power button, and a timeout ladder behind it.
 
-Rungs: press the power button; press it again after ``repress_after`` seconds (some guests
+First, through the clone's guest agent if it has one, its network filesystems are found
+and detached (:mod:`kvmsnap_plugin.vm.network_fs`): with its network cut, a guest would
+otherwise wait on a silent server for as long as the ladder lets it. Rungs: press the
+power button; press it again after ``repress_after`` seconds (some guests
 miss a press made while they are busy); after as long again, ask the guest agent to power
 off, if the clone has one; after ``timeout`` seconds in all, stop the clone hard. Only a
 shutdown the guest made itself (QEMU's SHUTDOWN event with reason ``guest-shutdown``)
@@ -9,21 +12,23 @@ counts as clean.
 
 from __future__ import annotations
 
-import json
 import logging
-import socket
 import time
 from pathlib import Path
 
-from kvmsnap_plugin.errors import KvmsnapError, StepTimeout
+from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
 from kvmsnap_plugin.host import faults
 from kvmsnap_plugin.model import ShutdownPolicy, ShutdownResult
+from kvmsnap_plugin.vm.guest_agent import GuestAgent
 from kvmsnap_plugin.vm.machine import Machine
+from kvmsnap_plugin.vm.network_fs import detach_network_mounts
 
 log = logging.getLogger(__name__)
 
 #: presses of the power button before the guest agent is asked
 PRESSES = 2
+#: the share of the shutdown timeout the clone's network filesystems may take (at most)
+NETWORK_FS_SHARE = 0.25
 
 
 def shut_down(clone: Machine, policy: ShutdownPolicy,
@@ -32,6 +37,9 @@ def shut_down(clone: Machine, policy: ShutdownPolicy,
     clone.qmp.events()
     clone.qmp.execute("cont")
     ladder = _Ladder(clone, policy, agent_socket)
+    network_mounts = detach_network_mounts(agent_socket, policy.detach_network_fs,
+                                           budget=policy.timeout * NETWORK_FS_SHARE,
+                                           release_for=policy.timeout)
     try:
         reason = ladder.climb()
     finally:
@@ -45,7 +53,7 @@ def shut_down(clone: Machine, policy: ShutdownPolicy,
     log.info("clone %s after %.1f s (%s)", "shut down cleanly" if guest_did_it else
              "was stopped", seconds, reason)
     return ShutdownResult(guest_did_it, ended_by, seconds, ladder.presses, reason,
-                          ladder.agent_asked)
+                          ladder.agent_asked, network_mounts)
 
 
 class _Ladder:
@@ -61,7 +69,7 @@ class _Ladder:
         self.next_rung = self.started
         self.presses = 0
         self.agent_asked = False
-        self._agent: socket.socket | None = None
+        self._agent: GuestAgent | None = None
 
     def climb(self) -> str:
         """Why the clone ended: QEMU's SHUTDOWN reason, or what happened instead."""
@@ -102,22 +110,15 @@ class _Ladder:
         return event.data.get("reason", "unknown")
 
 
-def _ask_agent(socket_path: Path) -> socket.socket | None:
-    """Ask the guest agent (qemu-ga protocol) to power the guest off.
-
-    Returns the open channel: it must stay open until the guest acts, since a virtio-serial
-    port drops what the host sent once the host side closes.
-    """
+def _ask_agent(socket_path: Path) -> GuestAgent | None:
+    """Ask the guest agent to power the guest off; the client stays open until the guest
+    acts (see :meth:`GuestAgent.tell`)."""
     log.info("the power button was not acted on; asking the guest agent to power off")
-    request = {"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}
-    channel = socket.socket(socket.AF_UNIX)
+    agent = GuestAgent(socket_path)
     try:
-        channel.settimeout(5)
-        channel.connect(str(socket_path))
-        channel.sendall(json.dumps(request).encode() + b"\n")
-        return channel
-    except OSError as exc:
-        channel.close()
+        agent.tell("guest-shutdown", {"mode": "powerdown"})
+        return agent
+    except VMError as exc:
         log.warning("the guest agent could not be reached: %s", exc)
         return None
 

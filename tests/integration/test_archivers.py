@@ -235,7 +235,8 @@ def test_dry_run_describes_the_backup_and_touches_nothing(start_demo, tmp_path, 
          "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
-    assert plan["vm"] == "kvmsnap-demo" and plan["targets"] == ["borg (borg, files)"]
+    # the VM's name is the job's (--name), as in its archives, not QEMU's -name
+    assert plan["vm"] == "demo" and plan["targets"] == ["borg (borg, files)"]
     assert plan["disks"][0]["image"] == str(vm.paths.disks[0])
     assert "-incoming" in plan["clone_argv"] and "defer" in plan["clone_argv"]
     assert not [e for e in vm.qmp.events() if e.name == "STOP"]  # never paused

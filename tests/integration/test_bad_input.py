@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_a_pid_that_is_not_qemu(start_demo):
 def test_a_too_small_shutdown_timeout(start_demo):
     vm = start_demo()
     done = kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp), "--shutdown-timeout", "0.5")
-    assert_one_line_error(done, "too small")
+    assert_one_line_error(done, "--shutdown-timeout: expected a number of seconds, at least 1")
 
 
 def test_an_unwritable_work_directory(start_demo):
@@ -82,8 +83,8 @@ def test_two_runs_on_one_vm(start_demo):
 
 
 @pytest.mark.parametrize("option, value, needle", [
-    ("--min-free", "lots", "min_free in the command line must be a size"),
-    ("--max-pause", "0", "max_pause in the command line must be a number of seconds"),
+    ("--min-free", "lots", "the command line --min-free: expected a size"),
+    ("--max-pause", "0", "the command line --max-pause: expected a number of seconds above 0"),
 ])
 def test_a_bad_margin_or_pause_cap(start_demo, option, value, needle):
     vm = start_demo()
@@ -161,20 +162,23 @@ def test_a_vm_without_writable_disks(start_demo):
 
 
 @pytest.fixture
-def loop_device(tmp_path):
-    backing = tmp_path / "raw.img"
+def nbd_export(tmp_path):
+    """A raw image served by qemu-nbd on a unix socket: a disk on a network protocol."""
+    backing, sock = tmp_path / "raw.img", tmp_path / "nbd.sock"
     with open(backing, "wb") as handle:
         handle.truncate(16 << 20)
-    device = process.run(["losetup", "-f", "--show", backing], timeout=30).stdout.strip()
-    yield device
-    process.run(["losetup", "-d", device], timeout=30)
+    server = process.spawn(["qemu-nbd", "-t", "-k", sock, "-f", "raw", backing])
+    while not sock.exists() and server.poll() is None:
+        time.sleep(0.05)
+    yield f"nbd+unix:///?socket={sock}"
+    process.stop(server)
 
 
-def test_a_disk_on_a_raw_block_device_is_refused(start_demo, loop_device):
-    vm = start_demo(extra_args=("-drive", f"file={loop_device},format=raw,if=none,id=blk0",
+def test_a_disk_on_a_network_protocol_is_refused(start_demo, nbd_export):
+    vm = start_demo(extra_args=("-drive", f"file={nbd_export},format=raw,if=none,id=blk0",
                                 "-device", "virtio-blk-pci,drive=blk0,id=vblk0"))
     assert_one_line_error(kvmsnap("fork", "--qmp", str(vm.paths.backup_qmp)),
-                          "not a local image file")
+                          "is on the nbd protocol", "map a network volume on the host")
     assert never_paused(vm)
 
 

@@ -3,17 +3,30 @@ workload runs, archived, restored from borg and from restic, and booted again.""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kvmsnap_demo.debian import debian_vm, read_guest_disk
 from kvmsnap_plugin.host import process
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState, ShutdownPolicy
+from kvmsnap_plugin.model import (
+    METADATA_FILE,
+    ArchiveTarget,
+    BackupJob,
+    ForkOptions,
+    FsState,
+    ShutdownPolicy,
+    VmRecord,
+)
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.pipeline import backup
-from kvmsnap_plugin.run.restore import restore_borg, restore_restic
+from kvmsnap_plugin.run.restore import Restored, restore_borg, restore_restic
 
 pytestmark = pytest.mark.qemu
 
@@ -22,6 +35,44 @@ RECOVERY_AT_BOOT = ("recovery complete", "Starting recovery", "orphan", "needs_r
 
 def continuous(lines: list[str]) -> bool:
     return lines == [f"line {i}" for i in range(1, len(lines) + 1)]
+
+
+def allocated(directory: Path) -> int:
+    """Bytes allocated by every file under ``directory`` (hidden and temporary ones too)."""
+    total = 0
+    for parent, _dirs, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # replaced meanwhile
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    return total
+
+
+def measured(directory: Path, restore: Callable[[], Restored]) -> tuple[Restored, float, int]:
+    """Run ``restore`` into ``directory`` while sampling what it allocates there every
+    20 ms: the result, the seconds it took and the peak allocation."""
+    peak, stop = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, allocated(directory))
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.monotonic()
+    try:
+        done = restore()
+    finally:
+        seconds = time.monotonic() - started
+        stop.set()
+        sampler.join()
+    return done, seconds, max(peak, allocated(directory))
+
+
+def done_size(done: Restored) -> int:
+    return next(d.virtual_size for d in VmRecord.from_json(
+        (Path(done.note).parent / METADATA_FILE).read_bytes()).disks)
 
 
 def test_debian_guest_backup_and_restore(start_debian, debian_guest, accel, tmp_path,
@@ -56,10 +107,23 @@ def test_debian_guest_backup_and_restore(start_debian, debian_guest, accel, tmp_
         assert continuous(lines) and len(lines) >= before, log
     assert (out / "kvmsnap-vm.json").exists()
 
-    # Both image backups restore to disks that boot without any filesystem recovery.
+    # Both image backups restore to disks that boot without any filesystem recovery, and
+    # restoring the 2 GiB disk never takes more room than the restored image itself (it is
+    # streamed into place: no raw copy first).
     image = next(a for a in report.archives if a.type == "borg" and a.kind == "image")
-    restored = [restore_borg(f"{borg_repo}::{image.name}", tmp_path / "from-borg"),
-                restore_restic(str(restic_repo), tmp_path / "from-restic", vm="debian")]
+    restored = []
+    for source, restore in [
+            ("borg", lambda to: restore_borg(f"{borg_repo}::{image.name}", to)),
+            ("restic", lambda to: restore_restic(str(restic_repo), to, vm="debian"))]:
+        to = tmp_path / f"from-{source}"
+        done, seconds, peak = measured(to, lambda restore=restore, to=to: restore(to))
+        [disk] = done.disks
+        size, final = done_size(done), allocated(to)
+        print(f"restore from {source}: {seconds:.1f} s, a {size >> 20} MiB {disk.format} disk, "
+              f"{final >> 20} MiB allocated, peak {peak >> 20} MiB")
+        assert size == 2 << 30
+        assert peak <= final + (16 << 20), (source, peak, final)
+        restored.append(done)
     for number, done in enumerate(restored):
         [disk] = done.disks
         assert Path(done.note).read_text().count(disk.path) >= 2  # listed, and in the argv

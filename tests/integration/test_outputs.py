@@ -51,17 +51,22 @@ def test_kept_images_are_0600_and_read_in_their_own_format(tmp_path):
     keep = tmp_path / "keep"
     victim = tmp_path / "victim"
     victim.write_bytes(b"not yours")
-    keep.mkdir(mode=0o700)
-    (keep / "vdb.qcow2").symlink_to(victim)  # replaced, never written through
+    (keep / "web").mkdir(mode=0o700, parents=True)
+    keep.chmod(0o700)
+    (keep / "web" / "vdb.qcow2").symlink_to(victim)  # replaced, never written through
     with umask(0o022):
-        kept = images.keep_images([("vda", overlay, "qcow2"), ("vdb", raw, "raw")], keep)
-    assert kept == [keep / "vda.qcow2", keep / "vdb.qcow2"]
+        kept = images.keep_images([("vda", overlay, "qcow2"), ("vdb", raw, "raw")], keep,
+                                  "web")
+    assert kept == [keep / "web" / "vda.qcow2", keep / "web" / "vdb.qcow2"]
     assert [mode(p) for p in kept] == [0o600, 0o600]
     assert victim.read_bytes() == b"not yours"
     copy = tmp_path / "vdb.raw"
     process.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", kept[1], copy], timeout=30)
     assert copy.read_bytes()[:4] == b"QFI\xfb" and CANARY not in copy.read_bytes()
-    assert sorted(p.name for p in keep.iterdir()) == ["vda.qcow2", "vdb.qcow2"]
+    assert sorted(p.name for p in (keep / "web").iterdir()) == ["vda.qcow2", "vdb.qcow2"]
+    # another VM's images go beside, never over these (a shared [defaults] keep)
+    [other] = images.keep_images([("vda", overlay, "qcow2")], keep, "db")
+    assert other == keep / "db" / "vda.qcow2" and kept[0].exists()
 
 
 def test_a_keep_directory_others_may_write_to_is_refused(tmp_path):
@@ -69,7 +74,7 @@ def test_a_keep_directory_others_may_write_to_is_refused(tmp_path):
     keep.mkdir()
     keep.chmod(0o777)
     with pytest.raises(Exception, match=f"the --keep directory {keep} is writable"):
-        images.keep_images([], keep)
+        images.keep_images([], keep, "web")
 
 
 def test_restored_disks_and_notes_are_0600(tmp_path, borg_repo):

@@ -58,7 +58,7 @@ def test_entry_point_plugin_is_discovered_and_called_in_order(start_demo, tmp_pa
     assert "tarball" in hooks.archiver_types()  # found through the entry point
     vm = start_demo()
     vm.wait_counter(5)
-    [job] = load_config(config_for(vm, tmp_path), hooks.archiver_types())
+    [job], _run = load_config(config_for(vm, tmp_path), hooks.archiver_types())
     report = backup(job, hooks)
     calls = sample_plugin_installed.read_text().split("\n")
     assert [c.split()[0] for c in calls if c] == [
@@ -74,7 +74,7 @@ def test_a_plugin_veto_skips_softly_and_still_cleans_up(start_demo, tmp_path, mo
     monkeypatch.setenv("KVMSNAP_TARBALL_VETO", "maintenance window")
     hooks = Hooks(plugin_manager())
     vm = start_demo()
-    [job] = load_config(config_for(vm, tmp_path), hooks.archiver_types())
+    [job], _run = load_config(config_for(vm, tmp_path), hooks.archiver_types())
     with pytest.raises(SkipBackup, match="maintenance window") as info:
         backup(job, hooks)
     assert info.value.exit_code == 75

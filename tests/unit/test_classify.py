@@ -68,8 +68,9 @@ def partition(probed: ProbeInfo, where: str = "p1") -> ExposedFilesystem:
     (blkid(PART_ENTRY_TYPE="0x5"), Outcome.SKIPPED_BY_RULE, "extended partition"),
     (ProbeInfo(zeroed=True), Outcome.SKIPPED_BY_RULE, "empty"),
     (blkid(TYPE="LVM2_member"), Outcome.NOT_ARCHIVED, "LVM physical volume"),
-    (blkid(TYPE="crypto_LUKS"), Outcome.NOT_ARCHIVED, "LUKS: no key"),
-    (blkid(TYPE="ntfs"), Outcome.NOT_ARCHIVED, "ntfs: kvmsnap has no read-only mount"),
+    (blkid(TYPE="crypto_LUKS", UUID="0f1e"), Outcome.NOT_ARCHIVED,
+     "LUKS volume 0f1e: no key (luks_keys)"),
+    (blkid(TYPE="ntfs"), Outcome.NOT_ARCHIVED, "ntfs: the host kernel cannot mount it"),
     (ProbeInfo(), Outcome.NOT_ARCHIVED, "no filesystem kvmsnap recognises"),
 ])
 def test_what_files_mode_does_with_each_kind(probed, outcome, reason):

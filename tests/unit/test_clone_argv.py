@@ -12,7 +12,7 @@ from kvmsnap_plugin.model import CloneDisk, ParentDisk
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
 from kvmsnap_plugin.vm.clone_options import ClonePolicy, refuse_unclonable
 from kvmsnap_plugin.vm.clone_secrets import copy_master_key
-from kvmsnap_plugin.vm.qemu_args import KeyVal, parse_argv
+from kvmsnap_plugin.vm.qemu_args import KeyVal, parse_argv, parse_blockdev
 
 
 def disk(path: Path, device="vdisk0", fmt="qcow2") -> ParentDisk:
@@ -71,11 +71,28 @@ def test_blockdev_file_and_format_nodes_are_rewritten(tmp_path):
             "-blockdev", json.dumps({"driver": "qcow2", "file": "b-file", "node-name": "b-fmt",
                                      "backing": None})]
     out, clones = rewrite(argv, [a, b], tmp_path)
-    specs = [json.loads(v) for n, v in options(out) if n == "blockdev"]
+    values = [v for n, v in options(out) if n == "blockdev"]
+    specs = [parse_blockdev(v) for v in values]
+    # each keeps its syntax: key=value for QEMU to type, JSON as it was
+    assert [v.startswith("{") for v in values] == [False, False, True, True]
     assert specs[0]["filename"] == str(clones[0].overlay)
     assert specs[1] == {"driver": "qcow2", "file": "a-file", "node-name": "a-fmt"}
     assert specs[2]["filename"] == str(clones[1].overlay)
     assert "backing" not in specs[3] and specs[3]["driver"] == "qcow2"
+
+
+def test_dotted_blockdev_options_stay_key_value_for_qemu_to_type(tmp_path):
+    # JSON would hand QEMU the string "on" where its schema wants a boolean, and the clone
+    # would not start ("Invalid parameter type for 'cache.direct', expected: boolean").
+    a = disk(tmp_path / "a.img", "a", "raw")
+    argv = ["qemu", "-blockdev", f"driver=file,filename={a.filename},node-name=a-file,"
+                                 "cache.direct=on,aio=native",
+            "-blockdev", "driver=raw,file=a-file,node-name=a-fmt,cache.no-flush=off"]
+    out, clones = rewrite(argv, [a], tmp_path)
+    values = [v for n, v in options(out) if n == "blockdev"]
+    assert values[0] == (f"driver=file,filename={clones[0].overlay},node-name=a-file,"
+                         "cache.direct=on,aio=native")
+    assert values[1] == "driver=qcow2,file=a-file,node-name=a-fmt,cache.no-flush=off"
 
 
 def test_a_disk_missing_from_the_command_line_is_refused(tmp_path):

@@ -296,12 +296,13 @@ def test_clone_drop_comes_from_the_command_line_and_the_config(tmp_path):
                                           "debugcon", "--clone-drop", "object:input-linux"])
     assert cli._job_from_args(args).fork.clone_drop == ("debugcon", "object:input-linux")
     config = tmp_path / "kvmsnap.toml"
-    config.write_text('[defaults]\nclone_drop = ["set"]\n[[vm]]\nqmp = "/run/a.qmp"\n'
+    config.write_text('[defaults]\nclone_drop = ["set"]\nkeep = "/k"\n'
+                      '[[vm]]\nqmp = "/run/a.qmp"\n'
                       '[[vm]]\nqmp = "/run/b.qmp"\nclone_drop = ["-plugin"]\n')
-    a, b = load_config(config, {})
+    (a, b), _run = load_config(config, {})
     assert (a.fork.clone_drop, b.fork.clone_drop) == (("set",), ("plugin",))
     config.write_text('[[vm]]\nqmp = "/run/a.qmp"\nclone_drop = "set"\n')
-    with pytest.raises(UsageError, match=r"clone_drop in .* must be a list"):
+    with pytest.raises(UsageError, match=r"clone_drop: expected a list"):
         load_config(config, {})
 
 

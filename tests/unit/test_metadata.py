@@ -51,7 +51,8 @@ def test_a_record_reads_back_from_its_json():
     data = json.loads(text)
     assert data["label"] == "crash-consistent" and data["version"] == 1
     assert data["disks"][0] == {"device": "vda", "image": "/images/web.qcow2",
-                                "format": "qcow2", "virtual_size": 8 << 30}
+                                "format": "qcow2", "virtual_size": 8 << 30,
+                                "flash": False}
     again = VmRecord.from_json(text)
     assert again == record
     assert isinstance(again.disks[0], RecordedDisk)

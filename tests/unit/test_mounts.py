@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_plugin.host import mounts
+from kvmsnap_plugin.host import mounts, process
 
 TABLE = """\
 /dev/vda1 / ext4 rw,relatime 0 0
@@ -67,3 +67,42 @@ def test_network_and_fuse_filesystems_are_remote():
 
 def test_this_hosts_own_mount_table_is_read():
     assert mounts.filesystem_type(Path("/proc/self")) == "proc"
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
+def test_each_filesystem_this_host_mounts_accepts_its_read_only_options(tmp_path, fstype):
+    """The options reach the real kernel: one it does not know would fail every mount of
+    that type, and only a guest with such a filesystem would show it."""
+    image = tmp_path / f"{fstype}.img"
+    with open(image, "wb") as out:
+        out.truncate(320 << 20)  # xfs wants >= 300 MiB, btrfs >= 109 MiB
+    process.run([f"mkfs.{fstype}", "-q", *(["-f"] if fstype == "btrfs" else []), str(image)],
+                timeout=60)
+    target = tmp_path / "mnt"
+    target.mkdir()
+    with mounts.loop_attached(image) as loop:
+        mounts.mount_read_only(loop, target, fstype)
+        try:
+            assert mounts.is_mountpoint(target)
+        finally:
+            mounts.unmount(target, remove=False)
+
+
+def test_two_xfs_filesystems_with_one_uuid_mount_at_once(tmp_path):
+    """Clones of one template share their xfs UUID; backed up at once, both must mount."""
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    with open(first, "wb") as out:
+        out.truncate(320 << 20)
+    process.run(["mkfs.xfs", "-q", str(first)], timeout=60)
+    process.run(["cp", "--sparse=always", str(first), str(second)], timeout=60)
+    targets = [tmp_path / "ma", tmp_path / "mb"]
+    with mounts.loop_attached(first) as loop_a, mounts.loop_attached(second) as loop_b:
+        try:
+            for loop, target in zip((loop_a, loop_b), targets, strict=True):
+                target.mkdir()
+                mounts.mount_read_only(loop, target, "xfs")
+            assert all(mounts.is_mountpoint(t) for t in targets)
+        finally:
+            for target in targets:
+                if mounts.is_mountpoint(target):
+                    mounts.unmount(target, remove=False)

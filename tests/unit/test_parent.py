@@ -167,3 +167,21 @@ def test_a_read_only_encrypted_disk_gets_no_overlay_and_passes(monkeypatch):
     monkeypatch.setattr("kvmsnap_plugin.vm.parent._is_local_file", lambda _: True)
     check_disks("web", block_disks([luks_block("vda", PLAIN, encrypted=False),
                                     luks_block("vdb", LUKS_QCOW2, ro=True)]))
+
+
+@pytest.mark.parametrize("filename", ["vars.fd", "images/web.qcow2", "./web.qcow2"])
+def test_a_disk_given_by_a_relative_path_is_refused_with_the_fix(filename):
+    disks = block_disks([luks_block("pflash1", {"filename": filename, "format": "raw"},
+                                    encrypted=False)])
+    with pytest.raises(VMError, match=f"relative path \\({filename}\\)") as info:
+        check_disks("web", disks)
+    assert "absolute paths" in info.value.hint
+
+
+@pytest.mark.parametrize("filename", ["rbd:pool/image", "nbd+unix:///x?socket=/s",
+                                      'json:{"file": {"driver": "iscsi"}}'])
+def test_a_network_disk_is_not_called_a_relative_path(filename):
+    disks = block_disks([luks_block("vda", {"filename": filename, "format": "raw"},
+                                    encrypted=False)])
+    with pytest.raises(VMError, match="protocol"):
+        check_disks("web", disks)

@@ -26,6 +26,7 @@ from kvmsnap_plugin.model import (
 )
 from kvmsnap_plugin.run import pipeline
 from kvmsnap_plugin.run.report import render_report, warnings_of
+from kvmsnap_plugin.run.targets import archive_each
 from kvmsnap_plugin.vm.clone import images_to_archive, label_of
 
 CLEAN_STOP = ShutdownResult(True, "guest", 4.2, 1, "guest-shutdown")
@@ -83,9 +84,8 @@ def test_the_archive_step_runs_every_target_in_order(tmp_path):
 
     targets = tuple(ArchiveTarget(name, "borg", "files") for name in ("a", "b"))
     hooks = FakeHooks()
-    run = pipeline.Run(BackupJob("web", None, targets=targets, domain="web"), hooks,
-                       None, tmp_path, "1-2")
-    assert pipeline._archive(run, None, Label.CLEAN) == [ARCHIVE, ARCHIVE]
+    job = BackupJob("web", None, targets=targets, domain="web")
+    assert archive_each(job, hooks, None, Label.CLEAN) == ([ARCHIVE, ARCHIVE], [])
     assert hooks.targets == ["a", "b"]
 
 

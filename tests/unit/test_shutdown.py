@@ -19,6 +19,7 @@ class Policy:
 
     timeout: float
     repress_after: float
+    detach_network_fs: bool = True
 
 
 class FakeQmp:
@@ -110,6 +111,10 @@ def test_a_deaf_guest_gets_two_presses_then_the_agent_then_a_hard_stop(tmp_path)
     assert result.presses == 2 and result.agent_asked
     assert not result.clean and result.reason == "timed out after 0.6 s"
     assert result.ended_by == "quit"  # the machine's own ladder ended it
+    network_fs, _ = agent.accept()  # first, before the button: the look for network mounts
+    with network_fs:
+        assert network_fs.recv(1) == b"\xff"
+    assert result.network_mounts == ()  # this agent never answered
     channel, _ = agent.accept()
     with channel:
         request = json.loads(channel.recv(4096))

@@ -33,6 +33,9 @@ TYPE = "borg"
 OPTIONS = frozenset({"repository", "compression", "chunker_params", "timeout"})
 IMAGE_CHUNKER = "fixed,4194304"
 DEFAULT_TIMEOUT = 24 * 3600.0
+#: how long borg waits for another borg's lock on the repository or its cache (borg's own
+#: default is 1 s): VMs backed up at once into one repository take turns, not fail
+LOCK_WAIT = ["--lock-wait", "3600"]
 
 
 @hookimpl
@@ -85,7 +88,7 @@ def _check(target: ArchiveTarget) -> None:
     repository = _repository(target)
     try:
         process.run([process.find_program("borg", "borgbackup (pip install borgbackup)"),
-                     "info", "--json", repository], timeout=300,
+                     "info", *LOCK_WAIT, "--json", repository], timeout=3900,
                     env=target.option("env", {}))
     except ProcessError as exc:
         raise _explain(exc, repository) from None
@@ -96,7 +99,8 @@ def _create(job: BackupJob, target: ArchiveTarget, kind: str, name: str, cwd: Pa
     repository = _repository(target)
     name = name.replace("/", "_").replace("::", "_")  # borg forbids both in archive names
     argv = [process.find_program("borg", "borgbackup (pip install borgbackup)"), "create",
-            "--json", "--numeric-ids", "--compression", target.option("compression", "lz4"),
+            *LOCK_WAIT, "--json", "--numeric-ids",
+            "--compression", target.option("compression", "lz4"),
             *extra, *map(str, target.option("extra_args", [])),
             f"{repository}::{name}", *paths]
     started = time.monotonic()

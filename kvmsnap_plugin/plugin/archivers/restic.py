@@ -41,7 +41,7 @@ from kvmsnap_plugin.plugin.archivers import stream
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 
 TYPE = "restic"
-OPTIONS = frozenset({"repository", "tags", "host", "timeout"})
+OPTIONS = frozenset({"repository", "tags", "host", "timeout", "options"})
 PASSWORD_ENV = ("RESTIC_PASSWORD", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD_COMMAND")
 DEFAULT_TIMEOUT = 24 * 3600.0
 CHUNK = 4 << 20
@@ -62,7 +62,7 @@ def kvmsnap_pre_backup(job: BackupJob) -> None:
     for target in job.targets:
         if target.type == TYPE:
             try:
-                _restic(target).run(["-r", str(target.option("repository")), "cat", "config"])
+                _restic(target).run([*_repository_args(target), "cat", "config"])
             except ProcessError as exc:
                 raise _explain(exc, target) from None
 
@@ -108,8 +108,17 @@ def _restic(target: ArchiveTarget) -> process.ShProgram:
                              timeout=float(target.option("timeout", DEFAULT_TIMEOUT)))
 
 
+def _repository_args(target: ArchiveTarget) -> list[str]:
+    """``-r REPO`` and the target's ``options`` as restic's ``-o KEY=VALUE`` (every call
+    needs them: e.g. ``sftp.command`` naming the ssh key and port of a remote repository)."""
+    args = ["-r", str(target.option("repository"))]
+    for option in target.option("options", []):
+        args += ["-o", str(option)]
+    return args
+
+
 def _common(target: ArchiveTarget, job: BackupJob, tags: list[str]) -> list[str]:
-    args = ["-r", str(target.option("repository")), "backup", "--json",
+    args = [*_repository_args(target), "backup", "--json",
             "--host", str(target.option("host", job.name))]
     for tag in tags:
         args += ["--tag", tag]
@@ -234,11 +243,18 @@ def _summary(stdout: str) -> dict:
 
 def _explain(exc: ProcessError, target: ArchiveTarget) -> ArchiveError:
     text, repository = exc.stderr, hide_url_passwords(str(target.option("repository")))
-    if "wrong password" in text:
+    # The Fatal line is the cause; restic may print more after it (a lock it could not
+    # remove) and may not start it on a line of its own. Before it may come retries that
+    # name the config file (a server gone mid-backup): they are not the cause.
+    fatal = text[text.rindex("Fatal:"):].splitlines()[0] if "Fatal:" in text else ""
+    cause = fatal or text
+    if "wrong password" in cause:
         return ArchiveError(f"restic: wrong password for {repository}",
                             "check RESTIC_PASSWORD / RESTIC_PASSWORD_FILE")
-    if "Is there a repository at the following location?" in text or \
-            "unable to open config file" in text:
+    if "unable to open config file" in cause or (
+            not fatal and "Is there a repository at the following location?" in text):
         return ArchiveError(f"restic: no repository at {repository}",
                             f"create it first: restic init -r {repository}")
+    if fatal:
+        return ArchiveError(f"restic backup failed: {fatal}", exc.hint)
     return ArchiveError(f"restic backup failed: {exc}", exc.hint)

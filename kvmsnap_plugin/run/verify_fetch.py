@@ -1,0 +1,194 @@
+"""What ``kvmsnap verify`` reads from a repository: the VM record, and the disks or the
+file listing of one backup.
+
+An image archive's disks become sparse raw files in the private work directory (only the
+blocks the guest wrote take space: ``borg extract --sparse``; ``restic dump`` streamed
+through a writer that seeks over zero blocks); the booted copy runs on qcow2 overlays over
+them, so nothing of the archive is copied twice. A files archive is never extracted: its
+listing (``borg list``) tells which filesystems and files it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmsnap_plugin.errors import ArchiveError, UsageError
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import METADATA_FILE, VmRecord
+from kvmsnap_plugin.paths import safe_name
+from kvmsnap_plugin.run.restore import _record, _restic_snapshots
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1 << 20
+TIMEOUT = 24 * 3600.0
+
+
+@dataclass
+class Fetched:
+    """One backup as verify sees it."""
+
+    record: VmRecord
+    source: str
+    mode: str  # "image": ``images`` holds every disk; "files": ``listing`` the archive
+    images: dict[str, Path] = field(default_factory=dict)  # device -> sparse raw file
+    listing: dict[str, int] = field(default_factory=dict)  # path -> size (files, dirs: -1)
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the materialised images take on disk (they are sparse)."""
+        return sum(p.stat().st_blocks * 512 for p in self.images.values())
+
+
+def raw_name(device: str) -> str:
+    return f"{safe_name(device)}.raw"
+
+
+def fetch_borg(archive: str, work: Path) -> Fetched:
+    """``REPO::ARCHIVE``: its record, then its disks (image) or its listing (files)."""
+    if "::" not in archive:
+        raise UsageError(f"{archive!r} names no archive",
+                         "pass REPO::ARCHIVE (see `borg list REPO`)")
+    borg = process.find_program("borg", "borgbackup")
+    listing = _borg_listing(borg, archive)
+    _borg_run([borg, "extract", archive, METADATA_FILE], work, f"{archive} has no "
+              f"{METADATA_FILE}" if METADATA_FILE not in listing else "")
+    record = _record_at(work / METADATA_FILE, archive)
+    wanted = [raw_name(d.device) for d in record.disks]
+    if not all(name in listing for name in wanted):
+        return Fetched(record, archive, "files", listing=listing)
+    log.info("extracting the disks of %s (sparse)", archive)
+    _borg_run([borg, "extract", "--sparse", archive, *wanted], work)
+    return Fetched(record, archive, "image",
+                   images={d.device: work / raw_name(d.device) for d in record.disks})
+
+
+def _borg_listing(borg: str, archive: str) -> dict[str, int]:
+    try:
+        out = process.run([borg, "list", "--json-lines", archive], timeout=TIMEOUT).stdout
+    except process.ProcessError as exc:
+        raise ArchiveError(f"borg list failed: {exc}", exc.hint) from None
+    items = (json.loads(line) for line in out.splitlines() if line.strip())
+    return {i["path"].strip("/"): int(i.get("size", 0)) if i.get("type") == "-" else -1
+            for i in items}
+
+
+def _borg_run(argv: list[str], cwd: Path, missing: str = "") -> None:
+    if missing:
+        raise ArchiveError(f"{missing}: not a kvmsnap backup",
+                           "pick an archive kvmsnap made (see `borg list REPO`)")
+    try:
+        process.run(argv, timeout=TIMEOUT, cwd=cwd)
+    except process.ProcessError as exc:
+        raise ArchiveError(f"borg extract failed: {exc}", exc.hint) from None
+
+
+def fetch_restic(repository: str, work: Path, run: str | None = None,
+                 vm: str | None = None) -> Fetched:
+    """One backup (``run``, default the latest, optionally of ``vm``) of restic: its image
+    snapshots, or its files snapshot if it has none."""
+    restic = process.ShProgram("restic", "restic", timeout=TIMEOUT)
+    try:
+        snapshots = _restic_snapshots(restic, repository, run, vm)
+    except (ArchiveError, UsageError) as no_image:  # a files-only backup, perhaps
+        return _restic_files(restic, repository, work, run, vm, no_image)
+    run = next(t[4:] for t in snapshots[0].get("tags", []) if t.startswith("run:"))
+    source = f"{repository} run {run}"
+
+    def snapshot_of(name: str) -> str:
+        found = next((s["id"] for s in snapshots if f"/{name}" in s["paths"]), None)
+        if found is None:
+            raise ArchiveError(f"{source} has no snapshot of {name}",
+                               "was it made with --mode image or both?")
+        return found
+
+    _restic_dump(restic.path, repository, snapshot_of(METADATA_FILE), METADATA_FILE,
+                 work / METADATA_FILE)
+    record = _record_at(work / METADATA_FILE, source)
+    images = {}
+    for disk in record.disks:
+        name = raw_name(disk.device)
+        images[disk.device] = _restic_dump(restic.path, repository, snapshot_of(name), name,
+                                           work / name)
+    return Fetched(record, source, "image", images=images)
+
+
+def _restic_files(restic: process.ShProgram, repository: str, work: Path, run: str | None,
+                  vm: str | None, no_image: Exception) -> Fetched:
+    """The files snapshot of ``run`` (default the latest), as a listing under its root
+    (where ``kvmsnap-vm.json`` lies beside the disks' trees)."""
+    tags = "kvmsnap,files" + (f",vm:{vm}" if vm else "")
+    try:
+        found = json.loads(restic.run(["-r", repository, "snapshots", "--json", "--tag",
+                                       tags]).stdout or "[]")
+    except process.ProcessError as exc:
+        raise ArchiveError(f"restic snapshots failed: {exc}", exc.hint) from None
+    found = [s for s in sorted(found, key=lambda s: s["time"], reverse=True)
+             if run is None or f"run:{run}" in s.get("tags", [])]
+    if not found:
+        raise no_image
+    snapshot = found[0]["id"]
+    source = f"{repository} files snapshot {snapshot[:8]}"
+    try:
+        out = restic.run(["-r", repository, "ls", "--json", snapshot]).stdout
+    except process.ProcessError as exc:
+        raise ArchiveError(f"restic ls failed: {exc}", exc.hint) from None
+    nodes = [n for n in map(json.loads, filter(str.strip, out.splitlines()))
+             if n.get("struct_type") == "node"]
+    meta = next((n["path"] for n in nodes if n["path"].endswith(f"/{METADATA_FILE}")), None)
+    if meta is None:
+        raise ArchiveError(f"{source} holds no {METADATA_FILE}: not a kvmsnap backup",
+                           "pick a snapshot kvmsnap made (restic snapshots --tag kvmsnap)")
+    root = meta[:-len(METADATA_FILE)]
+    _restic_dump(restic.path, repository, snapshot, meta.lstrip("/"), work / METADATA_FILE)
+    listing = {n["path"][len(root):]: int(n.get("size", 0)) if n.get("type") == "file"
+               else -1 for n in nodes if n["path"].startswith(root)}
+    return Fetched(_record_at(work / METADATA_FILE, source), source, "files", listing=listing)
+
+
+def _restic_dump(restic: str, repository: str, snapshot: str, name: str, dest: Path) -> Path:
+    """``restic dump`` of one file into ``dest``, sparse: zero blocks are seeked over."""
+    log.info("reading %s from restic snapshot %s (sparse)", name, snapshot[:8])
+    with open(dest, "wb") as out, open(dest.with_suffix(".err"), "wb") as err:
+        proc = process.spawn([restic, "-r", repository, "dump", snapshot, f"/{name}"],
+                             stdout=subprocess.PIPE, stderr=err)
+        try:
+            assert proc.stdout is not None
+            size = sparse_copy(proc.stdout, out)
+            code = proc.wait(TIMEOUT)
+        finally:
+            process.end(proc, grace=1)
+    problem = dest.with_suffix(".err").read_text(errors="replace").strip()
+    dest.with_suffix(".err").unlink()
+    if code != 0:
+        raise ArchiveError(f"restic dump of {name} failed (exit {code}): "
+                           f"{problem.splitlines()[-1] if problem else ''}",
+                           "check the repository with `restic check`")
+    log.debug("%s: %d bytes", name, size)
+    return dest
+
+
+def sparse_copy(source, out) -> int:
+    """Copy a stream into a file, leaving holes where whole blocks are zero."""
+    size = 0
+    zero = bytes(BLOCK)
+    while True:
+        chunk = source.read(BLOCK)
+        if not chunk:
+            break
+        if chunk == zero[:len(chunk)]:
+            out.seek(len(chunk), 1)
+        else:
+            out.write(chunk)
+        size += len(chunk)
+    out.truncate(size)
+    return size
+
+
+def _record_at(path: Path, source: str) -> VmRecord:
+    """The VM record extracted to ``path`` (restore's parser: an empty text says none)."""
+    return _record(path.read_text() if path.is_file() else "", source)

@@ -1,0 +1,292 @@
+"""A clone whose guest has NFS mounts still shuts down cleanly, in bounded time (issue #18).
+
+A userspace NFS server (nfs-ganesha, NFSv4 on 127.0.0.1 and a free high port; NFSv3 would
+need the host's rpcbind, which this test does not start) exports a private directory; the
+Debian test guest reaches it through its user-mode network (the host is 10.0.2.2) and
+mounts one share per kind: hard or soft, and a writer that closes its file after every
+line (nothing unwritten in the client's cache) or keeps it open (the lines stay dirty in
+the cache: this guest never writes back on a timer). Each writer, a systemd service like a
+real one, appends "N KIND carrier=C" lines, C the guest NIC's carrier: the parent's read
+1, the clone's read 0, so a line the clone wrote would show on the server.
+
+One guest boots per module; each kind is mounted, backed up and unmounted in turn; last,
+the control: the same backup without the release (kvmsnap before it) is stopped hard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kvmsnap_demo.debian import DebianGuest, DebianVM, debian_vm
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import (
+    ArchiveTarget,
+    BackupJob,
+    BackupReport,
+    ForkOptions,
+    FsState,
+    Label,
+    OnUnclean,
+    ShutdownPolicy,
+)
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.pipeline import backup
+from kvmsnap_plugin.run.report import render_report
+from kvmsnap_plugin.vm.guest_agent import GuestAgent
+from kvmsnap_plugin.vm.network_fs import FORCED, LEFT
+
+pytestmark = pytest.mark.qemu
+
+#: the clone's shutdown (the network mounts released, the power button, QEMU's exit) under
+#: a loaded TCG host: well under systemd's 90 s per unit. Measured: 6-20 s with the
+#: release; without it a writer holding unwritten lines held the clone until the timeout.
+SHUTDOWN_BOUND = 60.0
+GUEST_IP = "10.0.2.15/24"
+HOST_IP = "10.0.2.2"  # the user-mode network's gateway: the host's loopback
+KINDS = ("hard-dirty", "hard-clean", "soft-dirty", "soft-clean")
+GANESHA_CONF = """\
+NFS_CORE_PARAM {{ Bind_Addr = 127.0.0.1; NFS_Port = {port}; Protocols = 4;
+                  Enable_NLM = false; Enable_RQUOTA = false; }}
+NFSV4 {{ Graceless = true; RecoveryBackend = fs; RecoveryRoot = {root}/recovery; }}
+NFS_KRB5 {{ Active_krb5 = false; }}
+EXPORT {{ Export_Id = 1; Path = {root}/export; Pseudo = /export; Access_Type = RW;
+          Squash = No_Root_Squash; Protocols = 4; Transports = TCP; SecType = sys;
+          FSAL {{ Name = VFS; }} }}
+"""
+#: the writer: one line every 0.2 s; "open" keeps its file open (the lines stay dirty in
+#: the client's cache), "close" reopens it for every line (NFS writes back on close)
+WRITER = """\
+n=0; [ -f "$F" ] && n=$(wc -l < "$F")
+if [ "$MODE" = open ]; then exec 3>>"$F"; fi
+while :; do
+    n=$((n + 1)); line="$n $KIND carrier=$(cat /sys/class/net/e*/carrier)"
+    if [ "$MODE" = open ]; then echo "$line" >&3; else echo "$line" >> "$F"; fi
+    sleep 0.2
+done
+"""
+
+
+@dataclass
+class NfsServer:
+    root: Path
+    port: int
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+
+@dataclass
+class NfsGuest:
+    vm: DebianVM
+    agent: Path
+    server: NfsServer
+    client_pids: set[int] = field(default_factory=set)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nfs-ganesha does not listen on port {port}")
+
+
+@pytest.fixture(scope="module")
+def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsServer]:
+    """nfs-ganesha on a private export; always stopped after the module."""
+    root = tmp_path_factory.mktemp("nfs")
+    server = NfsServer(root, free_port())
+    for sub in ("export", "recovery"):
+        (root / sub).mkdir()
+    (root / "ganesha.conf").write_text(GANESHA_CONF.format(port=server.port, root=root))
+    ganesha = process.spawn([process.find_program("ganesha.nfsd", "nfs-ganesha"), "-F",
+                             "-f", root / "ganesha.conf", "-L", root / "ganesha.log",
+                             "-p", root / "ganesha.pid", "-N", "NIV_EVENT"])
+    try:
+        wait_listening(server.port, 60)
+        yield server
+    finally:
+        process.end(ganesha, grace=10)
+
+
+def guest_args(agent: Path) -> list[str]:
+    """An open user-mode network (the host at 10.0.2.2: restrict=on would cut the guest off
+    the NFS server), and a guest agent channel, which the clone then gets its own of."""
+    return ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,id=nic0",
+            "-chardev", f"socket,id=qga0,path={agent},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+
+
+def in_guest(guest: NfsGuest, script: str, timeout: float = 60.0) -> str:
+    """Run a shell script in the parent guest through its agent; its stdout."""
+    with GuestAgent(guest.agent, timeout=30) as agent:
+        agent.wait_ready(time.monotonic() + 60)
+        code, out, err = agent.run(["/bin/sh", "-c", script], timeout)
+    assert code == 0, f"{script!r} in the guest: exit {code}: {err}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def nfs_guest(nfs_server: NfsServer, debian_guest: DebianGuest, accel: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsGuest]:
+    workdir = tmp_path_factory.mktemp("nfsguest")
+    agent = workdir / "qga.sock"
+    with debian_vm(debian_guest, accel, workdir, nic=False,
+                   extra_args=guest_args(agent)) as vm:
+        vm.wait_ready(timeout=240)
+        guest = NfsGuest(vm, agent, nfs_server)
+        # No DHCP in this guest: systemd-networkd with a static address
+        in_guest(guest, "mkdir -p /run/systemd/network && printf '[Match]\\nName=e*\\n"
+                 f"[Network]\\nAddress={GUEST_IP}\\nGateway={HOST_IP}\\n' > "
+                 "/run/systemd/network/50-nfs.network && systemctl start systemd-networkd")
+        yield guest
+
+
+def mount_and_write(guest: NfsGuest, kind: str) -> None:
+    hardness, dirt = kind.split("-")
+    (guest.server.export / kind).mkdir(exist_ok=True)
+    (guest.server.export / kind).chmod(0o777)
+    mode = "open" if dirt == "dirty" else "close"
+    # the first mount may come before networkd has set the address up: retried
+    in_guest(guest, f"mkdir -p /mnt/{kind} && for i in $(seq 30); do mount -t nfs4 -o "
+             f"{hardness},port={guest.server.port} {HOST_IP}:/export/{kind} /mnt/{kind} "
+             f"&& break; sleep 1; done && mountpoint -q /mnt/{kind} && "
+             f"systemd-run --unit nfs-writer-{kind} -p RequiresMountsFor=/mnt/{kind} "
+             f"-E F=/mnt/{kind}/lines -E KIND={kind} -E MODE={mode} /bin/sh -c '{WRITER}'")
+    wait_guest_lines(guest, kind, 10)
+
+
+def guest_lines(guest: NfsGuest, kind: str) -> int:
+    """Lines written in the guest (the client sees its own, written back or not)."""
+    return int(in_guest(guest, f"cat /mnt/{kind}/lines 2>/dev/null | wc -l").strip())
+
+
+def wait_guest_lines(guest: NfsGuest, kind: str, at_least: int, timeout: float = 90) -> int:
+    deadline = time.monotonic() + timeout
+    while (lines := guest_lines(guest, kind)) < at_least:
+        assert time.monotonic() < deadline, f"the {kind} writer wrote {lines} lines"
+        time.sleep(1)
+    return lines
+
+
+@contextlib.contextmanager
+def watching_connections(port: int) -> Iterator[set[int]]:
+    """The PIDs of every host process seen connected to the NFS port, polled while it runs
+    (a QEMU's user-mode network connects from the QEMU process itself)."""
+    pids: set[int] = set()
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            out = process.run(["ss", "-tnpH", "state", "established", f"( dport = :{port} )"],
+                              timeout=10).stdout
+            pids.update(int(pid) for pid in re.findall(r"pid=(\d+)", out))
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield pids
+    finally:
+        done.set()
+        watcher.join(15)
+
+
+def back_up(guest: NfsGuest, tmp_path: Path, borg_repo: Path,
+            policy: ShutdownPolicy) -> BackupReport:
+    job = BackupJob("nfs", guest.vm.paths.backup_qmp,
+                    ForkOptions(workdir=tmp_path / "work", clone_console=tmp_path / "clone.log",
+                                shutdown=policy),
+                    (ArchiveTarget("borg", "borg", "files", {"repository": str(borg_repo)}),))
+    return backup(job, Hooks(plugin_manager(entry_points=False)))
+
+
+def archived_paths(repo: Path, report: BackupReport) -> list[str]:
+    [files] = [a for a in report.archives if a.kind == "files"]
+    return process.run([process.find_program("borg", "borgbackup"), "list", "--format",
+                        "{path}{NL}", f"{repo}::{files.name}"], timeout=300).stdout.splitlines()
+
+
+def server_lines(guest: NfsGuest, kind: str) -> list[str]:
+    return (guest.server.export / kind / "lines").read_text().splitlines()
+
+
+@pytest.fixture
+def nfs_share(nfs_guest: NfsGuest, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The kind's share mounted in the parent with its writer running; after the test the
+    writer is stopped and the share unmounted in the parent, which writes back what it
+    still held: the server must still answer the parent."""
+    kind = request.param
+    mount_and_write(nfs_guest, kind)
+    yield kind
+    in_guest(nfs_guest, f"systemctl stop nfs-writer-{kind}; umount /mnt/{kind}", 120)
+
+
+@pytest.mark.parametrize("nfs_share", KINDS, indirect=True)
+def test_clone_with_nfs_mount_shuts_down_cleanly_in_bounded_time(
+        nfs_guest: NfsGuest, nfs_share: str, tmp_path: Path, borg_repo: Path):
+    kind = nfs_share
+    with watching_connections(nfs_guest.server.port) as connected:
+        report = back_up(nfs_guest, tmp_path, borg_repo, ShutdownPolicy(
+            timeout=120, on_unclean=OnUnclean.CRASH_CONSISTENT))
+        # the parent's client keeps working: it writes on after the backup
+        written = wait_guest_lines(nfs_guest, kind, guest_lines(nfs_guest, kind) + 10)
+    print(render_report(report))
+
+    shutdown = report.shutdown
+    assert shutdown.clean and report.label is Label.CLEAN, shutdown.reason
+    assert shutdown.seconds < SHUTDOWN_BOUND
+    clone = (tmp_path / "clone.log").read_text(errors="replace")
+    assert "Failed unmounting" not in clone and "reboot: Power down" in clone
+    assert [(v.disk, v.partition, v.state) for v in report.verdicts] == [
+        ("vdisk0", "p1", FsState.CLEAN), ("vdisk0", "p2", FsState.CLEAN)]
+    [mount] = shutdown.network_mounts
+    assert (mount.source, mount.mountpoint, mount.fstype, mount.outcome) == (
+        f"{HOST_IP}:/export/{kind}", f"/mnt/{kind}", "nfs4", FORCED)
+    assert f"/mnt/{kind} " in render_report(report)
+    # the files archive has the empty mount point, never the share's files: they are not
+    # on the VM's disks
+    paths = archived_paths(borg_repo, report)
+    assert f"vdisk0/p1/mnt/{kind}" in paths
+    assert not [p for p in paths if p.startswith(f"vdisk0/p1/mnt/{kind}/")]
+
+    # nothing but the parent's QEMU ever talked to the server; every line is the parent's
+    assert connected == {nfs_guest.vm.pid}
+    in_guest(nfs_guest, f"systemctl stop nfs-writer-{kind}", 120)  # it closes: written back
+    lines = server_lines(nfs_guest, kind)
+    assert len(lines) >= written
+    assert lines == [f"{n} {kind} carrier=1" for n in range(1, len(lines) + 1)], (
+        [line for line in lines if "carrier=1" not in line][:5])
+
+
+@pytest.mark.parametrize("nfs_share", ["hard-dirty"], indirect=True)
+def test_left_to_the_guest_a_hard_mount_holds_the_clone_up_until_the_timeout(
+        nfs_guest: NfsGuest, nfs_share: str, tmp_path: Path, borg_repo: Path):
+    """What the release is for (kvmsnap before it): the clone's guest waits on the silent
+    server, is stopped hard, and only the crash-consistent images are left."""
+    report = back_up(nfs_guest, tmp_path, borg_repo, ShutdownPolicy(
+        timeout=SHUTDOWN_BOUND, on_unclean=OnUnclean.CRASH_CONSISTENT,
+        detach_network_fs=False))
+    print(render_report(report))
+    assert not report.shutdown.clean and report.label is Label.CRASH_CONSISTENT
+    assert report.shutdown.reason == f"timed out after {SHUTDOWN_BOUND:g} s"
+    [mount] = report.shutdown.network_mounts
+    assert (mount.mountpoint, mount.outcome) == (f"/mnt/{nfs_share}", LEFT)

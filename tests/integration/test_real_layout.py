@@ -1,0 +1,123 @@
+"""A Debian guest laid out like real installs (issue #14): GPT with a BIOS boot partition,
+an EFI system partition (vfat) at /boot/efi, swap in use, an ext4 LV at /srv, a btrfs
+subvolume at /var/lib/btrfs-data and ext4 in LUKS2 at /secret, besides the ext4 root and
+xfs /data. Its workload writes a marker into every data filesystem before the fork, kept
+in the page cache; a files backup must hold every marker and exit 0, listing swap and
+BIOS boot as skipped by rule; without the LUKS key it exits 1 naming the LUKS volume.
+
+One guest boots per module; the tests run in file order on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cli_helpers import kvmsnap
+
+from kvmsnap_demo.debian import DebianVM, RealisticGuest, realistic_vm
+from kvmsnap_demo.debian.realistic import DATA_MOUNTPOINTS, MARKER_FILE, markers
+from kvmsnap_plugin.host import process
+
+pytestmark = pytest.mark.qemu
+
+BOOT_BOUND = 300.0  # seconds from QEMU start to KVMSNAP-READY under a loaded TCG host
+MARKER = re.compile(r"kvmsnap marker of (\S+), boot ([0-9a-f-]{36})\n")
+#: the layout disk (vdb) as kvmsnap names its partitions
+BIOS_BOOT, EFI, SWAP, LVM, BTRFS, LUKS = (f"vdisk1/p{n}" for n in range(1, 7))
+
+
+@dataclass(frozen=True)
+class Booted:
+    vm: DebianVM
+    guest: RealisticGuest
+    boot_seconds: float
+
+
+@pytest.fixture(scope="module")
+def booted(realistic_debian_guest: RealisticGuest, accel: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+    """The realistic guest, running its workload; QEMU is always ended after the module."""
+    workdir = tmp_path_factory.mktemp("realistic")
+    started = time.monotonic()
+    with realistic_vm(realistic_debian_guest, accel, workdir) as vm:
+        vm.wait_ready(timeout=BOOT_BOUND)
+        yield Booted(vm, realistic_debian_guest, time.monotonic() - started)
+
+
+def backup(booted: Booted, tmp_path: Path, repo: Path,
+           *extra: str) -> subprocess.CompletedProcess:
+    return kvmsnap("backup", "--qmp", str(booted.vm.paths.backup_qmp), "--borg", str(repo),
+                   "--workdir", str(tmp_path / "work"), "--json", *extra)
+
+
+def archived_markers(repo: Path, report: dict) -> dict[str, str]:
+    """Mount point -> boot id of every workload marker in the run's files archive, wherever
+    in the archive's tree it is."""
+    borg = process.find_program("borg", "borgbackup")
+    archive = f"{repo}::{next(a['name'] for a in report['archives'] if a['kind'] == 'files')}"
+    paths = process.run([borg, "list", "--format", "{path}{NL}", archive],
+                        timeout=600).stdout.splitlines()
+    found = {}
+    for path in (p for p in paths if p.rsplit("/", 1)[-1] == MARKER_FILE):
+        text = process.run([borg, "extract", "--stdout", archive, path], timeout=300).stdout
+        match = MARKER.fullmatch(text)
+        assert match, (path, text)
+        found[match.group(1)] = match.group(2)
+    return found
+
+
+def test_guest_really_uses_the_layout(booted: Booted):
+    console = booted.vm.plain_console()
+    written = markers(console)
+    assert sorted(written) == sorted(DATA_MOUNTPOINTS)
+    assert written["/"][:2] == ("/dev/vda1", "ext4")
+    assert written["/data"][:2] == ("/dev/vda2", "xfs")
+    assert written["/boot/efi"] == ("/dev/vdb2", "vfat", "part")
+    assert written["/srv"] == ("/dev/mapper/kvmsnap--vg-srv", "ext4", "lvm")
+    assert written["/var/lib/btrfs-data"] == ("/dev/vdb5", "btrfs", "part")
+    assert written["/secret"] == ("/dev/mapper/secret", "ext4", "crypt")
+    assert re.findall(r"KVMSNAP-SWAP (\S+)", console) == ["/dev/vdb3"]
+    assert booted.boot_seconds < BOOT_BOUND
+    print(f"realistic guest: ready in {booted.boot_seconds:.0f} s; "
+          f"its layout was built in {booted.guest.build_seconds:.0f} s")
+
+
+def test_files_backup_archives_every_filesystem_and_exits_0(booted: Booted, tmp_path,
+                                                            borg_repo):
+    guest = booted.guest
+    done = backup(booted, tmp_path, borg_repo,
+                  "--luks-key", f"{guest.luks_uuid}={guest.key_file}")
+    print(done.stderr[-3000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    parts = {p["where"]: p for p in report["partitions"]}
+    assert (parts[BIOS_BOOT]["kind"], parts[BIOS_BOOT]["outcome"]) == \
+        ("bios-boot", "skipped-by-rule")
+    assert (parts[SWAP]["kind"], parts[SWAP]["outcome"]) == ("swap", "skipped-by-rule")
+    assert not [p for p in report["partitions"] if p["outcome"] == "not-archived"]
+    assert report["warnings"] == []
+
+    boots = archived_markers(borg_repo, report)
+    assert sorted(boots) == sorted(DATA_MOUNTPOINTS)  # every one, buffered at the fork
+    assert len(set(boots.values())) == 1  # all from the one boot of this test
+
+
+def test_without_the_luks_key_the_luks_volume_is_named_not_archived(booted: Booted,
+                                                                     tmp_path, borg_repo):
+    done = backup(booted, tmp_path, borg_repo)
+    print(done.stderr[-3000:])
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    parts = {p["where"]: p for p in report["partitions"]}
+    assert (parts[LUKS]["kind"], parts[LUKS]["outcome"]) == ("luks", "not-archived")
+    named = [line for line in done.stderr.splitlines() if "NOT ARCHIVED" in line]
+    assert named and all(LUKS in line for line in named), done.stderr[-3000:]
+    boots = archived_markers(borg_repo, report)
+    assert sorted(boots) == sorted(set(DATA_MOUNTPOINTS) - {"/secret"})

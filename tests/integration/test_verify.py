@@ -1,0 +1,137 @@
+"""`kvmsnap verify`: a backup booted in a sandbox comes up (or says why not), a files
+archive holds its trees and marker files, and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from cli_helpers import kvmsnap
+
+from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import (
+    ArchiveTarget,
+    BackupJob,
+    ForkOptions,
+    ShutdownPolicy,
+    VerifySettings,
+)
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.fleet import backup_or_plan
+
+pytestmark = pytest.mark.qemu
+
+
+def backed_up(qmp: Path, tmp_path: Path, *targets: ArchiveTarget, timeout: float = 60,
+              verify: VerifySettings | None = None):
+    """A backup as a run makes it (with ``verify``: ``verify = true``, verified after)."""
+    job = BackupJob("guest", qmp, ForkOptions(workdir=tmp_path / "work",
+                                              shutdown=ShutdownPolicy(timeout=timeout)),
+                    targets, verify=verify or VerifySettings())
+    return backup_or_plan(Hooks(plugin_manager(entry_points=False)))(job)
+
+
+def verify(tmp_path: Path, *args: str) -> tuple[int, dict]:
+    done = kvmsnap("verify", *args, "--workdir", str(tmp_path / "verify-work"), "--json")
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, json.loads(done.stdout or "{}")
+
+
+def assert_nothing_left(tmp_path: Path) -> None:
+    work = tmp_path / "verify-work"
+    assert not list(work.iterdir()), list(work.iterdir())
+    assert str(work) not in Path("/proc/mounts").read_text()
+    assert str(work) not in process.run(["losetup", "-a"], timeout=30).stdout
+    assert subprocess.run(["pgrep", "-f", str(work)], capture_output=True).returncode == 1
+
+
+def test_a_demo_backup_verifies_by_its_console_and_its_files(start_demo, tmp_path, borg_repo,
+                                                            restic_repo):
+    vm = start_demo()
+    vm.wait_counter(3)
+    restic_files = tmp_path / "restic-files"  # a files-only backup
+    process.run(["restic", "init", "-r", restic_files], timeout=120)
+    report = backed_up(vm.paths.backup_qmp, tmp_path,
+                       ArchiveTarget("borg", "borg", "both", {"repository": str(borg_repo)}),
+                       ArchiveTarget("restic", "restic", "image",
+                                     {"repository": str(restic_repo)}),
+                       ArchiveTarget("restic-files", "restic", "files",
+                                     {"repository": str(restic_files)}),
+                       verify=VerifySettings(True, console="KVMSNAP-READY"))
+    names = {a.kind: a.name for a in report.archives if a.type == "borg"}
+    # verify = true: the image archive was booted right after the backup
+    assert report.verified.exit_code == 0 and report.verified.came_up, report.verified
+    assert report.verified.source == f"{borg_repo}::{names['image']}"
+    assert not report.warnings
+
+    for source in (["--borg", f"{borg_repo}::{names['image']}"],
+                   ["--restic", str(restic_repo), "--vm", "guest"]):
+        code, result = verify(tmp_path, *source, "--console", "KVMSNAP-READY")
+        assert code == 0, result
+        assert result["booted"] and result["came_up"] and result["shut_down_clean"]
+        assert result["how"] == "console: KVMSNAP-READY"
+        assert [(v["disk"], v["partition"], v["state"]) for v in result["verdicts"]] == [
+            ("vdisk0", "", "clean")]
+        # sparse: the 64 MiB disk took only what the guest wrote
+        assert 0 < result["materialised_bytes"] < 32 << 20
+        assert_nothing_left(tmp_path)
+
+    files = f"{borg_repo}::{names['files']}"
+    code, result = verify(tmp_path, "--borg", files, "--file", "vdisk0/workload.log",
+                          "--file", "vdisk0/clean-shutdown")
+    assert code == 0, result
+    assert result["mode"] == "files" and "marker vdisk0/workload.log: present" in result["checked"]
+    code, result = verify(tmp_path, "--borg", files, "--file", "vdisk0/etc/no-such-marker")
+    assert code == 2 and result["reason"] == "marker file vdisk0/etc/no-such-marker is missing"
+    code, result = verify(tmp_path, "--restic", str(restic_files), "--file",
+                          "vdisk0/clean-shutdown")
+    assert code == 0 and result["mode"] == "files", result
+    assert "marker vdisk0/clean-shutdown: present" in result["checked"]
+    assert_nothing_left(tmp_path)
+
+
+def damaged_copy(borg_repo: Path, archive: str, tmp_path: Path) -> str:
+    """The image archive again, its root filesystem's superblock zeroed, as ARCHIVE-damaged."""
+    borg = process.find_program("borg", "borgbackup")
+    out = tmp_path / "damage"
+    out.mkdir()
+    process.run([borg, "extract", "--sparse", f"{borg_repo}::{archive}"], timeout=600, cwd=out)
+    table = json.loads(process.run(["sfdisk", "--json", out / "vdisk0.raw"],
+                                   timeout=30).stdout)
+    start = table["partitiontable"]["partitions"][0]["start"] * 512
+    with open(out / "vdisk0.raw", "r+b") as disk:
+        disk.seek(start + 1024)  # ext4's primary superblock
+        disk.write(bytes(1024))
+    process.run([borg, "create", f"{borg_repo}::{archive}-damaged", "kvmsnap-vm.json",
+                 "vdisk0.raw"], timeout=600, cwd=out)
+    return f"{archive}-damaged"
+
+
+def test_a_debian_backup_verifies_through_its_guest_agent(start_debian, tmp_path, borg_repo):
+    vm = start_debian(agent=True)
+    report = backed_up(vm.paths.backup_qmp, tmp_path,
+                       ArchiveTarget("borg", "borg", "image", {"repository": str(borg_repo)}),
+                       timeout=180)
+    [image] = [a.name for a in report.archives]
+
+    code, result = verify(tmp_path, "--borg", f"{borg_repo}::{image}",
+                          "--command", "systemctl is-system-running --wait",
+                          "--clone-console", str(tmp_path / "verify.log"))
+    assert code == 0, result
+    assert result["how"].startswith("guest agent: systemctl is-system-running --wait exited 0")
+    assert result["booted_s"] <= result["came_up_s"] <= result["shut_down_s"]
+    assert [(v["disk"], v["partition"], v["state"]) for v in result["verdicts"]] == [
+        ("vdisk0", "p1", "clean"), ("vdisk0", "p2", "clean")]
+    console = (tmp_path / "verify.log").read_text(errors="replace")
+    assert "reboot: Power down" in console
+    assert_nothing_left(tmp_path)
+
+    damaged = damaged_copy(borg_repo, image, tmp_path)
+    code, result = verify(tmp_path, "--borg", f"{borg_repo}::{damaged}",
+                          "--command", "systemctl is-system-running --wait")
+    assert code == 2, result
+    assert result["booted"] and not result["came_up"]
+    assert "Failed to mount /dev/vda1 as root file system" in result["reason"], result
+    assert_nothing_left(tmp_path)

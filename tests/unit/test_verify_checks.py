@@ -1,0 +1,140 @@
+"""`kvmsnap verify`'s pure parts: its config keys, the files-archive checks, the boot's
+command line, the sparse copy, and the guest agent's sync."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmsnap_plugin.config import load_config
+from kvmsnap_plugin.errors import UsageError, VMError
+from kvmsnap_plugin.model import CloneDisk, RecordedDisk, VerifySettings, VmRecord
+from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
+from kvmsnap_plugin.run.verify import plan_boot
+from kvmsnap_plugin.run.verify_fetch import Fetched, sparse_copy
+from kvmsnap_plugin.run.verify_files import check_files
+from kvmsnap_plugin.vm.guest_agent import GuestAgent
+
+TYPES = Hooks(plugin_manager(entry_points=False)).archiver_types()
+CONFIG = """
+[archiver.b]
+type = "borg"
+repository = "/srv/borg"
+[[vm]]
+name = "web"
+qmp = "/run/web.qmp"
+archivers = ["b"]
+verify = true
+"""
+
+
+def record(label: str = "clean") -> VmRecord:
+    return VmRecord("web", "RUN", "2026-01-01T00:00:00+00:00", label, "file",
+                    ["/usr/bin/qemu-system-x86_64", "-m", "512",
+                     "-drive", "file=/srv/web.qcow2,format=qcow2,if=virtio",
+                     "-netdev", "tap,id=n0,ifname=tap0", "-device", "virtio-net,netdev=n0",
+                     "-serial", "file:/var/log/web.log", "-qmp", "unix:/run/web.qmp,server"],
+                    [RecordedDisk("vdisk0", "/srv/web.qcow2", "qcow2", 1 << 30)])
+
+
+def test_verify_true_needs_an_image_archive(tmp_path):
+    path = tmp_path / "kvmsnap.toml"
+    path.write_text(CONFIG)
+    with pytest.raises(UsageError, match="verify = true needs an image archive"):
+        load_config(path, TYPES)
+    path.write_text(CONFIG + 'mode = "both"\nverify_command = ["true"]\nverify_timeout = 90\n')
+    [job], _ = load_config(path, TYPES)
+    assert job.verify == VerifySettings(True, ("true",), "", 90.0)
+
+
+def test_a_bad_console_pattern_is_refused_in_one_line():
+    with pytest.raises(UsageError, match="is no regex"):
+        VerifySettings(console="login:(")
+
+
+def test_a_files_archive_needs_every_disk_non_empty_and_its_markers():
+    listing = {"kvmsnap-vm.json": 10, "vdisk0": -1, "vdisk0/p1": -1, "vdisk0/p1/etc": -1,
+               "vdisk0/p1/etc/hostname": 4, "vdisk0/p2": -1}
+    fetched = Fetched(record(), "repo::web-files", "files", listing=listing)
+    report = check_files(fetched, VerifySettings(files=("vdisk0/p1/etc/hostname",)))
+    assert report.reason == "vdisk0/p2 is empty" and report.exit_code == 2
+    listing["vdisk0/p2/data"] = 5
+    assert check_files(fetched, VerifySettings(files=("/vdisk0/p1/etc/hostname",))).exit_code == 0
+    report = check_files(fetched, VerifySettings(files=("vdisk0/p1/etc/passwd",)))
+    assert report.reason == "marker file vdisk0/p1/etc/passwd is missing"
+    assert report.exit_code == 2
+    fetched.record = record("crash-consistent")
+    assert check_files(fetched, VerifySettings()).exit_code == 1
+
+
+def test_the_boot_is_a_clone_of_the_record_that_boots(tmp_path):
+    overlay = CloneDisk("vdisk0", tmp_path / "verify-vdisk0.qcow2", tmp_path / "vdisk0.raw",
+                        "raw")
+    plan = plan_boot(record(), [overlay], tmp_path, tmp_path / "sockets")
+    shown = " ".join(plan.argv)
+    assert f"file={overlay.overlay},format=qcow2" in shown
+    assert "tap" not in shown and "restrict=on" in shown  # cut off the network
+    assert f"file:{tmp_path / 'console.log'}" in shown  # the console captured
+    assert "/run/web.qmp" not in shown and str(plan.qmp) in shown  # its own QMP
+    assert "-incoming" not in plan.argv and "-S" in plan.argv  # booted, not loaded
+    assert plan.agent is None
+
+
+def test_the_sparse_copy_leaves_holes_where_blocks_are_zero(tmp_path):
+    data = b"x" * 100 + bytes(8 << 20) + b"y" * 10
+    with open(tmp_path / "disk.raw", "wb") as out:
+        assert sparse_copy(io.BytesIO(data), out) == len(data)
+    copy = tmp_path / "disk.raw"
+    assert copy.read_bytes() == data
+    assert copy.stat().st_blocks * 512 < 4 << 20
+
+
+def test_the_agent_is_synced_before_it_is_asked(tmp_path):
+    """Answers to syncs sent before the agent started are skipped; its errors are one line."""
+    path = tmp_path / "qga.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    def agent() -> None:
+        conn, _ = server.accept()
+        lines = conn.makefile("rb")
+        sync = json.loads(lines.readline().lstrip(b"\xff"))  # 0xFF: a reset first
+        conn.sendall(b'\xff{"return": 1}\n' + json.dumps(
+            {"return": sync["arguments"]["id"]}).encode() + b"\n")
+        assert json.loads(lines.readline())["execute"] == "guest-ping"
+        conn.sendall(b'{"return": {}}\n')
+        assert json.loads(lines.readline())["execute"] == "guest-exec"
+        conn.sendall(b'{"error": {"class": "GenericError", "desc": "not allowed"}}\n')
+        conn.close()
+
+    thread = threading.Thread(target=agent)
+    thread.start()
+    with GuestAgent(path) as client:
+        client.wait_ready(time.monotonic() + 10)
+        with pytest.raises(VMError, match="the guest agent refused: not allowed"):
+            client.run(["true"], 5)
+    thread.join()
+    server.close()
+    assert Path(path).exists()
+
+
+def test_a_libvirt_record_boots_with_a_fresh_master_key(tmp_path):
+    """libvirt's per-run key is gone by the time a backup is verified: QEMU gets one."""
+    from test_clone_argv import libvirt_argv
+
+    image = tmp_path / "kvmsnap-exp.qcow2"
+    argv = libvirt_argv(image, Path("/run/libvirt/qemu/domain-1-kvmsnap-exp"))
+    libvirt = VmRecord("kvmsnap-exp", "RUN", "2026-01-01T00:00:00+00:00", "clean", "file",
+                       argv, [RecordedDisk("vda", str(image), "qcow2", 1 << 30)])
+    overlay = CloneDisk("vda", tmp_path / "verify-vda.qcow2", tmp_path / "vda.raw", "raw")
+    plan = plan_boot(libvirt, [overlay], tmp_path, tmp_path / "sockets")
+    key = tmp_path / "master-key.aes"
+    assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o777 == 0o600
+    assert str(key) in " ".join(plan.argv) and "domain-1-kvmsnap-exp" not in " ".join(plan.argv)
