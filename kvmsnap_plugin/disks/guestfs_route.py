@@ -187,7 +187,10 @@ def _start(appliance: Appliance, drives: list[dict], items: list,
     _wait(appliance, result, stderr_path)
     log.info("libguestfs appliance up in %.1f s", time.monotonic() - started)
     found = json.loads(result.read_text())["filesystems"]
-    appliance.files += [Path(f["log_copy"]) for f in found if f.get("log_copy")]
+    # close() deletes these: only files in our private work dir, where the helper was told
+    # to write them (beside its result), are taken
+    appliance.files += [Path(f["log_copy"]) for f in found
+                        if f.get("log_copy") and Path(f["log_copy"]).parent == workdir]
     return found
 
 

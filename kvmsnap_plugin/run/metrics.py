@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvmsnap_plugin.host import dirs
 from kvmsnap_plugin.model import BackupReport, FsState, RunSettings, VmOutcome
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,9 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write, then rename into place: node_exporter reads either file whole (0644: it runs
     as its own user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with dirs.replacing(path) as temporary:
+        with open(temporary, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        temporary.chmod(0o644)

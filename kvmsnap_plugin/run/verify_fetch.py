@@ -2,17 +2,17 @@
 file listing of one backup.
 
 An image archive's disks become sparse raw files in the private work directory (only the
-blocks the guest wrote take space: ``borg extract --sparse``; ``restic dump`` streamed
-through a writer that seeks over zero blocks); the booted copy runs on qcow2 overlays over
-them, so nothing of the archive is copied twice. A files archive is never extracted: its
-listing (``borg list``) tells which filesystems and files it holds.
+blocks the guest wrote take space: ``borg extract --sparse``; ``restic dump`` streamed into
+the image as restore does it, :func:`kvmsnap_plugin.run.restore_stream.write_image`); the
+booted copy runs on qcow2 overlays over them, so nothing of the archive is copied twice. A
+files archive is never extracted: its listing (``borg list``) tells which filesystems and
+files it holds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +21,10 @@ from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import METADATA_FILE, VmRecord
 from kvmsnap_plugin.paths import safe_name
 from kvmsnap_plugin.run.restore import _record, _restic_snapshots
+from kvmsnap_plugin.run.restore_stream import write_image
 
 log = logging.getLogger(__name__)
 
-BLOCK = 1 << 20
 TIMEOUT = 24 * 3600.0
 
 
@@ -106,14 +106,15 @@ def fetch_restic(repository: str, work: Path, run: str | None = None,
                                "was it made with --mode image or both?")
         return found
 
-    _restic_dump(restic.path, repository, snapshot_of(METADATA_FILE), METADATA_FILE,
-                 work / METADATA_FILE)
-    record = _record_at(work / METADATA_FILE, source)
+    record = _record(_restic_text(restic, repository, snapshot_of(METADATA_FILE),
+                                  METADATA_FILE), source)
     images = {}
     for disk in record.disks:
         name = raw_name(disk.device)
-        images[disk.device] = _restic_dump(restic.path, repository, snapshot_of(name), name,
-                                           work / name)
+        log.info("reading %s from restic (sparse)", name)
+        images[disk.device] = write_image(
+            [restic.path, "-r", repository, "dump", snapshot_of(name), f"/{name}"],
+            work / name, "raw", disk.virtual_size, timeout=TIMEOUT)
     return Fetched(record, source, "image", images=images)
 
 
@@ -144,49 +145,20 @@ def _restic_files(restic: process.ShProgram, repository: str, work: Path, run: s
         raise ArchiveError(f"{source} holds no {METADATA_FILE}: not a kvmsnap backup",
                            "pick a snapshot kvmsnap made (restic snapshots --tag kvmsnap)")
     root = meta[:-len(METADATA_FILE)]
-    _restic_dump(restic.path, repository, snapshot, meta.lstrip("/"), work / METADATA_FILE)
+    record = _record(_restic_text(restic, repository, snapshot, meta.lstrip("/")), source)
     listing = {n["path"][len(root):]: int(n.get("size", 0)) if n.get("type") == "file"
                else -1 for n in nodes if n["path"].startswith(root)}
-    return Fetched(_record_at(work / METADATA_FILE, source), source, "files", listing=listing)
+    return Fetched(record, source, "files", listing=listing)
 
 
-def _restic_dump(restic: str, repository: str, snapshot: str, name: str, dest: Path) -> Path:
-    """``restic dump`` of one file into ``dest``, sparse: zero blocks are seeked over."""
-    log.info("reading %s from restic snapshot %s (sparse)", name, snapshot[:8])
-    with open(dest, "wb") as out, open(dest.with_suffix(".err"), "wb") as err:
-        proc = process.spawn([restic, "-r", repository, "dump", snapshot, f"/{name}"],
-                             stdout=subprocess.PIPE, stderr=err)
-        try:
-            assert proc.stdout is not None
-            size = sparse_copy(proc.stdout, out)
-            code = proc.wait(TIMEOUT)
-        finally:
-            process.end(proc, grace=1)
-    problem = dest.with_suffix(".err").read_text(errors="replace").strip()
-    dest.with_suffix(".err").unlink()
-    if code != 0:
-        raise ArchiveError(f"restic dump of {name} failed (exit {code}): "
-                           f"{problem.splitlines()[-1] if problem else ''}",
-                           "check the repository with `restic check`")
-    log.debug("%s: %d bytes", name, size)
-    return dest
-
-
-def sparse_copy(source, out) -> int:
-    """Copy a stream into a file, leaving holes where whole blocks are zero."""
-    size = 0
-    zero = bytes(BLOCK)
-    while True:
-        chunk = source.read(BLOCK)
-        if not chunk:
-            break
-        if chunk == zero[:len(chunk)]:
-            out.seek(len(chunk), 1)
-        else:
-            out.write(chunk)
-        size += len(chunk)
-    out.truncate(size)
-    return size
+def _restic_text(restic: process.ShProgram, repository: str, snapshot: str,
+                 name: str) -> str:
+    """A small file of a snapshot (the VM record), as text."""
+    try:
+        return restic.run(["-r", repository, "dump", snapshot, f"/{name}"]).stdout
+    except process.ProcessError as exc:
+        raise ArchiveError(f"restic dump of {name} failed: {exc}",
+                           "check the repository with `restic check`") from None
 
 
 def _record_at(path: Path, source: str) -> VmRecord:
