@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmsnap_plugin.cli.options import (
+    VERIFY_EXIT_CODES,
     add_backup_arguments,
     add_fork_arguments,
     add_global_arguments,
@@ -27,6 +28,7 @@ from kvmsnap_plugin.cli.options import (
     add_verify_arguments,
     add_vm_arguments,
 )
+from kvmsnap_plugin.cli.verify import cmd_verify
 from kvmsnap_plugin.errors import KvmsnapError, SkipBackup, UsageError
 from kvmsnap_plugin.host.secrets import masked
 from kvmsnap_plugin.model import DEFAULT_LIBVIRT_URI, VERSION
@@ -151,27 +153,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
             restore_restic(args.restic, to, run=args.run, vm=args.vm, options=options))
     print(json.dumps(asdict(done), indent=2) if args.json else done.render())
     return EXIT_OK
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    import shlex
-
-    from kvmsnap_plugin.model import VerifySettings
-    from kvmsnap_plugin.paths import DEFAULT_WORKDIR
-    from kvmsnap_plugin.run.verify import render, verify_borg, verify_restic
-
-    if bool(args.borg) == bool(args.restic):
-        raise UsageError("verify one backup", "pass --borg REPO::ARCHIVE or --restic REPO")
-    settings = VerifySettings(
-        True, tuple(shlex.split(args.verify_command or "")), args.verify_console or "",
-        **({"timeout": args.verify_timeout} if args.verify_timeout else {}),
-        files=tuple(args.verify_files or ()))
-    where = {"workdir": Path(args.workdir or DEFAULT_WORKDIR),
-             "console_copy": Path(args.clone_console) if args.clone_console else None}
-    report = (verify_borg(args.borg, settings, **where) if args.borg else
-              verify_restic(args.restic, settings, run=args.run, vm=args.vm, **where))
-    print(json.dumps(report.as_dict(), indent=2, default=str) if args.json else render(report))
-    return report.exit_code
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -306,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--vm", help="with --restic: the latest backup of this VM")
     restore.add_argument("--to", required=True, metavar="DIR", help="an empty directory")
     add_restore_arguments(restore)
-    add_verify_arguments(add("verify", cmd_verify, "boot a backup in a sandbox and prove it "
-                             "comes up (image), or that it holds its files (files)"))
+    verify = add("verify", cmd_verify, "boot a backup in a sandbox and prove it comes up "
+                 "(image), or that it holds its files (files)")
+    verify.epilog = VERIFY_EXIT_CODES
+    add_verify_arguments(verify)
     recover = add("recover", cmd_recover, "finish or undo every interrupted kvmsnap run on "
                   "this host")
     recover.add_argument("--force", action="store_true",

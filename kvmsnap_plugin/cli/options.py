@@ -148,6 +148,16 @@ def add_verify_arguments(verify: argparse.ArgumentParser) -> None:
     verify.add_argument("--workdir", help=f"private work directory (default {DEFAULT_WORKDIR})")
     verify.add_argument("--clone-console", metavar="FILE",
                         help="keep the booted copy's console log here")
+    verify.add_argument("--metrics", metavar="FILE", help="update the VM's kvmsnap_verify_* "
+                        "series in this node_exporter textfile (the backups' metrics_file)")
+    verify.add_argument("--config", metavar="FILE", help="with no --metrics: the metrics "
+                        f"file is this config's [run] metrics_file (e.g. {DEFAULT_CONFIG})")
+
+
+VERIFY_EXIT_CODES = ("exit codes: 0 proven; 1 verified and NOT proven (--json status: "
+                     "did-not-boot, did-not-come-up, unclean-shutdown, filesystem-not-clean, "
+                     "crash-consistent, incomplete); 2 could not verify (bad arguments, the "
+                     "archive missing or unreadable, QEMU did not start)")
 
 
 def add_restore_arguments(restore: argparse.ArgumentParser) -> None:

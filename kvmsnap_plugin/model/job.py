@@ -339,22 +339,37 @@ class VerifyReport:
     shut_down_s: float | None = None
     how: str = ""  # what proved it came up: "guest agent: ...", "console: ..."
     reason: str = ""  # one line: why it is not proven (empty when all is good)
-    failed: bool = False  # the reason is a failure (exit 2), not a doubt (exit 1)
+    failed: bool = False  # it failed the verification: did not come up, files missing
     verdicts: list[Verdict] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)  # files mode: what was found
     materialised_bytes: int = 0  # the space the archive's images took (sparse)
+    unverifiable: bool = False  # it could not be verified (QEMU did not start): exit 2
+    label: str = "clean"  # the backup's, as recorded: "clean" or "crash-consistent"
+
+    @property
+    def status(self) -> str:
+        """What a script tells apart (``--json``'s ``status``); the first that applies."""
+        if self.unverifiable:
+            return "unverifiable"
+        image = self.mode == "image"
+        for status, applies in (
+                ("did-not-boot", image and not self.booted),
+                ("did-not-come-up", image and not self.came_up),
+                ("incomplete", self.failed),
+                ("unclean-shutdown", image and not self.shut_down_clean),
+                ("filesystem-not-clean", not all(v.clean for v in self.verdicts)),
+                ("crash-consistent", self.label != "clean")):
+            if applies:
+                return status
+        return "ok"
 
     @property
     def exit_code(self) -> int:
-        """0: all proven; 1: came up (or is complete) but not all proven; 2: did not."""
-        if self.failed or (self.mode == "image" and not self.came_up):
-            return 2
-        if self.reason or not all(v.clean for v in self.verdicts):
-            return 1
-        return 0
+        """0: proven; 1: verified, and the backup is not proven (``status`` says why);
+        2: it could not be verified."""
+        return {"ok": 0, "unverifiable": 2}.get(self.status, 1)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(exit_code=self.exit_code, status={0: "ok", 1: "warning"}.get(
-            self.exit_code, "failed"))
+        data.update(exit_code=self.exit_code, status=self.status)
         return data

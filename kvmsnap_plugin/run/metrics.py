@@ -1,9 +1,12 @@
-"""node_exporter textfile-collector metrics of a run of many VMs (``[run] metrics_file``).
+"""node_exporter textfile-collector metrics of a run of many VMs (``[run] metrics_file``)
+and of ``kvmsnap verify``.
 
 One series per VM (label ``vm``), rewritten after every run, atomically (a scrape never
-sees half a file). What the file held for a VM this run left out (``--vm web``), and a
-failed VM's last success, are carried over from the previous file: an alert on
-``time() - kvmsnap_last_success_timestamp_seconds`` must not reset because one run failed.
+sees half a file). What the file held for a VM this run left out (``--vm web``), a failed
+VM's last success, and the last verification of a VM not verified now (a standalone
+``kvmsnap verify`` writes only its VM's verification) are carried over from the previous
+file: an alert on ``time() - kvmsnap_last_success_timestamp_seconds`` (or
+``kvmsnap_last_verify_success_timestamp_seconds``) must not reset because one run failed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmsnap_plugin.host import dirs
-from kvmsnap_plugin.model import BackupReport, FsState, RunSettings, VmOutcome
+from kvmsnap_plugin.model import BackupReport, FsState, RunSettings, VerifyReport, VmOutcome
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +46,62 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
         "Filesystems of the last backup by verdict (clean, needs-recovery, unknown).",
         ("verdict",)),
     "kvmsnap_verify_status": (
-        "The last backup's verification (verify = true): 0 proven, 1 came up but not all "
-        "proven, 2 did not come up.", ()),
+        "The VM's last verification (verify = true, or kvmsnap verify): 0 proven, 1 not "
+        "proven (did not boot, did not come up, not clean, incomplete), 2 could not verify.",
+        ()),
     "kvmsnap_verify_came_up_seconds": (
-        "From the verification's boot to the guest proven up, in the last backup.", ()),
+        "From the last verification's boot to the guest proven up.", ()),
+    "kvmsnap_last_verify_timestamp_seconds": (
+        "When the VM's last verification ended (epoch seconds), whatever its result.", ()),
+    "kvmsnap_last_verify_success_timestamp_seconds": (
+        "When a verification last proved a backup of the VM (exit code 0; epoch seconds).",
+        ()),
 }
 LAST_SUCCESS = "kvmsnap_last_success_timestamp_seconds"
+LAST_VERIFY = "kvmsnap_last_verify_timestamp_seconds"
+LAST_VERIFY_SUCCESS = "kvmsnap_last_verify_success_timestamp_seconds"
+#: a verification's families: replaced for the VMs verified, kept for the others (a backup
+#: without ``verify = true`` leaves the last ``kvmsnap verify``'s series alone)
+VERIFY_FAMILIES = ("kvmsnap_verify_status", "kvmsnap_verify_came_up_seconds", LAST_VERIFY)
+#: kept until a new sample replaces them: a failed run must not reset an alert's clock
+STICKY = (LAST_SUCCESS, LAST_VERIFY_SUCCESS)
 
 Sample = tuple[dict[str, str], float]  # labels (vm first), value
 
 
 def write_metrics(settings: RunSettings, outcomes: Sequence[VmOutcome]) -> Path | None:
     """Write the run's metrics to ``settings.metrics_file`` (None: no metrics wanted)."""
-    path = settings.metrics_file
+    if settings.metrics_file is None:
+        return None
+    samples = {name: list(series(name, outcomes)) for name in FAMILIES}
+    return _merged_into(settings.metrics_file, samples, ran={o.vm for o in outcomes})
+
+
+def write_verify_metrics(path: Path | None, report: VerifyReport,
+                         finished_at: float) -> Path | None:
+    """A ``kvmsnap verify``'s series of its VM into ``path``; every other series (other
+    VMs', this VM's backups') stays as it was."""
     if path is None:
         return None
-    previous = read_metrics(path)
-    samples = {name: list(series(name, outcomes)) for name in FAMILIES}
-    ran = {o.vm for o in outcomes}
-    for name, old in previous.items():
-        if name not in samples:
-            continue
-        # the VMs this run left out keep their series; a failed VM keeps its last success
+    samples = {name: list(verify_series(name, {"vm": report.vm}, report, finished_at))
+               for name in FAMILIES}
+    return _merged_into(path, samples, ran=set())
+
+
+def _merged_into(path: Path, samples: dict[str, list[Sample]], ran: set[str]) -> Path:
+    """``samples``, and what the previous file holds that they do not replace: the series
+    of the VMs not in ``ran`` (no backup now), the verification of those not verified now,
+    and a last success no new one replaced."""
+    fresh = {name: {labels["vm"] for labels, _ in got} for name, got in samples.items()}
+
+    def replaced(name: str, vm: str | None) -> bool:
+        if name in STICKY:
+            return vm in fresh[name]
+        return vm in (fresh[LAST_VERIFY] if name in VERIFY_FAMILIES else ran)
+
+    for name, old in read_metrics(path).items():
         samples[name] += [(labels, value) for labels, value in old
-                          if labels.get("vm") not in ran
-                          or (name == LAST_SUCCESS and labels["vm"] in _failed(outcomes))]
+                          if not replaced(name, labels.get("vm"))]
     write_atomically(path, render(samples))
     return path
 
@@ -82,6 +116,20 @@ def series(name: str, outcomes: Iterable[VmOutcome]) -> Iterable[Sample]:
                 yield vm, value
         elif isinstance(outcome.report, BackupReport):
             yield from _report_series(name, vm, outcome.report)
+            if outcome.report.verified is not None:  # verify = true
+                yield from verify_series(name, vm, outcome.report.verified,
+                                         outcome.finished_at)
+
+
+def verify_series(name: str, vm: dict[str, str], report: VerifyReport,
+                  finished_at: float) -> Iterable[Sample]:
+    """A verification's sample of one family (none of the others)."""
+    value = {"kvmsnap_verify_status": report.exit_code,
+             "kvmsnap_verify_came_up_seconds": report.came_up_s,
+             LAST_VERIFY: finished_at,
+             LAST_VERIFY_SUCCESS: finished_at if report.exit_code == 0 else None}.get(name)
+    if value is not None:
+        yield vm, value
 
 
 def _report_series(name: str, vm: dict[str, str], report: BackupReport) -> Iterable[Sample]:
@@ -95,11 +143,6 @@ def _report_series(name: str, vm: dict[str, str], report: BackupReport) -> Itera
             yield {**labels, "kind": "read"}, archive.bytes
             if archive.stored_bytes is not None:
                 yield {**labels, "kind": "new"}, archive.stored_bytes
-    elif name == "kvmsnap_verify_status" and report.verified is not None:
-        yield vm, report.verified.exit_code
-    elif name == "kvmsnap_verify_came_up_seconds" and report.verified is not None \
-            and report.verified.came_up_s is not None:
-        yield vm, report.verified.came_up_s
     elif name == "kvmsnap_verdicts":
         for state in FsState:
             yield ({**vm, "verdict": state.value},
@@ -118,10 +161,6 @@ PER_VM: dict[str, Callable[[VmOutcome], float | None]] = {
     "kvmsnap_exit_status": lambda o: o.exit_code,
     "kvmsnap_backup_duration_seconds": lambda o: o.finished_at - o.started_at,
 }
-
-
-def _failed(outcomes: Iterable[VmOutcome]) -> set[str]:
-    return {o.vm for o in outcomes if not succeeded(o)}
 
 
 class _Families:

@@ -11,8 +11,10 @@ systemd's multi-user target). Then the power button (vm/shutdown.py's ladder), t
 filesystems' verdicts on the overlays (disks/, as after a backup), and everything is
 deleted. A files archive is checked without extracting it (run/verify_files.py).
 
-Exit codes: 0 proven; 1 it came up, but something is not proven (an unclean shutdown, a
-filesystem not clean, a crash-consistent backup); 2 it did not boot or did not come up.
+Exit codes: 0 proven; 1 the verification ran and the backup is not proven (it did not
+boot, did not come up, did not shut down cleanly, a filesystem is not clean, it is
+crash-consistent: ``VerifyReport.status`` says which); 2 it could not be verified (the
+archive unreadable, QEMU did not start, a command and no guest agent to run it: an error).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from kvmsnap_plugin.disks import classify, verify
 from kvmsnap_plugin.disks.expose import exposed
-from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, VMError
+from kvmsnap_plugin.errors import KvmsnapError, StepTimeout, UsageError, VMError
 from kvmsnap_plugin.host import dirs, process
 from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.host.resources import make_oom_victim
@@ -103,7 +105,8 @@ def verify_backup(job: BackupJob, report: BackupReport) -> BackupReport:
         report.warnings.append(f"verify: could not verify: {exc.one_line()}")
         return report
     if proved.exit_code:
-        report.warnings.append(f"verify: not proven: {proved.reason}")
+        verdict = "could not verify" if proved.unverifiable else f"not proven ({proved.status})"
+        report.warnings.append(f"verify: {verdict}: {proved.reason}")
     return replace(report, verified=proved)
 
 
@@ -116,7 +119,8 @@ def _verify(fetch: Callable[[Path], Fetched], settings: VerifySettings, workdir:
         if fetched.mode == "files":
             return check_files(fetched, settings)
         report = VerifyReport(fetched.record.vm, fetched.source, "image",
-                              materialised_bytes=fetched.allocated)
+                              materialised_bytes=fetched.allocated,
+                              label=fetched.record.label)
         log.info("%s: %d disk(s) materialised, %.1f MiB on disk", fetched.source,
                  len(fetched.images), report.materialised_bytes / 2**20)
         overlays = _overlays(fetched, work)
@@ -131,7 +135,7 @@ def _verify(fetch: Callable[[Path], Fetched], settings: VerifySettings, workdir:
             report.reason = f"the backup is {fetched.record.label}: it booted, but was " \
                             "not shut down cleanly when it was taken"
     log.info("verified %s: %s", report.source, "ok" if report.exit_code == 0 else
-             f"not proven (exit {report.exit_code}): {report.reason}")
+             f"{report.status} (exit {report.exit_code}): {report.reason}")
     return report
 
 
@@ -187,13 +191,18 @@ def _boot(record: VmRecord, overlays: list[CloneDisk], settings: VerifySettings,
           work: Path, report: VerifyReport) -> None:
     with socket_dir() as sockets:
         plan = plan_boot(record, overlays, work, sockets)
+        if settings.command and plan.agent is None:  # nothing to prove it by: not its fault
+            raise UsageError(f"the VM {record.vm} has no guest agent channel "
+                             f"(org.qemu.guest_agent.0) to run {' '.join(settings.command)} "
+                             "through", "prove it by its console: --console REGEX")
         machine = Machine(plan.argv, qmp_path=plan.qmp, name="verify", console_log=plan.console,
                           stderr_log=work / "verify.stderr", on_start=make_oom_victim,
                           env=clone_env(None))
         try:
             machine.start()
         except KvmsnapError as exc:
-            report.reason, report.failed = f"QEMU did not start: {exc.one_line()}", True
+            report.reason = f"QEMU did not start: {exc.one_line()}"
+            report.unverifiable = True
             return
         started = time.monotonic()
         try:
@@ -267,9 +276,7 @@ def _wait_came_up(machine: Machine, plan: BootPlan, settings: VerifySettings,
 
 def _by_agent(plan: BootPlan, settings: VerifySettings, watch: _Watch,
               deadline: float) -> None:
-    if plan.agent is None:
-        raise VMError("the VM has no guest agent channel (org.qemu.guest_agent.0) to run "
-                      f"{' '.join(settings.command)} through")
+    assert plan.agent is not None  # _boot refused a command without an agent channel
     with GuestAgent(plan.agent) as agent:
         agent.wait_ready(deadline, watch.check)
         if not settings.command:
@@ -306,6 +313,7 @@ def render(report: VerifyReport) -> str:
         lines += [f"  {v.where}: {v.fstype} {v.state.value} ({v.detail})"
                   for v in report.verdicts]
     lines += [f"  {line}" for line in report.checked]
-    lines.append(f"result: {'ok' if report.exit_code == 0 else 'NOT PROVEN'}"
-                 + (f": {report.reason}" if report.reason else ""))
+    verdict = {0: "ok", 2: "COULD NOT VERIFY"}.get(report.exit_code,
+                                                   f"NOT PROVEN ({report.status})")
+    lines.append(f"result: {verdict}" + (f": {report.reason}" if report.reason else ""))
     return "\n".join(lines)

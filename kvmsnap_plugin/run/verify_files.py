@@ -4,8 +4,8 @@ Read from the archive's listing, nothing extracted: every disk of the VM record 
 (``vdisk0/...``; the record lists disks, not partitions: each filesystem found under a disk,
 ``vdisk0/p1`` or the whole disk, must hold files), and every configured marker file
 (``verify_files = ["vdisk0/p1/etc/hostname"]``) is present. A missing tree, an empty
-filesystem or a missing marker fails (exit 2); a crash-consistent backup is complete but
-not proven (exit 1).
+filesystem or a missing marker fails (exit 1, status ``incomplete``); a crash-consistent
+backup is complete but not proven (exit 1, status ``crash-consistent``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def filesystems(listing: dict[str, int], disk: str) -> dict[str, tuple[int, int]
 def check_files(fetched: Fetched, settings: VerifySettings) -> VerifyReport:
     """The report on a files archive (nothing booted)."""
     record = fetched.record
-    report = VerifyReport(record.vm, fetched.source, "files")
+    report = VerifyReport(record.vm, fetched.source, "files", label=record.label)
     problems = []
     for disk in (d for d in record.disks if not d.flash):
         trees = filesystems(fetched.listing, disk.device)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import kvmsnap
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import (
@@ -84,7 +86,8 @@ def test_a_demo_backup_verifies_by_its_console_and_its_files(start_demo, tmp_pat
     assert code == 0, result
     assert result["mode"] == "files" and "marker vdisk0/workload.log: present" in result["checked"]
     code, result = verify(tmp_path, "--borg", files, "--file", "vdisk0/etc/no-such-marker")
-    assert code == 2 and result["reason"] == "marker file vdisk0/etc/no-such-marker is missing"
+    assert (code, result["status"]) == (1, "incomplete"), result  # verified: bad news
+    assert result["reason"] == "marker file vdisk0/etc/no-such-marker is missing"
     code, result = verify(tmp_path, "--restic", str(restic_files), "--file",
                           "vdisk0/clean-shutdown")
     assert code == 0 and result["mode"] == "files", result
@@ -116,10 +119,17 @@ def test_a_debian_backup_verifies_through_its_guest_agent(start_debian, tmp_path
                        timeout=180)
     [image] = [a.name for a in report.archives]
 
+    metrics = tmp_path / "kvmsnap.prom"  # a scheduled verify's alert reads these
     code, result = verify(tmp_path, "--borg", f"{borg_repo}::{image}",
                           "--command", "systemctl is-system-running --wait",
-                          "--clone-console", str(tmp_path / "verify.log"))
+                          "--clone-console", str(tmp_path / "verify.log"),
+                          "--metrics", str(metrics))
     assert code == 0, result
+    series = metric_values(metrics)
+    assert series["kvmsnap_verify_status"] == 0
+    assert series["kvmsnap_verify_came_up_seconds"] == result["came_up_s"]
+    assert series["kvmsnap_last_verify_success_timestamp_seconds"] == \
+        series["kvmsnap_last_verify_timestamp_seconds"] > time.time() - 600
     assert result["how"].startswith("guest agent: systemctl is-system-running --wait exited 0")
     assert result["booted_s"] <= result["came_up_s"] <= result["shut_down_s"]
     assert [(v["disk"], v["partition"], v["state"]) for v in result["verdicts"]] == [
@@ -130,8 +140,21 @@ def test_a_debian_backup_verifies_through_its_guest_agent(start_debian, tmp_path
 
     damaged = damaged_copy(borg_repo, image, tmp_path)
     code, result = verify(tmp_path, "--borg", f"{borg_repo}::{damaged}",
-                          "--command", "systemctl is-system-running --wait")
-    assert code == 2, result
+                          "--command", "systemctl is-system-running --wait",
+                          "--metrics", str(metrics))
+    assert (code, result["status"]) == (1, "did-not-come-up"), result  # ran: bad news
     assert result["booted"] and not result["came_up"]
     assert "Failed to mount /dev/vda1 as root file system" in result["reason"], result
+    failed = metric_values(metrics)
+    assert failed["kvmsnap_verify_status"] == 1
+    assert "kvmsnap_verify_came_up_seconds" not in failed
+    assert failed["kvmsnap_last_verify_timestamp_seconds"] > \
+        failed["kvmsnap_last_verify_success_timestamp_seconds"] == \
+        series["kvmsnap_last_verify_success_timestamp_seconds"]  # the last proof stays
     assert_nothing_left(tmp_path)
+
+
+def metric_values(path: Path) -> dict[str, float]:
+    """The guest's samples in a textfile, by name."""
+    return {s.name: s.value for f in text_string_to_metric_families(path.read_text())
+            for s in f.samples if s.labels.get("vm") == "guest"}

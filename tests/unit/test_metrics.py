@@ -149,4 +149,41 @@ def test_a_verified_backup_has_its_verification_in_the_metrics(settings):
     got = parsed(settings.metrics_file)
     assert got["kvmsnap_verify_status", (("vm", "web"),)] == proven.exit_code == 0
     assert got["kvmsnap_verify_came_up_seconds", (("vm", "web"),)] == 12.5
+    assert got["kvmsnap_last_verify_timestamp_seconds", (("vm", "web"),)] == 1000.0
+    assert got["kvmsnap_last_verify_success_timestamp_seconds", (("vm", "web"),)] == 1000.0
     assert ("kvmsnap_verify_status", (("vm", "db"),)) not in got  # not verified: no series
+
+
+def test_a_standalone_verify_adds_its_vms_verification_and_keeps_every_backup_series(settings):
+    from kvmsnap_plugin.model import VerifyReport
+    from kvmsnap_plugin.run.metrics import write_verify_metrics
+
+    write_metrics(settings, [ok("web", 1000.0), ok("db", 1000.0, pause_ms=3.0)])
+    before = parsed(settings.metrics_file)
+    proven = VerifyReport("web", "repo::web-1", "image", booted=True, came_up=True,
+                          shut_down_clean=True, came_up_s=42.5)
+    assert write_verify_metrics(settings.metrics_file, proven, 1500.0) == settings.metrics_file
+    got = parsed(settings.metrics_file)
+    web = (("vm", "web"),)
+    assert {k: v for k, v in got.items() if "verify" not in k[0]} == before  # untouched
+    assert got["kvmsnap_verify_status", web] == 0
+    assert got["kvmsnap_verify_came_up_seconds", web] == 42.5
+    assert got["kvmsnap_last_verify_timestamp_seconds", web] == 1500.0
+    assert got["kvmsnap_last_verify_success_timestamp_seconds", web] == 1500.0
+    assert not [k for k in got if "verify" in k[0] and k[1] == (("vm", "db"),)]
+
+    # the next verification did not come up: status 1, its time, the last success kept
+    write_verify_metrics(settings.metrics_file, VerifyReport(
+        "web", "repo::web-2", "image", booted=True, failed=True), 2500.0)
+    got = parsed(settings.metrics_file)
+    assert got["kvmsnap_verify_status", web] == 1
+    assert got["kvmsnap_last_verify_timestamp_seconds", web] == 2500.0
+    assert got["kvmsnap_last_verify_success_timestamp_seconds", web] == 1500.0
+    assert ("kvmsnap_verify_came_up_seconds", web) not in got  # not the old run's figure
+    # a nightly backup without verify = true leaves the verification alone
+    write_metrics(settings, [ok("web", 3000.0), ok("db", 3000.0)])
+    got = parsed(settings.metrics_file)
+    assert got["kvmsnap_last_run_timestamp_seconds", web] == 3000.0
+    assert got["kvmsnap_verify_status", web] == 1
+    assert got["kvmsnap_last_verify_success_timestamp_seconds", web] == 1500.0
+    assert write_verify_metrics(None, proven, 4000.0) is None  # no file configured

@@ -14,10 +14,18 @@ import pytest
 
 from kvmsnap_plugin.config import load_config
 from kvmsnap_plugin.errors import UsageError, VMError
-from kvmsnap_plugin.model import CloneDisk, RecordedDisk, VerifySettings, VmRecord
+from kvmsnap_plugin.model import (
+    CloneDisk,
+    FsState,
+    RecordedDisk,
+    Verdict,
+    VerifyReport,
+    VerifySettings,
+    VmRecord,
+)
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.restore_stream import write_image
-from kvmsnap_plugin.run.verify import plan_boot
+from kvmsnap_plugin.run.verify import _boot, plan_boot, render
 from kvmsnap_plugin.run.verify_fetch import Fetched
 from kvmsnap_plugin.run.verify_files import check_files
 from kvmsnap_plugin.vm.guest_agent import GuestAgent
@@ -64,14 +72,40 @@ def test_a_files_archive_needs_every_disk_non_empty_and_its_markers():
                "vdisk0/p1/etc/hostname": 4, "vdisk0/p2": -1}
     fetched = Fetched(record(), "repo::web-files", "files", listing=listing)
     report = check_files(fetched, VerifySettings(files=("vdisk0/p1/etc/hostname",)))
-    assert report.reason == "vdisk0/p2 is empty" and report.exit_code == 2
+    assert report.reason == "vdisk0/p2 is empty"
+    assert (report.exit_code, report.status) == (1, "incomplete")  # verified: bad news
     listing["vdisk0/p2/data"] = 5
     assert check_files(fetched, VerifySettings(files=("/vdisk0/p1/etc/hostname",))).exit_code == 0
     report = check_files(fetched, VerifySettings(files=("vdisk0/p1/etc/passwd",)))
     assert report.reason == "marker file vdisk0/p1/etc/passwd is missing"
-    assert report.exit_code == 2
+    assert (report.exit_code, report.status) == (1, "incomplete")
     fetched.record = record("crash-consistent")
-    assert check_files(fetched, VerifySettings()).exit_code == 1
+    report = check_files(fetched, VerifySettings())
+    assert (report.exit_code, report.status) == (1, "crash-consistent")
+
+
+CLEAN = Verdict("vdisk0", "p1", "ext4", FsState.CLEAN, "clean")
+UP = {"booted": True, "came_up": True, "shut_down_clean": True, "verdicts": [CLEAN]}
+
+
+@pytest.mark.parametrize(("found", "status", "code"), [
+    (UP, "ok", 0),
+    ({}, "did-not-boot", 1),  # QEMU ran, the guest never printed, nor answered
+    ({"booted": True, "failed": True}, "did-not-come-up", 1),
+    ({**UP, "shut_down_clean": False}, "unclean-shutdown", 1),
+    ({**UP, "verdicts": [CLEAN, Verdict("vdisk0", "p2", "xfs", FsState.NEEDS_RECOVERY, "log")]},
+     "filesystem-not-clean", 1),
+    ({**UP, "label": "crash-consistent"}, "crash-consistent", 1),
+    ({"unverifiable": True}, "unverifiable", 2),  # QEMU did not start: not the backup's news
+])
+def test_an_image_verification_exits_1_when_not_proven_and_2_when_it_could_not_run(
+        found, status, code):
+    report = VerifyReport("web", "repo::web-image", "image", **found)
+    assert (report.status, report.exit_code) == (status, code)
+    assert report.as_dict()["status"] == status and report.as_dict()["exit_code"] == code
+    shown = render(report).splitlines()[-1]
+    assert shown.startswith({0: "result: ok", 1: f"result: NOT PROVEN ({status})",
+                             2: "result: COULD NOT VERIFY"}[code])
 
 
 def test_the_boot_is_a_clone_of_the_record_that_boots(tmp_path):
@@ -140,3 +174,31 @@ def test_a_libvirt_record_boots_with_a_fresh_master_key(tmp_path):
     key = tmp_path / "master-key.aes"
     assert len(key.read_bytes()) == 32 and key.stat().st_mode & 0o777 == 0o600
     assert str(key) in " ".join(plan.argv) and "domain-1-kvmsnap-exp" not in " ".join(plan.argv)
+
+
+def test_a_command_without_a_guest_agent_channel_cannot_be_verified(tmp_path):
+    """Refused before QEMU starts: an error (exit 2), not news about the backup."""
+    overlay = CloneDisk("vdisk0", tmp_path / "verify-vdisk0.qcow2", tmp_path / "vdisk0.raw",
+                        "raw")
+    report = VerifyReport("web", "repo::web-image", "image")
+    with pytest.raises(UsageError, match="the VM web has no guest agent channel"):
+        _boot(record(), [overlay], VerifySettings(command=("true",)), tmp_path, report)
+    assert not report.booted and not list(tmp_path.iterdir())
+
+
+def test_a_verify_that_cannot_read_its_repository_says_so_in_the_metrics(tmp_path, capsys):
+    """Exit 2, and the VM's series (found through the config's [run] metrics_file) says
+    it could not be verified: a scheduled verify's alert sees more than a stale success."""
+    from kvmsnap_plugin.cli import main
+
+    metrics = tmp_path / "kvmsnap.prom"
+    config = tmp_path / "kvmsnap.toml"
+    config.write_text(CONFIG.replace("verify = true\n", "") +
+                      f'[run]\nmetrics_file = "{metrics}"\n')
+    code = main(["verify", "--restic", str(tmp_path / "no-repo"), "--vm", "web",
+                 "--config", str(config), "--workdir", str(tmp_path / "work")])
+    assert code == 2 and "restic snapshots failed" in capsys.readouterr().err
+    text = metrics.read_text()
+    assert 'kvmsnap_verify_status{vm="web"} 2.0' in text
+    assert 'kvmsnap_last_verify_timestamp_seconds{vm="web"}' in text
+    assert "kvmsnap_last_verify_success_timestamp_seconds{" not in text
