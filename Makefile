@@ -103,7 +103,7 @@ EXTRAS ?=
 INSTALL_VENV := $(KVMSNAP_HOME)/venv
 STAGED := $(DESTDIR)$(INSTALL_VENV)
 SHARE := $(INSTALL_VENV)/share/kvmsnap
-UNITS := kvmsnap-backup.service kvmsnap-backup.timer
+UNITS := kvmsnap-backup.service kvmsnap-backup.timer kvmsnap-verify.service kvmsnap-verify.timer
 
 install:
 	rm -rf $(STAGED)

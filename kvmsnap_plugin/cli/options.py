@@ -134,7 +134,8 @@ def add_verify_arguments(verify: argparse.ArgumentParser) -> None:
                         "booted; files: its trees and marker files checked)")
     verify.add_argument("--restic", metavar="REPO", help="a restic repository (image backups)")
     verify.add_argument("--run", help="with --restic: the backup's run id (default: latest)")
-    verify.add_argument("--vm", help="with --restic: the latest backup of this VM")
+    verify.add_argument("--vm", help="with --restic: the latest backup of this VM; with "
+                        "--config: only this [[vm]]")
     verify.add_argument("--command", metavar="ARGV", dest="verify_command",
                         help='run this in the guest through its agent; exit status 0: it came '
                         'up (split like a shell would, never run by one), e.g. "systemctl '
@@ -150,8 +151,10 @@ def add_verify_arguments(verify: argparse.ArgumentParser) -> None:
                         help="keep the booted copy's console log here")
     verify.add_argument("--metrics", metavar="FILE", help="update the VM's kvmsnap_verify_* "
                         "series in this node_exporter textfile (the backups' metrics_file)")
-    verify.add_argument("--config", metavar="FILE", help="with no --metrics: the metrics "
-                        f"file is this config's [run] metrics_file (e.g. {DEFAULT_CONFIG})")
+    verify.add_argument("--config", metavar="FILE", help="without --borg/--restic: the "
+                        "latest backup of each [[vm]] in this file (e.g. "
+                        f"{DEFAULT_CONFIG}), with its verify_* keys; its [run] metrics_file "
+                        "gets the results unless --metrics is given")
 
 
 VERIFY_EXIT_CODES = ("exit codes: 0 proven; 1 verified and NOT proven (--json status: "

@@ -36,9 +36,11 @@ from kvmsnap_plugin.host import dirs, process
 from kvmsnap_plugin.host.images import create_overlay
 from kvmsnap_plugin.host.resources import make_oom_victim
 from kvmsnap_plugin.model import (
+    DEFAULT_NAME_TEMPLATE,
     BackupJob,
     BackupReport,
     CloneDisk,
+    Mode,
     ParentDisk,
     ShutdownPolicy,
     VerifyReport,
@@ -47,7 +49,7 @@ from kvmsnap_plugin.model import (
 )
 from kvmsnap_plugin.model.job import DEFAULT_VERIFY_CONSOLE
 from kvmsnap_plugin.paths import DEFAULT_WORKDIR, safe_name, socket_dir
-from kvmsnap_plugin.run.verify_fetch import Fetched, fetch_borg, fetch_restic
+from kvmsnap_plugin.run.verify_fetch import Fetched, fetch_borg, fetch_restic, latest_borg_archive
 from kvmsnap_plugin.run.verify_files import check_files
 from kvmsnap_plugin.vm.clone import nic_names
 from kvmsnap_plugin.vm.clone_argv import agent_chardev_ids, rewrite_argv
@@ -82,6 +84,24 @@ def verify_restic(repository: str, settings: VerifySettings, run: str | None = N
     snapshots booted, or its files snapshot checked if it has no image."""
     return _verify(lambda work: fetch_restic(repository, work, run, vm), settings, workdir,
                    console_copy)
+
+
+def verify_latest(job: BackupJob, settings: VerifySettings) -> VerifyReport:
+    """The latest backup of a configured VM (``kvmsnap verify --config``), from its first
+    borg or restic target that archives images (else its first one: a files archive)."""
+    targets = sorted((t for t in job.targets if t.type in ("borg", "restic")),
+                     key=lambda t: t.mode == Mode.FILES)
+    if not targets:
+        raise UsageError(f"{job.name} has no borg or restic archiver to verify from",
+                         "verify its archives with the tool that made them")
+    target = targets[0]
+    repository = str(target.option("repository", ""))
+    if target.type == "restic":
+        return verify_restic(repository, settings, vm=job.name, workdir=job.fork.workdir)
+    archive = latest_borg_archive(
+        repository, target.option("archive_name", DEFAULT_NAME_TEMPLATE), job.name,
+        "files" if target.mode == Mode.FILES else "image")
+    return verify_borg(archive, settings, job.fork.workdir)
 
 
 def verify_backup(job: BackupJob, report: BackupReport) -> BackupReport:

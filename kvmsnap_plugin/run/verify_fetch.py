@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,3 +166,42 @@ def _restic_text(restic: process.ShProgram, repository: str, snapshot: str,
 def _record_at(path: Path, source: str) -> VmRecord:
     """The VM record extracted to ``path`` (restore's parser: an empty text says none)."""
     return _record(path.read_text() if path.is_file() else "", source)
+
+
+def latest_borg_archive(repository: str, template: str, vm: str, kind: str) -> str:
+    """``REPO::ARCHIVE`` of the newest ``kind`` ("image" or "files") archive of ``vm``: the
+    newest whose name its target's ``archive_name`` template could have made."""
+    pattern = archive_pattern(template, vm, kind)
+    borg = process.find_program("borg", "borgbackup")
+    try:
+        out = process.run([borg, "list", "--json", repository], timeout=TIMEOUT).stdout
+    except process.ProcessError as exc:
+        raise ArchiveError(f"borg list failed: {exc}", exc.hint) from None
+    archives = sorted(json.loads(out).get("archives", []), key=lambda a: a.get("time", ""))
+    names = [a["name"] for a in archives if pattern.fullmatch(a["name"])]
+    if not names:
+        raise ArchiveError(f"{repository} holds no {kind} archive of {vm} (none matches "
+                           f"{pattern.pattern})", "back the VM up first, or name one: "
+                           "kvmsnap verify --borg REPO::ARCHIVE")
+    return f"{repository}::{names[-1]}"
+
+
+def archive_pattern(template: str, vm: str, kind: str) -> re.Pattern[str]:
+    """What ``ArchiveTarget.archive_name`` makes of ``template`` for ``vm`` and ``kind``,
+    at any time: ``{now:%Y-%m-%d}`` matches digits where strftime writes numbers, so
+    ``web-...`` never matches the archives of a VM named ``web-2``."""
+    regex = ""
+    for literal, name, spec, _conversion in string.Formatter().parse(template):
+        regex += re.escape(literal)
+        if name == "now":
+            regex += "".join(_strftime_regex(part) for part in
+                             re.split(r"(%.)", spec)) if spec else ".+"
+        elif name is not None:
+            regex += re.escape({"vm": vm, "mode": kind}.get(name, ""))
+    return re.compile(regex if "{mode}" in template else f"{regex}-{re.escape(kind)}")
+
+
+def _strftime_regex(part: str) -> str:
+    if not part.startswith("%") or len(part) != 2:
+        return re.escape(part)
+    return r"\d+" if part[1] in "CdeGgHIjmMSsUuVWwYyf" else r"[^/]+?"

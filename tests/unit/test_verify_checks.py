@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kvmsnap_plugin.config import load_config
-from kvmsnap_plugin.errors import UsageError, VMError
+from kvmsnap_plugin.errors import ArchiveError, UsageError, VMError
+from kvmsnap_plugin.host import process
 from kvmsnap_plugin.model import (
     CloneDisk,
     FsState,
@@ -26,7 +27,7 @@ from kvmsnap_plugin.model import (
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run.restore_stream import write_image
 from kvmsnap_plugin.run.verify import _boot, plan_boot, render
-from kvmsnap_plugin.run.verify_fetch import Fetched
+from kvmsnap_plugin.run.verify_fetch import Fetched, archive_pattern, latest_borg_archive
 from kvmsnap_plugin.run.verify_files import check_files
 from kvmsnap_plugin.vm.guest_agent import GuestAgent
 
@@ -202,3 +203,66 @@ def test_a_verify_that_cannot_read_its_repository_says_so_in_the_metrics(tmp_pat
     assert 'kvmsnap_verify_status{vm="web"} 2.0' in text
     assert 'kvmsnap_last_verify_timestamp_seconds{vm="web"}' in text
     assert "kvmsnap_last_verify_success_timestamp_seconds{" not in text
+
+
+@pytest.mark.parametrize(("template", "name", "matches"), [
+    ("{vm}-{now:%Y-%m-%dT%H:%M:%S}", "web-2026-11-25T02:00:00-image", True),
+    ("{vm}-{now:%Y-%m-%dT%H:%M:%S}", "web-2-2026-11-25T02:00:00-image", False),  # web-2's
+    ("{vm}-{now:%Y-%m-%dT%H:%M:%S}", "web-2026-11-25T02:00:00-files", False),
+    ("{vm}-{now:%Y-%m-%dT%H:%M:%S}", "web-2026-11-25T02:00:00-image-damaged", False),
+    ("nightly-{mode}-{vm}.{now:%b%d}", "nightly-image-web.Nov25", True),
+    ("nightly-{mode}-{vm}.{now:%b%d}", "nightly-image-webXNov25", False),  # "." is literal
+])
+def test_the_latest_archive_of_a_vm_is_found_by_its_targets_name_template(
+        template, name, matches):
+    assert bool(archive_pattern(template, "web", "image").fullmatch(name)) is matches
+
+
+def test_the_latest_image_archive_of_the_vm_is_picked_from_a_borg_repository(borg_repo,
+                                                                              tmp_path):
+    borg = process.find_program("borg", "borgbackup")
+    (tmp_path / "data").write_text("x")
+    for name in ("web-2026-01-01T00:00:00-image", "web-2026-01-02T00:00:00-image",
+                 "web-2-2026-01-03T00:00:00-image", "web-2026-01-03T00:00:00-files"):
+        process.run([borg, "create", f"{borg_repo}::{name}", "data"], timeout=120,
+                    cwd=tmp_path)
+    template = "{vm}-{now:%Y-%m-%dT%H:%M:%S}"
+    assert latest_borg_archive(str(borg_repo), template, "web", "image") == \
+        f"{borg_repo}::web-2026-01-02T00:00:00-image"
+    assert latest_borg_archive(str(borg_repo), template, "web", "files").endswith(
+        "::web-2026-01-03T00:00:00-files")
+    with pytest.raises(ArchiveError, match="holds no image archive of db"):
+        latest_borg_archive(str(borg_repo), template, "db", "image")
+
+
+def test_verify_config_tries_every_vm_and_exits_with_the_worst(tmp_path, capsys):
+    """Each [[vm]]'s latest backup; one whose repository cannot be read is `unverifiable`
+    (exit 2) in the --json list and in the metrics, and the others are still tried."""
+    from kvmsnap_plugin.cli import main
+
+    metrics = tmp_path / "kvmsnap.prom"
+    config = tmp_path / "kvmsnap.toml"
+    config.write_text(CONFIG.replace("verify = true\n", "").replace(
+        "/srv/borg", str(tmp_path / "no-borg")) + f"""
+[archiver.r]
+type = "restic"
+repository = "{tmp_path / 'no-restic'}"
+[[vm]]
+name = "db"
+qmp = "/run/db.qmp"
+archivers = ["r"]
+mode = "image"
+[run]
+metrics_file = "{metrics}"
+""")
+    code = main(["verify", "--config", str(config), "--json", "--workdir", str(tmp_path)])
+    reports = json.loads(capsys.readouterr().out)
+    assert code == 2
+    assert [(r["vm"], r["status"], r["exit_code"]) for r in reports] == [
+        ("web", "unverifiable", 2), ("db", "unverifiable", 2)]
+    assert "borg list failed" in reports[0]["reason"]
+    text = metrics.read_text()
+    assert 'kvmsnap_verify_status{vm="web"} 2.0' in text
+    assert 'kvmsnap_verify_status{vm="db"} 2.0' in text
+    code = main(["verify", "--config", str(config), "--vm", "nobody"])
+    assert code == 2 and "no [[vm]] named nobody" in capsys.readouterr().err
