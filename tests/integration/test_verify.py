@@ -68,10 +68,17 @@ def test_a_demo_backup_verifies_by_its_console_and_its_files(start_demo, tmp_pat
     assert report.verified.source == f"{borg_repo}::{names['image']}"
     assert not report.warnings
 
-    for source in (["--borg", f"{borg_repo}::{names['image']}"],
-                   ["--restic", str(restic_repo), "--vm", "guest"]):
-        code, result = verify(tmp_path, *source, "--console", "KVMSNAP-READY")
+    by_config = tmp_path / "kvmsnap.toml"  # the weekly timer's way: each VM's latest backup
+    by_config.write_text(f'[archiver.b]\ntype = "borg"\nrepository = "{borg_repo}"\n'
+                         f'[[vm]]\nname = "guest"\nqmp = "{vm.paths.backup_qmp}"\n'
+                         'archivers = ["b"]\nmode = "both"\nverify_console = "KVMSNAP-READY"\n')
+    for source in (["--config", str(by_config)],
+                   ["--restic", str(restic_repo), "--vm", "guest", "--console", "KVMSNAP-READY"]):
+        code, result = verify(tmp_path, *source)
         assert code == 0, result
+        if isinstance(result, list):  # --config: a report per VM, of its latest image archive
+            [result] = result
+            assert result["source"] == f"{borg_repo}::{names['image']}"
         assert result["booted"] and result["came_up"] and result["shut_down_clean"]
         assert result["how"] == "console: KVMSNAP-READY"
         assert [(v["disk"], v["partition"], v["state"]) for v in result["verdicts"]] == [
