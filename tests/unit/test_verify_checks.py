@@ -266,3 +266,36 @@ metrics_file = "{metrics}"
     assert 'kvmsnap_verify_status{vm="db"} 2.0' in text
     code = main(["verify", "--config", str(config), "--vm", "nobody"])
     assert code == 2 and "no [[vm]] named nobody" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("proved", "warning"), [
+    (VerifyReport("web", "s", "image", booted=True, failed=True, reason="the boot failed: X"),
+     "verify: not proven (did-not-come-up): the boot failed: X"),
+    (VerifyReport("web", "s", "image", reason="QEMU did not start: Y", unverifiable=True),
+     "verify: could not verify: QEMU did not start: Y"),
+    (ArchiveError("borg extract failed", "check it"), "verify: could not verify: borg extract "
+     "failed (fix: check it)"),
+    (VerifyReport("web", "s", "image", True, True, True), None),
+])
+def test_verify_true_makes_a_backup_that_does_not_prove_out_a_warning(monkeypatch, proved,
+                                                                       warning):
+    """Not proven (1) or not verifiable (2): a warning of the VM's run (exit 1), never its
+    failure: the archive exists."""
+    from test_metrics import report as backup_report
+
+    from kvmsnap_plugin.model import ArchiveTarget, BackupJob
+    from kvmsnap_plugin.run import verify as verify_module
+
+    def verify_borg(archive, settings, workdir):
+        assert archive == "/srv/borg::web-image"
+        if isinstance(proved, Exception):
+            raise proved
+        return proved
+
+    monkeypatch.setattr(verify_module, "verify_borg", verify_borg)
+    job = BackupJob("web", None, targets=(ArchiveTarget("local-borg", "borg", "both",
+                                                        {"repository": "/srv/borg"}),),
+                    verify=VerifySettings(True))
+    done = verify_module.verify_backup(job, backup_report("web"))
+    assert [w for w in done.warnings if w.startswith("verify")] == ([warning] if warning
+                                                                     else [])
