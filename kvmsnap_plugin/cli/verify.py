@@ -64,16 +64,20 @@ def verify_configured(args: argparse.Namespace) -> int:
     if args.run:
         raise UsageError("--run names one backup of one repository",
                          "pass --restic REPO --run ID, or drop --run")
+    if args.clone_console and not args.vm:
+        raise UsageError("--clone-console keeps one VM's console log",
+                         "add --vm NAME, or drop --clone-console")
     jobs, run = _config(args)
     jobs = [j for j in jobs if args.vm in (None, j.name)]
     if not jobs:
         raise UsageError(f"no [[vm]] named {args.vm} in {args.config}")
+    console = Path(args.clone_console) if args.clone_console else None
     reports = []
     for job in jobs:
         if args.workdir:
             job = replace(job, fork=replace(job.fork, workdir=Path(args.workdir)))
         try:
-            report = verify_latest(job, overridden(job.verify, args))
+            report = verify_latest(job, overridden(job.verify, args), console)
         except KvmsnapError as exc:
             log.error("%s: could not verify: %s", job.name, exc.one_line())
             report = VerifyReport(job.name, "", "image", reason=exc.one_line(),

@@ -86,7 +86,8 @@ def verify_restic(repository: str, settings: VerifySettings, run: str | None = N
                    console_copy)
 
 
-def verify_latest(job: BackupJob, settings: VerifySettings) -> VerifyReport:
+def verify_latest(job: BackupJob, settings: VerifySettings,
+                  console_copy: Path | None = None) -> VerifyReport:
     """The latest backup of a configured VM (``kvmsnap verify --config``), from its first
     borg or restic target that archives images (else its first one: a files archive)."""
     targets = sorted((t for t in job.targets if t.type in ("borg", "restic")),
@@ -97,11 +98,12 @@ def verify_latest(job: BackupJob, settings: VerifySettings) -> VerifyReport:
     target = targets[0]
     repository = str(target.option("repository", ""))
     if target.type == "restic":
-        return verify_restic(repository, settings, vm=job.name, workdir=job.fork.workdir)
+        return verify_restic(repository, settings, vm=job.name, workdir=job.fork.workdir,
+                             console_copy=console_copy)
     archive = latest_borg_archive(
         repository, target.option("archive_name", DEFAULT_NAME_TEMPLATE), job.name,
         "files" if target.mode == Mode.FILES else "image")
-    return verify_borg(archive, settings, job.fork.workdir)
+    return verify_borg(archive, settings, job.fork.workdir, console_copy)
 
 
 def verify_backup(job: BackupJob, report: BackupReport) -> BackupReport:

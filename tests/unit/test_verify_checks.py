@@ -266,6 +266,8 @@ metrics_file = "{metrics}"
     assert 'kvmsnap_verify_status{vm="db"} 2.0' in text
     code = main(["verify", "--config", str(config), "--vm", "nobody"])
     assert code == 2 and "no [[vm]] named nobody" in capsys.readouterr().err
+    code = main(["verify", "--config", str(config), "--clone-console", str(tmp_path / "c")])
+    assert code == 2 and "keeps one VM's console log" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("proved", "warning"), [
