@@ -5,7 +5,9 @@ Distribution installers lay disks out with a BIOS boot partition, an EFI system 
 The realistic guest is the same image plus a second disk, ``vdb``, laid out by
 ``debian-layout.sh`` (BIOS boot, ESP at /boot/efi, swap in use, an ext4 LV at /srv, a
 btrfs subvolume at /var/lib/btrfs-data, ext4 in LUKS2 at /secret, opened by crypttab with
-a key file), with fstab and crypttab on its root naming them.
+a key file), with fstab and crypttab on its root naming them, and a write load of its own
+on the new filesystems (appends, fsync'ed on btrfs), so that a power cut's image shows each
+of them dirty (:func:`layout_verdicts` judges a copy of the disk).
 
 Why a second disk, not the first: the root stays where the kernel command line and the
 plain guest's tests expect it (``vda1``), the realistic guest shares the plain guest's
