@@ -13,7 +13,10 @@
 #   vdb5  btrfs, subvolume @data mounted at /var/lib/btrfs-data
 #   vdb6  LUKS2 (ext4 inside, /secret), opened at boot by crypttab with a key file
 #
-# and fstab/crypttab on the root filesystem name them, so every later boot uses them. The
+# and fstab/crypttab on the root filesystem name them, so every later boot uses them. It
+# also installs the layout's own write load, kvmsnap-layout-workload.service (below): on
+# every later boot it appends to a log on each of the new filesystems, fsync'ing the btrfs
+# one, so a power-cut copy of the running guest shows each of them dirty. The
 # LUKS key is random; the last console line gives it to the host (a test's copy of it):
 # KVMSNAP-LAYOUT-BUILT luks=UUID key=HEX, or KVMSNAP-LAYOUT-FAILED.
 set -eu
@@ -76,6 +79,40 @@ UUID=$(uuid "${DISK}5") /var/lib/btrfs-data btrfs defaults,subvol=@data,commit=6
 /dev/mapper/secret /secret ext4 defaults,commit=600 0 0
 EOF
 echo "secret UUID=$(uuid "${DISK}6") $KEY_FILE luks" >> /etc/crypttab
+
+# The write load of the new filesystems. While mounted read-write, vfat's boot-sector
+# dirty bit is set and each ext4 has needs_recovery, whatever is written; btrfs is
+# consistent at every commit (every 600 s here) and only an fsync between two commits
+# leaves something to replay: its log tree, named by the superblock's log_root. So the
+# btrfs log is fsync'ed (coreutils' `sync FILE` is fsync(2)) twice a second; the others
+# are appended to buffered, like the root's workload.
+cat > /usr/local/sbin/kvmsnap-layout-workload <<'WORKLOAD'
+#!/bin/sh
+set -u
+n=0
+while :; do
+    n=$((n + 1))
+    echo "line $n" >> /var/lib/btrfs-data/fsync.log
+    sync /var/lib/btrfs-data/fsync.log
+    for dir in /boot/efi /srv /secret; do echo "line $n" >> "$dir/workload.log"; done
+    [ "$n" = 2 ] && echo "KVMSNAP-LAYOUT-WORKLOAD fsyncing" > /dev/ttyS0
+    sleep 0.5
+done
+WORKLOAD
+chmod 755 /usr/local/sbin/kvmsnap-layout-workload
+cat > /etc/systemd/system/kvmsnap-layout-workload.service <<'UNIT'
+[Unit]
+Description=kvmsnap: the realistic layout's write load
+RequiresMountsFor=/boot/efi /srv /var/lib/btrfs-data /secret
+ConditionKernelCommandLine=!kvmsnap.layout
+
+[Service]
+ExecStart=/usr/local/sbin/kvmsnap-layout-workload
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl --no-reload enable kvmsnap-layout-workload.service
 sync
 trap - EXIT
 say "KVMSNAP-LAYOUT-BUILT luks=$(uuid "${DISK}6") key=$KEY"

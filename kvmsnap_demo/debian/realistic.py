@@ -5,7 +5,9 @@ Distribution installers lay disks out with a BIOS boot partition, an EFI system 
 The realistic guest is the same image plus a second disk, ``vdb``, laid out by
 ``debian-layout.sh`` (BIOS boot, ESP at /boot/efi, swap in use, an ext4 LV at /srv, a
 btrfs subvolume at /var/lib/btrfs-data, ext4 in LUKS2 at /secret, opened by crypttab with
-a key file), with fstab and crypttab on its root naming them.
+a key file), with fstab and crypttab on its root naming them, and a write load of its own
+on the new filesystems (appends, fsync'ed on btrfs), so that a power cut's image shows each
+of them dirty (:func:`layout_verdicts` judges a copy of the disk).
 
 Why a second disk, not the first: the root stays where the kernel command line and the
 plain guest's tests expect it (``vda1``), the realistic guest shares the plain guest's
@@ -36,8 +38,10 @@ from pathlib import Path
 from kvmsnap_demo.debian.build import build_lock
 from kvmsnap_demo.debian.recipe import LAYOUT_ARG, LAYOUT_FW_CFG, DebianGuest
 from kvmsnap_demo.debian.vm import DebianVM, debian_vm, make_overlay
+from kvmsnap_plugin.disks import classify, expose, verify
 from kvmsnap_plugin.errors import HostError
 from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import Verdict
 from kvmsnap_plugin.vm.qemu_args import escape
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,11 @@ BUILT = r"KVMSNAP-LAYOUT-BUILT luks=(\S+) key=([0-9a-f]+)"
 DATA_MOUNTPOINTS = ("/", "/data", "/boot/efi", "/srv", "/var/lib/btrfs-data", "/secret")
 MARKER_FILE = "kvmsnap-marker"
 MARKER_LINE = r"KVMSNAP-MARKER (\S+) (\S+) (\S+) ?(\S*)"
+#: the layout's own write load (debian-layout.sh) has fsync'ed the btrfs log at least once
+LAYOUT_WORKLOAD = r"KVMSNAP-LAYOUT-WORKLOAD"
+#: the layout disk's filesystems by mount point, as kvmsnap names them (the disk is vdisk1)
+LAYOUT_FILESYSTEMS = {"/boot/efi": "vdisk1/p2", "/srv": "vdisk1/lvm/kvmsnap-vg/srv",
+                      "/var/lib/btrfs-data": "vdisk1/p5", "/secret": "vdisk1/p6"}
 
 
 @dataclass(frozen=True)
@@ -162,3 +171,15 @@ def markers(console: str) -> dict[str, tuple[str, str, str]]:
 def marker_text(mountpoint: str, boot_id: str) -> str:
     """The content of the workload's marker on ``mountpoint`` (its line, with newline)."""
     return f"kvmsnap marker of {mountpoint}, boot {boot_id}\n"
+
+
+def layout_verdicts(guest: RealisticGuest, image: Path, image_format: str,
+                    workdir: Path) -> dict[str, Verdict]:
+    """kvmsnap's verdict of each filesystem of a copy of the layout disk, by where kvmsnap
+    names it: exposed as a files backup exposes it (the LV, the LUKS volume and vfat
+    through libguestfs where the host has no device-mapper or vfat), judged by its code."""
+    images = [("vdisk1", image, image_format)]
+    keys = ((guest.luks_uuid, guest.key_file),)
+    with expose.exposed(images, workdir, workdir / "mnt", luks_keys=keys) as exposure:
+        found = verify.verdicts(classify.to_verdict(exposure.filesystems, image_only=False))
+    return {verdict.where: verdict for verdict in found}

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 EFI_SYSTEM_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 SWAP_GUID = "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"
+#: what ZFS on Linux (and Solaris) types its pool partitions; MBR: Solaris
+ZFS_GUID = "6a898cc3-1dd2-11b2-99a6-080020736631"
+MBR_ZFS = "0xbf"
 #: MBR ids (blkid writes them "0x82"): extended containers, swap, EFI system
 MBR_EXTENDED = frozenset({"0x5", "0xf", "0x85"})
 MBR_SWAP = "0x82"
@@ -39,7 +42,7 @@ MBR_EFI = "0xef"
 
 #: blkid TYPEs that are not filesystems kvmsnap could mount
 _SIGNATURES = {"swap": PartKind.SWAP, "LVM2_member": PartKind.LVM_PV,
-               "crypto_LUKS": PartKind.LUKS}
+               "crypto_LUKS": PartKind.LUKS, "zfs_member": PartKind.ZFS_MEMBER}
 #: why what holds no files is skipped
 _RULE_REASONS = {
     PartKind.SWAP: "swap holds no files",
@@ -51,6 +54,11 @@ _RULE_REASONS = {
 _NOT_READ = {
     PartKind.LVM_PV: "LVM physical volume: its logical volumes are read through libguestfs",
     PartKind.UNKNOWN: "no filesystem kvmsnap recognises; use image mode or --skip-partition",
+    # Neither the host kernel (no zfs module) nor libguestfs' appliance (Debian's has none)
+    # reads ZFS: the route is not tried, and the fix is named.
+    PartKind.ZFS_MEMBER: "ZFS pool member: neither the host nor libguestfs reads ZFS; "
+                         "archive the disk with --mode image, or --skip-partition "
+                         "type:zfs_member and back the pool up in the guest (zfs send)",
 }
 
 
@@ -68,6 +76,8 @@ def kind_of(probed: ProbeInfo) -> PartKind:
         return PartKind.EXTENDED
     if part_type in (SWAP_GUID, MBR_SWAP):
         return PartKind.SWAP  # not mkswap'ed yet: still no files
+    if part_type in (ZFS_GUID, MBR_ZFS) and not probed.zeroed:
+        return PartKind.ZFS_MEMBER  # labels blkid did not take for a pool's: still ZFS's
     return PartKind.EMPTY if probed.zeroed else PartKind.UNKNOWN
 
 

@@ -24,6 +24,7 @@ class PartKind(StrEnum):
     LUKS = "luks"
     EMPTY = "empty"  # no signature and zeros where one would be
     UNKNOWN = "unknown"
+    ZFS_MEMBER = "zfs-member"  # a device of a ZFS pool: kvmsnap has no way to read ZFS
 
     @property
     def holds_files(self) -> bool:

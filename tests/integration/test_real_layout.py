@@ -5,6 +5,10 @@ xfs /data. Its workload writes a marker into every data filesystem before the fo
 in the page cache; a files backup must hold every marker and exit 0, listing swap and
 BIOS boot as skipped by rule; without the LUKS key it exits 1 naming the LUKS volume.
 
+The crash-consistent contrast for the layout's filesystems: a power cut's image of the
+running guest shows each of vfat, btrfs, the LV's ext4 and the LUKS volume's ext4 dirty,
+kvmsnap's backup shows each clean.
+
 One guest boots per module; the tests run in file order on it.
 """
 
@@ -22,8 +26,16 @@ import pytest
 from cli_helpers import kvmsnap
 
 from kvmsnap_demo.debian import DebianVM, RealisticGuest, realistic_vm
-from kvmsnap_demo.debian.realistic import DATA_MOUNTPOINTS, MARKER_FILE, markers
+from kvmsnap_demo.debian.realistic import (
+    DATA_MOUNTPOINTS,
+    LAYOUT_FILESYSTEMS,
+    LAYOUT_WORKLOAD,
+    MARKER_FILE,
+    layout_verdicts,
+    markers,
+)
 from kvmsnap_plugin.host import process
+from kvmsnap_plugin.model import FsState
 
 pytestmark = pytest.mark.qemu
 
@@ -89,14 +101,39 @@ def test_guest_really_uses_the_layout(booted: Booted):
           f"its layout was built in {booted.guest.build_seconds:.0f} s")
 
 
-def test_files_backup_archives_every_filesystem_and_exits_0(booted: Booted, tmp_path,
-                                                            borg_repo):
+def test_files_backup_archives_every_filesystem_clean_where_a_power_cut_leaves_them_dirty(
+        booted: Booted, tmp_path, borg_repo):
+    """The crash-consistent contrast, judged by kvmsnap's own verdict code (disks/verify.py)
+    both ways: a power cut's image of the running guest's layout disk (``crash_copy``: the
+    guest paused, its disk copied as QEMU had written it) and kvmsnap's backup a moment
+    later, whose clone shut down cleanly.
+
+    Each filesystem is dirty for as long as it is mounted read-write: vfat's boot-sector
+    dirty bit and ext4's needs_recovery are set at mount; btrfs names a log tree
+    (``log_root``) from an fsync until the next commit (600 s here), and the layout's
+    workload fsyncs its btrfs log twice a second, so only the 0.5 s after a commit would
+    show it clean. Measured: 20 power-cut copies of the running guest at random instants
+    (0.5 to 6 s apart): vfat dirty 20/20, btrfs dirty 20/20. Hence every verdict is
+    asserted."""
     guest = booted.guest
+    booted.vm.wait_console(LAYOUT_WORKLOAD, 120)
+    crash = booted.vm.crash_copy(1, tmp_path / "power-cut.raw")
     done = backup(booted, tmp_path, borg_repo,
                   "--luks-key", f"{guest.luks_uuid}={guest.key_file}")
     print(done.stderr[-3000:])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
+    clone = {f"{v['disk']}/{v['partition']}": v for v in report["verdicts"]}
+    power_cut = layout_verdicts(guest, crash, "raw", tmp_path / "crash-work")
+    crash.unlink()
+    for mountpoint, where in LAYOUT_FILESYSTEMS.items():
+        print(f"{mountpoint} ({where}): power cut: {power_cut[where].detail}; "
+              f"kvmsnap: {clone[where]['detail']}")
+    assert [power_cut[w].fstype for w in LAYOUT_FILESYSTEMS.values()] == \
+        ["vfat", "ext4", "btrfs", "ext4"]
+    for where in LAYOUT_FILESYSTEMS.values():
+        assert power_cut[where].state is FsState.NEEDS_RECOVERY, power_cut[where]
+        assert clone[where]["state"] == FsState.CLEAN.value, clone[where]
     parts = {p["where"]: p for p in report["partitions"]}
     assert (parts[BIOS_BOOT]["kind"], parts[BIOS_BOOT]["outcome"]) == \
         ("bios-boot", "skipped-by-rule")
@@ -121,3 +158,4 @@ def test_without_the_luks_key_the_luks_volume_is_named_not_archived(booted: Boot
     assert named and all(LUKS in line for line in named), done.stderr[-3000:]
     boots = archived_markers(borg_repo, report)
     assert sorted(boots) == sorted(set(DATA_MOUNTPOINTS) - {"/secret"})
+
