@@ -3,10 +3,11 @@
 The clone's network is cut (its NICs unplugged, its user-mode network restricted: slirp
 drops a restricted guest's packets silently, it does not refuse the connection), so a guest
 with NFS or CIFS mounts meets a server that never answers while it shuts down. Measured
-(Debian 12, NFSv4 hard mount, a writer holding unwritten lines): the writer's exit blocks
-uninterruptibly flushing to the silent server, systemd gives up its unit and the unmount,
-and kvmsnap's ladder ends up stopping the clone hard: the local disks are then archived
-crash-consistent. A lazy unmount alone does not help: the writer's flush still waits.
+(Debian 12, NFSv4 or v3, hard or soft mount, a writer holding unwritten lines): the
+writer's exit blocks uninterruptibly flushing to the silent server, systemd gives up its
+unit and the unmount, and kvmsnap's ladder ends up stopping the clone hard: the local
+disks are then archived crash-consistent. A lazy unmount alone does not help: the
+writer's flush still waits.
 
 So, through the clone's own guest agent, a small loop starts in the guest (outside the
 agent's cgroup, with no shutdown dependencies, so it lives on while systemd stops
@@ -43,8 +44,10 @@ LEFT = "left to the guest"
 #: that takes a mount away last tears the client down and waits on the server itself
 #: (NFSv4 ends its session): that one, and any other umount still naming a mount already
 #: gone, is killed (the wait is killable), instead of holding systemd's final stage up
-#: for its whole timeout. Only umount processes' command lines are read (by their comm):
-#: reading another's may wait on its memory, and a fork per process is slow under TCG.
+#: for its whole timeout. Its umount helpers too (umount.nfs4...: systemd's own unmount
+#: runs one, which took the last of several NFSv4 mounts away and held the final stage
+#: 20 s). Only umount processes' command lines are read (by their comm): reading
+#: another's may wait on its memory, and a fork per process is slow under TCG.
 RELEASE_LOOP = r"""trap '' TERM HUP  # systemd's last stage: the loop ends itself, soon
 end=$(( $(date +%s) + $1 )); shift
 grace=10  # rounds of killing stuck umounts once every mount is gone
@@ -57,9 +60,10 @@ while [ "$(date +%s)" -lt "$end" ]; do
             continue
         fi
         for p in /proc/[0-9]*; do
-            { read -r comm < "$p/comm"; } 2>/dev/null && [ "$comm" = umount ] || continue
+            { read -r comm < "$p/comm"; } 2>/dev/null || continue
+            case "$comm" in umount|umount.*) ;; *) continue ;; esac
             case " $(tr '\0' ' ' 2>/dev/null < "$p/cmdline")" in
-            *umount\ "$mp "*|*umount\ *" $mp "*) stuck=1; kill -9 "${p#/proc/}" 2>/dev/null ;;
+            *umount*" $mp "*) stuck=1; kill -9 "${p#/proc/}" 2>/dev/null ;;
             esac
         done
     done
