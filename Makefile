@@ -41,7 +41,9 @@ help:
 	@echo "make uninstall - remove what make install put in place (not /etc/kvmsnap)"
 
 # Each list: install what is missing (nothing when all are there), the second one without
-# Recommends.
+# Recommends. Servers the tests run privately (nfs-ganesha, rpcbind, sshd, libvirtd) are not
+# started by the install: a policy-rc.d answering 101 is in place while apt runs (only if
+# the host has none of its own; removed afterwards).
 deps:
 	@$(call apt_install,$(APT_PACKAGES),)
 	@$(call apt_install,$(APT_PACKAGES_NO_RECOMMENDS),--no-install-recommends)
@@ -53,6 +55,9 @@ define apt_install
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run as root)"; exit 2; fi; \
 		echo "installing Debian packages:" $$missing; \
+		policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then policy=/usr/sbin/policy-rc.d; \
+			printf '#!/bin/sh\nexit 101\n' > $$policy; chmod 755 $$policy; \
+			trap 'rm -f '$$policy EXIT; fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing; \
 	fi
 endef
