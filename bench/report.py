@@ -128,6 +128,31 @@ def _load_text(records: list[dict[str, Any]], cores: int) -> str:
             f"{max(others)} QEMU processes of other users running at the same time")
 
 
+def _collapse_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What re-collapsing the huge pages cost: time, RSS, the guest's largest tick gap."""
+    collapse = summary.get("collapse_s") or {}
+    if not collapse.get("n"):
+        return []
+    mib = summary.get("collapse_mib") or {}
+    growth = summary.get("collapse_rss_growth_mib") or {}
+    left = summary.get("collapse_unfinished_mib") or {}
+    gaps = [f"{ram_label(r['ram_mib'])} {SHORT[r['variant']]} "
+            f"{fmt_summary(r['pre_pause_max_gap_ms'])}" for r in rows
+            if r["variant"] in BACKGROUND and (r.get("pre_pause_max_gap_ms") or {}).get("n")]
+    text = (f"Re-collapsing the huge pages (bg, THP intact) took {fmt_summary(collapse, 2)} s "
+            "per fork" + (f" for {fmt_summary(mib, 0)} MiB" if mib.get("n") else "")
+            + (f", guest RSS {fmt_summary(growth, 1)} MiB" if growth.get("n") else "")
+            + (f", left by the time budget {fmt_summary(left, 0)} MiB" if left.get("max")
+               else "")
+            + (f" (errors: {', '.join(summary['collapse_errors'])})"
+               if summary.get("collapse_errors") else "") + ".")
+    if gaps:
+        text += (" Largest tick gap from the call into kvmsnap to the pause (re-collapsing "
+                 "runs there in bg, THP intact; not in bg, THP split), ms: " + "; ".join(gaps)
+                 + " (compare the baseline's largest gap per 1 s below).")
+    return [text, ""]
+
+
 def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
         intro: bool = True) -> list[str]:
     summary = p1["summary"]
@@ -138,13 +163,13 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
            "random data (in a tmpfs) prints a tick every 10 ms on a serial port; the host "
            "stamps each tick's arrival. Under TCG the guest's clock stops while it is paused, "
            "so a pause of P ms shows as one gap of about (tick interval + P).", "",
-           "Three variants per repetition: background-snapshot with the guest RAM's "
-           "transparent huge pages (THP) *intact* (re-collapsed with "
-           "`process_madvise(MADV_COLLAPSE)` just before, as kvmsnap's `collapse_huge_pages` "
-           "option does: also a VM's first backup after boot, or one whose huge pages "
-           "khugepaged rebuilt since the last backup); background-"
-           "snapshot right after the previous one, the huge pages *split* by its write faults "
-           "(back-to-back backups); stop-and-copy.", "",
+           "Three variants per repetition: background-snapshot as kvmsnap does it by "
+           "default, the guest RAM's transparent huge pages (THP) *intact* (kvmsnap "
+           "re-collapses the resident 2 MiB ranges with `process_madvise(MADV_COLLAPSE)` "
+           "before the pause, option `collapse_huge_pages`, on by default); background-"
+           "snapshot right after the previous one with that option off, the huge pages "
+           "*split* by its write faults (back-to-back backups as they were); stop-and-copy.",
+           "",
            "*Gap*: the largest tick gap overlapping the pause (located by the STOP/RESUME "
            "events, QEMU's timestamps). *Excess*: that gap minus the median tick interval, "
            "an estimate of the pause seen from outside. *+-0.5 s*: the largest gap within "
@@ -187,11 +212,7 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
                             f"gap {fmt_summary(r['during_save_max_gap_ms'])}) over "
                             f"{fmt_summary(r['ram_save_observed_s'], 2)} s" for r in during)
                 + f"; against {fmt_summary(interval)} ms without a fork.", ""]
-    collapse = summary.get("collapse_s") or {}
-    if collapse.get("n"):
-        out += [f"Re-collapsing the huge pages took {fmt_summary(collapse, 2)} s per fork"
-                + (f" (errors: {', '.join(summary['collapse_errors'])})"
-                   if summary.get("collapse_errors") else "") + ".", ""]
+    out += _collapse_lines(summary, rows)
     out += ["Ratios, paired per repetition:", "",
             "| guest RAM | ratio | STOP->RESUME | ticker gap | +-0.5 s gap | RAM save time | "
             "clone restore | whole backup | pairs |",

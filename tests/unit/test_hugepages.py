@@ -1,5 +1,6 @@
 """Which 2 MiB ranges of guest RAM kvmsnap re-collapses into huge pages (hugepages.py)."""
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -12,6 +13,25 @@ OWN = (1 << 63) | (1 << 56)  # present, mapped by this process alone
 ZERO_PAGE = 1 << 63  # present, shared: what a read of an untouched page maps
 SWAPPED = 1 << 62
 BASE = 0x7F00_0000_0000
+
+
+@contextlib.contextmanager
+def aligned_memory(huge_pages: int):
+    """``huge_pages`` x 2 MiB of private anonymous memory, 2 MiB aligned: its address."""
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    size = (huge_pages + 1) * HUGE_PAGE
+    area = libc.mmap(None, ctypes.c_size_t(size), mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    try:
+        yield (area + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+    finally:
+        libc.munmap(ctypes.c_void_p(area), ctypes.c_size_t(size))
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    libc = ctypes.CDLL(None)
+    assert libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), advice) == 0
 
 
 def entries(*ranges: list[int]) -> bytes:
@@ -61,14 +81,8 @@ def test_allowed_missing_follows_khugepaged_but_never_above_kvmsnaps_cap(tmp_pat
 def test_the_plan_reads_this_process_pagemap():
     """On real memory: a fully written range is chosen, a half-written one is not, and a
     range only read (the shared zero page) is not even sparse."""
-    libc = ctypes.CDLL(None)
-    libc.mmap.restype = ctypes.c_void_p
-    size = 4 * HUGE_PAGE
-    area = libc.mmap(None, ctypes.c_size_t(size), mmap.PROT_READ | mmap.PROT_WRITE,
-                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    try:
-        low = (area + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
-        libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(3 * HUGE_PAGE), 15)  # MADV_NOHUGEPAGE
+    with aligned_memory(3) as low:
+        madvise(low, 3 * HUGE_PAGE, 15)  # MADV_NOHUGEPAGE: 4 KiB pages
         ctypes.memset(low, 1, HUGE_PAGE)
         ctypes.memset(low + HUGE_PAGE, 1, HUGE_PAGE // 2)
         for page in range(low + 2 * HUGE_PAGE, low + 3 * HUGE_PAGE, mmap.PAGESIZE):
@@ -76,8 +90,6 @@ def test_the_plan_reads_this_process_pagemap():
         mapping = hugepages.Mapping(low, low + 3 * HUGE_PAGE, 0, 0)
         plan = hugepages.plan_collapse(os.getpid(), [mapping], 64)
         assert plan.runs == ((low, HUGE_PAGE),) and plan.sparse == 1
-    finally:
-        libc.munmap(ctypes.c_void_p(area), ctypes.c_size_t(size))
 
 
 def test_kernel_versions_are_compared_as_numbers():
@@ -95,3 +107,20 @@ def test_doctor_says_why_collapsing_is_not_available(monkeypatch):
     monkeypatch.setattr(hugepages, "_has_capability", lambda bit: False)
     works, why = hugepages.collapse_supported()
     assert not works and ("CAP_SYS_NICE" in why or "[never]" in why)
+
+
+def test_collapsing_stops_at_its_time_budget_and_says_what_it_left():
+    """On this process's own memory, mapped like QEMU's guest RAM (MADV_HUGEPAGE,
+    MADV_DONTFORK) but written in 4 KiB pages first."""
+    with aligned_memory(8) as low:
+        madvise(low, 8 * HUGE_PAGE, 15)  # MADV_NOHUGEPAGE: written in 4 KiB pages
+        ctypes.memset(low, 1, 8 * HUGE_PAGE)
+        for advice in (14, 10):  # MADV_HUGEPAGE, MADV_DONTFORK: what QEMU asks for
+            madvise(low, 8 * HUGE_PAGE, advice)
+        none = hugepages.collapse(os.getpid(), budget_s=0.0)
+        assert none.collapsed_mib == 0 and none.unfinished_mib >= 16
+        assert none.budget_s == 0.0
+        done = hugepages.collapse(os.getpid(), budget_s=60.0)
+        assert done.collapsed_mib >= 16 and done.unfinished_mib == 0
+        assert done.share_after > done.share_before or done.errors
+        assert abs(done.rss_growth_kib) < 1024  # the ranges were full: nothing to fill up
