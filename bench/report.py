@@ -52,7 +52,13 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     if chosen and len(builds) > 1:
         lines += versions.markdown(forks)
     if "P4" in chosen and "P4" in results and "summary" in results["P4"]:
-        lines += _p4(results["P4"])
+        p4 = results["P4"]
+        builds_p4 = p4["summary"].get("qemu") or ["system"]
+        for index, build in enumerate(builds_p4):
+            view = {**p4, "summary": p4["summary"].get("by_qemu", {}).get(build, p4["summary"])}
+            title = (f" (QEMU {p4.get('qemu', {}).get(build, build)})"
+                     if len(builds_p4) > 1 else "")
+            lines += _p4(view, title, intro=index == 0)
     if "P5" in chosen and "P5" in results and "summary" in results["P5"]:
         from bench.guestfs_bench import markdown as p5_markdown
 
@@ -522,12 +528,28 @@ def _span(values: list[float], digits: int = 1) -> str:
     return low if low == high else f"{low}-{high}"
 
 
-def _p4(p4: dict[str, Any]) -> list[str]:
+def _p4(p4: dict[str, Any], build: str = "", intro: bool = True) -> list[str]:
     rows = p4["summary"]["rows"]
     variants = [v for v in ("qemu-io", "guest") if any(r.get("variant", "qemu-io") == v
                                                        for r in rows)]
-    out = ["## P4: block-commit time against what the parent wrote during the backup", "",
-           f"A {p4['vm_ram_mib']} MiB demo guest; each backup ({p4['method']}) has N MiB "
+    out = [f"## P4: block-commit time against what the parent wrote during the backup{build}",
+           "", *_p4_intro(p4, variants)] if intro else [
+        f"## P4: block-commit time against what the parent wrote during the backup{build}", ""]
+    out += ["| written MiB | writer | committed MiB | commit s | commit MiB/s | write s | "
+            "write MiB/s | n |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["write_mib"],
+                                           variants.index(r.get("variant", "qemu-io")))):
+        write_rate = row.get("write_mib_s") or {}
+        out.append(f"| {row['write_mib']} | {row.get('variant', 'qemu-io')} | "
+                   f"{fmt_summary(row['commit_mib'], 1)} | {fmt_summary(row['commit_s'], 3)} | "
+                   f"{fmt_summary(row['commit_mib_s'], 0)} | {fmt_summary(row['write_s'], 2)} "
+                   f"| {fmt_summary(write_rate, 0)} | {row['commit_s']['n']} |")
+    return out + _p4_fits(p4, rows)
+
+
+def _p4_intro(p4: dict[str, Any], variants: list[str]) -> list[str]:
+    out = [f"A {p4['vm_ram_mib']} MiB demo guest; each backup ({p4['method']}) has N MiB "
            "written into the parent's overlay after the fork and before the commit back, by "
            "one of two writers (side by side on the same VM, alternating order):", "",
            "- *qemu-io*: QEMU's `qemu-io` writes N MiB sequentially through an extra, "
@@ -543,17 +565,12 @@ def _p4(p4: dict[str, Any]) -> list[str]:
     out += ["", "*Committed*: the block job's length (`Commit.bytes`: the overlay's allocated "
             "data, ext4's journal and metadata included). *Commit s*: `Commit.seconds` "
             "(block-commit, pivot, overlay removal). *Write s*: from the request to the writer "
-            "reporting it done (guest: host-observed, console polled every 50 ms).", "",
-            "| written MiB | writer | committed MiB | commit s | commit MiB/s | write s | "
-            "write MiB/s | n |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for row in sorted(rows, key=lambda r: (r["write_mib"],
-                                           variants.index(r.get("variant", "qemu-io")))):
-        write_rate = row.get("write_mib_s") or {}
-        out.append(f"| {row['write_mib']} | {row.get('variant', 'qemu-io')} | "
-                   f"{fmt_summary(row['commit_mib'], 1)} | {fmt_summary(row['commit_s'], 3)} | "
-                   f"{fmt_summary(row['commit_mib_s'], 0)} | {fmt_summary(row['write_s'], 2)} "
-                   f"| {fmt_summary(write_rate, 0)} | {row['commit_s']['n']} |")
+            "reporting it done (guest: host-observed, console polled every 50 ms).", ""]
+    return out
+
+
+def _p4_fits(p4: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
     fits = p4["summary"].get("fits") or {"qemu-io": p4["summary"].get("fit")}
     fit_lines = [f"{variant}: {fit['fixed_s'] * 1000:.0f} ms fixed + "
                  f"{fit['seconds_per_gib']:.2f} s per GiB committed "
