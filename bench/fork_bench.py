@@ -218,9 +218,11 @@ def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, met
     interval = base["median_interval_ms"]
     record["tick_excess_ms"] = (pause_gap.ms - interval if pause_gap and interval else None)
     record["fork_max_gap_ms"] = fork_gap.ms if fork_gap else None
-    if pauses:  # re-collapsing the huge pages runs here, before the pause
-        before = ticks.largest(ticks.gaps(arrivals, t0, pauses[0][0]))
-        record["pre_pause_max_gap_ms"] = before.ms if before else None
+    if pauses:  # re-collapsing the huge pages runs here, before the pause: the gaps that
+        # ended before it (the one holding the pause starts before STOP)
+        before = ticks.largest([g for g in ticks.gaps(arrivals, t0, pauses[0][0])
+                                if g.start + g.seconds <= pauses[0][0]])
+        record["pre_pause_gap_ms"] = before.ms if before else None
     record["fork_max_gap_at_s"] = fork_gap.start - t0 if fork_gap else None
     if keep_timeline:
         record["timeline"] = {
@@ -289,7 +291,7 @@ PER_FORK = ("tick_gap_ms", "tick_excess_ms", "pause_ms", "qemu_downtime_ms", "di
             "phase_before_migrate_ms", "phase_migration_setup_ms", "phase_to_resume_ms",
             "fork_max_gap_ms", "window_max_gap_ms", "resume_to_tick_ms",
             "during_save_median_interval_ms", "during_save_max_gap_ms", "ram_save_s",
-            "pre_pause_max_gap_ms",
+            "pre_pause_gap_ms",
             "ram_save_observed_s", "clone_restore_s", "shutdown_s", "total_s")
 
 

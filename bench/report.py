@@ -143,8 +143,8 @@ def _collapse_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list
     growth = summary.get("collapse_rss_growth_mib") or {}
     left = summary.get("collapse_unfinished_mib") or {}
     gaps = [f"{ram_label(r['ram_mib'])} {SHORT[r['variant']]} "
-            f"{fmt_summary(r['pre_pause_max_gap_ms'])}" for r in rows
-            if r["variant"] in BACKGROUND and (r.get("pre_pause_max_gap_ms") or {}).get("n")]
+            f"{fmt_summary(r['pre_pause_gap_ms'])}" for r in rows
+            if r["variant"] in BACKGROUND and (r.get("pre_pause_gap_ms") or {}).get("n")]
     text = (f"Re-collapsing the huge pages (bg, THP intact) took {fmt_summary(collapse, 2)} s "
             "per fork" + (f" for {fmt_summary(mib, 0)} MiB" if mib.get("n") else "")
             + (f", guest RSS {fmt_summary(growth, 1)} MiB" if growth.get("n") else "")
@@ -153,7 +153,8 @@ def _collapse_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list
             + (f" (errors: {', '.join(summary['collapse_errors'])})"
                if summary.get("collapse_errors") else "") + ".")
     if gaps:
-        text += (" Largest tick gap from the call into kvmsnap to the pause (re-collapsing "
+        text += (" Largest tick gap that ended between the call into kvmsnap and the pause "
+                 "(re-collapsing "
                  "runs there in bg, THP intact; not in bg, THP split), ms: " + "; ".join(gaps)
                  + " (compare the baseline's largest gap per 1 s below).")
     return [text, ""]

@@ -122,5 +122,6 @@ def test_collapsing_stops_at_its_time_budget_and_says_what_it_left():
         assert none.budget_s == 0.0
         done = hugepages.collapse(os.getpid(), budget_s=60.0)
         assert done.collapsed_mib >= 16 and done.unfinished_mib == 0
-        assert done.share_after > done.share_before or done.errors
+        # (khugepaged may have collapsed some first: MADV_HUGEPAGE wakes it for this mm)
+        assert done.share_after > 0.99 or done.errors
         assert abs(done.rss_growth_kib) < 1024  # the ranges were full: nothing to fill up
