@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class Outcome:
     archives: tuple[ArchiveFigures, ...] = ()
     wall_s: float = 0.0  # from the call into kvmsnap to its return
     marks: dict[str, float] = field(default_factory=dict)  # hook -> seconds since the call
+    huge_pages: dict[str, Any] | None = None  # what re-collapsing the huge pages did
 
     def figures(self) -> dict[str, Any]:
         return {"fork_method": self.method, "label": self.label, "clean": self.clean,
@@ -84,7 +85,7 @@ class Outcome:
                 "ram_save_s": self.ram_save_s, "clone_restore_s": self.clone_restore_s,
                 "shutdown_s": self.shutdown_s, "total_s": self.total_s,
                 "commits": [{"device": c.device, "seconds": c.seconds, "bytes": c.bytes}
-                            for c in self.commits]}
+                            for c in self.commits], "huge_pages": self.huge_pages}
 
     def archive_figures(self) -> list[dict[str, Any]]:
         return [{"target": a.target, "type": a.type, "kind": a.kind, "source": a.source,
@@ -96,10 +97,12 @@ def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot"
                 targets: Sequence[TargetSpec] = (), mount_root: Path | None = None,
                 after_shutdown: Callback | None = None,
                 on_snapshot: Callback | None = None,
-                on_exposed: OnExposed | None = None) -> Outcome:
+                on_exposed: OnExposed | None = None,
+                collapse_huge_pages: bool = ForkOptions.collapse_huge_pages) -> Outcome:
     """One ``pipeline.backup`` of the VM behind ``qmp`` into ``targets`` (none: fork,
     clone, shut down, expose, verify and commit back only). ``on_exposed`` runs right after
-    ``after_shutdown``, with the raw views of the clone's disks."""
+    ``after_shutdown``, with the raw views of the clone's disks. ``collapse_huge_pages``:
+    kvmsnap's option (on by default)."""
     marks: dict[str, float] = {}
     started = time.monotonic()
 
@@ -134,7 +137,8 @@ def backup_once(qmp: Path, workdir: Path, *, method: str = "background-snapshot"
 
     hooks = Hooks(plugin_manager([BenchPlugin()], entry_points=False))
     job = BackupJob(name="bench", qmp=qmp,
-                    fork=ForkOptions(method=method, workdir=workdir, mount_root=mount_root),
+                    fork=ForkOptions(method=method, workdir=workdir, mount_root=mount_root,
+                                     collapse_huge_pages=collapse_huge_pages),
                     targets=tuple(ArchiveTarget(t.name, t.tool, t.mode,
                                                 {"repository": str(t.repository)})
                                   for t in targets))
@@ -151,7 +155,8 @@ def _outcome(report: BackupReport, wall_s: float, marks: dict[str, float]) -> Ou
                    tuple(ArchiveFigures(a.target, a.type, a.kind, str(a.source), a.bytes,
                                         a.stored_bytes, a.seconds)
                          for a in report.archives),
-                   wall_s, dict(marks))
+                   wall_s, dict(marks),
+                   asdict(report.huge_pages) if report.huge_pages else None)
 
 
 #: the phases of one backup, in order

@@ -41,6 +41,7 @@ from typing import Any
 from bench.api import backup_once
 from bench.common import MIB, Settings, load_snapshot, progress, short_dir, summary
 from kvmsnap_demo.builder import DemoGuest
+from kvmsnap_demo.qemu_builds import QemuBuild, qemu_build
 from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
 from kvmsnap_plugin.host import process
 
@@ -56,7 +57,20 @@ VARIANTS = (QEMU_IO, GUEST)
 
 
 def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
-    """All the backups; :func:`summarise` the records afterwards."""
+    """All the backups, on each QEMU build of ``--qemu`` in turn (one guest at a time);
+    :func:`summarise` the records afterwards."""
+    builds = [qemu_build(name) for name in settings.qemu]  # fails now if one is missing
+    records: list[dict[str, Any]] = []
+    for build in builds:
+        mine = _run_build(settings, guest, accel, build)
+        records += [{**r, "qemu": build.name, "qemu_version": build.version} for r in mine]
+    return {"records": records, "vm_ram_mib": VM_RAM_MIB, "method": METHOD,
+            "guest_disk_mib": GUEST_DISK_MIB, "variants": list(VARIANTS),
+            "qemu": {build.name: build.version for build in builds}}
+
+
+def _run_build(settings: Settings, guest: DemoGuest, accel: str,
+               build: QemuBuild) -> list[dict[str, Any]]:
     sizes = settings.write_mib
     records: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -67,9 +81,11 @@ def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
         scratch = make_scratch_disk(tmp / "scratch.qcow2", FS_MIB + max(sizes) + FS_MIB)
         writer = GuestWriter(sockets / "writer.sock")
         options = DemoOptions(memory_mib=VM_RAM_MIB, disk_size_mib=GUEST_DISK_MIB, writer=True,
-                              extra_args=scratch_args(scratch) + writer.qemu_args)
-        progress(f"P4: booting a {VM_RAM_MIB} MiB guest with a {max(sizes) + 2 * FS_MIB} MiB "
-                 f"scratch disk and a {GUEST_DISK_MIB} MiB data disk")
+                              extra_args=scratch_args(scratch) + writer.qemu_args,
+                              binary=build.binary)
+        progress(f"P4: booting a {VM_RAM_MIB} MiB guest on QEMU {build.version} with a "
+                 f"{max(sizes) + 2 * FS_MIB} MiB scratch disk and a {GUEST_DISK_MIB} MiB data "
+                 "disk")
         vm = stack.enter_context(demo_vm(guest, accel, options, workdir=tmp / "vm"))
         vm.wait_ready(timeout=120)
         stack.enter_context(writer.connected(vm))
@@ -93,8 +109,7 @@ def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
                     progress(_describe(record))
             if not vm.running():
                 raise RuntimeError("the P4 demo guest died during the benchmark")
-    return {"records": records, "vm_ram_mib": VM_RAM_MIB, "method": METHOD,
-            "guest_disk_mib": GUEST_DISK_MIB, "variants": list(VARIANTS)}
+    return records
 
 
 class GuestWriter:
@@ -243,6 +258,15 @@ def variant_of(record: dict[str, Any]) -> str:
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per QEMU build ("system": results from before ``--qemu``); the first build's summary
+    also at the top (what one-build reports read)."""
+    builds = list(dict.fromkeys(r.get("qemu", "system") for r in records)) or ["system"]
+    by_qemu = {build: summarise_build([r for r in records if r.get("qemu", "system") == build])
+               for build in builds}
+    return {**by_qemu[builds[0]], "qemu": builds, "by_qemu": by_qemu}
+
+
+def summarise_build(records: list[dict[str, Any]]) -> dict[str, Any]:
     good = [r for r in records if "error" not in r]
     rows = []
     fits = {}

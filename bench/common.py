@@ -39,7 +39,7 @@ class Settings:
     p2_disk_mib: int = 2048  # P2's mixed-data guest disk
     p2_reps: int = 3  # P2 repetitions (each: two runs, 4 tool/mode pairs, both sides)
     workdir_base: Path = field(default=Path("/var/tmp"))
-    #: P1/P3's QEMU builds (kvmsnap_demo/qemu_builds.py), forked side by side
+    #: P1/P3's QEMU builds (kvmsnap_demo/qemu_builds.py), forked side by side; P4's in turn
     qemu: tuple[str, ...] = ("7.2", "10.0")
 
     @classmethod

@@ -4,12 +4,11 @@ For every guest RAM size one demo VM boots with ~70% of its RAM filled with rand
 its ticker on. It is then forked again and again, in three variants per repetition, their
 order alternating between repetitions so that all meet the same guest and the same noise:
 
-- ``bg-intact``: background-snapshot with the guest RAM's transparent huge pages intact
-  (re-collapsed just before by kvmsnap_plugin/hugepages.py, what the option
-  ``collapse_huge_pages`` does): a VM's first backup after boot, or one
-  whose huge pages khugepaged has rebuilt since its last backup;
-- ``bg-split``: background-snapshot right after the previous one, whose write faults left
-  the huge pages split: back-to-back backups;
+- ``bg-intact``: background-snapshot as kvmsnap does it by default: it re-collapses the
+  guest RAM's transparent huge pages (split by the previous fork) before the pause
+  (kvmsnap_plugin/host/hugepages.py, option ``collapse_huge_pages``);
+- ``bg-split``: background-snapshot right after the previous one with that option off, its
+  write faults having left the huge pages split: back-to-back backups as they were;
 - ``sc``: stop-and-copy.
 
 Each fork records:
@@ -20,7 +19,9 @@ Each fork records:
 - the ticker's baseline in the seconds before the fork (no fork running);
 - kvmsnap's own figures (pause_ms, QEMU downtime, disk snapshot, RAM save, restore, ...);
 - the clone QEMU's peak RSS (VmHWM) and the size of the RAM state file;
-- the share of the parent's guest RAM in huge pages just before the fork.
+- the share of the parent's guest RAM in huge pages just before the pause (bg-intact: after
+  kvmsnap re-collapsed them, its report's ``huge_pages``), and the ticker's largest gap from
+  the call into kvmsnap to the pause (where re-collapsing runs: what the guest feels of it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import statistics
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,7 +48,7 @@ from kvmsnap_plugin.host import hugepages
 
 BG = "background-snapshot"
 SC = "stop-and-copy"
-#: variant -> (method, re-collapse the huge pages first?)
+#: variant -> (method, kvmsnap's collapse_huge_pages)
 VARIANTS = {"bg-intact": (BG, True), "bg-split": (BG, False), "sc": (SC, False)}
 TIMELINE_BEFORE_S = 1.0
 TIMELINE_AFTER_S = 0.5
@@ -146,14 +147,16 @@ def _one_size(settings: Settings, guest: DemoGuest, accel: str, ram: int,
                                       "qemu": on.build.name, "qemu_version": on.build.version,
                                       "rep": rep, "warmup": rep < 0, "variant": variant,
                                       "method": method}
-            if recollapse and rep >= 0:  # the warm-up meets the huge pages of a fresh boot
-                record["collapse"] = asdict(hugepages.collapse(on.vm.pid))
             time.sleep(settings.settle_s)
-            record["thp_before"] = {"huge_share": hugepages.huge_share(
+            record["thp_at_call"] = {"huge_share": hugepages.huge_share(
                 hugepages.guest_ram(on.vm.pid))}
             first_timeline = rep >= 0 and (on.build.name, variant) not in timelines
             record.update(_one_fork(settings, on.vm, on.ticker, on.tmp / f"fork{on.forks}",
-                                    method, keep_timeline=first_timeline))
+                                    method, recollapse, keep_timeline=first_timeline))
+            collapsed = record.get("huge_pages")
+            record["collapse"] = collapsed
+            record["thp_before"] = ({"huge_share": collapsed["share_after"]} if collapsed
+                                    else record["thp_at_call"])
             on.forks += 1
             if "timeline" in record:
                 timelines.add((on.build.name, variant))
@@ -166,7 +169,7 @@ def _one_size(settings: Settings, guest: DemoGuest, accel: str, ram: int,
 
 
 def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, method: str,
-              keep_timeline: bool) -> dict[str, Any]:
+              collapse: bool, keep_timeline: bool) -> dict[str, Any]:
     base_start = time.monotonic()
     time.sleep(settings.baseline_s)
     base_end = time.monotonic()
@@ -175,7 +178,8 @@ def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, met
     with ForkSampler(workdir) as sampler:
         t0 = time.monotonic()
         try:
-            outcome = backup_once(vm.paths.backup_qmp, workdir, method=method)
+            outcome = backup_once(vm.paths.backup_qmp, workdir, method=method,
+                                  collapse_huge_pages=collapse)
         except Exception as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"
             record["traceback"] = traceback.format_exc(limit=-6)
@@ -214,6 +218,11 @@ def _one_fork(settings: Settings, vm: DemoVM, ticker: Ticker, workdir: Path, met
     interval = base["median_interval_ms"]
     record["tick_excess_ms"] = (pause_gap.ms - interval if pause_gap and interval else None)
     record["fork_max_gap_ms"] = fork_gap.ms if fork_gap else None
+    if pauses:  # re-collapsing the huge pages runs here, before the pause: the gaps that
+        # ended before it (the one holding the pause starts before STOP)
+        before = ticks.largest([g for g in ticks.gaps(arrivals, t0, pauses[0][0])
+                                if g.start + g.seconds <= pauses[0][0]])
+        record["pre_pause_gap_ms"] = before.ms if before else None
     record["fork_max_gap_at_s"] = fork_gap.start - t0 if fork_gap else None
     if keep_timeline:
         record["timeline"] = {
@@ -282,6 +291,7 @@ PER_FORK = ("tick_gap_ms", "tick_excess_ms", "pause_ms", "qemu_downtime_ms", "di
             "phase_before_migrate_ms", "phase_migration_setup_ms", "phase_to_resume_ms",
             "fork_max_gap_ms", "window_max_gap_ms", "resume_to_tick_ms",
             "during_save_median_interval_ms", "during_save_max_gap_ms", "ram_save_s",
+            "pre_pause_gap_ms",
             "ram_save_observed_s", "clone_restore_s", "shutdown_s", "total_s")
 
 
@@ -339,6 +349,13 @@ def summarise_build(records: list[dict[str, Any]]) -> dict[str, Any]:
                                           for g in r["baseline"]["chunk_max_gaps_ms"]),
             "baseline_interval": summary(r["baseline"]["median_interval_ms"] for r in good),
             "collapse_s": summary((r.get("collapse") or {}).get("seconds") for r in good),
+            "collapse_rss_growth_mib": summary((r.get("collapse") or {}).get("rss_growth_kib", 0)
+                                               / 1024 for r in good
+                                               if "rss_growth_kib" in (r.get("collapse") or {})),
+            "collapse_mib": summary((r.get("collapse") or {}).get("collapsed_mib")
+                                    for r in good),
+            "collapse_unfinished_mib": summary((r.get("collapse") or {}).get("unfinished_mib")
+                                               for r in good),
             "collapse_errors": sorted({e for r in good
                                        for e in (r.get("collapse") or {}).get("errors", [])})}
 

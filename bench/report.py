@@ -52,7 +52,13 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     if chosen and len(builds) > 1:
         lines += versions.markdown(forks)
     if "P4" in chosen and "P4" in results and "summary" in results["P4"]:
-        lines += _p4(results["P4"])
+        p4 = results["P4"]
+        builds_p4 = p4["summary"].get("qemu") or ["system"]
+        for index, build in enumerate(builds_p4):
+            view = {**p4, "summary": p4["summary"].get("by_qemu", {}).get(build, p4["summary"])}
+            title = (f" (QEMU {p4.get('qemu', {}).get(build, build)})"
+                     if len(builds_p4) > 1 else "")
+            lines += _p4(view, title, intro=index == 0)
     if "P5" in chosen and "P5" in results and "summary" in results["P5"]:
         from bench.guestfs_bench import markdown as p5_markdown
 
@@ -128,6 +134,32 @@ def _load_text(records: list[dict[str, Any]], cores: int) -> str:
             f"{max(others)} QEMU processes of other users running at the same time")
 
 
+def _collapse_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """What re-collapsing the huge pages cost: time, RSS, the guest's largest tick gap."""
+    collapse = summary.get("collapse_s") or {}
+    if not collapse.get("n"):
+        return []
+    mib = summary.get("collapse_mib") or {}
+    growth = summary.get("collapse_rss_growth_mib") or {}
+    left = summary.get("collapse_unfinished_mib") or {}
+    gaps = [f"{ram_label(r['ram_mib'])} {SHORT[r['variant']]} "
+            f"{fmt_summary(r['pre_pause_gap_ms'])}" for r in rows
+            if r["variant"] in BACKGROUND and (r.get("pre_pause_gap_ms") or {}).get("n")]
+    text = (f"Re-collapsing the huge pages (bg, THP intact) took {fmt_summary(collapse, 2)} s "
+            "per fork" + (f" for {fmt_summary(mib, 0)} MiB" if mib.get("n") else "")
+            + (f", guest RSS {fmt_summary(growth, 1)} MiB" if growth.get("n") else "")
+            + (f", left by the time budget {fmt_summary(left, 0)} MiB" if left.get("max")
+               else "")
+            + (f" (errors: {', '.join(summary['collapse_errors'])})"
+               if summary.get("collapse_errors") else "") + ".")
+    if gaps:
+        text += (" Largest tick gap that ended between the call into kvmsnap and the pause "
+                 "(re-collapsing "
+                 "runs there in bg, THP intact; not in bg, THP split), ms: " + "; ".join(gaps)
+                 + " (compare the baseline's largest gap per 1 s below).")
+    return [text, ""]
+
+
 def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
         intro: bool = True) -> list[str]:
     summary = p1["summary"]
@@ -138,13 +170,13 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
            "random data (in a tmpfs) prints a tick every 10 ms on a serial port; the host "
            "stamps each tick's arrival. Under TCG the guest's clock stops while it is paused, "
            "so a pause of P ms shows as one gap of about (tick interval + P).", "",
-           "Three variants per repetition: background-snapshot with the guest RAM's "
-           "transparent huge pages (THP) *intact* (re-collapsed with "
-           "`process_madvise(MADV_COLLAPSE)` just before, as kvmsnap's `collapse_huge_pages` "
-           "option does: also a VM's first backup after boot, or one whose huge pages "
-           "khugepaged rebuilt since the last backup); background-"
-           "snapshot right after the previous one, the huge pages *split* by its write faults "
-           "(back-to-back backups); stop-and-copy.", "",
+           "Three variants per repetition: background-snapshot as kvmsnap does it by "
+           "default, the guest RAM's transparent huge pages (THP) *intact* (kvmsnap "
+           "re-collapses the resident 2 MiB ranges with `process_madvise(MADV_COLLAPSE)` "
+           "before the pause, option `collapse_huge_pages`, on by default); background-"
+           "snapshot right after the previous one with that option off, the huge pages "
+           "*split* by its write faults (back-to-back backups as they were); stop-and-copy.",
+           "",
            "*Gap*: the largest tick gap overlapping the pause (located by the STOP/RESUME "
            "events, QEMU's timestamps). *Excess*: that gap minus the median tick interval, "
            "an estimate of the pause seen from outside. *+-0.5 s*: the largest gap within "
@@ -187,11 +219,7 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
                             f"gap {fmt_summary(r['during_save_max_gap_ms'])}) over "
                             f"{fmt_summary(r['ram_save_observed_s'], 2)} s" for r in during)
                 + f"; against {fmt_summary(interval)} ms without a fork.", ""]
-    collapse = summary.get("collapse_s") or {}
-    if collapse.get("n"):
-        out += [f"Re-collapsing the huge pages took {fmt_summary(collapse, 2)} s per fork"
-                + (f" (errors: {', '.join(summary['collapse_errors'])})"
-                   if summary.get("collapse_errors") else "") + ".", ""]
+    out += _collapse_lines(summary, rows)
     out += ["Ratios, paired per repetition:", "",
             "| guest RAM | ratio | STOP->RESUME | ticker gap | +-0.5 s gap | RAM save time | "
             "clone restore | whole backup | pairs |",
@@ -501,12 +529,28 @@ def _span(values: list[float], digits: int = 1) -> str:
     return low if low == high else f"{low}-{high}"
 
 
-def _p4(p4: dict[str, Any]) -> list[str]:
+def _p4(p4: dict[str, Any], build: str = "", intro: bool = True) -> list[str]:
     rows = p4["summary"]["rows"]
     variants = [v for v in ("qemu-io", "guest") if any(r.get("variant", "qemu-io") == v
                                                        for r in rows)]
-    out = ["## P4: block-commit time against what the parent wrote during the backup", "",
-           f"A {p4['vm_ram_mib']} MiB demo guest; each backup ({p4['method']}) has N MiB "
+    out = [f"## P4: block-commit time against what the parent wrote during the backup{build}",
+           "", *_p4_intro(p4, variants)] if intro else [
+        f"## P4: block-commit time against what the parent wrote during the backup{build}", ""]
+    out += ["| written MiB | writer | committed MiB | commit s | commit MiB/s | write s | "
+            "write MiB/s | n |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["write_mib"],
+                                           variants.index(r.get("variant", "qemu-io")))):
+        write_rate = row.get("write_mib_s") or {}
+        out.append(f"| {row['write_mib']} | {row.get('variant', 'qemu-io')} | "
+                   f"{fmt_summary(row['commit_mib'], 1)} | {fmt_summary(row['commit_s'], 3)} | "
+                   f"{fmt_summary(row['commit_mib_s'], 0)} | {fmt_summary(row['write_s'], 2)} "
+                   f"| {fmt_summary(write_rate, 0)} | {row['commit_s']['n']} |")
+    return out + _p4_fits(p4, rows)
+
+
+def _p4_intro(p4: dict[str, Any], variants: list[str]) -> list[str]:
+    out = [f"A {p4['vm_ram_mib']} MiB demo guest; each backup ({p4['method']}) has N MiB "
            "written into the parent's overlay after the fork and before the commit back, by "
            "one of two writers (side by side on the same VM, alternating order):", "",
            "- *qemu-io*: QEMU's `qemu-io` writes N MiB sequentially through an extra, "
@@ -522,17 +566,12 @@ def _p4(p4: dict[str, Any]) -> list[str]:
     out += ["", "*Committed*: the block job's length (`Commit.bytes`: the overlay's allocated "
             "data, ext4's journal and metadata included). *Commit s*: `Commit.seconds` "
             "(block-commit, pivot, overlay removal). *Write s*: from the request to the writer "
-            "reporting it done (guest: host-observed, console polled every 50 ms).", "",
-            "| written MiB | writer | committed MiB | commit s | commit MiB/s | write s | "
-            "write MiB/s | n |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for row in sorted(rows, key=lambda r: (r["write_mib"],
-                                           variants.index(r.get("variant", "qemu-io")))):
-        write_rate = row.get("write_mib_s") or {}
-        out.append(f"| {row['write_mib']} | {row.get('variant', 'qemu-io')} | "
-                   f"{fmt_summary(row['commit_mib'], 1)} | {fmt_summary(row['commit_s'], 3)} | "
-                   f"{fmt_summary(row['commit_mib_s'], 0)} | {fmt_summary(row['write_s'], 2)} "
-                   f"| {fmt_summary(write_rate, 0)} | {row['commit_s']['n']} |")
+            "reporting it done (guest: host-observed, console polled every 50 ms).", ""]
+    return out
+
+
+def _p4_fits(p4: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
     fits = p4["summary"].get("fits") or {"qemu-io": p4["summary"].get("fit")}
     fit_lines = [f"{variant}: {fit['fixed_s'] * 1000:.0f} ms fixed + "
                  f"{fit['seconds_per_gib']:.2f} s per GiB committed "

@@ -71,9 +71,11 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="capture the clone's first serial port to FILE (debugging)")
     cmd.add_argument("--mount-root", metavar="DIR", help="where the clone's filesystems are "
                      "mounted (default WORKDIR/mnt/NAME)")
-    cmd.add_argument("--collapse-huge-pages", action="store_true", default=None,
-                     help="rebuild the guest RAM's huge pages before the pause: a shorter "
-                     "pause for back-to-back background snapshots, for some host CPU time")
+    cmd.add_argument("--collapse-huge-pages", action=argparse.BooleanOptionalAction,
+                     default=None,
+                     help="rebuild the guest RAM's resident huge pages before the pause "
+                     "(default): a shorter pause for back-to-back background snapshots, for "
+                     "some host CPU time (at most collapse_budget s)")
     cmd.add_argument("--min-free", metavar="SIZE",
                      help="space to leave free, beyond the RAM state, where the parent's "
                      "overlays and the work directory go; checked before the pause "

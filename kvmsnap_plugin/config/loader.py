@@ -210,12 +210,13 @@ def _fork_options(settings: Mapping[str, Any]) -> ForkOptions:
         clone_console=path("clone_console"),
         pid=settings.get("pid"),
         mount_root=path("mount_root"),
-        collapse_huge_pages=settings.get("collapse_huge_pages", False),
+        collapse_huge_pages=settings.get("collapse_huge_pages", True),
         clone_drop=tuple(settings.get("clone_drop", ())),
         allow_remote_workdir=settings.get("allow_remote_workdir", False),
         skip_partitions=tuple(settings.get("skip_partitions", ())),
         luks_keys=tuple((uuid.lower(), Path(file))
                         for uuid, file in settings.get("luks_keys", {}).items()),
+        collapse_budget=settings.get("collapse_budget", ForkOptions.collapse_budget),
     )
 
 

@@ -113,6 +113,7 @@ class RunKeys(Table):
         ["label:SWAP"])
     luks_keys: Annotated[dict[str, Text], AfterValidator(via(_key_files_exist))] | None = key(
         "a table of LUKS UUID = key file path", {"UUID": "/root/keys/data.key"})
+    collapse_budget: float | None = key("a number of seconds above 0", 2, gt=0)
     # commands run after a VM's backup, by outcome (model.VmCommands)
     on_success: Argv | None = key(ARGV, ["curl", "-fsS", "https://hc.example/UUID"])
     on_warning: Argv | None = key(ARGV, ["curl", "-fsS", "https://hc.example/UUID/log"])

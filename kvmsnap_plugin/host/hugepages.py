@@ -1,15 +1,23 @@
 """Re-collapse the parent's guest RAM into transparent huge pages before the fork's pause.
 
 Why: background-snapshot prepares write tracking inside the pause, touching every 4 KiB
-page of guest RAM (QEMU 7.2's ``ram_write_tracking_prepare()``), and a 2 MiB huge page
-counts once where 512 small pages count 512 times. QEMU asks for huge pages
-(``MADV_HUGEPAGE``), but every background snapshot splits them (each write fault
-un-protects 4 KiB), so the *next* backup's pause is several times longer until khugepaged
-rebuilds them, which can take hours. ``process_madvise(MADV_COLLAPSE)`` (Linux 6.1+, needs
-CAP_SYS_NICE) rebuilds them now, outside the pause; bench/ measures what it buys (P1).
+page of guest RAM (QEMU's ``ram_write_tracking_prepare()``), and a 2 MiB huge page counts
+once where 512 small pages count 512 times. QEMU asks for huge pages (``MADV_HUGEPAGE``),
+but every background snapshot splits them (each write fault un-protects 4 KiB), so the
+*next* backup's pause is several times longer until khugepaged rebuilds them, which can
+take hours. ``process_madvise(MADV_COLLAPSE)`` (Linux 6.1+, needs CAP_SYS_NICE) rebuilds
+them now, outside the pause; bench/ measures what it buys (P1) and costs.
 
-It is opt-in (``collapse_huge_pages``): it costs the host CPU time (0.04-0.9 s per fork
-measured for 256 MiB-2 GiB) and may grow the guest's RSS where small pages were missing.
+On by default (``collapse_huge_pages``), bounded two ways:
+
+- memory: MADV_COLLAPSE ignores khugepaged's ``max_ptes_none`` and would fill every 2 MiB
+  range up, so a guest that touched little of its RAM would grow on the host. Only ranges
+  with at most :func:`allowed_missing` pages absent are collapsed, read from
+  ``/proc/PID/pagemap`` (present and mapped by QEMU alone: the shared zero page that
+  QEMU's prepare step maps into untouched pages does not count);
+- time: it stops after ``collapse_budget`` seconds (reported), the rest of the RAM keeps its
+  small pages for this backup.
+
 It never fails a backup: the kernel may refuse some ranges (EAGAIN), and that is reported.
 """
 
@@ -30,7 +38,18 @@ log = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
 _SYS_PROCESS_MADVISE = 440  # x86_64
 _MADV_COLLAPSE = 25
-_CHUNK = 64 << 20  # one call per chunk: a refused chunk loses little
+_CHUNK = 32 << 20  # one call per run at most: a refused run loses little
+PAGE = 4096
+PAGES_PER_HUGE = HUGE_PAGE // PAGE
+#: the most absent pages of 512 a range may have to be collapsed (1/8: the guest's host RSS
+#: grows by at most 12.5% of what it collapses), whatever khugepaged's max_ptes_none allows
+MAX_MISSING = 64
+#: seconds per fork, then the rest keeps its small pages (a 2 GiB guest took 0.04-0.9 s)
+DEFAULT_BUDGET_S = 2.0
+_CAP_SYS_NICE = 23
+_MAX_PTES_NONE = Path("/sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_none")
+#: pagemap's top byte -> 1 if bit 63 (present) and bit 56 (exclusively mapped) are set
+_OWN_PAGE = bytes(1 if byte & 0x81 == 0x81 else 0 for byte in range(256))
 
 
 class _IoVec(ctypes.Structure):
@@ -43,8 +62,6 @@ class Mapping:
     high: int
     rss_kib: int
     huge_kib: int
-
-
 
 
 def guest_ram(pid: int) -> list[Mapping]:
@@ -79,23 +96,105 @@ def huge_share(mappings: list[Mapping]) -> float:
     return sum(m.huge_kib for m in mappings) / rss if rss else 0.0
 
 
-def collapse(pid: int) -> Collapse:
-    """Rebuild huge pages in the guest RAM of QEMU process ``pid`` (synchronous)."""
+def collapse(pid: int, budget_s: float = DEFAULT_BUDGET_S,
+             max_missing: int | None = None) -> Collapse:
+    """Rebuild huge pages in the (nearly) resident 2 MiB ranges of QEMU process ``pid``'s
+    guest RAM, until ``budget_s`` seconds have passed (synchronous)."""
     started = time.monotonic()
+    missing = allowed_missing() if max_missing is None else max_missing
     before = guest_ram(pid)
+    plan = plan_collapse(pid, before, missing)
     errors: set[str] = set()
+    done = 0
     fd = os.pidfd_open(pid)
     try:
-        for mapping in before:
-            for start, length in _chunks(mapping):
-                errno = _madvise_collapse(fd, start, length)
-                if errno:
-                    errors.add(os.strerror(errno))
+        for start, length in plan.runs:
+            if time.monotonic() - started > budget_s:
+                break
+            errno = _madvise_collapse(fd, start, length)
+            if errno:
+                errors.add(os.strerror(errno))
+            done += length
     finally:
         os.close(fd)
     after = guest_ram(pid)
+    rss_growth = sum(m.rss_kib for m in after) - sum(m.rss_kib for m in before)
     return Collapse(time.monotonic() - started, huge_share(before), huge_share(after),
-                    tuple(sorted(errors)))
+                    tuple(sorted(errors)), collapsed_mib=done >> 20,
+                    sparse_mib=plan.sparse * HUGE_PAGE >> 20,
+                    unfinished_mib=(plan.eligible_bytes - done) >> 20,
+                    rss_growth_kib=rss_growth, budget_s=budget_s, max_missing=missing)
+
+
+def allowed_missing() -> int:
+    """How many of a 2 MiB range's 512 small pages may be absent for it to be collapsed:
+    what khugepaged would fill in anyway (``max_ptes_none``), at most :data:`MAX_MISSING`."""
+    try:
+        system = int(_MAX_PTES_NONE.read_text())
+    except (OSError, ValueError):
+        system = PAGES_PER_HUGE - 1  # the kernel's default
+    return max(0, min(system, MAX_MISSING))
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: tuple[tuple[int, int], ...]  # (start, length): adjacent ranges, one call each
+    sparse: int  # 2 MiB ranges left alone: too few of their pages resident
+
+    @property
+    def eligible_bytes(self) -> int:
+        return sum(length for _, length in self.runs)
+
+
+def plan_collapse(pid: int, mappings: list[Mapping], max_missing: int) -> Plan:
+    """Which ranges of ``mappings`` to collapse, from ``/proc/PID/pagemap``."""
+    starts: list[int] = []
+    sparse = 0
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+        for mapping in mappings:
+            for low, high in _windows(mapping):
+                entries = os.pread(pagemap.fileno(), (high - low) // PAGE * 8,
+                                   low // PAGE * 8)
+                found, skipped = eligible_ranges(entries, low, max_missing)
+                starts += found
+                sparse += skipped
+    return Plan(tuple(runs(starts)), sparse)
+
+
+def _windows(mapping: Mapping) -> list[tuple[int, int]]:
+    """The mapping's whole 2 MiB ranges, in pieces of at most :data:`_CHUNK` bytes."""
+    start = (mapping.low + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+    end = mapping.high & ~(HUGE_PAGE - 1)
+    return [(low, min(low + _CHUNK, end)) for low in range(start, end, _CHUNK)]
+
+
+def eligible_ranges(entries: bytes, base: int, max_missing: int) -> tuple[list[int], int]:
+    """From the pagemap ``entries`` (8 bytes per 4 KiB page) of memory starting at the
+    2 MiB-aligned ``base``: the start addresses of the 2 MiB ranges with at most
+    ``max_missing`` pages not our own, and how many ranges were left out. A page counts if
+    it is present and mapped by this process alone (bits 63 and 56): not absent, not
+    swapped out, not the shared zero page, not shared with another process (KSM)."""
+    own = entries[7::8].translate(_OWN_PAGE)  # one byte per page: 1 if it counts
+    found, sparse = [], 0
+    for index in range(len(own) // PAGES_PER_HUGE):
+        resident = own.count(1, index * PAGES_PER_HUGE, (index + 1) * PAGES_PER_HUGE)
+        if PAGES_PER_HUGE - resident <= max_missing:
+            found.append(base + index * HUGE_PAGE)
+        elif resident:
+            sparse += 1
+    return found, sparse
+
+
+def runs(starts: list[int], limit: int = _CHUNK) -> list[tuple[int, int]]:
+    """Sorted 2 MiB range starts joined into (start, length) runs of at most ``limit``
+    bytes: one system call per run, and the time budget is checked between calls."""
+    out: list[tuple[int, int]] = []
+    for start in starts:
+        if out and out[-1][0] + out[-1][1] == start and out[-1][1] + HUGE_PAGE <= limit:
+            out[-1] = (out[-1][0], out[-1][1] + HUGE_PAGE)
+        else:
+            out.append((start, HUGE_PAGE))
+    return out
 
 
 def _madvise_collapse(pidfd: int, start: int, length: int) -> int:
@@ -107,33 +206,37 @@ def _madvise_collapse(pidfd: int, start: int, length: int) -> int:
     return 0
 
 
-def _chunks(mapping: Mapping) -> list[tuple[int, int]]:
-    start = (mapping.low + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
-    end = mapping.high & ~(HUGE_PAGE - 1)
-    return [(offset, min(_CHUNK, end - offset)) for offset in range(start, end, _CHUNK)]
-
-
-def collapse_before_fork(pid: int) -> Collapse | None:
+def collapse_before_fork(pid: int, budget_s: float = DEFAULT_BUDGET_S) -> Collapse | None:
     """:func:`collapse`, logged; None (and a warning) if the host cannot do it at all."""
     try:
-        result = collapse(pid)
+        result = collapse(pid, budget_s)
     except OSError as exc:
         log.warning("could not re-collapse the guest RAM's huge pages: %s", exc)
         return None
-    log.info("guest RAM in huge pages: %.0f%% -> %.0f%% (re-collapsed in %.2f s%s)",
-             100 * result.share_before, 100 * result.share_after, result.seconds,
+    log.info("guest RAM in huge pages: %.0f%% -> %.0f%% (%d MiB re-collapsed in %.2f s, "
+             "RSS %+d MiB%s%s)", 100 * result.share_before, 100 * result.share_after,
+             result.collapsed_mib, result.seconds, result.rss_growth_kib >> 10,
+             f"; {result.unfinished_mib} MiB left: out of its {budget_s:g} s budget"
+             if result.unfinished_mib else "",
              f"; kernel said: {', '.join(result.errors)}" if result.errors else "")
     return result
 
 
 def collapse_supported() -> tuple[bool, str]:
-    """Can this host collapse huge pages? Tried for real on 2 MiB of our own memory."""
+    """Can this host collapse a QEMU's huge pages? Linux 6.1+, THP not ``never``,
+    CAP_SYS_NICE (process_madvise on another process), then tried for real on 2 MiB of
+    our own memory."""
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     try:
         if "[never]" in thp.read_text():
             return False, "transparent huge pages are disabled ([never])"
     except OSError:
         return False, "no transparent huge pages in this kernel"
+    release = os.uname().release
+    if _kernel_version(release) < (6, 1):
+        return False, f"Linux {release} has no MADV_COLLAPSE (needs 6.1+)"
+    if not _has_capability(_CAP_SYS_NICE):
+        return False, "no CAP_SYS_NICE (process_madvise on a QEMU needs it; run as root)"
     # Private and anonymous, like QEMU's guest RAM (shared memory follows shmem_enabled).
     area = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buffer = ctypes.c_char.from_buffer(area)
@@ -149,5 +252,20 @@ def collapse_supported() -> tuple[bool, str]:
         del buffer
         area.close()
     if errno in (0, 11):  # 11, EAGAIN: supported, no huge page free right now
-        return True, "process_madvise(MADV_COLLAPSE) works"
+        return True, (f"process_madvise(MADV_COLLAPSE) works (Linux {release}, "
+                      f"CAP_SYS_NICE; ranges with at most {allowed_missing()} of 512 pages "
+                      "absent)")
     return False, f"process_madvise(MADV_COLLAPSE): {os.strerror(errno)} (needs Linux 6.1+)"
+
+
+def _kernel_version(release: str) -> tuple[int, ...]:
+    """``6.18.44-fc-v1045`` -> (6, 18)."""
+    numbers = release.split("-", 1)[0].split(".")[:2]
+    return tuple(int(n) for n in numbers if n.isdigit())
+
+
+def _has_capability(bit: int) -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False

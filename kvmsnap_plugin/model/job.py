@@ -49,7 +49,7 @@ class ForkOptions:
     pid: int | None = None  # the QEMU process, if peer credentials cannot tell
     mount_root: Path | None = None  # where the clone's filesystems appear (default: workdir)
     #: rebuild the parent's guest RAM huge pages before the pause (see hugepages.py)
-    collapse_huge_pages: bool = False
+    collapse_huge_pages: bool = True
     #: bytes to leave free on the filesystems of the overlays and the work directory
     min_free: int = MIN_FREE
     #: the longest pause of the parent kvmsnap may cause (seconds); refused before pausing
@@ -66,6 +66,8 @@ class ForkOptions:
     #: key files for the guest's LUKS volumes, by the volume's LUKS UUID (config
     #: ``luks_keys = {"UUID" = "/root/keys/data.key"}``, ``--luks-key UUID=FILE``)
     luks_keys: tuple[tuple[str, Path], ...] = ()
+    #: seconds re-collapsing huge pages may take per fork; the rest of the RAM waits
+    collapse_budget: float = 2.0
 
     def __post_init__(self) -> None:
         choices = [m.value for m in RamMethod if m is not RamMethod.OFFLINE]

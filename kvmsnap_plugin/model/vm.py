@@ -121,6 +121,12 @@ class Collapse:
     share_before: float
     share_after: float
     errors: tuple[str, ...] = ()
+    collapsed_mib: int = 0  # asked for: the 2 MiB ranges (nearly) fully resident
+    sparse_mib: int = 0  # left alone: too few pages resident (would grow the RSS)
+    unfinished_mib: int = 0  # left alone: the time budget ran out first
+    rss_growth_kib: int = 0  # the guest RAM's resident size after minus before
+    budget_s: float | None = None
+    max_missing: int | None = None  # absent pages of 512 a collapsed range could have
 
 
 # -- clone and shutdown ---------------------------------------------------------------------

@@ -268,11 +268,11 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
 
 
 def _collapse_huge_pages(parent: Parent, options: ForkOptions) -> Collapse | None:
-    """Opt-in: shorter background-snapshot pauses, see hugepages.py."""
+    """Shorter background-snapshot pauses (on by default), see hugepages.py."""
     if (not options.collapse_huge_pages or parent.offline
             or options.method is RamMethod.STOP_AND_COPY):  # its pause copies RAM, pages or not
         return None
-    return collapse_before_fork(parent.pid)
+    return collapse_before_fork(parent.pid, options.collapse_budget)
 
 
 def _start(job: BackupJob, hooks: Hooks, journal: Journal, handle: ParentHandle,

@@ -80,7 +80,10 @@ def render_plan(plan: Plan) -> str:
 def _huge_pages(collapse: Collapse) -> str:
     return (f"  huge pages {100 * collapse.share_before:.0f}% -> "
             f"{100 * collapse.share_after:.0f}% of guest RAM before the pause "
-            f"({collapse.seconds:.2f} s)")
+            f"({collapse.collapsed_mib} MiB re-collapsed in {collapse.seconds:.2f} s, RSS "
+            f"{collapse.rss_growth_kib >> 10:+d} MiB"
+            + (f", {collapse.unfinished_mib} MiB left: time budget" if collapse.unfinished_mib
+               else "") + ")")
 
 
 def _partition(part: PartitionRecord) -> str:

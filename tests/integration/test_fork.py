@@ -197,17 +197,20 @@ def test_the_guest_agent_is_the_rung_after_the_power_button(start_demo, tmp_path
 def test_huge_pages_split_by_one_fork_are_rebuilt_before_the_next(start_demo, tmp_path):
     vm = start_demo(fill_mib=96)  # guest RAM really in use
     first, _ = fork(vm, tmp_path, method="background-snapshot")
-    assert first.clean and first.huge_pages is None  # opt-in only
+    assert first.clean and first.huge_pages is not None  # on by default
     # The first fork's write faults split the huge pages (each un-protects 4 KiB) ...
     assert huge_share(guest_ram(vm.pid)) < 0.5
     out = subprocess.run(
         [sys.executable, "-m", "kvmsnap_plugin.cli", "fork", "--qmp", str(vm.paths.backup_qmp),
          "--workdir", str(tmp_path / "work2"), "--method", "background-snapshot",
-         "--collapse-huge-pages", "--json"], capture_output=True, text=True, timeout=300)
+         "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    # ... and the second rebuilt them before its pause.
+    # ... and the second, back to back, rebuilt them before its pause: only the ranges that
+    # were (nearly) resident, so the guest's RSS grew by at most 1/8 of what was collapsed.
     pages = report["huge_pages"]
     assert pages["share_before"] < 0.5 and pages["share_after"] > 0.8, pages
+    assert pages["collapsed_mib"] >= 96 and pages["unfinished_mib"] == 0, pages
+    assert pages["rss_growth_kib"] <= pages["collapsed_mib"] * 1024 / 8 + 4096, pages
     assert report["clean"] is True
     assert vm.running()

@@ -177,11 +177,11 @@ def test_command_line_options_win_over_the_config_for_every_vm(planned, tmp_path
     planned.clear()
     assert cli.main(["backup", "--config", config, "--dry-run", "--shutdown-timeout", "30",
                      "--mode", "both", "--method", "stop-and-copy", "--max-pause", "9",
-                     "--collapse-huge-pages", "--libvirt-uri", "qemu:///session"]) == 0
+                     "--no-collapse-huge-pages", "--libvirt-uri", "qemu:///session"]) == 0
     assert [j.fork.shutdown.timeout for j in planned] == [30, 30]
     assert [j.targets[0].mode for j in planned] == [Mode.BOTH, Mode.BOTH]
     assert {(j.fork.method, j.fork.max_pause, j.fork.collapse_huge_pages) for j in planned} \
-        == {(RamMethod.STOP_AND_COPY, 9.0, True)}
+        == {(RamMethod.STOP_AND_COPY, 9.0, False)}
     assert planned[1].libvirt_uri == "qemu:///session"
 
 

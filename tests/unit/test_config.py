@@ -230,13 +230,15 @@ def test_a_vm_without_a_name_is_named_by_the_vm_later(tmp_path):
     assert a.named("demo").name == "demo" and b.named("demo").name == "web"
 
 
-def test_collapse_huge_pages_is_off_unless_asked_for(tmp_path):
-    text = ('[defaults]\ncollapse_huge_pages = true\n' + VM +
-            '[[vm]]\nqmp = "/run/b.qmp"\narchivers = ["b"]\ncollapse_huge_pages = false\n'
+def test_collapse_huge_pages_is_on_unless_switched_off_and_has_a_budget(tmp_path):
+    text = ('[defaults]\ncollapse_huge_pages = false\ncollapse_budget = 0.5\n' + VM +
+            '[[vm]]\nqmp = "/run/b.qmp"\narchivers = ["b"]\ncollapse_huge_pages = true\n'
             + BORG)
-    assert [job.fork.collapse_huge_pages for job in jobs_of(tmp_path, text)] == [True, False]
+    assert [(job.fork.collapse_huge_pages, job.fork.collapse_budget)
+            for job in jobs_of(tmp_path, text)] == [(False, 0.5), (True, 0.5)]
     [job] = jobs_of(tmp_path, VM + BORG)
-    assert job.fork.collapse_huge_pages is False
+    assert job.fork.collapse_huge_pages is True and job.fork.collapse_budget == 2.0
+    assert "above 0" in refusal(tmp_path, "[defaults]\ncollapse_budget = 0\n" + VM + BORG)
 
 
 def test_relative_local_repositories_are_made_absolute(tmp_path):
