@@ -50,7 +50,8 @@ def watching(parent: Checkable | None, every: float = EVERY) -> Iterator[None]:
     thread.start()
     try:
         try:
-            yield
+            with _interruptible(watched):
+                yield
         finally:
             active.release()
             stop.set()
@@ -61,6 +62,26 @@ def watching(parent: Checkable | None, every: float = EVERY) -> Iterator[None]:
         raise
     if found:
         raise found[0]
+
+
+@contextlib.contextmanager
+def _interruptible(watched: threading.Thread) -> Iterator[None]:
+    """The main thread takes SIGINT as KeyboardInterrupt while the block runs.
+
+    A kvmsnap started with SIGINT ignored (a background job of a non-interactive shell,
+    ``cmd &`` in a script) would never see the watch's SIGINT: found by a test, the
+    parent stayed stopped on its I/O error for the archiver's whole run. So an ignored
+    SIGINT is taken for the block and ignored again after it (an outside SIGINT in that
+    time unwinds the run as a Ctrl-C does: the writes committed back, the VM resumed)."""
+    if (watched is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _poll(parent: Checkable, every: float, stop: threading.Event, active: threading.Lock,

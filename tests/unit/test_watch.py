@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 
@@ -47,3 +48,19 @@ def test_an_offline_backup_has_nothing_to_watch():
 def test_an_error_of_the_step_itself_is_not_hidden():
     with pytest.raises(ValueError), watching(Parent(fails_after=None), every=0.05):
         raise ValueError("the archiver failed")
+
+
+def test_a_kvmsnap_started_with_sigint_ignored_is_still_interrupted():
+    """A background job of a non-interactive shell (``kvmsnap backup &`` in a script)
+    starts with SIGINT ignored: the watch's SIGINT must still end the step, and SIGINT is
+    ignored again afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        started = time.monotonic()
+        with pytest.raises(HostError, match="stopped on an I/O error"), \
+                watching(Parent(fails_after=0.3), every=0.1):
+            time.sleep(30)
+        assert time.monotonic() - started < 5
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
