@@ -12,7 +12,7 @@ P5  files mode's two routes on the same ext4 image: a native read-only mount aga
 P1 and P3 come from the same forks, on each QEMU build of ``--qemu`` (default: Debian 12's 7.2
 and QEMU 10.0 from bookworm-backports, ``make qemu10``): one guest per build, their forks
 interleaved (which build goes first alternates between repetitions). P4 runs on each
-build in turn; P2 on the system QEMU only.
+build in turn; P2 on each build, the builds alternating per repetition.
 
 Results go to OUT/results.json (every sample, the machine, the settings), OUT/RESULTS.md
 (tables for the README) and OUT/*.png. A run of a subset (--only) keeps the other
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 256,1024,2048, or 256 with --quick)")
     parser.add_argument("--qemu", default=",".join(BUILDS),
                         help="QEMU builds: P1/P3 side by side, P4 one after the other "
-                        "(default: %(default)s; P2 uses the system QEMU)")
+                        "(default: %(default)s)")
     args = parser.parse_args(argv)
     args.qemu_builds = tuple(q.strip() for q in args.qemu.split(",") if q.strip())
     if not args.qemu_builds or set(args.qemu_builds) - set(BUILDS):

@@ -25,6 +25,11 @@ Each side's bytes read and stored (borg ``deduplicated_size``, restic ``data_add
 the repository's size on disk are recorded. Ratios are kvmsnap / baseline, paired per
 repetition and run, then the median over repetitions.
 
+Every repetition runs on each QEMU build of ``--qemu`` (kvmsnap_demo/qemu_builds.py), the
+builds alternating which goes first: the guest, its clone and the commit run on that
+build's QEMU; qemu-storage-daemon and qemu-img stay the system's (kvmsnap uses the host's
+tools whatever QEMU the VM runs). The builds' kvmsnap times are paired per repetition.
+
 At the end of each repetition a diagnostic compares the two read paths: the raw copy read
 whole (4 MiB reads), and the clone's disk read whole through kvmsnap's FUSE export, in one
 more backup without archive targets (``on_exposed``).
@@ -45,6 +50,7 @@ from bench.api import PHASES, TargetSpec, backup_once, phases
 from bench.common import MIB, Settings, load_snapshot, progress, summary
 from bench.mixed_disk import cached_disk, describe, loop_mounted
 from kvmsnap_demo.builder import DemoGuest
+from kvmsnap_demo.qemu_builds import QemuBuild, qemu_build
 from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
 
 METHOD = "background-snapshot"
@@ -57,9 +63,12 @@ RUNS = (1, 2)
 
 
 def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
-    """All repetitions; :func:`summarise` the records afterwards."""
+    """All repetitions, on each QEMU build of ``--qemu`` (the builds alternate which goes
+    first in each repetition); :func:`summarise` the records afterwards."""
+    builds = [qemu_build(name) for name in settings.qemu]  # fails now if one is missing
     image, manifest = cached_disk(settings.p2_disk_mib)
-    progress(f"P2: {describe(manifest)}; {settings.p2_reps} repetition(s)")
+    progress(f"P2: {describe(manifest)}; {settings.p2_reps} repetition(s) on QEMU "
+             + ", ".join(build.version for build in builds))
     records: list[dict[str, Any]] = []
     reps: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -67,17 +76,24 @@ def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
             prefix="kvmsnap-bench-p2-", dir=settings.workdir_base)))
         stack.enter_context(baseline.tool_env(tmp))
         for rep in range(settings.p2_reps):
-            try:
-                reps.append(_one_rep(guest, accel, image, tmp / f"rep{rep}", rep, records))
-            except Exception as exc:  # keep the other repetitions' results
-                progress(f"P2 repetition {rep} failed: {type(exc).__name__}: {exc}")
-                records.append({"rep": rep, "run": 0, "tool": "-", "mode": "-", "side": "-",
-                                "error": f"{type(exc).__name__}: {exc}",
-                                "traceback": traceback.format_exc(limit=-6)})
-            finally:
-                shutil.rmtree(tmp / f"rep{rep}", ignore_errors=True)
+            for build in builds if rep % 2 == 0 else builds[::-1]:
+                mine: list[dict[str, Any]] = []
+                repdir = tmp / f"rep{rep}-{build.name}"
+                try:
+                    info = _one_rep(guest, accel, image, repdir, rep, mine, build)
+                    reps.append({**info, "qemu": build.name})
+                except Exception as exc:  # keep the other repetitions' results
+                    progress(f"P2 repetition {rep} on QEMU {build.version} failed: "
+                             f"{type(exc).__name__}: {exc}")
+                    mine.append({"rep": rep, "run": 0, "tool": "-", "mode": "-", "side": "-",
+                                 "error": f"{type(exc).__name__}: {exc}",
+                                 "traceback": traceback.format_exc(limit=-6)})
+                finally:
+                    records += [{**r, "qemu": build.name, "qemu_version": build.version}
+                                for r in mine]
+                    shutil.rmtree(repdir, ignore_errors=True)
     return {"records": records, "reps": reps, "disk": manifest, "vm_ram_mib": VM_RAM_MIB,
-            "method": METHOD}
+            "method": METHOD, "qemu": {build.name: build.version for build in builds}}
 
 
 def op_order(rep: int, run: int) -> list[tuple[str, str, str]]:
@@ -93,7 +109,7 @@ def op_order(rep: int, run: int) -> list[tuple[str, str, str]]:
 
 
 def _one_rep(guest: DemoGuest, accel: str, image: Path, repdir: Path, rep: int,
-             records: list[dict[str, Any]]) -> dict[str, Any]:
+             records: list[dict[str, Any]], build: QemuBuild) -> dict[str, Any]:
     repdir.mkdir(parents=True)
     started = time.monotonic()
     disk = repdir / "disk.qcow2"
@@ -110,7 +126,8 @@ def _one_rep(guest: DemoGuest, accel: str, image: Path, repdir: Path, rep: int,
     workdir = repdir / "kvmsnap"  # stable: the mount root (restic's paths) stays the same
     source = repdir / "copy"  # the baseline's mount: the same path in both runs
     (source / "vdisk0").mkdir(parents=True)
-    with demo_vm(guest, accel, DemoOptions(memory_mib=VM_RAM_MIB), workdir=repdir / "vm",
+    options = DemoOptions(memory_mib=VM_RAM_MIB, binary=build.binary)
+    with demo_vm(guest, accel, options, workdir=repdir / "vm",
                  disks=[disk]) as vm:
         vm.wait_ready(timeout=120)
         for run in RUNS:
@@ -119,8 +136,8 @@ def _one_rep(guest: DemoGuest, accel: str, image: Path, repdir: Path, rep: int,
             copy_s = offline_copy(vm, disk, raw)
             info[f"run{run}"] = {"guest_lines": lines, "offline_copy_s": copy_s,
                                  "raw_allocated_mib": raw.stat().st_blocks * 512 / MIB}
-            progress(f"P2 rep {rep} run {run}: offline copy {copy_s:.1f} s (guest paused); "
-                     f"guest at workload line {lines}")
+            progress(f"P2 rep {rep} QEMU {build.version} run {run}: offline copy "
+                     f"{copy_s:.1f} s (guest paused); guest at workload line {lines}")
             mount_started = time.monotonic()
             with loop_mounted(raw, source / "vdisk0"):
                 mount_s = time.monotonic() - mount_started
@@ -235,6 +252,42 @@ def _total_with_copy(r: dict[str, Any]) -> float:
 
 def summarise(records: list[dict[str, Any]],
               reps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per QEMU build ("system": results from before ``--qemu``), the first build's summary
+    also at the top (what one-build reports and the plot read), and the builds' kvmsnap
+    times paired per repetition."""
+    builds = list(dict.fromkeys(r.get("qemu", "system") for r in records)) or ["system"]
+    by_qemu = {build: summarise_build(
+        [r for r in records if r.get("qemu", "system") == build],
+        [r for r in reps or [] if r.get("qemu", "system") == build]) for build in builds}
+    return {**by_qemu[builds[0]], "qemu": builds, "by_qemu": by_qemu,
+            "versus": _versus(records, builds)}
+
+
+def _versus(records: list[dict[str, Any]], builds: list[str]) -> list[dict[str, Any]]:
+    """The second build's kvmsnap time over the first's, paired by repetition, per tool,
+    mode and run (the same disk, data and steps; only the VM's QEMU differs)."""
+    if len(builds) < 2:
+        return []
+    first, second = builds[:2]
+    good = [r for r in records if "error" not in r and r.get("side") == "kvmsnap"]
+    rows = []
+    for tool, mode in COMBOS:
+        for run in RUNS:
+            mine = [r for r in good if (r["tool"], r["mode"], r["run"]) == (tool, mode, run)]
+            a = {r["rep"]: r for r in mine if r.get("qemu") == first}
+            b = {r["rep"]: r for r in mine if r.get("qemu") == second}
+            both = sorted(a.keys() & b.keys())
+            if both:
+                rows.append({"tool": tool, "mode": mode, "run": run, "pairs": len(both),
+                             "first": first, "second": second,
+                             "ratio": summary(b[k]["wall_s"] / a[k]["wall_s"] for k in both),
+                             "pause_first_ms": summary(a[k].get("pause_ms") for k in both),
+                             "pause_second_ms": summary(b[k].get("pause_ms") for k in both)})
+    return rows
+
+
+def summarise_build(records: list[dict[str, Any]],
+                    reps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     good = [r for r in records if "error" not in r and r.get("side") in SIDES]
     rows = []
     for tool, mode in COMBOS:

@@ -45,7 +45,14 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         for index, (title, view) in enumerate(builds):
             lines += _p1(view, settings, title, intro=index == 0)
     if "P2" in chosen and "P2" in results and "summary" in results["P2"]:
-        lines += _p2(results["P2"])
+        p2 = results["P2"]
+        builds_p2 = p2["summary"].get("qemu") or ["system"]
+        for index, build in enumerate(builds_p2):
+            view = {**p2, "summary": p2["summary"].get("by_qemu", {}).get(build, p2["summary"])}
+            title = (f" (QEMU {p2.get('qemu', {}).get(build, build)})"
+                     if len(builds_p2) > 1 else "")
+            lines += _p2(view, title, intro=index == 0)
+        lines += _p2_versus(p2)
     if "P3" in chosen:
         for index, (title, view) in enumerate(builds):
             lines += _p3(view, title, intro=index == 0)
@@ -367,15 +374,34 @@ P2_BASELINE_PHASES = (("archive_s", "baseline: archive command", "tab:orange", N
 P2_COMBOS = (("borg", "files"), ("borg", "image"), ("restic", "files"), ("restic", "image"))
 
 
-def _p2(p2: dict[str, Any]) -> list[str]:
+def _p2_versus(p2: dict[str, Any]) -> list[str]:
+    rows = p2["summary"].get("versus") or []
+    if not rows:
+        return []
+    names = p2.get("qemu", {})
+    first, second = rows[0]["first"], rows[0]["second"]
+    out = ["## P2 on each QEMU, side by side", "",
+           f"kvmsnap's whole backup on QEMU {names.get(second, second)} over the same backup on "
+           f"QEMU {names.get(first, first)}, paired per repetition (same disk copy, data and "
+           "steps; only the VM's QEMU differs), and the parent's pause (STOP->RESUME, ms).", "",
+           f"| tool | mode | run | kvmsnap {second} / {first} | pause {first} | "
+           f"pause {second} | pairs |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['tool']} | {r['mode']} | {r['run']} | {_x(r['ratio'], 2)} | "
+                   f"{fmt_summary(r['pause_first_ms'])} | {fmt_summary(r['pause_second_ms'])} "
+                   f"| {r['pairs']} |")
+    return [*out, ""]
+
+
+def _p2(p2: dict[str, Any], title: str = "", intro: bool = True) -> list[str]:
     rows = p2["summary"]["rows"]
     disk = p2.get("disk", {})
     kinds = disk.get("kinds", {})
     content = ", ".join(f"{info['bytes'] / (1 << 20):.0f} MiB of {kind} ({info['files']} "
                         "files)" for kind, info in kinds.items())
     reps = max((r["pairs"] for r in rows), default=0)
-    out = ["## P2: end to end, against borg/restic of an offline raw copy", "",
-           f"A {p2['vm_ram_mib']} MiB demo guest on a {disk.get('size_mib', '?')} MiB virtio "
+    out = [f"## P2: end to end, against borg/restic of an offline raw copy{title}", ""]
+    text = [f"A {p2['vm_ram_mib']} MiB demo guest on a {disk.get('size_mib', '?')} MiB virtio "
            f"disk (qcow2) holding an ext4 with {content} and "
            f"{disk.get('fs_free_mib', 0):.0f} MiB free, built host-side once "
            "(`bench/mixed_disk.py`: text from /usr/include, /usr/share/doc, ...; binaries "
@@ -404,8 +430,10 @@ def _p2(p2: dict[str, Any]) -> list[str]:
            "",
            "*kvmsnap / baseline* is the ratio the target is about (the P2 target: <= "
            f"{P2_TARGET_RATIO:g}x); *archive step / baseline* compares the archive commands "
-           "alone (what reading through the clone's exported disk costs).", "",
-           "| tool | mode | run | kvmsnap s | its archive step s | baseline s | baseline "
+           "alone (what reading through the clone's exported disk costs).", ""]
+    out += text if intro else ["As above, with the VM (its clone, its commit) on this QEMU.",
+                               ""]
+    out += ["| tool | mode | run | kvmsnap s | its archive step s | baseline s | baseline "
            "with copy s | kvmsnap / baseline | kvmsnap / baseline with copy | archive step / "
            "baseline | n |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
