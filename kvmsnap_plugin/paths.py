@@ -60,3 +60,19 @@ def socket_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_if_empty_socket_dir(directory: Path) -> bool:
+    """Remove ``directory`` if it is an empty per-run directory of :func:`socket_dir`.
+
+    A run killed while its disks were exposed leaves the export's socket directory behind;
+    recovery deletes the socket it journaled, and then this (an empty directory only:
+    ``rmdir`` never deletes anything else)."""
+    if not directory.name.startswith("s-") or directory.parent not in (
+            RUNTIME_DIR, Path(tempfile.gettempdir())):
+        return False
+    try:
+        directory.rmdir()
+    except OSError:  # not empty, or gone
+        return False
+    return True

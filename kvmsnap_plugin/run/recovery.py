@@ -26,6 +26,7 @@ from kvmsnap_plugin.fork.recovery import give_back
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.host.mounts import detach_loops_of, detach_orphaned_loop, is_mountpoint, unmount
 from kvmsnap_plugin.model import JournalState, Recovery
+from kvmsnap_plugin.paths import remove_if_empty_socket_dir
 from kvmsnap_plugin.run.journal import Journal, held_mount
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def _stop_clone(state: JournalState, journal: Journal, result: Recovery) -> None
 def _unexpose(state: JournalState, journal: Journal, result: Recovery) -> None:
     for path in state.files:
         Path(path).unlink(missing_ok=True)
+        remove_if_empty_socket_dir(Path(path).parent)  # the export's, left by a killed run
     for mountpoint in reversed(state.mounts):
         if is_mountpoint(Path(mountpoint)):
             unmount(Path(mountpoint))

@@ -121,3 +121,33 @@ def test_a_check_alone_makes_nothing_but_refuses_the_same(tmp_path):
     shared = directory(tmp_path / "shared", 0o777)
     with pytest.raises(HostError, match="writable by group or others"):
         dirs.user_dir(shared / "work", "the work directory", create=False)
+
+
+def test_recovery_removes_an_empty_socket_directory_a_killed_run_left_and_nothing_else(
+        tmp_path, monkeypatch):
+    """A run killed while exposed leaves its export's ``s-*`` directory; once recovery has
+    deleted the socket in it, the empty directory goes too. A directory that still holds
+    something, or is not one of socket_dir()'s, stays."""
+    import tempfile
+
+    from kvmsnap_plugin import paths
+
+    monkeypatch.setattr(paths, "RUNTIME_DIR", tmp_path / "run")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with paths.socket_dir() as sockets:
+        pass  # made and removed: the normal exit
+    assert not sockets.exists()
+    left = tmp_path / "run" / "s-left"
+    left.mkdir()
+    assert paths.remove_if_empty_socket_dir(left) and not left.exists()
+    busy = tmp_path / "run" / "s-busy"
+    busy.mkdir()
+    (busy / "nbd.sock").touch()
+    assert not paths.remove_if_empty_socket_dir(busy) and busy.exists()
+    other = tmp_path / "run" / "work"
+    other.mkdir()
+    assert not paths.remove_if_empty_socket_dir(other) and other.exists()
+    elsewhere = tmp_path / "s-elsewhere"
+    elsewhere.mkdir()
+    assert not paths.remove_if_empty_socket_dir(elsewhere) and elsewhere.exists()
