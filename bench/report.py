@@ -45,26 +45,16 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         for index, (title, view) in enumerate(builds):
             lines += _p1(view, settings, title, intro=index == 0)
     if "P2" in chosen and "P2" in results and "summary" in results["P2"]:
-        p2 = results["P2"]
-        builds_p2 = p2["summary"].get("qemu") or ["system"]
-        for index, build in enumerate(builds_p2):
-            view = {**p2, "summary": p2["summary"].get("by_qemu", {}).get(build, p2["summary"])}
-            title = (f" (QEMU {p2.get('qemu', {}).get(build, build)})"
-                     if len(builds_p2) > 1 else "")
+        for index, (title, view) in enumerate(_build_views(results["P2"])):
             lines += _p2(view, title, intro=index == 0)
-        lines += _p2_versus(p2)
+        lines += _p2_versus(results["P2"])
     if "P3" in chosen:
         for index, (title, view) in enumerate(builds):
             lines += _p3(view, title, intro=index == 0)
     if chosen and len(builds) > 1:
         lines += versions.markdown(forks)
     if "P4" in chosen and "P4" in results and "summary" in results["P4"]:
-        p4 = results["P4"]
-        builds_p4 = p4["summary"].get("qemu") or ["system"]
-        for index, build in enumerate(builds_p4):
-            view = {**p4, "summary": p4["summary"].get("by_qemu", {}).get(build, p4["summary"])}
-            title = (f" (QEMU {p4.get('qemu', {}).get(build, build)})"
-                     if len(builds_p4) > 1 else "")
+        for index, (title, view) in enumerate(_build_views(results["P4"])):
             lines += _p4(view, title, intro=index == 0)
     if "P5" in chosen and "P5" in results and "summary" in results["P5"]:
         from bench.guestfs_bench import markdown as p5_markdown
@@ -372,6 +362,17 @@ P2_BASELINE_PHASES = (("archive_s", "baseline: archive command", "tab:orange", N
                       ("offline_copy_s", "baseline: offline copy (guest paused)", "white",
                        "//"))
 P2_COMBOS = (("borg", "files"), ("borg", "image"), ("restic", "files"), ("restic", "image"))
+
+
+def _build_views(section: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A benchmark run on each QEMU build in turn (P2, P4): (section title, the section with
+    that build's summary) per build; no title when there was one build."""
+    builds = section["summary"].get("qemu") or ["system"]
+    names = section.get("qemu", {})
+    return [(f" (QEMU {names.get(build, build)})" if len(builds) > 1 else "",
+             {**section, "summary": section["summary"].get("by_qemu", {}).get(
+                 build, section["summary"])})
+            for build in builds]
 
 
 def _p2_versus(p2: dict[str, Any]) -> list[str]:
