@@ -1,4 +1,5 @@
-"""Re-collapse the parent's guest RAM into transparent huge pages before the fork's pause.
+"""Re-collapse the parent's guest RAM into transparent huge pages, so that the fork's pause
+stays short.
 
 Why: background-snapshot prepares write tracking inside the pause, touching every 4 KiB
 page of guest RAM (QEMU's ``ram_write_tracking_prepare()``), and a 2 MiB huge page counts
@@ -7,6 +8,13 @@ but every background snapshot splits them (each write fault un-protects 4 KiB), 
 *next* backup's pause is several times longer until khugepaged rebuilds them, which can
 take hours. ``process_madvise(MADV_COLLAPSE)`` (Linux 6.1+, needs CAP_SYS_NICE) rebuilds
 them now, outside the pause; bench/ measures what it buys (P1) and costs.
+
+When: once the RAM snapshot has completed, in a thread (:class:`Recollapse`), while the clone
+shuts down and the archivers run: the split is this backup's own doing and the rebuilt
+pages are for the next one. Before the pause :func:`collapse_before_fork` runs the same
+thing synchronously; after such a run it finds the pages whole and costs only the reading
+of the page map (it does the work when the last run did not: the first backup, or one
+killed before it got there).
 
 On by default (``collapse_huge_pages``), bounded two ways:
 
@@ -27,6 +35,7 @@ import ctypes
 import logging
 import mmap
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,20 +215,44 @@ def _madvise_collapse(pidfd: int, start: int, length: int) -> int:
     return 0
 
 
-def collapse_before_fork(pid: int, budget_s: float = DEFAULT_BUDGET_S) -> Collapse | None:
+def collapse_before_fork(pid: int, budget_s: float = DEFAULT_BUDGET_S,
+                         when: str = "before the pause") -> Collapse | None:
     """:func:`collapse`, logged; None (and a warning) if the host cannot do it at all."""
     try:
         result = collapse(pid, budget_s)
     except OSError as exc:
-        log.warning("could not re-collapse the guest RAM's huge pages: %s", exc)
+        log.warning("could not re-collapse the guest RAM's huge pages %s: %s", when, exc)
         return None
-    log.info("guest RAM in huge pages: %.0f%% -> %.0f%% (%d MiB re-collapsed in %.2f s, "
-             "RSS %+d MiB%s%s)", 100 * result.share_before, 100 * result.share_after,
+    log.info("guest RAM in huge pages %s: %.0f%% -> %.0f%% (%d MiB re-collapsed in %.2f s, "
+             "RSS %+d MiB%s%s)", when, 100 * result.share_before, 100 * result.share_after,
              result.collapsed_mib, result.seconds, result.rss_growth_kib >> 10,
              f"; {result.unfinished_mib} MiB left: out of its {budget_s:g} s budget"
              if result.unfinished_mib else "",
              f"; kernel said: {', '.join(result.errors)}" if result.errors else "")
     return result
+
+
+class Recollapse:
+    """:func:`collapse_before_fork` in a thread of its own, started once the RAM snapshot
+    completed; :meth:`result` waits for it (at most the budget, plus reading the page map).
+    The thread only reads ``/proc`` and asks the kernel to rebuild pages: a run that ends
+    without asking leaves nothing behind (the thread ends on its own)."""
+
+    def __init__(self, pid: int, budget_s: float = DEFAULT_BUDGET_S) -> None:
+        self._result: Collapse | None = None
+        self._thread = threading.Thread(target=self._run, args=(pid, budget_s),
+                                        name=f"kvmsnap-recollapse-{pid}")
+        self._thread.start()
+
+    def _run(self, pid: int, budget_s: float) -> None:
+        try:
+            self._result = collapse_before_fork(pid, budget_s, "after the RAM snapshot")
+        except Exception as exc:  # never a backup's failure, see the module
+            log.warning("re-collapsing the guest RAM's huge pages failed: %s", exc)
+
+    def result(self) -> Collapse | None:
+        self._thread.join()
+        return self._result
 
 
 def collapse_supported() -> tuple[bool, str]:

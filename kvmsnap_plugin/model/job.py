@@ -171,6 +171,8 @@ class BackupReport:
     total_s: float
     warnings: list[str] = field(default_factory=list)
     huge_pages: Collapse | None = None  # with collapse_huge_pages: what re-collapsing did
+    #: ... and what it did after the RAM snapshot (in the background, for the next backup)
+    huge_pages_after: Collapse | None = None
     clone_binary: CloneBinary | None = None  # the QEMU the clone ran (None: no clone)
     #: every partition of every disk, with what was done to it
     partitions: list[PartitionRecord] = field(default_factory=list)

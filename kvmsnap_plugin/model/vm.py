@@ -115,7 +115,8 @@ class Commit:
 
 @dataclass(frozen=True)
 class Collapse:
-    """What re-collapsing the guest RAM's huge pages did before the pause."""
+    """What re-collapsing the guest RAM's huge pages did (before the pause, or after the
+    RAM snapshot)."""
 
     seconds: float
     share_before: float

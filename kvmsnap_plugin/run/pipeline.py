@@ -30,7 +30,7 @@ from kvmsnap_plugin.errors import SkipBackup, VMError
 from kvmsnap_plugin.fork.engine import ParentHandle, open_parent, parent_overlay_path, plan_fork
 from kvmsnap_plugin.fork.watchdog import guarding
 from kvmsnap_plugin.host import faults, process
-from kvmsnap_plugin.host.hugepages import collapse_before_fork
+from kvmsnap_plugin.host.hugepages import Recollapse, collapse_before_fork
 from kvmsnap_plugin.host.images import keep_images
 from kvmsnap_plugin.host.resources import make_workdir
 from kvmsnap_plugin.model import (
@@ -104,6 +104,8 @@ class Run:
     commits: list[Commit] = field(default_factory=list)  # filled as the parent is given back
     #: targets that got no archive (their repository failed); the others were still tried
     failed_targets: list[TargetFailure] = field(default_factory=list)
+    #: the huge pages' rebuild after the RAM snapshot, running while the clone shuts down
+    recollapse: list[Recollapse] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -268,7 +270,8 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
 
 
 def _collapse_huge_pages(parent: Parent, options: ForkOptions) -> Collapse | None:
-    """Shorter background-snapshot pauses (on by default), see hugepages.py."""
+    """Shorter background-snapshot pauses (on by default), see hugepages.py: little to do
+    here when the last backup rebuilt the pages after its RAM snapshot."""
     if (not options.collapse_huge_pages or parent.offline
             or options.method is RamMethod.STOP_AND_COPY):  # its pause copies RAM, pages or not
         return None
@@ -328,6 +331,8 @@ def _fork(run: Run, handle: ParentHandle, parent: Parent) -> ForkPoint:
         point = handle.fork(parent, planned, run.workdir / "ram.state", run.job.fork.method,
                             max_pause=run.job.fork.max_pause, record=run.journal.record)
     run.journal.record(phase=Phase.FORKED, overlays=point.disks)  # with the images' stamps
+    if run.job.fork.collapse_huge_pages and point.method is RamMethod.BACKGROUND:
+        run.recollapse.append(Recollapse(parent.pid, run.job.fork.collapse_budget))
     return point
 
 
@@ -389,4 +394,5 @@ def _report(run: Run, stopped: Stopped, results: Results, huge_pages: Collapse |
         total_s, warnings_of(stopped.label, results.verdicts, results.archives,
                              results.partitions),
         huge_pages=huge_pages, clone_binary=stopped.binary, partitions=results.partitions,
+        huge_pages_after=run.recollapse[0].result() if run.recollapse else None,
         failed_targets=run.failed_targets)

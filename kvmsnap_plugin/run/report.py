@@ -30,8 +30,9 @@ def render_report(report: BackupReport) -> str:
              f"{report.total_s:.1f} s in all"]
     if report.clone_binary:
         lines.append(f"  clone binary: {report.clone_binary.describe()}")
-    if report.huge_pages:
-        lines.append(_huge_pages(report.huge_pages))
+    lines += [_huge_pages(collapse, when) for collapse, when in (
+        (report.huge_pages, "before the pause"), (report.huge_pages_after, "after the RAM "
+                                                  "snapshot")) if collapse]
     lines += [_partition(p) for p in report.partitions]
     lines += [_verdict(v) for v in report.verdicts]
     lines += [_archive(a) for a in report.archives]
@@ -77,9 +78,9 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _huge_pages(collapse: Collapse) -> str:
+def _huge_pages(collapse: Collapse, when: str) -> str:
     return (f"  huge pages {100 * collapse.share_before:.0f}% -> "
-            f"{100 * collapse.share_after:.0f}% of guest RAM before the pause "
+            f"{100 * collapse.share_after:.0f}% of guest RAM {when} "
             f"({collapse.collapsed_mib} MiB re-collapsed in {collapse.seconds:.2f} s, RSS "
             f"{collapse.rss_growth_kib >> 10:+d} MiB"
             + (f", {collapse.unfinished_mib} MiB left: time budget" if collapse.unfinished_mib

@@ -125,3 +125,20 @@ def test_collapsing_stops_at_its_time_budget_and_says_what_it_left():
         # (khugepaged may have collapsed some first: MADV_HUGEPAGE wakes it for this mm)
         assert done.share_after > 0.99 or done.errors
         assert abs(done.rss_growth_kib) < 1024  # the ranges were full: nothing to fill up
+
+
+def test_the_rebuild_after_the_snapshot_runs_in_a_thread_and_never_raises():
+    with aligned_memory(4) as low:
+        madvise(low, 4 * HUGE_PAGE, 15)  # MADV_NOHUGEPAGE: written in 4 KiB pages
+        ctypes.memset(low, 1, 4 * HUGE_PAGE)
+        for advice in (14, 10):  # MADV_HUGEPAGE, MADV_DONTFORK: what QEMU asks for
+            madvise(low, 4 * HUGE_PAGE, advice)
+        done = hugepages.Recollapse(os.getpid(), budget_s=60.0).result()
+        assert done is not None and done.collapsed_mib >= 8 and done.unfinished_mib == 0
+        assert done.share_after > 0.99 or done.errors
+    # A QEMU that is gone by then: a warning, no result, no exception.
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert hugepages.Recollapse(child).result() is None

@@ -94,12 +94,15 @@ def test_the_report_reads_as_one_summary_and_a_line_per_item():
                           9, 1.5, CLEAN_STOP, [CLEAN_FS], [ARCHIVE], ["/keep/vda.qcow2"], [],
                           20.0, ["borg: a warning"],
                           Collapse(0.5, 0.25, 0.75, collapsed_mib=300, unfinished_mib=200,
-                                   rss_growth_kib=2048))
+                                   rss_growth_kib=2048),
+                          huge_pages_after=Collapse(0.3, 0.01, 1.0, collapsed_mib=512))
     assert render_report(report).splitlines() == [
         "web: clean (background-snapshot); parent paused 12.3 ms; clone restored in 1.5 s, "
         "shut down in 4.2 s (guest-shutdown); 20.0 s in all",
         "  huge pages 25% -> 75% of guest RAM before the pause (300 MiB re-collapsed "
         "in 0.50 s, RSS +2 MiB, 200 MiB left: time budget)",
+        "  huge pages 1% -> 100% of guest RAM after the RAM snapshot (512 MiB re-collapsed "
+        "in 0.30 s, RSS +0 MiB)",
         "  verdict  vda/p1             ext4   clean           clean",
         "  archive  borg               files  web-files  (3.0 MiB read, 1.0 MiB new, 2.0 s)",
         "  kept     /keep/vda.qcow2",
