@@ -21,7 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, BackupReport, Exposure, ForkOptions
+from kvmsnap_plugin.model import (
+    ArchiveTarget,
+    BackupJob,
+    BackupReport,
+    Collapse,
+    Exposure,
+    ForkOptions,
+)
 from kvmsnap_plugin.plugin.hookspecs import hookimpl
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
 from kvmsnap_plugin.run import pipeline
@@ -77,6 +84,8 @@ class Outcome:
     wall_s: float = 0.0  # from the call into kvmsnap to its return
     marks: dict[str, float] = field(default_factory=dict)  # hook -> seconds since the call
     huge_pages: dict[str, Any] | None = None  # what re-collapsing the huge pages did
+    #: ... and what re-collapsing them after the RAM snapshot did (for the next backup)
+    huge_pages_after: dict[str, Any] | None = None
 
     def figures(self) -> dict[str, Any]:
         return {"fork_method": self.method, "label": self.label, "clean": self.clean,
@@ -85,7 +94,8 @@ class Outcome:
                 "ram_save_s": self.ram_save_s, "clone_restore_s": self.clone_restore_s,
                 "shutdown_s": self.shutdown_s, "total_s": self.total_s,
                 "commits": [{"device": c.device, "seconds": c.seconds, "bytes": c.bytes}
-                            for c in self.commits], "huge_pages": self.huge_pages}
+                            for c in self.commits], "huge_pages": self.huge_pages,
+                "huge_pages_after": self.huge_pages_after}
 
     def archive_figures(self) -> list[dict[str, Any]]:
         return [{"target": a.target, "type": a.type, "kind": a.kind, "source": a.source,
@@ -156,7 +166,11 @@ def _outcome(report: BackupReport, wall_s: float, marks: dict[str, float]) -> Ou
                                         a.stored_bytes, a.seconds)
                          for a in report.archives),
                    wall_s, dict(marks),
-                   asdict(report.huge_pages) if report.huge_pages else None)
+                   _collapse(report.huge_pages), _collapse(report.huge_pages_after))
+
+
+def _collapse(collapse: Collapse | None) -> dict[str, Any] | None:
+    return asdict(collapse) if collapse else None
 
 
 #: the phases of one backup, in order

@@ -1,15 +1,26 @@
 """P1 (the parent's pause as the guest sees it) and P3 (the clone's cost), from one set of forks.
 
 For every guest RAM size one demo VM boots with ~70% of its RAM filled with random data and
-its ticker on. It is then forked again and again, in three variants per repetition, their
-order alternating between repetitions so that all meet the same guest and the same noise:
+its ticker on. It is then forked again and again, in five variants per repetition, named by
+what the guest RAM's transparent huge pages are like when kvmsnap is called and what kvmsnap
+does with them (kvmsnap_plugin/host/hugepages.py, option ``collapse_huge_pages``: with it on,
+kvmsnap re-collapses them before the pause and again right after the RAM snapshot, in the
+background, so that the next backup finds them whole):
 
-- ``bg-intact``: background-snapshot as kvmsnap does it by default: it re-collapses the
-  guest RAM's transparent huge pages (split by the previous fork) before the pause
-  (kvmsnap_plugin/host/hugepages.py, option ``collapse_huge_pages``);
-- ``bg-split``: background-snapshot right after the previous one with that option off, its
-  write faults having left the huge pages split: back-to-back backups as they were;
-- ``sc``: stop-and-copy.
+- ``bg-intact``: background-snapshot, option on, right after another "on" fork: the pages
+  are whole and the pre-pause pass finds little to do (kvmsnap's default, back-to-back
+  backups);
+- ``bg-first``: background-snapshot, option on, right after a fork with it off that left
+  the pages split: the pre-pause pass rebuilds them all (a first backup after kvmsnap ran
+  without the option, or was killed before its rebuild);
+- ``bg-fresh``: background-snapshot, option off, right after an "on" fork: the pages are
+  whole and kvmsnap leaves them be (a VM's first backup with the option off);
+- ``bg-split``: background-snapshot, option off, right after another "off" background
+  fork, whose write faults left the pages split: back-to-back backups without the option;
+- ``sc``: stop-and-copy (it does not touch the huge pages).
+
+The chain that makes these states is :func:`fork_order`; all variants of a repetition run
+on the same guest, one after the other, so that they meet the same guest and the same noise.
 
 Each fork records:
 
@@ -19,9 +30,12 @@ Each fork records:
 - the ticker's baseline in the seconds before the fork (no fork running);
 - kvmsnap's own figures (pause_ms, QEMU downtime, disk snapshot, RAM save, restore, ...);
 - the clone QEMU's peak RSS (VmHWM) and the size of the RAM state file;
-- the share of the parent's guest RAM in huge pages just before the pause (bg-intact: after
-  kvmsnap re-collapsed them, its report's ``huge_pages``), and the ticker's largest gap from
-  the call into kvmsnap to the pause (where re-collapsing runs: what the guest feels of it).
+- the share of the parent's guest RAM in huge pages when kvmsnap is called and just before
+  the pause (with the option on: after kvmsnap re-collapsed them, its report's
+  ``huge_pages``, kept as ``collapse``), and the ticker's largest gap from the call into
+  kvmsnap to the pause (where re-collapsing runs: what the guest feels of it);
+- what re-collapsing after the RAM snapshot did (its report's ``huge_pages_after``, kept as
+  ``collapse_after``; None with the option off or for stop-and-copy).
 """
 
 from __future__ import annotations
@@ -48,8 +62,13 @@ from kvmsnap_plugin.host import hugepages
 
 BG = "background-snapshot"
 SC = "stop-and-copy"
-#: variant -> (method, kvmsnap's collapse_huge_pages)
-VARIANTS = {"bg-intact": (BG, True), "bg-split": (BG, False), "sc": (SC, False)}
+#: variant -> (method, kvmsnap's collapse_huge_pages); see the module and fork_order()
+VARIANTS = {"bg-intact": (BG, True), "bg-first": (BG, True), "bg-fresh": (BG, False),
+            "bg-split": (BG, False), "sc": (SC, False)}
+BACKGROUND = tuple(variant for variant, (method, _) in VARIANTS.items() if method == BG)
+#: the background variants in the order each repetition runs them: each one's huge pages
+#: are what the one before left (stop-and-copy, first or last, leaves them as they are)
+CHAIN = ("bg-first", "bg-intact", "bg-fresh", "bg-split")
 TIMELINE_BEFORE_S = 1.0
 TIMELINE_AFTER_S = 0.5
 #: the window around the pause (each side) whose largest gap is compared with the baseline's
@@ -76,12 +95,26 @@ def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
 
 
 def fork_order(reps: int, warmup: bool) -> list[tuple[int, str]]:
-    """(rep, variant). bg-split must follow a background snapshot; stop-and-copy runs
-    first in odd repetitions and last in even ones. Rep -1 is the discarded warm-up."""
-    order = [(-1, "bg-intact")] if warmup else []
+    """(rep, variant), the order one guest is forked in. Each background variant is named by
+    the huge pages it meets, and those are what the fork before it left: a fork with
+    ``collapse_huge_pages`` on leaves them whole (kvmsnap rebuilds them after the RAM
+    snapshot), a background fork with it off leaves them split (its write faults), and
+    stop-and-copy leaves them as they were. Hence the chain :data:`CHAIN`, the same in every
+    repetition:
+
+    - bg-first (on) after bg-split (off, split): the pre-pause pass rebuilds them all;
+    - bg-intact (on) after bg-first (on): whole, the pre-pause pass finds little to do;
+    - bg-fresh (off) after bg-intact (on): whole, nothing done;
+    - bg-split (off) after bg-fresh (off, a background fork): split;
+
+    and the next repetition's bg-first follows this one's bg-split. Stop-and-copy runs
+    first in even repetitions and last in odd ones (both ends of the chain meet it, without
+    breaking it). Rep -1 is the discarded warm-up (cold caches, first qemu-img): an "off"
+    background fork recorded as bg-split, so that rep 0's bg-first follows split pages too
+    (without a warm-up, rep 0's bg-first meets whatever the boot left)."""
+    order = [(-1, "bg-split")] if warmup else []
     for rep in range(reps):
-        variants = ["bg-intact", "bg-split"]
-        variants = [*variants, "sc"] if rep % 2 == 0 else ["sc", *variants]
+        variants = ["sc", *CHAIN] if rep % 2 == 0 else [*CHAIN, "sc"]
         order += [(rep, v) for v in variants]
     return order
 
@@ -155,6 +188,7 @@ def _one_size(settings: Settings, guest: DemoGuest, accel: str, ram: int,
                                     method, recollapse, keep_timeline=first_timeline))
             collapsed = record.get("huge_pages")
             record["collapse"] = collapsed
+            record["collapse_after"] = record.get("huge_pages_after")
             record["thp_before"] = ({"huge_share": collapsed["share_after"]} if collapsed
                                     else record["thp_at_call"])
             on.forks += 1
@@ -300,9 +334,19 @@ def qemu_of(record: dict[str, Any]) -> str:
     return record.get("qemu", "system")
 
 
+def named_now(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records under today's variant names. Results from before the five variants (no
+    ``collapse_after``: kvmsnap did not yet rebuild the huge pages after the RAM snapshot)
+    called "bg-intact" what is bg-first now: it followed forks that had left the pages
+    split, and its pre-pause pass rebuilt them all."""
+    return [{**r, "variant": "bg-first"} if r.get("variant") == "bg-intact"
+            and "collapse_after" not in r else r for r in records]
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per QEMU build; the first build's summary also at the top (what one-build reports
     read), and the builds' paired ratios under "versions"."""
+    records = named_now(records)
     builds = list(dict.fromkeys(qemu_of(r) for r in records if r.get("variant") in VARIANTS))
     by_qemu = {build: summarise_build([r for r in records if qemu_of(r) == build])
                for build in builds}
@@ -336,6 +380,7 @@ def version_ratios(good: list[dict[str, Any]], builds: list[str]) -> list[dict[s
 
 def summarise_build(records: list[dict[str, Any]]) -> dict[str, Any]:
     good = measured(records)
+    done = _collapses(good)
     rows = []
     for ram in sorted({r["ram_mib"] for r in good}):
         for variant, (method, _) in VARIANTS.items():
@@ -343,21 +388,35 @@ def summarise_build(records: list[dict[str, Any]]) -> dict[str, Any]:
             if rs:
                 rows.append(_row(ram, variant, method, rs, records))
     return {"rows": rows, "ratios": paired_ratios(good),
-            "flatness": {v: flatness(good, v) for v in ("bg-intact", "bg-split")},
+            "flatness": {v: flatness(good, v) for v in BACKGROUND},
             "baseline": summary(r["baseline"]["max_gap_ms"] for r in good),
             "baseline_chunk_max": summary(g for r in good
                                           for g in r["baseline"]["chunk_max_gaps_ms"]),
             "baseline_interval": summary(r["baseline"]["median_interval_ms"] for r in good),
-            "collapse_s": summary((r.get("collapse") or {}).get("seconds") for r in good),
-            "collapse_rss_growth_mib": summary((r.get("collapse") or {}).get("rss_growth_kib", 0)
-                                               / 1024 for r in good
-                                               if "rss_growth_kib" in (r.get("collapse") or {})),
-            "collapse_mib": summary((r.get("collapse") or {}).get("collapsed_mib")
-                                    for r in good),
-            "collapse_unfinished_mib": summary((r.get("collapse") or {}).get("unfinished_mib")
-                                               for r in good),
-            "collapse_errors": sorted({e for r in good
-                                       for e in (r.get("collapse") or {}).get("errors", [])})}
+            "collapse_unfinished_mib": summary(c.get("unfinished_mib") for c in done),
+            "collapse_errors": sorted({e for c in done for e in c.get("errors", [])})}
+
+
+def _collapses(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What every re-collapsing pass did, before the pause and after the RAM snapshot."""
+    return [r[key] for r in records for key in ("collapse", "collapse_after") if r.get(key)]
+
+
+def _collapse_figures(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pass (``collapse``: before the pause, ``collapse_after``: after the RAM
+    snapshot): seconds, MiB re-collapsed, the guest RAM's RSS growth, and the share of it
+    in huge pages the pass found."""
+    def of(r: dict[str, Any], key: str, name: str) -> Any:
+        return (r.get(key) or {}).get(name)
+
+    out: dict[str, Any] = {}
+    for key in ("collapse", "collapse_after"):
+        out[f"{key}_s"] = summary(of(r, key, "seconds") for r in rs)
+        out[f"{key}_mib"] = summary(of(r, key, "collapsed_mib") for r in rs)
+        out[f"{key}_rss_growth_mib"] = summary(of(r, key, "rss_growth_kib") / 1024 for r in rs
+                                               if of(r, key, "rss_growth_kib") is not None)
+        out[f"{key}_share_before"] = summary(of(r, key, "share_before") for r in rs)
+    return out
 
 
 def _row(ram: int, variant: str, method: str, rs: list[dict[str, Any]],
@@ -369,6 +428,9 @@ def _row(ram: int, variant: str, method: str, rs: list[dict[str, Any]],
         "ram_mib": ram, "variant": variant, "method": method, "fill_mib": rs[0]["fill_mib"],
         **{key: summary(r.get(key) for r in rs) for key in PER_FORK},
         "huge_share_before": summary(huge(r) for r in rs),
+        "huge_share_at_call": summary((r.get("thp_at_call") or {}).get("huge_share")
+                                      for r in rs),
+        **_collapse_figures(rs),
         "clone_peak_rss_mib": summary(r["clone_peak_rss_bytes"] / MIB for r in rs
                                       if r.get("clone_peak_rss_bytes")),
         "clone_rss_ratio": summary(r["clone_peak_rss_bytes"] / (ram * MIB) for r in rs
@@ -388,8 +450,12 @@ def _row(ram: int, variant: str, method: str, rs: list[dict[str, Any]],
     }
 
 
-#: (numerator, denominator) variants of the paired ratios
-RATIOS = (("sc", "bg-intact"), ("sc", "bg-split"), ("bg-split", "bg-intact"))
+#: (numerator, denominator) variants of the paired ratios: against kvmsnap's default
+#: (bg-intact); back-to-back backups without the option against a first one with it (what
+#: results from before the five variants called bg-split / bg-intact); stop-and-copy against
+#: background-snapshot without the option
+RATIOS = (("sc", "bg-intact"), ("bg-first", "bg-intact"), ("bg-fresh", "bg-intact"),
+          ("bg-split", "bg-intact"), ("bg-split", "bg-first"), ("sc", "bg-split"))
 
 
 def paired_ratios(good: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -402,6 +468,8 @@ def paired_ratios(good: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 by = {r["variant"]: r for r in good if r["ram_mib"] == ram and r["rep"] == rep}
                 if top in by and bottom in by:
                     pairs.append((by[bottom], by[top]))
+            if not pairs:  # a variant these results do not have (older ones: three)
+                continue
             entry: dict[str, Any] = {"ram_mib": ram, "ratio": f"{top}/{bottom}",
                                      "pairs": len(pairs)}
             for key in ("tick_gap_ms", "window_max_gap_ms", "pause_ms", "clone_restore_s",

@@ -6,20 +6,30 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fmt, fmt_summary, machine_line
+from bench.fork_bench import named_now
 
 P1_TARGET_MS = 20.0
 P3_TARGET_RATIO = 1.1
 P2_TARGET_RATIO = 1.3
 #: "flat": the largest RAM size's median within this factor (plus 1 ms) of the smallest's
 FLAT_FACTOR = 1.25
-VARIANTS = ("bg-intact", "bg-split", "sc")
-LABEL = {"bg-intact": "background-snapshot, huge pages intact",
-         "bg-split": "background-snapshot, huge pages split (back-to-back)",
+#: P1/P3's variants (bench/fork_bench.py), named by the huge pages the fork meets
+VARIANTS = ("bg-intact", "bg-first", "bg-fresh", "bg-split", "sc")
+LABEL = {"bg-intact": "background-snapshot, huge pages intact (kvmsnap's default, "
+                      "back-to-back)",
+         "bg-first": "background-snapshot, huge pages rebuilt before the pause (first backup "
+                     "with the option)",
+         "bg-fresh": "background-snapshot without the option, huge pages intact (its first "
+                     "backup)",
+         "bg-split": "background-snapshot without the option, huge pages split (back-to-back)",
          "sc": "stop-and-copy"}
-SHORT = {"bg-intact": "bg, THP intact", "bg-split": "bg, THP split", "sc": "stop-and-copy"}
-COLOUR = {"bg-intact": "tab:blue", "bg-split": "tab:purple", "sc": "tab:red"}
-BACKGROUND = ("bg-intact", "bg-split")
-
+SHORT = {"bg-intact": "bg on, THP intact", "bg-first": "bg on, THP rebuilt",
+         "bg-fresh": "bg off, THP intact", "bg-split": "bg off, THP split", "sc": "stop-and-copy"}
+COLOUR = {"bg-intact": "tab:blue", "bg-first": "tab:cyan", "bg-fresh": "tab:brown",
+          "bg-split": "tab:purple", "sc": "tab:red"}
+BACKGROUND = ("bg-intact", "bg-first", "bg-fresh", "bg-split")
+#: the variants with ``collapse_huge_pages`` on
+COLLAPSING = ("bg-first", "bg-intact")
 
 def ram_label(mib: int) -> str:
     return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
@@ -132,29 +142,44 @@ def _load_text(records: list[dict[str, Any]], cores: int) -> str:
 
 
 def _collapse_lines(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """What re-collapsing the huge pages cost: time, RSS, the guest's largest tick gap."""
-    collapse = summary.get("collapse_s") or {}
-    if not collapse.get("n"):
+    """What re-collapsing the huge pages cost, per pass: before the pause (the pause waits
+    for it) and after the RAM snapshot (in the background, for the next backup)."""
+    def ran(row: dict[str, Any]) -> bool:
+        return any((row.get(key) or {}).get("n") for key in ("collapse_s", "collapse_after_s"))
+
+    picked = [r for r in rows if r["variant"] in COLLAPSING and ran(r)]
+    if not picked:
         return []
-    mib = summary.get("collapse_mib") or {}
-    growth = summary.get("collapse_rss_growth_mib") or {}
     left = summary.get("collapse_unfinished_mib") or {}
+    out = ["Re-collapsing the huge pages (option on), per pass: *before the pause* the pause "
+           "waits for it; *after the snapshot* it runs in a thread once the RAM snapshot "
+           "completed, while the clone shuts down, so that the next backup finds the pages "
+           "whole. *s*: seconds; *MiB*: re-collapsed; *RSS*: the guest RAM's resident size "
+           "after minus before (MiB); *THP found*: the share of the guest RAM in huge pages "
+           "when the pass began"
+           + (f"; left by the time budget {fmt_summary(left, 0)} MiB" if left.get("max")
+              else "")
+           + (f"; errors: {', '.join(summary['collapse_errors'])}"
+              if summary.get("collapse_errors") else "") + ".", "",
+           "| guest RAM | variant | before the pause: s | MiB | RSS | THP found | after the "
+           "snapshot: s | MiB | RSS | THP found |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in picked:
+        cells = [f"{fmt_summary(row.get(f'{key}_s') or {}, 2)} | "
+                 f"{fmt_summary(row.get(f'{key}_mib') or {}, 0)} | "
+                 f"{fmt_summary(row.get(f'{key}_rss_growth_mib') or {}, 1)} | "
+                 f"{_pct(row.get(f'{key}_share_before') or {})}"
+                 for key in ("collapse", "collapse_after")]
+        out.append(f"| {ram_label(row['ram_mib'])} | {SHORT[row['variant']]} | "
+                   f"{' | '.join(cells)} |")
     gaps = [f"{ram_label(r['ram_mib'])} {SHORT[r['variant']]} "
             f"{fmt_summary(r['pre_pause_gap_ms'])}" for r in rows
             if r["variant"] in BACKGROUND and (r.get("pre_pause_gap_ms") or {}).get("n")]
-    text = (f"Re-collapsing the huge pages (bg, THP intact) took {fmt_summary(collapse, 2)} s "
-            "per fork" + (f" for {fmt_summary(mib, 0)} MiB" if mib.get("n") else "")
-            + (f", guest RSS {fmt_summary(growth, 1)} MiB" if growth.get("n") else "")
-            + (f", left by the time budget {fmt_summary(left, 0)} MiB" if left.get("max")
-               else "")
-            + (f" (errors: {', '.join(summary['collapse_errors'])})"
-               if summary.get("collapse_errors") else "") + ".")
     if gaps:
-        text += (" Largest tick gap that ended between the call into kvmsnap and the pause "
-                 "(re-collapsing "
-                 "runs there in bg, THP intact; not in bg, THP split), ms: " + "; ".join(gaps)
-                 + " (compare the baseline's largest gap per 1 s below).")
-    return [text, ""]
+        out += ["", "Largest tick gap that ended between the call into kvmsnap and the pause "
+                "(the pass before the pause runs there with the option on), ms: "
+                + "; ".join(gaps) + " (compare the baseline's largest gap per 1 s below)."]
+    return [*out, ""]
 
 
 def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
@@ -167,12 +192,25 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
            "random data (in a tmpfs) prints a tick every 10 ms on a serial port; the host "
            "stamps each tick's arrival. Under TCG the guest's clock stops while it is paused, "
            "so a pause of P ms shows as one gap of about (tick interval + P).", "",
-           "Three variants per repetition: background-snapshot as kvmsnap does it by "
-           "default, the guest RAM's transparent huge pages (THP) *intact* (kvmsnap "
+           "Five variants per repetition, all on the same guest one after the other, named "
+           "by the state of the guest RAM's transparent huge pages (THP) and by what kvmsnap "
+           "does with them. With the option `collapse_huge_pages` (on by default) kvmsnap "
            "re-collapses the resident 2 MiB ranges with `process_madvise(MADV_COLLAPSE)` "
-           "before the pause, option `collapse_huge_pages`, on by default); background-"
-           "snapshot right after the previous one with that option off, the huge pages "
-           "*split* by its write faults (back-to-back backups as they were); stop-and-copy.",
+           "twice: before the pause, and right after the RAM snapshot in the background, "
+           "because the snapshot's write faults split them; the next backup then finds them "
+           "whole. *bg on, THP intact*: option on, right after another fork with it on: the "
+           "pages are whole and the pass before the pause finds little to do (kvmsnap's "
+           "default, back-to-back backups). *bg on, THP rebuilt*: option on, right after a "
+           "background fork that left the pages split (here one with the option off): the "
+           "pass before the pause rebuilds them all (a first backup after kvmsnap ran without "
+           "the option, or was killed before its rebuild). *bg off, THP intact*: option off, "
+           "right after a fork with it on: the pages are whole and kvmsnap leaves them be (a "
+           "VM's first backup with the option off). *bg off, THP split*: option off, right "
+           "after another background fork with it off, whose write faults split the pages "
+           "(back-to-back backups without the option). *stop-and-copy* (it leaves the huge "
+           "pages as they are) runs first or last, alternating between repetitions; a "
+           "discarded warm-up fork with the option off comes first, so that the first *THP "
+           "rebuilt* meets split pages too.",
            "",
            "*Gap*: the largest tick gap overlapping the pause (located by the STOP/RESUME "
            "events, QEMU's timestamps). *Excess*: that gap minus the median tick interval, "
@@ -182,7 +220,9 @@ def _p1(p1: dict[str, Any], settings: dict[str, Any], build: str = "",
            "again). *STOP->RESUME*: kvmsnap's `pause_ms`. *QEMU downtime*: `query-migrate`'s "
            "figure (for stop-and-copy it leaves out the time the VM was already stopped). "
            "*Worst gap*: the largest gap anywhere during the whole backup (clone, shutdown, "
-           "commit included). *THP*: share of the guest RAM in huge pages before the fork. "
+           "commit included). *THP*: share of the guest RAM in huge pages just before the "
+           "pause (with the option on: after the pass before it; what the passes found is in "
+           "the table of the passes below). "
            "All times in ms.", ""] if intro else []
     out += ["| guest RAM (filled) | variant | gap | excess | +-0.5 s | RESUME->tick | "
            "STOP->RESUME | QEMU downtime | disk snapshot | worst gap during backup | THP | n |",
@@ -781,7 +821,7 @@ def _plot_phases(plt, p1: dict[str, Any], out: Path, machine: str) -> list[str]:
 
 
 def _plot_timeline(plt, p1: dict[str, Any], out: Path, machine: str) -> list[str]:
-    examples = [r for r in p1["records"] if "timeline" in r]
+    examples = [r for r in named_now(p1["records"]) if "timeline" in r]
     if not examples:
         return []
     largest = max(r["ram_mib"] for r in examples)
