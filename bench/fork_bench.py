@@ -313,7 +313,10 @@ def _describe(record: dict[str, Any]) -> str:
 
 def _huge(record: dict[str, Any]) -> str:
     share = (record.get("thp_before") or {}).get("huge_share")
-    return "?" if share is None else f"{share:.0%}"
+    after = record.get("collapse_after")
+    return ("?" if share is None else f"{share:.0%}") + (
+        f" ({after['collapsed_mib']} MiB rebuilt after the snapshot in {after['seconds']:.2f} s)"
+        if after else "")
 
 
 # -- summaries ---------------------------------------------------------------------------------
