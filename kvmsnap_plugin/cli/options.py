@@ -73,9 +73,10 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
                      "mounted (default WORKDIR/mnt/NAME)")
     cmd.add_argument("--collapse-huge-pages", action=argparse.BooleanOptionalAction,
                      default=None,
-                     help="rebuild the guest RAM's resident huge pages before the pause "
-                     "(default): a shorter pause for back-to-back background snapshots, for "
-                     "some host CPU time (at most collapse_budget s)")
+                     help="rebuild the guest RAM's resident huge pages after the RAM snapshot "
+                     "and, if needed, before the pause (default): a shorter pause for "
+                     "back-to-back background snapshots, for some host CPU time (at most "
+                     "collapse_budget s per pass)")
     cmd.add_argument("--min-free", metavar="SIZE",
                      help="space to leave free, beyond the RAM state, where the parent's "
                      "overlays and the work directory go; checked before the pause "

@@ -168,7 +168,7 @@ def check_huge_pages() -> Check:
     works, why = collapse_supported()
     if works:
         return Check("huge-pages", "ok", f"{why}: guest RAM huge pages are re-collapsed "
-                     "before each fork (collapse_huge_pages, on by default)")
+                     "after each RAM snapshot (collapse_huge_pages, on by default)")
     return Check("huge-pages", "warn", f"{why}; collapse_huge_pages (on by default) has no "
                  "effect: back-to-back background-snapshot pauses are several times longer",
                  "Linux 6.1+, run as root (CAP_SYS_NICE), THP enabled (madvise or always)")
