@@ -74,8 +74,8 @@ def add_fork_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--collapse-huge-pages", action=argparse.BooleanOptionalAction,
                      default=None,
                      help="rebuild the guest RAM's resident huge pages after the RAM snapshot "
-                     "and, if needed, before the pause (default): a shorter pause for "
-                     "back-to-back background snapshots, for some host CPU time (at most "
+                     "and, if needed, before the pause, and read it ahead of the pause (default): "
+                     "a shorter background-snapshot pause, for some host CPU time (at most "
                      "collapse_budget s per pass)")
     cmd.add_argument("--min-free", metavar="SIZE",
                      help="space to leave free, beyond the RAM state, where the parent's "

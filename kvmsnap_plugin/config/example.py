@@ -35,8 +35,8 @@ max_pause = 5                  # seconds the VM may be paused at most: a method 
 # keep = "/srv/clean-images"   # also keep each clone's disks, as KEEP/<vm name>/<disk>.qcow2
 # collapse_huge_pages = false  # on by default: rebuild the guest RAM's resident huge pages
 #                              # once the RAM snapshot split them (while the clone shuts
-#                              # down) and, if still needed, before the pause: shorter pauses
-#                              # for back-to-back backups, for some host CPU (bench P1)
+#                              # down) and, if still needed, before the pause, then read it
+#                              # ahead of the pause: shorter pauses, for some host CPU (P1)
 # collapse_budget = 2          # seconds of each of those passes at most
 # allow_remote_workdir = true  # accept a workdir on NFS/CIFS/FUSE/9p/ceph: the guest's RAM,
 #                              # keys included, would be written there (refused by default)

@@ -37,10 +37,11 @@ import mmap
 import os
 import threading
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmsnap_plugin.model import Collapse
+from kvmsnap_plugin.model import Collapse, ForkOptions, Parent, RamMethod
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ def huge_share(mappings: list[Mapping]) -> float:
     """The share of the resident guest RAM that is in huge pages (0.0-1.0)."""
     rss = sum(m.rss_kib for m in mappings)
     return sum(m.huge_kib for m in mappings) / rss if rss else 0.0
+
+
+def shortens_the_pause(parent: Parent, options: ForkOptions) -> bool:
+    """``collapse_huge_pages`` (on by default) applies: a running parent, and a background
+    snapshot's pause to shorten (stop-and-copy's pause copies the RAM, pages or not)."""
+    return (options.collapse_huge_pages and not parent.offline
+            and options.method is not RamMethod.STOP_AND_COPY)
 
 
 def collapse(pid: int, budget_s: float = DEFAULT_BUDGET_S,
@@ -253,6 +261,41 @@ class Recollapse:
     def result(self) -> Collapse | None:
         self._thread.join()
         return self._result
+
+
+def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
+    """Read one byte of every 4 KiB page of QEMU process ``pid``'s guest RAM, just before the
+    pause: what QEMU's prepare step (``ram_block_populate_read()``) does inside the pause.
+
+    Why: that step's cost is mostly cold address translation (on a host that is itself a
+    VM, nested page tables): measured here, 1.5 GiB read at 4 KiB stride took 116-222 ms
+    when idle for some seconds and 15-37 ms right after a first pass, and the guest RAM of
+    an idle parent is cold. Done before ``stop`` the first pass costs the parent nothing (it
+    runs) and the prepare step inside the pause finds the translations warm. The number of
+    pages read; 0 if the kernel refused (never an error: it only makes the pause shorter).
+    """
+    try:
+        mappings = guest_ram(pid)
+    except OSError:  # the parent is gone: the fork will say so
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    batch = 1024  # IOV_MAX
+    sink = ctypes.create_string_buffer(batch)
+    local = array("Q", [ctypes.addressof(sink), 1] * batch)  # every byte lands in one place
+    remote = array("Q", [0, 1] * batch)
+    local_ptr, _ = local.buffer_info()
+    remote_ptr, _ = remote.buffer_info()
+    read = 0
+    for mapping in mappings:
+        for start in range(mapping.low, mapping.high, batch * stride):
+            count = min(batch, (mapping.high - start) // stride)
+            remote[0:2 * count:2] = array("Q", range(start, start + count * stride, stride))
+            done = libc.process_vm_readv(pid, ctypes.c_void_p(local_ptr), count,
+                                         ctypes.c_void_p(remote_ptr), count, 0)
+            if done < 0:
+                return read
+            read += done
+    return read
 
 
 def collapse_supported() -> tuple[bool, str]:

@@ -30,7 +30,12 @@ from kvmsnap_plugin.errors import SkipBackup, VMError
 from kvmsnap_plugin.fork.engine import ParentHandle, open_parent, parent_overlay_path, plan_fork
 from kvmsnap_plugin.fork.watchdog import guarding
 from kvmsnap_plugin.host import faults, process
-from kvmsnap_plugin.host.hugepages import Recollapse, collapse_before_fork
+from kvmsnap_plugin.host.hugepages import (
+    Recollapse,
+    collapse_before_fork,
+    shortens_the_pause,
+    warm_guest_ram,
+)
 from kvmsnap_plugin.host.images import keep_images
 from kvmsnap_plugin.host.resources import make_workdir
 from kvmsnap_plugin.model import (
@@ -43,7 +48,6 @@ from kvmsnap_plugin.model import (
     Collapse,
     Commit,
     Exposure,
-    ForkOptions,
     ForkPoint,
     Label,
     Mode,
@@ -242,7 +246,8 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
                 d, "RUN", job.fork.overlay_dir, job.fork.workdir).parent
                 for d in parent.writable_disks})
         # Before pre_backup: a plugin may freeze the guest's filesystems there until the fork.
-        huge_pages = _collapse_huge_pages(parent, job.fork)
+        huge_pages = (collapse_before_fork(parent.pid, job.fork.collapse_budget)
+                      if shortens_the_pause(parent, job.fork) else None)
         job, failed_targets = checked_targets(job, hooks, parent)
         reason = hooks.pre_backup(job, parent)
         if reason:
@@ -267,15 +272,6 @@ def _backup(job: BackupJob, hooks: Hooks, journal: Journal, detach: bool) -> Bac
     log.info("%s: %s in %.1f s", job.name, f"mounted at {run.root}" if detach else "done",
              report.total_s)
     return report
-
-
-def _collapse_huge_pages(parent: Parent, options: ForkOptions) -> Collapse | None:
-    """Shorter background-snapshot pauses (on by default), see hugepages.py: little to do
-    here when the last backup rebuilt the pages after its RAM snapshot."""
-    if (not options.collapse_huge_pages or parent.offline
-            or options.method is RamMethod.STOP_AND_COPY):  # its pause copies RAM, pages or not
-        return None
-    return collapse_before_fork(parent.pid, options.collapse_budget)
 
 
 def _start(job: BackupJob, hooks: Hooks, journal: Journal, handle: ParentHandle,
@@ -327,6 +323,8 @@ def _fork_and_shut_down(run: Run, handle: ParentHandle, parent: Parent,
 def _fork(run: Run, handle: ParentHandle, parent: Parent) -> ForkPoint:
     planned = plan_fork(parent, run.id, run.job.fork.overlay_dir, run.job.fork.workdir)
     run.journal.record(phase=Phase.FORKING, overlays=planned)
+    if shortens_the_pause(parent, run.job.fork):  # hugepages.py: a shorter prepare step
+        log.info("read %d pages of guest RAM ahead of the pause", warm_guest_ram(parent.pid))
     with guarding(handle.journal_fields()):  # resumes the parent if kvmsnap dies paused
         point = handle.fork(parent, planned, run.workdir / "ram.state", run.job.fork.method,
                             max_pause=run.job.fork.max_pause, record=run.journal.record)

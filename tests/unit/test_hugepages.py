@@ -142,3 +142,19 @@ def test_the_rebuild_after_the_snapshot_runs_in_a_thread_and_never_raises():
         os._exit(0)
     os.waitpid(child, 0)
     assert hugepages.Recollapse(child).result() is None
+
+
+def test_the_guest_ram_is_read_ahead_of_the_pause_page_by_page():
+    with aligned_memory(4) as low:
+        ctypes.memset(low, 1, 4 * HUGE_PAGE)
+        for advice in (14, 10):  # MADV_HUGEPAGE, MADV_DONTFORK: what QEMU asks for
+            madvise(low, 4 * HUGE_PAGE, advice)
+        ram = hugepages.guest_ram(os.getpid())
+        pages = sum((m.high - m.low) // hugepages.PAGE for m in ram)
+        assert pages >= 4 * PAGES_PER_HUGE
+        assert hugepages.warm_guest_ram(os.getpid()) == pages  # one byte of every page
+    child = os.fork()  # a QEMU gone by then: nothing read, no exception
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert hugepages.warm_guest_ram(child) == 0
