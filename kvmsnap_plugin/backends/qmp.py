@@ -27,12 +27,18 @@ log = logging.getLogger(__name__)
 RECOVERY_CONNECT_TIMEOUT = 30.0
 #: how long a QMP command of the parent may take
 COMMAND_TIMEOUT = 30.0
-#: tests only: a shorter command timeout, to make a hung QEMU (SIGSTOP) time out quickly
+#: tests only: a shorter command timeout, to make a hung QEMU (SIGSTOP) time out quickly;
+#: recovery's connect timeout too (a stopped QEMU's socket takes the connection but never
+#: greets: the run's final sweep would wait the full 30 s for it)
 TEST_TIMEOUT_ENV = "KVMSNAP_TEST_QMP_TIMEOUT"
 
 
 def command_timeout() -> float:
     return float(os.environ.get(TEST_TIMEOUT_ENV) or COMMAND_TIMEOUT)
+
+
+def recovery_connect_timeout() -> float:
+    return float(os.environ.get(TEST_TIMEOUT_ENV) or RECOVERY_CONNECT_TIMEOUT)
 
 
 class QmpBackend:
@@ -166,4 +172,4 @@ def reopen(state: JournalState) -> QmpBackend:
                       "run `kvmsnap recover` where the socket is visible (not in a private "
                       "/tmp or another mount namespace)")
     return QmpBackend(socket, pid, running=pid is not None,
-                      connect_timeout=RECOVERY_CONNECT_TIMEOUT)
+                      connect_timeout=recovery_connect_timeout())

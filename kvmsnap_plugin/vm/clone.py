@@ -162,6 +162,12 @@ class Clone(Machine):
         self.plan = plan
         self.restore_s = 0.0
 
+    def __exit__(self, *exc: object) -> None:
+        """A clone still up here is one a failed or interrupted run leaves: its disks are
+        thrown away, so it is quit at once; a power button its guest may ignore would only
+        hold the run's end up for 20 s (a SIGTERM'd kvmsnap too)."""
+        self.shutdown(powerdown_timeout=0, quit_timeout=10)
+
     def _spawn(self, stderr: IO[bytes], executable: str | None = None) -> subprocess.Popen[bytes]:
         if self.plan.binary is None:
             raise VMError("the clone has no binary planned", "plan it with plan_clone")

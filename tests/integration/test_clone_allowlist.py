@@ -124,7 +124,10 @@ def test_hostile_options_of_the_parent_stay_the_parents(start_demo, tmp_path):
     for path in files:
         assert watch.smallest[str(path)] >= len(MARKER), path  # never truncated
     assert connects(debugcon)
+    vm.qmp.events()
     assert connects(gdb)  # last: a gdb connection stops the guest
+    vm.qmp.wait_event("STOP", 30)  # it reached the parent's own gdbstub
+    vm.qmp.execute("cont")  # a paused guest would sit out the power button's 20 s at the end
 
 
 def test_what_kvmsnap_cannot_judge_is_refused_before_the_pause_or_dropped_on_request(

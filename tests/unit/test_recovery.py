@@ -9,7 +9,7 @@ import pytest
 from test_fork_engine import FakeBackend, FakeMonitor, planned_in
 
 from kvmsnap_plugin.backends.libvirt import LibvirtBackend
-from kvmsnap_plugin.backends.qmp import QmpBackend
+from kvmsnap_plugin.backends.qmp import RECOVERY_CONNECT_TIMEOUT, TEST_TIMEOUT_ENV, QmpBackend
 from kvmsnap_plugin.errors import VMError
 from kvmsnap_plugin.fork import chain, ram, recovery
 from kvmsnap_plugin.model import JournalState, Phase, Recovery
@@ -170,6 +170,18 @@ def test_the_journal_says_which_backend_to_reopen(tmp_path):
                                           libvirt_uri="qemu:///session"))
     assert isinstance(domain, LibvirtBackend)
     assert (domain.domain, domain.uuid, domain.uri) == ("web", "u-1", "qemu:///session")
+
+
+def test_the_tests_shorter_qmp_timeout_cuts_recoverys_connect_too(tmp_path, monkeypatch):
+    """A stopped QEMU's socket takes the connection but never greets: a failed fork's final
+    sweep waited the full 30 s on it though the test had cut QMP's timeouts to 3 s."""
+    state = JournalState(backend="qmp", qmp=str(tmp_path / "no.sock"), parent="1:1")
+    monkeypatch.delenv(TEST_TIMEOUT_ENV, raising=False)
+    with recovery.reopen(state) as qmp:
+        assert qmp.connect_timeout == RECOVERY_CONNECT_TIMEOUT
+    monkeypatch.setenv(TEST_TIMEOUT_ENV, "3")
+    with recovery.reopen(state) as qmp:
+        assert qmp.connect_timeout == 3.0
 
 
 def test_settings_that_cannot_be_put_back_stay_in_the_journal(backend, tmp_path):

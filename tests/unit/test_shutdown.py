@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmsnap_plugin.errors import StepTimeout, VMError
+from kvmsnap_plugin.vm.clone import Clone
+from kvmsnap_plugin.vm.machine import Machine
 from kvmsnap_plugin.vm.qmp import Event
 from kvmsnap_plugin.vm.shutdown import shut_down
 
@@ -164,3 +167,42 @@ def _agent_socket(path: Path) -> socket.socket:
     server.bind(str(path))
     server.listen(1)
     return server
+
+
+class QuitOnlyQemu:
+    """A clone's QEMU process and monitor whose guest ignores the power button (the fake
+    clock: a wait for its exit times out at once unless `quit` was sent)."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self.returncode: int | None = None
+
+    def execute(self, command: str, arguments: dict | None = None, *,
+                timeout: float | None = None) -> dict:
+        self.commands.append(command)
+        if command == "quit":
+            self.returncode = 0
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("qemu", timeout or 0)
+        return self.returncode
+
+
+def test_a_clone_a_failed_or_interrupted_run_leaves_up_is_quit_without_its_power_button(
+        tmp_path):
+    """Its disks are thrown away: a power button its guest ignores cost a SIGTERM'd run
+    20 s before it exited."""
+    qemu = QuitOnlyQemu()
+    clone = object.__new__(Clone)
+    Machine.__init__(clone, ["qemu"], qmp_path=tmp_path / "clone.sock", name="clone")
+    clone.proc, clone._qmp = qemu, qemu  # type: ignore[assignment]
+    clone.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert qemu.commands == ["quit"] and clone.ended_by == "quit"
