@@ -1,14 +1,19 @@
 """What the host kernel cannot mount is still archived (issue #14): LVM, LUKS with a key
 file, vfat and NTFS, read through ONE libguestfs appliance, on a real guest's disk.
 
-The disk is made once per module by libguestfs itself (tests/integration/guestfs_disk.py);
-each test gives the demo guest its own overlay of it. Each backup starts an appliance
-(20-60 s under TCG): keep these tests few."""
+The disk is made by libguestfs itself (tests/integration/guestfs_disk.py), once, and cached
+like the test guests; each test gives the demo guest its own overlay of it. Each backup
+starts an appliance (20-60 s under TCG): keep these tests few."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import inspect
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from cli_helpers import kvmsnap
 
 from kvmsnap_plugin.disks import guestfs_route
 from kvmsnap_plugin.host import mounts, process
+from kvmsnap_plugin.paths import cache_root
 from kvmsnap_plugin.vm.qemu_args import escape
 
 pytestmark = pytest.mark.qemu
@@ -28,9 +34,35 @@ MARKERS = {"srv": "vextra/lvm/k-vg/srv", "data": "vextra/lvm/k-vg/data",
 
 
 @pytest.fixture(scope="module")
-def guestfs_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """(the prepared qcow2, its LUKS key file, the LUKS UUID)."""
-    where = tmp_path_factory.mktemp("guestfs-disk")
+def guestfs_disk() -> tuple[Path, Path, str]:
+    """(the prepared qcow2, its LUKS key file, the LUKS UUID), made once by libguestfs (a
+    minute under TCG, appliance and all) and cached like the test guests, under
+    ``~/.cache/kvmsnap/guestfs-disk-KEY/``, KEY a hash of what makes it; the tests only
+    ever write overlays of it."""
+    cache = cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    made = cache / f"guestfs-disk-{recipe_key()}"
+    with open(cache / ".guestfs-disk.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel sessions wait for one another's build
+        if not (made / "uuid").exists():
+            staging = Path(tempfile.mkdtemp(prefix=f".{made.name}-", dir=cache))
+            try:
+                (staging / "uuid").write_text(make_disk(staging))
+                staging.chmod(0o755)
+                staging.rename(made)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return made / "layout.qcow2", made / "luks.key", (made / "uuid").read_text()
+
+
+def recipe_key() -> str:
+    recipe = Path(__file__).with_name("guestfs_disk.py").read_bytes() + \
+        inspect.getsource(make_disk).encode()
+    return hashlib.sha256(recipe).hexdigest()[:12]
+
+
+def make_disk(where: Path) -> str:
+    """Make layout.qcow2 and luks.key in ``where``; returns the LUKS UUID."""
     image, key, xfs = where / "layout.qcow2", where / "luks.key", where / "data.xfs"
     key.write_bytes(b"kvmsnap test key\n\x01 with odd bytes")
     process.run(["truncate", "-s", "320M", xfs], timeout=30)
@@ -41,7 +73,7 @@ def guestfs_disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     done = process.run([guestfs_route.GUESTFS_PYTHON, Path(__file__).with_name("guestfs_disk.py"),
                         image, key, xfs], timeout=900, env=guestfs_route.helper_env())
     xfs.unlink()
-    return image, key, done.stdout.strip().splitlines()[-1]
+    return done.stdout.strip().splitlines()[-1]
 
 
 def start(start_demo, guestfs_disk, tmp_path: Path):
@@ -60,9 +92,12 @@ def backup(vm, tmp_path: Path, repo: Path, *extra: str) -> subprocess.CompletedP
                    "--workdir", str(tmp_path / "work"), "--json", *extra, timeout=1800)
 
 
-def extracted(repo: Path, archive: str, path: str) -> str:
-    return process.run([process.find_program("borg", "borgbackup"), "extract", "--stdout",
-                        f"{repo}::{archive}", path], timeout=300).stdout
+def extracted(repo: Path, archive: str, paths: list[str], into: Path) -> dict[str, str]:
+    """Path -> text of each of ``paths`` in the archive (one borg run: each costs seconds)."""
+    into.mkdir()
+    process.run([process.find_program("borg", "borgbackup"), "extract", f"{repo}::{archive}",
+                 *paths], timeout=300, cwd=into)
+    return {path: (into / path).read_text() for path in paths}
 
 
 def assert_nothing_left(tmp_path: Path, wait: float = 0.0) -> None:
@@ -94,8 +129,8 @@ def test_lvm_luks_vfat_ntfs_archived_through_libguestfs(start_demo, guestfs_disk
     verdicts = {f"{v['disk']}/{v['partition']}": v for v in report["verdicts"]}
     assert {verdicts[where]["state"] for where in MARKERS.values()} == {"clean"}, verdicts
     archive = next(a["name"] for a in report["archives"] if a["kind"] == "files")
-    for name, where in MARKERS.items():
-        assert extracted(borg_repo, archive, f"{where}/marker-{name}.txt") == f"marker {name}\n"
+    files = {f"{where}/marker-{name}.txt": f"marker {name}\n" for name, where in MARKERS.items()}
+    assert extracted(borg_repo, archive, list(files), tmp_path / "extracted") == files
     assert_nothing_left(tmp_path)
 
 

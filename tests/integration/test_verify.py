@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -103,10 +104,13 @@ def test_a_demo_backup_verifies_by_its_console_and_its_files(start_demo, tmp_pat
 
 
 def damaged_copy(borg_repo: Path, archive: str, tmp_path: Path) -> str:
-    """The image archive again, its root filesystem's superblock zeroed, as ARCHIVE-damaged."""
+    """The image archive again, its root filesystem's superblock zeroed, as ARCHIVE-damaged
+    in a repository of its own (made while a verify reads ``borg_repo``: a ``borg create``
+    there would wait for that verify's lock); returns REPOSITORY::ARCHIVE-damaged."""
     borg = process.find_program("borg", "borgbackup")
-    out = tmp_path / "damage"
+    out, repo = tmp_path / "damage", tmp_path / "damaged-repo"
     out.mkdir()
+    process.run([borg, "init", "--encryption=repokey", repo], timeout=120)
     process.run([borg, "extract", "--sparse", f"{borg_repo}::{archive}"], timeout=600, cwd=out)
     table = json.loads(process.run(["sfdisk", "--json", out / "vdisk0.raw"],
                                    timeout=30).stdout)
@@ -114,9 +118,9 @@ def damaged_copy(borg_repo: Path, archive: str, tmp_path: Path) -> str:
     with open(out / "vdisk0.raw", "r+b") as disk:
         disk.seek(start + 1024)  # ext4's primary superblock
         disk.write(bytes(1024))
-    process.run([borg, "create", f"{borg_repo}::{archive}-damaged", "kvmsnap-vm.json",
+    process.run([borg, "create", f"{repo}::{archive}-damaged", "kvmsnap-vm.json",
                  "vdisk0.raw"], timeout=600, cwd=out)
-    return f"{archive}-damaged"
+    return f"{repo}::{archive}-damaged"
 
 
 def test_a_debian_backup_verifies_through_its_guest_agent(start_debian, tmp_path, borg_repo):
@@ -125,12 +129,16 @@ def test_a_debian_backup_verifies_through_its_guest_agent(start_debian, tmp_path
                        ArchiveTarget("borg", "borg", "image", {"repository": str(borg_repo)}),
                        timeout=180)
     [image] = [a.name for a in report.archives]
+    vm.shutdown(powerdown_timeout=0)  # done with the parent: its CPU is the verify's now
 
     metrics = tmp_path / "kvmsnap.prom"  # a scheduled verify's alert reads these
-    code, result = verify(tmp_path, "--borg", f"{borg_repo}::{image}",
-                          "--command", "systemctl is-system-running --wait",
-                          "--clone-console", str(tmp_path / "verify.log"),
-                          "--metrics", str(metrics))
+    with ThreadPoolExecutor(1) as meanwhile:  # borg's work beside the sandbox's boot
+        damaging = meanwhile.submit(damaged_copy, borg_repo, image, tmp_path)
+        code, result = verify(tmp_path, "--borg", f"{borg_repo}::{image}",
+                              "--command", "systemctl is-system-running --wait",
+                              "--clone-console", str(tmp_path / "verify.log"),
+                              "--metrics", str(metrics))
+        damaged = damaging.result()
     assert code == 0, result
     series = metric_values(metrics)
     assert series["kvmsnap_verify_status"] == 0
@@ -145,8 +153,7 @@ def test_a_debian_backup_verifies_through_its_guest_agent(start_debian, tmp_path
     assert "reboot: Power down" in console
     assert_nothing_left(tmp_path)
 
-    damaged = damaged_copy(borg_repo, image, tmp_path)
-    code, result = verify(tmp_path, "--borg", f"{borg_repo}::{damaged}",
+    code, result = verify(tmp_path, "--borg", damaged,
                           "--command", "systemctl is-system-running --wait",
                           "--metrics", str(metrics))
     assert (code, result["status"]) == (1, "did-not-come-up"), result  # ran: bad news
