@@ -85,7 +85,7 @@ lint: venv
 	$(BIN)/ruff check kvmsnap_plugin kvmsnap_demo tests bench
 
 test: guest qemu10 lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 bench: guest qemu10
 	$(BIN)/python -m bench
