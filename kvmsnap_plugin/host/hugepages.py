@@ -268,7 +268,7 @@ def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
     pause: what QEMU's prepare step (``ram_block_populate_read()``) does inside the pause.
 
     Why: that step's cost is mostly cold address translation (on a host that is itself a
-    VM, nested page tables): measured here, 1.5 GiB read at 4 KiB stride took 116-222 ms
+    VM, nested page tables): measured here, 1.5 GiB read at 4 KiB stride took 116-241 ms
     when idle for some seconds and 15-37 ms right after a first pass, and the guest RAM of
     an idle parent is cold. Done before ``stop`` the first pass costs the parent nothing (it
     runs) and the prepare step inside the pause finds the translations warm. The number of

@@ -30,9 +30,9 @@ def render_report(report: BackupReport) -> str:
              f"{report.total_s:.1f} s in all"]
     if report.clone_binary:
         lines.append(f"  clone binary: {report.clone_binary.describe()}")
-    lines += [_huge_pages(collapse, when) for collapse, when in (
-        (report.huge_pages, "before the pause"), (report.huge_pages_after, "after the RAM "
-                                                  "snapshot")) if collapse]
+    passes = {"before the pause": report.huge_pages,
+              "after the RAM snapshot": report.huge_pages_after}
+    lines += [_huge_pages(collapse, when) for when, collapse in passes.items() if collapse]
     lines += [_partition(p) for p in report.partitions]
     lines += [_verdict(v) for v in report.verdicts]
     lines += [_archive(a) for a in report.archives]
