@@ -131,8 +131,10 @@ def test_a_libvirt_domain_restores_as_a_new_domain_that_boots_off_the_network(
         assert f"libvirt domain {name}: started" in done.stdout
         copy = conn.lookupByName(name)
         assert copy.isActive() and copy.UUIDString() != domain.dom.UUIDString()
-        console = wait_for(r"KVMSNAP-COUNT \d+", to / "console0.log")  # it came up
-        assert "KVMSNAP-READY" in console
+        # It came up: init announces READY and its workload counts, in either order (the
+        # workload starts before READY is echoed), so wait for each, not one then the other.
+        wait_for(r"KVMSNAP-READY", to / "console0.log")
+        wait_for(r"KVMSNAP-COUNT \d+", to / "console0.log")
         live = ET.fromstring(copy.XMLDesc(0))
         assert [s.get("file") for s in live.findall("./devices/disk/source")] == [
             str(to / "vda.qcow2")]
