@@ -16,17 +16,15 @@ an interrupted download is redone from scratch, a finished one is never download
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import re
 import shlex
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmsnap_demo.cache import cache_lock
 from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.host import process
 from kvmsnap_plugin.host.doctor import ask_qemu
@@ -97,7 +95,7 @@ def provision_qemu10() -> QemuBuild:
     """QEMU 10 in its private prefix, downloaded and unpacked unless it already is."""
     root = prefix()
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(root.parent / ".qemu-10.lock"):
+    with cache_lock(root.parent / ".qemu-10.lock"):
         if stamp(root).exists():
             log.info("QEMU %s already provisioned in %s", QEMU10, root)
             return qemu_build(QEMU10)
@@ -114,14 +112,6 @@ def provision_qemu10() -> QemuBuild:
         stamp(root).write_text(f"{build.version}\n")
         log.info("QEMU %s ready: %s", build.version, build.binary)
         return build
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """One provisioning at a time (parallel test sessions, helpers)."""
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _download(apt_dir: Path) -> list[Path]:

@@ -11,17 +11,16 @@ also on failure.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from kvmsnap_demo.cache import build_once
 from kvmsnap_demo.debian.recipe import (
     DISK_MIB,
     GUEST_FILES,
@@ -56,48 +55,20 @@ def build_debian_guest(cache: Path | None = None) -> DebianGuest:
     mirror = apt_mirror()
     key = cache_key(mirror)
     final = cache / f"debian-{key}"
-    with build_lock(cache):
-        if not (final / "build-info.json").exists():
-            _build_into(final, cache, mirror, key)
+    build_once(final, "build-info.json", lambda staging: _build_into(staging, cache, mirror, key),
+               lock=cache / ".debian-build.lock")
     return load_guest(final)
 
 
-@contextlib.contextmanager
-def build_lock(cache: Path) -> Iterator[None]:
-    """One build at a time per cache (parallel test sessions share it)."""
-    with open(cache / ".debian-build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-
-def _build_into(final: Path, cache: Path, mirror: str, key: str) -> None:
-    """Build in a temporary directory next to ``final``, then rename it into place."""
+def _build_into(staging: Path, cache: Path, mirror: str, key: str) -> None:
     ensure_debootstrap()
     _require_programs()
     log.info("building the Debian %s test guest %s (takes minutes)", SUITE, key)
     started = time.monotonic()
-    staging = Path(tempfile.mkdtemp(prefix=f".debian-{key}-", dir=cache))
-    try:
-        info = _build_image(staging, cache / "debian-debs", mirror, key)
-        info["build_seconds"] = round(time.monotonic() - started, 1)
-        (staging / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
-        staging.chmod(0o755)  # mkdtemp made it 0700; a QEMU run as another user reads it
-        staging.rename(final)
-    finally:
-        _remove_build_dir(staging)
-    log.info("built %s in %.0f s", final, time.monotonic() - started)
-
-
-def _remove_build_dir(path: Path) -> None:
-    """Delete a staging dir, but never through a mount point (it could be the host's /dev)."""
-    if not path.exists():
-        return
-    left = mounts.mounts_under(path)
-    if left:
-        raise HostError(f"still mounted under {path}: {', '.join(left)}",
-                        f"unmount them by hand, then remove {path}")
-    shutil.rmtree(path, ignore_errors=True)
+    info = _build_image(staging, cache / "debian-debs", mirror, key)
+    info["build_seconds"] = round(time.monotonic() - started, 1)
+    (staging / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
+    log.info("built the Debian test guest %s in %.0f s", key, info["build_seconds"])
 
 
 def _require_programs() -> None:

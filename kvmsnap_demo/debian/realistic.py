@@ -28,14 +28,13 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from kvmsnap_demo.debian.build import build_lock
+from kvmsnap_demo.cache import build_once
 from kvmsnap_demo.debian.recipe import LAYOUT_ARG, LAYOUT_FW_CFG, DebianGuest
 from kvmsnap_demo.debian.vm import DebianVM, debian_vm, make_overlay
 from kvmsnap_plugin.disks import classify, expose, verify
@@ -85,9 +84,8 @@ def build_realistic_guest(guest: DebianGuest, accel: str) -> RealisticGuest:
     """
     directory = guest.base_image.parent
     final = directory / f"realistic-{layout_key(guest)}"
-    with build_lock(directory):
-        if not (final / "info.json").exists():
-            _build_into(final, guest, accel)
+    build_once(final, "info.json", lambda staging: _build_into(staging, guest, accel),
+               lock=directory / ".debian-build.lock")
     info = json.loads((final / "info.json").read_text())
     return RealisticGuest(guest, final / "root.qcow2", final / "layout.qcow2",
                           info["luks_uuid"], final / "luks.key", info["build_seconds"])
@@ -104,31 +102,25 @@ def layout_script() -> bytes:
     return resources.files("kvmsnap_demo").joinpath(LAYOUT_ASSET).read_bytes()
 
 
-def _build_into(final: Path, guest: DebianGuest, accel: str) -> None:
-    """Boot the guest once on a blank second disk, in a temporary directory renamed into
-    place at the end (the console log stays in it as ``console.log``)."""
+def _build_into(staging: Path, guest: DebianGuest, accel: str) -> None:
+    """Boot the guest once on a blank second disk (the console log stays in the build as
+    ``console.log``)."""
     log.info("laying out the realistic Debian guest's second disk (a boot, minutes)")
-    staging = Path(tempfile.mkdtemp(prefix=".realistic-", dir=final.parent))
-    try:
-        root = make_overlay(guest.base_image, staging / "root.qcow2")
-        layout = staging / "layout.qcow2"
-        process.run(["qemu-img", "create", "-q", "-f", "qcow2", layout,
-                     f"{LAYOUT_DISK_MIB}M"], timeout=60)
-        script = staging / "layout.sh"
-        script.write_bytes(layout_script())
-        started = time.monotonic()
-        luks_uuid, key = _layout_boot(guest, accel, staging, root, layout, script)
-        info = {"luks_uuid": luks_uuid, "build_seconds": round(time.monotonic() - started, 1)}
-        (staging / "luks.key").write_text(key)
-        (staging / "luks.key").chmod(0o400)
-        (staging / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        for image in (root, layout):
-            image.chmod(0o444)
-        staging.chmod(0o755)  # mkdtemp made it 0700; a QEMU run as another user reads it
-        staging.rename(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("built %s in %.0f s", final, info["build_seconds"])
+    root = make_overlay(guest.base_image, staging / "root.qcow2")
+    layout = staging / "layout.qcow2"
+    process.run(["qemu-img", "create", "-q", "-f", "qcow2", layout,
+                 f"{LAYOUT_DISK_MIB}M"], timeout=60)
+    script = staging / "layout.sh"
+    script.write_bytes(layout_script())
+    started = time.monotonic()
+    luks_uuid, key = _layout_boot(guest, accel, staging, root, layout, script)
+    info = {"luks_uuid": luks_uuid, "build_seconds": round(time.monotonic() - started, 1)}
+    (staging / "luks.key").write_text(key)
+    (staging / "luks.key").chmod(0o400)
+    for image in (root, layout):
+        image.chmod(0o444)
+    (staging / "info.json").write_text(json.dumps(info, indent=2) + "\n")  # last: done
+    log.info("laid out the realistic guest in %.0f s", info["build_seconds"])
 
 
 def _layout_boot(guest: DebianGuest, accel: str, workdir: Path, root: Path, layout: Path,

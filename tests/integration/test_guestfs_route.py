@@ -7,19 +7,17 @@ starts an appliance (20-60 s under TCG): keep these tests few."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import inspect
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import kvmsnap
 
+from kvmsnap_demo.cache import build_once
 from kvmsnap_plugin.disks import guestfs_route
 from kvmsnap_plugin.host import mounts, process
 from kvmsnap_plugin.paths import cache_root
@@ -40,18 +38,9 @@ def guestfs_disk() -> tuple[Path, Path, str]:
     ``~/.cache/kvmsnap/guestfs-disk-KEY/``, KEY a hash of what makes it; the tests only
     ever write overlays of it."""
     cache = cache_root()
-    cache.mkdir(parents=True, exist_ok=True)
-    made = cache / f"guestfs-disk-{recipe_key()}"
-    with open(cache / ".guestfs-disk.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel sessions wait for one another's build
-        if not (made / "uuid").exists():
-            staging = Path(tempfile.mkdtemp(prefix=f".{made.name}-", dir=cache))
-            try:
-                (staging / "uuid").write_text(make_disk(staging))
-                staging.chmod(0o755)
-                staging.rename(made)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+    made = build_once(cache / f"guestfs-disk-{recipe_key()}", "uuid",
+                      lambda staging: (staging / "uuid").write_text(make_disk(staging)),
+                      lock=cache / ".guestfs-disk.lock")
     return made / "layout.qcow2", made / "luks.key", (made / "uuid").read_text()
 
 
