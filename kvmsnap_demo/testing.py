@@ -118,6 +118,24 @@ def qemu_build(request: pytest.FixtureRequest) -> qemu_builds.QemuBuild:
     pytest.fail(problem, pytrace=False)  # outside the except: one line, no chained traceback
 
 
+#: the host's pool of 2 MiB huge pages (hugetlbfs), which tests grow for their own guests
+HUGE_PAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+
+
+@pytest.fixture
+def huge_page_pool() -> Iterator[Callable[[int], None]]:
+    """``grow(pages)``: more 2 MiB huge pages in the host's pool, for this test only (the
+    pool is set back afterwards, whatever happened)."""
+    before = int(HUGE_PAGE_POOL.read_text())
+
+    def grow(pages: int) -> None:
+        HUGE_PAGE_POOL.write_text(f"{before + pages}\n")
+        assert int(HUGE_PAGE_POOL.read_text()) == before + pages, "the kernel found no huge pages"
+
+    yield grow
+    HUGE_PAGE_POOL.write_text(f"{before}\n")
+
+
 @pytest.fixture
 def crash_consistent_copy(tmp_path: Path) -> Callable[[DemoVM, int], DiskContents]:
     """``copy(vm, disk_index)``: the disk as a power cut would leave it, read back."""

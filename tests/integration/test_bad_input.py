@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from cli_helpers import assert_one_line_error, kvmsnap, tmpfs
@@ -117,20 +116,6 @@ def test_overlays_on_a_filesystem_without_the_margin(start_demo, small_tmpfs, tm
                           "--min-free")
     assert never_paused(vm)
     assert list(small_tmpfs.iterdir()) == []
-
-
-@pytest.fixture
-def huge_page_pool():
-    """``grow(pages)``: more 2 MiB huge pages in the host's pool, for this test only."""
-    pool = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
-    before = int(pool.read_text())
-
-    def grow(pages: int) -> None:
-        pool.write_text(f"{before + pages}\n")
-        assert int(pool.read_text()) == before + pages, "the kernel found no huge pages"
-
-    yield grow
-    pool.write_text(f"{before}\n")
 
 
 def test_a_vm_in_huge_pages_without_free_ones_for_the_clone(start_demo, huge_page_pool):

@@ -22,10 +22,12 @@ from kvmsnap_plugin.model import FsState
 
 pytestmark = pytest.mark.qemu
 
+HUGE_GUEST_MIB = 256
 
-def start_on(start_demo, build):
+
+def start_on(start_demo, build, **options):
     """A demo parent on ``build``, checked to really be that QEMU."""
-    vm = start_demo(binary=build.binary)
+    vm = start_demo(binary=build.binary, **options)
     version = vm.qmp.execute("query-version")["qemu"]
     assert f"{version['major']}.{version['minor']}" == build.name
     return vm
@@ -39,14 +41,37 @@ def assert_clone_ran_the_parents_qemu(report, vm, build) -> None:
 
 @pytest.mark.parametrize("method", ["background-snapshot", "stop-and-copy"])
 def test_fork_clone_and_commit_back(start_demo, tmp_path, qemu_build, method):
-    vm = start_on(start_demo, qemu_build)
+    assert_forks_clean_and_loses_no_write(start_on(start_demo, qemu_build), tmp_path,
+                                          qemu_build, method)
+
+
+def test_a_parent_in_huge_pages_forks_in_the_background(start_demo, tmp_path, qemu_build,
+                                                        huge_page_pool):
+    """Guest RAM in hugetlbfs pages (libvirt's <hugepages/>): QEMU write-protects and copies
+    it in 2 MiB pages; the clone takes its RAM from the same pool and gives it back."""
+    pages = HUGE_GUEST_MIB // 2
+    huge_page_pool(2 * pages)  # the parent's, then the clone's
+    free = huge_pages_free()
+    vm = start_on(start_demo, qemu_build, memory_mib=HUGE_GUEST_MIB, extra_args=(
+        "-object", f"memory-backend-memfd,id=ram0,size={HUGE_GUEST_MIB}M,hugetlb=on,"
+                   "hugetlbsize=2M,prealloc=on", "-machine", "memory-backend=ram0"))
+    assert huge_pages_free() == free - pages  # the parent's RAM is really in the pool
+    assert_forks_clean_and_loses_no_write(vm, tmp_path, qemu_build, "background-snapshot")
+    assert huge_pages_free() == free  # the parent is gone, and the clone gave its pages back
+
+
+def huge_pages_free() -> int:
+    return int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+
+
+def assert_forks_clean_and_loses_no_write(vm, tmp_path: Path, build, method: str) -> None:
     disk = vm.paths.disks[0]
     chain_before = chain_of(disk)
     before = vm.wait_counter(10)
     result, frozen = fork(vm, tmp_path, method=method)
     # The report: the method asked for, a measured pause (its length is for benchmarks).
     assert result.method == method and result.pause_ms > 0
-    assert_clone_ran_the_parents_qemu(result, vm, qemu_build)
+    assert_clone_ran_the_parents_qemu(result, vm, build)
     # The clone restored the instant of the fork and shut down cleanly.
     assert result.label == "clean" and result.shutdown.reason == "guest-shutdown"
     clone = read_disk(Path(result.kept[0]), tmp_path / "kept.raw")
