@@ -8,6 +8,8 @@ P4  block-commit time against what the parent wrote during the backup (qemu-io w
     guest-written files)
 P5  files mode's two routes on the same ext4 image: a native read-only mount against the
     libguestfs route (what the host cannot mount: LVM, LUKS, vfat, NTFS)
+P6  the pause with the guest RAM in transparent huge pages against hugetlbfs pages (P1's
+    guests side by side, one per backing, on each QEMU build)
 
 P1 and P3 come from the same forks, on each QEMU build of ``--qemu`` (default: Debian 12's 7.2
 and QEMU 10.0 from bookworm-backports, ``make qemu10``): one guest per build, their forks
@@ -29,16 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import commit_bench, e2e_bench, fork_bench, guestfs_bench, report
+from bench import backing_bench, commit_bench, e2e_bench, fork_bench, guestfs_bench, report
 from bench.common import Settings, machine_info, machine_line, progress, write_json
 from kvmsnap_demo.builder import build_guest
 from kvmsnap_demo.qemu_builds import BUILDS
 from kvmsnap_plugin.host.probes import choose_accelerator
 
-BENCHMARKS = ("P1", "P2", "P3", "P4", "P5")
+BENCHMARKS = ("P1", "P2", "P3", "P4", "P5", "P6")
 DEFAULT_OUT = Path("bench/out")
 #: where each benchmark's results live in results.json (P1 and P3 share their forks)
-SECTION = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4", "P5": "P5"}
+SECTION = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4", "P5": "P5", "P6": "P6"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         results["P5"] = guestfs_bench.run(settings)
         _provenance(results, {"P5"}, section)
         results["P5"]["summary"] = guestfs_bench.summarise(results["P5"]["records"])
+    if "P6" in settings.only:
+        section = time.monotonic()
+        results["P6"] = backing_bench.run(settings, guest, accel)
+        _provenance(results, {"P6"}, section)
+        _save(results, json_path, started)
+        results["P6"]["summary"] = backing_bench.summarise(results["P6"]["records"])
     results["duration_s"] = time.monotonic() - started
     if previous:
         kept = _carry_over(results, previous, settings.only)
@@ -182,6 +190,8 @@ def render(out: Path) -> int:
                                                        results["P2"].get("reps"))
     if "P5" in results:
         results["P5"]["summary"] = guestfs_bench.summarise(results["P5"]["records"])
+    if "P6" in results:
+        results["P6"]["summary"] = backing_bench.summarise(results["P6"]["records"])
     return _finish(results, out)
 
 
@@ -193,7 +203,7 @@ def _finish(results: dict[str, Any], out: Path) -> int:
     (out / "RESULTS.md").write_text(report.markdown(results, plots))
     progress(f"done in {results['duration_s'] / 60:.1f} min: {out / 'RESULTS.md'}, "
              f"{json_path.name}, {', '.join(plots) or 'no plots (matplotlib missing)'}")
-    failures = sum(1 for key in ("forks", "P2", "P4", "P5") if key in results
+    failures = sum(1 for key in ("forks", "P2", "P4", "P5", "P6") if key in results
                    for r in results[key]["records"] if "error" in r)
     if failures:
         progress(f"{failures} sample(s) failed; see 'error' in {json_path}")

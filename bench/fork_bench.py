@@ -143,16 +143,20 @@ class Guest:
 
 
 def _boot(stack: contextlib.ExitStack, settings: Settings, guest: DemoGuest, accel: str,
-          ram: int, build: QemuBuild) -> Guest:
+          ram: int, build: QemuBuild, qemu_args: tuple[str, ...] = (),
+          name: str = "P1/P3") -> Guest:
+    """A demo guest with ~``fill_ratio`` of its RAM filled and its ticker on; ``qemu_args``
+    are added to its command line (P6: the RAM's memory backend)."""
     fill = int(ram * settings.fill_ratio)
     sockets = stack.enter_context(short_dir())
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
-        prefix=f"kvmsnap-bench-p1-{ram}-q{build.name}-", dir=settings.workdir_base)))
+        prefix=f"kvmsnap-bench-{name.split('/')[0].lower()}-{ram}-q{build.name}-",
+        dir=settings.workdir_base)))
     (tmp / "vm").mkdir()
     ticker = stack.enter_context(Ticker(sockets, tmp))
     options = DemoOptions(memory_mib=ram, fill_mib=fill, ticker=True,
-                          extra_args=ticker.qemu_args, binary=build.binary)
-    progress(f"P1/P3: booting a {ram} MiB guest on QEMU {build.version}, {fill} MiB of it "
+                          extra_args=(*ticker.qemu_args, *qemu_args), binary=build.binary)
+    progress(f"{name}: booting a {ram} MiB guest on QEMU {build.version}, {fill} MiB of it "
              "filled")
     started = time.monotonic()
     vm = stack.enter_context(demo_vm(guest, accel, options, workdir=tmp / "vm"))

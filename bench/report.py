@@ -69,7 +69,11 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         from bench.guestfs_bench import markdown as p5_markdown
 
         lines += p5_markdown(results["P5"])
-    failed = [r for key in ("forks", "P2", "P4") if key in results
+    if "P6" in chosen and "P6" in results and "summary" in results["P6"]:
+        from bench.backing_bench import markdown as p6_markdown
+
+        lines += p6_markdown(results["P6"])
+    failed = [r for key in ("forks", "P2", "P4", "P6") if key in results
               for r in results[key]["records"] if "error" in r]
     if failed:
         lines += ["## Failed samples", ""]
@@ -86,6 +90,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
 
 
 def _failed_label(r: dict[str, Any]) -> str:
+    if "backing" in r:
+        return f"P6 {r.get('ram_mib', '')} MiB QEMU {r.get('qemu')} {r['backing']}"
     if "side" in r:
         return f"P2 run {r.get('run')} {r.get('tool')} {r.get('mode')} {r.get('side')}"
     if "write_mib" in r:
@@ -93,7 +99,7 @@ def _failed_label(r: dict[str, Any]) -> str:
     return f"{r.get('ram_mib', '')} {r.get('variant', '')}"
 
 
-SECTIONS = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4", "P5": "P5"}
+SECTIONS = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4", "P5": "P5", "P6": "P6"}
 
 
 def provenance(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
