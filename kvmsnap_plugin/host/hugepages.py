@@ -72,11 +72,19 @@ class Mapping:
     high: int
     rss_kib: int
     huge_kib: int
+    page_kib: int = 4  # the kernel's page size here: 2048 for RAM in hugetlbfs pages
+    anonymous: bool = True  # False: a memfd or a file (memory-backend-memfd / -file)
 
 
 def guest_ram(pid: int) -> list[Mapping]:
-    """QEMU's guest RAM blocks: anonymous, writable, not executable, MADV_HUGEPAGE and
-    MADV_DONTFORK, as QEMU maps every RAM block (the TCG code buffer is executable)."""
+    """QEMU's anonymous guest RAM blocks, the ones transparent huge pages apply to."""
+    return [mapping for mapping in guest_ram_blocks(pid) if mapping.anonymous]
+
+
+def guest_ram_blocks(pid: int) -> list[Mapping]:
+    """Every guest RAM block of QEMU process ``pid``, whatever backs it: writable, not
+    executable, MADV_HUGEPAGE and MADV_DONTFORK, as QEMU maps every RAM block (the TCG code
+    buffer is executable); anonymous, or a memfd or hugetlbfs file."""
     found: list[Mapping] = []
     header: list[str] = []
     sizes: dict[str, int] = {}
@@ -84,20 +92,19 @@ def guest_ram(pid: int) -> list[Mapping]:
         head = line.split(" ", 1)[0]
         if "-" in head and not head.endswith(":"):
             header, sizes = line.split(), {}
-        elif line.startswith(("Rss:", "AnonHugePages:")):
+        elif line.startswith(("Rss:", "AnonHugePages:", "KernelPageSize:")):
             sizes[head] = int(line.split()[1])
         elif line.startswith("VmFlags:") and _is_guest_ram(header, line.split()[1:]):
             low, high = (int(x, 16) for x in header[0].split("-"))
             found.append(Mapping(low, high, sizes.get("Rss:", 0),
-                                 sizes.get("AnonHugePages:", 0)))
+                                 sizes.get("AnonHugePages:", 0),
+                                 sizes.get("KernelPageSize:", 4), len(header) < 6))
     return found
 
 
 def _is_guest_ram(header: list[str], flags: list[str]) -> bool:
-    anonymous = len(header) < 6
     perms = header[1]
-    return (anonymous and perms.startswith("rw") and "x" not in perms
-            and "hg" in flags and "dc" in flags)
+    return perms.startswith("rw") and "x" not in perms and "hg" in flags and "dc" in flags
 
 
 def huge_share(mappings: list[Mapping]) -> float:
@@ -264,8 +271,9 @@ class Recollapse:
 
 
 def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
-    """Read one byte of every 4 KiB page of QEMU process ``pid``'s guest RAM, just before the
-    pause: what QEMU's prepare step (``ram_block_populate_read()``) does inside the pause.
+    """Read one byte of every page of QEMU process ``pid``'s guest RAM, just before the
+    pause: what QEMU's prepare step (``ram_block_populate_read()``) does inside the pause,
+    at the same step (4 KiB, or the mapping's page size: 2 MiB on hugetlbfs).
 
     Why: that step's cost is mostly cold address translation (on a host that is itself a
     VM, nested page tables): measured here, 1.5 GiB read at 4 KiB stride took 116-241 ms
@@ -275,7 +283,7 @@ def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
     pages read; 0 if the kernel refused (never an error: it only makes the pause shorter).
     """
     try:
-        mappings = guest_ram(pid)
+        mappings = guest_ram_blocks(pid)  # hugetlbfs RAM is as cold (bench P6): 13-124 ms
     except OSError:  # the parent is gone: the fork will say so
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
@@ -287,9 +295,10 @@ def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
     remote_ptr, _ = remote.buffer_info()
     read = 0
     for mapping in mappings:
-        for start in range(mapping.low, mapping.high, batch * stride):
-            count = min(batch, (mapping.high - start) // stride)
-            remote[0:2 * count:2] = array("Q", range(start, start + count * stride, stride))
+        step = max(stride, mapping.page_kib * 1024)
+        for start in range(mapping.low, mapping.high, batch * step):
+            count = min(batch, (mapping.high - start) // step)
+            remote[0:2 * count:2] = array("Q", range(start, start + count * step, step))
             done = libc.process_vm_readv(pid, ctypes.c_void_p(local_ptr), count,
                                          ctypes.c_void_p(remote_ptr), count, 0)
             if done < 0:

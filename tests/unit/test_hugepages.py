@@ -158,3 +158,41 @@ def test_the_guest_ram_is_read_ahead_of_the_pause_page_by_page():
         os._exit(0)
     os.waitpid(child, 0)
     assert hugepages.warm_guest_ram(child) == 0
+
+
+@contextlib.contextmanager
+def memfd_ram(huge_pages: int, hugetlb: bool):
+    """Shared memfd memory as memory-backend-memfd maps it (hugetlb=on: in 2 MiB hugetlbfs
+    pages), with the advice QEMU gives every RAM block: its address."""
+    flags = os.MFD_HUGETLB | os.MFD_HUGE_2MB if hugetlb else 0
+    fd = os.memfd_create("memory-backend-memfd", flags)
+    try:
+        os.ftruncate(fd, huge_pages * HUGE_PAGE)
+        libc = ctypes.CDLL(None)
+        libc.mmap.restype = ctypes.c_void_p
+        size = ctypes.c_size_t(huge_pages * HUGE_PAGE)
+        area = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        assert area not in (None, ctypes.c_void_p(-1).value)
+        try:
+            ctypes.memset(area, 1, huge_pages * HUGE_PAGE)
+            for advice in (14, 10):  # MADV_HUGEPAGE, MADV_DONTFORK
+                madvise(area, huge_pages * HUGE_PAGE, advice)
+            yield area
+        finally:
+            libc.munmap(ctypes.c_void_p(area), size)
+    finally:
+        os.close(fd)
+
+
+def test_ram_in_a_memfd_or_hugetlbfs_is_read_ahead_at_its_page_size_but_never_collapsed(
+        huge_page_pool):
+    huge_page_pool(2)
+    with memfd_ram(2, hugetlb=True) as huge, memfd_ram(1, hugetlb=False) as shared:
+        blocks = {m.low: m for m in hugepages.guest_ram_blocks(os.getpid())}
+        assert blocks[huge].page_kib == 2048 and not blocks[huge].anonymous
+        assert blocks[shared].page_kib == 4 and not blocks[shared].anonymous
+        assert not {huge, shared} & {m.low for m in hugepages.guest_ram(os.getpid())}
+        anonymous = sum((m.high - m.low) // hugepages.PAGE
+                        for m in hugepages.guest_ram(os.getpid()))
+        # QEMU's prepare step reads one byte per page of the block's page size: so does this
+        assert hugepages.warm_guest_ram(os.getpid()) == anonymous + 2 + PAGES_PER_HUGE
