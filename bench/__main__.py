@@ -9,7 +9,8 @@ P4  block-commit time against what the parent wrote during the backup (qemu-io w
 P5  files mode's two routes on the same ext4 image: a native read-only mount against the
     libguestfs route (what the host cannot mount: LVM, LUKS, vfat, NTFS)
 P6  the pause with the guest RAM in transparent huge pages against hugetlbfs pages (P1's
-    guests side by side, one per backing, on each QEMU build)
+    guests side by side, one per backing, on each QEMU build; grows the host's huge page
+    pool by twice each guest's RAM while it runs, as root, and sets it back)
 
 P1 and P3 come from the same forks, on each QEMU build of ``--qemu`` (default: Debian 12's 7.2
 and QEMU 10.0 from bookworm-backports, ``make qemu10``): one guest per build, their forks
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render-only", action="store_true",
                         help="measure nothing: re-summarise OUT/results.json and rewrite "
                         "RESULTS.md and the plots")
-    parser.add_argument("--ram", help="P1/P3 guest RAM sizes in MiB, comma-separated "
+    parser.add_argument("--ram", help="P1/P3/P6 guest RAM sizes in MiB, comma-separated "
                         "(default: 256,1024,2048, or 256 with --quick)")
     parser.add_argument("--qemu", default=",".join(BUILDS),
                         help="QEMU builds: P1/P3 side by side, P4 one after the other "

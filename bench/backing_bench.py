@@ -25,17 +25,15 @@ from __future__ import annotations
 import contextlib
 import time
 import traceback
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from bench import fork_bench
 from bench.common import Settings, fmt_summary, progress, summary
+from kvmsnap_demo import hugetlb
 from kvmsnap_demo.builder import DemoGuest
 from kvmsnap_demo.qemu_builds import QemuBuild, qemu_build
 
 BACKINGS = ("thp", "hugetlb")
-HUGE_PAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
 FIGURES = ("pause_ms", "phase_migration_setup_ms", "phase_to_resume_ms", "tick_excess_ms",
            "resume_to_tick_ms", "fork_max_gap_ms", "during_save_max_gap_ms", "ram_save_s",
            "clone_restore_s")
@@ -55,7 +53,8 @@ def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
     for ram in settings.ram_mib:
         for build in builds:
             try:
-                with huge_page_pool(ram):  # the hugetlb parent's pages, then its clone's
+                with hugetlb.held_pool() as grow:
+                    grow(ram)  # 2 MiB pages: the hugetlb parent's RAM, then its clone's
                     records += _one_size(settings, guest, accel, ram, build)
             except Exception as exc:  # keep the other sizes' and builds' results
                 progress(f"P6 at {ram} MiB on QEMU {build.version} failed: {exc}")
@@ -63,20 +62,6 @@ def run(settings: Settings, guest: DemoGuest, accel: str) -> dict[str, Any]:
                                 "rep": -1, "error": f"{type(exc).__name__}: {exc}",
                                 "traceback": traceback.format_exc(limit=-6)})
     return {"records": records, "qemu": {build.name: build.version for build in builds}}
-
-
-@contextlib.contextmanager
-def huge_page_pool(pages: int) -> Iterator[None]:
-    """``pages`` more 2 MiB pages in the host's hugetlbfs pool while the guests run."""
-    before = int(HUGE_PAGE_POOL.read_text())
-    HUGE_PAGE_POOL.write_text(f"{before + pages}\n")
-    try:
-        granted = int(HUGE_PAGE_POOL.read_text()) - before
-        if granted < pages:
-            raise RuntimeError(f"the kernel gave {granted} of {pages} huge pages")
-        yield
-    finally:
-        HUGE_PAGE_POOL.write_text(f"{before}\n")
 
 
 def fork_order(reps: int, warmup: bool) -> list[tuple[int, str]]:

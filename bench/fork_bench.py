@@ -150,7 +150,8 @@ def _boot(stack: contextlib.ExitStack, settings: Settings, guest: DemoGuest, acc
     fill = int(ram * settings.fill_ratio)
     sockets = stack.enter_context(short_dir())
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
-        prefix=f"kvmsnap-bench-{name.split('/')[0].lower()}-{ram}-q{build.name}-",
+        prefix=f"kvmsnap-bench-{name.split('/')[0].lower().replace(' ', '-')}-{ram}"
+               f"-q{build.name}-",
         dir=settings.workdir_base)))
     (tmp / "vm").mkdir()
     ticker = stack.enter_context(Ticker(sockets, tmp))

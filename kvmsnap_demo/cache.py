@@ -40,7 +40,9 @@ def build_once(final: Path, done: str, build: Callable[[Path], None], lock: Path
     with cache_lock(lock):
         if (final / done).exists():
             return final
-        remove_build_dir(final)  # not done: what a build interrupted before this scheme left
+        # Not done: a marker deleted by hand, or staging dirs a killed build left (GiBs).
+        for left in (final, *final.parent.glob(f".{final.name}-{'?' * 8}")):  # mkdtemp's
+            remove_build_dir(left)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             build(staging)

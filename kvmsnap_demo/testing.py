@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsnap_demo import qemu_builds
+from kvmsnap_demo import hugetlb, qemu_builds
 from kvmsnap_demo.builder import DemoGuest, build_guest
 from kvmsnap_demo.debian import (
     DebianGuest,
@@ -118,22 +118,12 @@ def qemu_build(request: pytest.FixtureRequest) -> qemu_builds.QemuBuild:
     pytest.fail(problem, pytrace=False)  # outside the except: one line, no chained traceback
 
 
-#: the host's pool of 2 MiB huge pages (hugetlbfs), which tests grow for their own guests
-HUGE_PAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
-
-
 @pytest.fixture
 def huge_page_pool() -> Iterator[Callable[[int], None]]:
     """``grow(pages)``: more 2 MiB huge pages in the host's pool, for this test only (the
-    pool is set back afterwards, whatever happened)."""
-    before = int(HUGE_PAGE_POOL.read_text())
-
-    def grow(pages: int) -> None:
-        HUGE_PAGE_POOL.write_text(f"{before + pages}\n")
-        assert int(HUGE_PAGE_POOL.read_text()) == before + pages, "the kernel found no huge pages"
-
-    yield grow
-    HUGE_PAGE_POOL.write_text(f"{before}\n")
+    pool is set back afterwards, whatever happened; one such test at a time, machine-wide)."""
+    with hugetlb.held_pool() as grow:
+        yield grow
 
 
 @pytest.fixture

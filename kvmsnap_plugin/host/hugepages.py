@@ -279,8 +279,10 @@ def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
     VM, nested page tables): measured here, 1.5 GiB read at 4 KiB stride took 116-241 ms
     when idle for some seconds and 15-37 ms right after a first pass, and the guest RAM of
     an idle parent is cold. Done before ``stop`` the first pass costs the parent nothing (it
-    runs) and the prepare step inside the pause finds the translations warm. The number of
-    pages read; 0 if the kernel refused (never an error: it only makes the pause shorter).
+    runs) and the prepare step inside the pause finds the translations warm. A page never
+    touched gets mapped as that step would map it moments later (the zero page for anonymous
+    RAM; memory of its own in a memfd without ``prealloc``). The number of pages read; 0 if
+    the kernel refused (never an error: it only makes the pause shorter).
     """
     try:
         mappings = guest_ram_blocks(pid)  # hugetlbfs RAM is as cold (bench P6): 13-124 ms

@@ -18,6 +18,7 @@ from test_archivers import assert_clean_workload, borg
 from test_fork import chain_of, fork, stopped_at
 
 from kvmsnap_demo.disk import read_disk
+from kvmsnap_demo.hugetlb import free_pages
 from kvmsnap_plugin.host.hugepages import guest_ram_blocks
 from kvmsnap_plugin.model import FsState
 
@@ -52,20 +53,16 @@ def test_a_parent_in_huge_pages_forks_in_the_background(start_demo, tmp_path, qe
     it in 2 MiB pages; the clone takes its RAM from the same pool and gives it back."""
     pages = HUGE_GUEST_MIB // 2
     huge_page_pool(2 * pages)  # the parent's, then the clone's
-    free = huge_pages_free()
+    free = free_pages()
     vm = start_on(start_demo, qemu_build, memory_mib=HUGE_GUEST_MIB, extra_args=(
         "-object", f"memory-backend-memfd,id=ram0,size={HUGE_GUEST_MIB}M,hugetlb=on,"
                    "hugetlbsize=2M,prealloc=on", "-machine", "memory-backend=ram0"))
-    assert huge_pages_free() == free - pages  # the parent's RAM is really in the pool
+    assert free_pages() == free - pages  # the parent's RAM is really in the pool
     # ... and the read-ahead before the pause sees it, in 2 MiB pages as QEMU reads it
     assert [(m.high - m.low) >> 20 for m in guest_ram_blocks(vm.pid)
             if m.page_kib == 2048] == [HUGE_GUEST_MIB]
     assert_forks_clean_and_loses_no_write(vm, tmp_path, qemu_build, "background-snapshot")
-    assert huge_pages_free() == free  # the parent is gone, and the clone gave its pages back
-
-
-def huge_pages_free() -> int:
-    return int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+    assert free_pages() == free  # the parent is gone, and the clone gave its pages back
 
 
 def assert_forks_clean_and_loses_no_write(vm, tmp_path: Path, build, method: str) -> None:

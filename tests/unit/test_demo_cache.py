@@ -56,3 +56,14 @@ def test_a_half_build_in_the_final_place_is_replaced(tmp_path):
     (final / "image").write_text("half")
     build_once(final, "done", make([]), lock=tmp_path / ".lock")
     assert (final / "image").read_text() == "bytes"
+
+
+def test_staging_dirs_a_killed_build_left_go_with_the_next_build(tmp_path):
+    stale = tmp_path / ".thing-abc-k1ll3d_0"
+    stale.mkdir()
+    (stale / "image").write_text("half")
+    other = tmp_path / ".thing-abcd-1"  # another entry's name: not ours to remove
+    other.mkdir()
+    build_once(tmp_path / "thing-abc", "done", make([]), lock=tmp_path / ".lock")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".thing-abcd-1",
+                                                          "thing-abc"]
