@@ -29,6 +29,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,13 @@ BENCHMARKS = ("P1", "P2", "P3", "P4", "P5", "P6")
 DEFAULT_OUT = Path("bench/out")
 #: where each benchmark's results live in results.json (P1 and P3 share their forks)
 SECTION = {"P1": "forks", "P3": "forks", "P2": "P2", "P4": "P4", "P5": "P5", "P6": "P6"}
+#: each section's summary, from its raw records (a run's, or a results.json's: --render-only)
+SUMMARISE: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "forks": lambda section: fork_bench.summarise(section["records"]),
+    "P4": lambda section: commit_bench.summarise(section["records"]),
+    "P2": lambda section: e2e_bench.summarise(section["records"], section.get("reps")),
+    "P5": lambda section: guestfs_bench.summarise(section["records"]),
+    "P6": lambda section: backing_bench.summarise(section["records"])}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,38 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     progress(machine_line(results["machine"]))
     json_path = settings.out / "results.json"
     previous = _previous(json_path)
-    # Raw records are written before anything summarises them: a long run is never lost.
-    if settings.only & {"P1", "P3"}:
-        section = time.monotonic()
-        results["forks"] = fork_bench.run(settings, guest, accel)
-        _provenance(results, settings.only & {"P1", "P3"}, section)
-        _save(results, json_path, started)
-        results["forks"]["summary"] = fork_bench.summarise(results["forks"]["records"])
-        _save(results, json_path, started)
-    if "P4" in settings.only:
-        section = time.monotonic()
-        results["P4"] = commit_bench.run(settings, guest, accel)
-        _provenance(results, {"P4"}, section)
-        _save(results, json_path, started)
-        results["P4"]["summary"] = commit_bench.summarise(results["P4"]["records"])
-    if "P2" in settings.only:
-        section = time.monotonic()
-        results["P2"] = e2e_bench.run(settings, guest, accel)
-        _provenance(results, {"P2"}, section)
-        _save(results, json_path, started)
-        results["P2"]["summary"] = e2e_bench.summarise(results["P2"]["records"],
-                                                       results["P2"].get("reps"))
-    if "P5" in settings.only:
-        section = time.monotonic()
-        results["P5"] = guestfs_bench.run(settings)
-        _provenance(results, {"P5"}, section)
-        results["P5"]["summary"] = guestfs_bench.summarise(results["P5"]["records"])
-    if "P6" in settings.only:
-        section = time.monotonic()
-        results["P6"] = backing_bench.run(settings, guest, accel)
-        _provenance(results, {"P6"}, section)
-        _save(results, json_path, started)
-        results["P6"]["summary"] = backing_bench.summarise(results["P6"]["records"])
+    runs = {"forks": lambda: fork_bench.run(settings, guest, accel),
+            "P4": lambda: commit_bench.run(settings, guest, accel),
+            "P2": lambda: e2e_bench.run(settings, guest, accel),
+            "P5": lambda: guestfs_bench.run(settings),
+            "P6": lambda: backing_bench.run(settings, guest, accel)}
+    for key, run in runs.items():
+        names = {name for name in settings.only if SECTION[name] == key}
+        if names:
+            section = time.monotonic()
+            results[key] = run()
+            _provenance(results, names, section)
+            # Raw records are written before anything summarises them: a long run is never
+            # lost.
+            _save(results, json_path, started)
+            results[key]["summary"] = SUMMARISE[key](results[key])
     results["duration_s"] = time.monotonic() - started
     if previous:
         kept = _carry_over(results, previous, settings.only)
@@ -182,17 +173,9 @@ def _carry_over(results: dict[str, Any], previous: dict[str, Any],
 def render(out: Path) -> int:
     """Summaries, RESULTS.md and plots again from a results.json (no QEMU runs)."""
     results = json.loads((out / "results.json").read_text())
-    if "forks" in results:
-        results["forks"]["summary"] = fork_bench.summarise(results["forks"]["records"])
-    if "P4" in results:
-        results["P4"]["summary"] = commit_bench.summarise(results["P4"]["records"])
-    if "P2" in results:
-        results["P2"]["summary"] = e2e_bench.summarise(results["P2"]["records"],
-                                                       results["P2"].get("reps"))
-    if "P5" in results:
-        results["P5"]["summary"] = guestfs_bench.summarise(results["P5"]["records"])
-    if "P6" in results:
-        results["P6"]["summary"] = backing_bench.summarise(results["P6"]["records"])
+    for key, summarise in SUMMARISE.items():
+        if key in results:
+            results[key]["summary"] = summarise(results[key])
     return _finish(results, out)
 
 
@@ -204,7 +187,7 @@ def _finish(results: dict[str, Any], out: Path) -> int:
     (out / "RESULTS.md").write_text(report.markdown(results, plots))
     progress(f"done in {results['duration_s'] / 60:.1f} min: {out / 'RESULTS.md'}, "
              f"{json_path.name}, {', '.join(plots) or 'no plots (matplotlib missing)'}")
-    failures = sum(1 for key in ("forks", "P2", "P4", "P5", "P6") if key in results
+    failures = sum(1 for key in SUMMARISE if key in results
                    for r in results[key]["records"] if "error" in r)
     if failures:
         progress(f"{failures} sample(s) failed; see 'error' in {json_path}")

@@ -29,6 +29,8 @@ from typing import Any
 
 from bench import fork_bench
 from bench.common import Settings, fmt_summary, progress, summary
+from bench.report import _x as ratio_text
+from bench.report import ram_label
 from kvmsnap_demo import hugetlb
 from kvmsnap_demo.builder import DemoGuest
 from kvmsnap_demo.qemu_builds import QemuBuild, qemu_build
@@ -149,11 +151,10 @@ def markdown(section: dict[str, Any]) -> list[str]:
 
 
 def _table_row(row: dict[str, Any], versions: dict[str, str]) -> str:
-    ram = f"{row['ram_mib'] // 1024} GiB" if row["ram_mib"] % 1024 == 0 \
-        else f"{row['ram_mib']} MiB"
-    head = f"| {versions.get(row['qemu'], row['qemu'])} | {ram} | {row['backing']} | "
+    head = (f"| {versions.get(row['qemu'], row['qemu'])} | {ram_label(row['ram_mib'])} | "
+            f"{row['backing']} | ")
     if row["backing"] == "hugetlb / thp":  # the paired ratios, where there are some
-        cells = [_x(row[k]) if k in row else "" for k in (
+        cells = [ratio_text(row[k], 2) if k in row else "" for k in (
             "pause_ms", "phase_migration_setup_ms", "", "tick_excess_ms", "",
             "fork_max_gap_ms", "", "", "", "")]
         return head + " | ".join(cells) + " |"
@@ -163,10 +164,3 @@ def _table_row(row: dict[str, Any], versions: dict[str, str]) -> str:
     cells += [fmt_summary(row["ram_save_s"], 2), fmt_summary(row["clone_restore_s"], 2),
               str(row["n"])]
     return head + " | ".join(cells) + " |"
-
-
-def _x(stats: dict[str, Any]) -> str:
-    if not stats.get("n"):
-        return "-"
-    return f"{stats['median']:.2f}x [{stats['min']:.2f}-{stats['max']:.2f}]" \
-        if stats["n"] > 1 else f"{stats['median']:.2f}x"

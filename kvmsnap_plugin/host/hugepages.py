@@ -270,7 +270,7 @@ class Recollapse:
         return self._result
 
 
-def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
+def warm_guest_ram(pid: int) -> int:
     """Read one byte of every page of QEMU process ``pid``'s guest RAM, just before the
     pause: what QEMU's prepare step (``ram_block_populate_read()``) does inside the pause,
     at the same step (4 KiB, or the mapping's page size: 2 MiB on hugetlbfs).
@@ -297,7 +297,7 @@ def warm_guest_ram(pid: int, stride: int = PAGE) -> int:
     remote_ptr, _ = remote.buffer_info()
     read = 0
     for mapping in mappings:
-        step = max(stride, mapping.page_kib * 1024)
+        step = mapping.page_kib * 1024  # QEMU reads at the RAM block's page size too
         for start in range(mapping.low, mapping.high, batch * step):
             count = min(batch, (mapping.high - start) // step)
             remote[0:2 * count:2] = array("Q", range(start, start + count * step, step))
