@@ -362,7 +362,8 @@ def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposu
     exposed = expose(stopped.images, run.workdir, run.root, recorder=run.journal,
                      skip=run.job.fork.skip_partitions, luks_keys=run.job.fork.luks_keys,
                      flash={d.device for d in stopped.point.parent.writable_disks if d.flash},
-                     guestfs=not image_only)
+                     guestfs=not image_only,
+                     direct_io=any(Mode(t.mode).image for t in run.job.targets))
     cleanup.callback(unexpose, exposed)
     record = metadata.record_of(stopped.point, run.id, stopped.label, run.job.name)
     add_file(exposed.view, METADATA_FILE, record.to_json(), run.journal)

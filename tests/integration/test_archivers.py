@@ -14,7 +14,7 @@ from kvmsnap_demo.disk import read_disk
 from kvmsnap_demo.testing import BORG_PASSPHRASE, RESTIC_PASSWORD
 from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.errors import ArchiveError
-from kvmsnap_plugin.host import process
+from kvmsnap_plugin.host import mounts, process
 from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState
 from kvmsnap_plugin.plugin.archivers import restic as restic_archiver
 from kvmsnap_plugin.plugin.archivers import stream
@@ -42,14 +42,17 @@ def restic(*args, cwd=None):
 
 class DiskDigest:
     """The sha256 of each exposed clone disk, read through its FUSE view before archiving:
-    what an image archive must hold byte for byte."""
+    what an image archive must hold byte for byte; and whether its loop device reads with
+    direct I/O."""
 
     def __init__(self):
         self.digests = {}
+        self.direct_io = {}
 
     @hookimpl
     def kvmsnap_post_shutdown(self, exposure):
         self.digests = {d.name: sha256(d.image) for d in exposure.disks}
+        self.direct_io = {d.name: mounts.loop_direct_io(d.loop) for d in exposure.disks}
 
 
 def sha256(path: Path) -> str:
@@ -89,6 +92,7 @@ def test_borg_files_and_image_round_trip(start_demo, tmp_path, borg_repo):
     disk = read_disk(out / "vdisk0.raw", out / "vdisk0.raw")
     assert disk.state is FsState.CLEAN and disk.continuous and len(disk.lines) >= before
     assert sha256(out / "vdisk0.raw") == clone_disk.digests["vdisk0"]
+    assert clone_disk.direct_io == {"vdisk0": True}  # borg read it past the FUSE page cache
     assert image.bytes == (64 << 20) + len((out / "kvmsnap-vm.json").read_bytes())
     assert json.loads((out / "kvmsnap-vm.json").read_text())["vm"] == "demo"
     assert image.stored_bytes < image.bytes  # zeros dedup away
@@ -180,8 +184,8 @@ def test_a_failing_archiver_still_cleans_up_everything(start_demo, tmp_path, bor
     assert [b["inserted"]["file"] for b in vm.qmp.execute("query-block")] == \
         [str(vm.paths.disks[0])]  # the parent is back on its own image
     assert [p for p in (tmp_path / "work").rglob("*") if not p.is_dir()] == []
-    mounts = Path("/proc/mounts").read_text()
-    assert str(tmp_path) not in mounts
+    mounted = Path("/proc/mounts").read_text()
+    assert str(tmp_path) not in mounted
     assert str(tmp_path) not in process.run(["losetup", "-a"], timeout=30).stdout
 
 

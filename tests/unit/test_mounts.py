@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmsnap_plugin.errors import ProcessError
 from kvmsnap_plugin.host import mounts, process
 
 TABLE = """\
@@ -106,3 +107,20 @@ def test_two_xfs_filesystems_with_one_uuid_mount_at_once(tmp_path):
             for target in targets:
                 if mounts.is_mountpoint(target):
                     mounts.unmount(target, remove=False)
+
+
+def test_a_loop_device_the_kernel_gives_no_direct_io_is_attached_without(monkeypatch):
+    """Direct I/O only makes image reads faster: a refusal must not fail the backup."""
+    calls = []
+
+    def run(argv, **_):
+        calls.append(argv)
+        if "--direct-io=on" in argv:
+            raise ProcessError("losetup: failed to set up loop device: Invalid argument",
+                               returncode=1)
+        return process.Result(tuple(argv), 0, "/dev/loop7\n", "")
+
+    monkeypatch.setattr(process, "run", run)
+    assert mounts.attach_loop(Path("/x/disk.raw"), direct_io=True) == Path("/dev/loop7")
+    assert [("--direct-io=on" in argv, argv[-1]) for argv in calls] == [
+        (True, Path("/x/disk.raw")), (False, Path("/x/disk.raw"))]
