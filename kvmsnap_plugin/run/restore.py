@@ -150,9 +150,10 @@ def _restic_snapshots(restic: process.ShProgram, repository: str, run: str | Non
 
 
 def _latest_complete_run(found: list[dict]) -> str:
-    """The newest run that has its VM record: restic makes a snapshot per disk and the
-    record last, so a run whose repository went away half way has none and is passed over
-    (with a warning: `restic forget --tag run:ID` removes its disks' snapshots)."""
+    """The newest run that has its VM record: kvmsnap lets restic save the record's
+    snapshot only once every disk's was saved, so a run whose repository went away half way
+    has none and is passed over (with a warning: `restic forget --tag run:ID` removes its
+    disks' snapshots)."""
     newest_first = sorted(found, key=lambda s: s["time"], reverse=True)
     runs = list(dict.fromkeys(t[4:] for s in newest_first for t in s.get("tags", [])
                               if t.startswith("run:")))

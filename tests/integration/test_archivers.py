@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,14 @@ from kvmsnap_demo.testing import BORG_PASSPHRASE, RESTIC_PASSWORD
 from kvmsnap_plugin import hookimpl
 from kvmsnap_plugin.errors import ArchiveError
 from kvmsnap_plugin.host import mounts, process
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, ForkOptions, FsState
+from kvmsnap_plugin.model import (
+    ArchiveTarget,
+    BackupJob,
+    ExposedDisk,
+    Exposure,
+    ForkOptions,
+    FsState,
+)
 from kvmsnap_plugin.plugin.archivers import restic as restic_archiver
 from kvmsnap_plugin.plugin.archivers import stream
 from kvmsnap_plugin.plugin.manager import Hooks, plugin_manager
@@ -129,6 +137,12 @@ def test_restic_files_and_image_round_trip(start_demo, tmp_path, restic_repo, mo
     assert streamed == ["vdisk0"]  # from the NBD export, through nbdcopy
     assert image.bytes == raw.stat().st_size == 64 << 20
     assert sha256(raw) == clone_disk.digests["vdisk0"]
+    # the VM record's restic run opened the repository while the disk went (restic stamps
+    # a snapshot with the time its run started), and was saved after it
+    record, disk_snapshot = (next(s for s in snapshots if s["paths"] == [f"/{name}"])
+                             for name in ("kvmsnap-vm.json", "vdisk0.raw"))
+    assert record["time"] < disk_snapshot["time"]
+    assert [a.kind for a in report.archives] == ["files", "image", "metadata"]
 
 
 def test_restic_leaves_no_snapshot_when_the_image_stream_breaks(tmp_path, restic_repo,
@@ -148,6 +162,31 @@ def test_restic_leaves_no_snapshot_when_the_image_stream_breaks(tmp_path, restic
     with pytest.raises(ArchiveError, match="failed after 8 MiB"):
         restic_archiver.backup_image(program, target, job, "vdisk0", image, ["kvmsnap"])
     assert json.loads(restic("-r", restic_repo, "snapshots", "--json")) == []
+
+
+def test_a_failed_disk_leaves_no_vm_record_in_restic(tmp_path, restic_repo, monkeypatch):
+    """The VM record's restic run starts before the disks; a disk that fails, after the
+    record's restic had time to save it, must still leave no record (restore takes a run
+    without one for incomplete), and no restic running."""
+    def disk_failing_late(*args, **kwargs):
+        time.sleep(3)  # restic opens the repository in ~0.7 s, then waits for EOF
+        raise ArchiveError("reading disk image vdisk0.raw failed after 8 MiB")
+
+    monkeypatch.setattr(restic_archiver, "backup_image", disk_failing_late)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "kvmsnap-vm.json").write_text('{"vm": "demo"}')
+    disk = ExposedDisk("vdisk0", images / "vdisk0.raw", Path("/dev/null"), ())  # no NBD
+    exposure = Exposure(tmp_path / "mnt", images, [disk], ["kvmsnap-vm.json"])
+    target = ArchiveTarget("restic", "restic", "image", {"repository": str(restic_repo)})
+    started = len(process.SPAWNED_PIDS)
+    with pytest.raises(ArchiveError, match="failed after 8 MiB"):
+        restic_archiver.backup_images(restic_archiver._restic(target), target,
+                                      BackupJob("demo", tmp_path / "unused.sock"), exposure,
+                                      ["kvmsnap"])
+    assert json.loads(restic("-r", restic_repo, "snapshots", "--json")) == []
+    assert len(process.SPAWNED_PIDS) - started == 1  # the record's restic
+    assert not Path(f"/proc/{process.SPAWNED_PIDS[started]}").exists()
 
 
 class CleanupSpy:
