@@ -109,9 +109,10 @@ def loop_direct_io(loop: Path) -> bool:
 
 
 @contextlib.contextmanager
-def loop_attached(image: Path, *, writable: bool = False) -> Iterator[Path]:
+def loop_attached(image: Path, *, writable: bool = False,
+                  direct_io: bool = False) -> Iterator[Path]:
     """:func:`attach_loop` for the duration of the block; always detached after."""
-    loop = attach_loop(image, writable=writable)
+    loop = attach_loop(image, writable=writable, direct_io=direct_io)
     try:
         yield loop
     finally:
