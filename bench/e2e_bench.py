@@ -53,6 +53,7 @@ from bench.mixed_disk import cached_disk, describe, loop_mounted
 from kvmsnap_demo.builder import DemoGuest
 from kvmsnap_demo.qemu_builds import QemuBuild, qemu_build
 from kvmsnap_demo.vm import DemoOptions, DemoVM, demo_vm
+from kvmsnap_plugin.disks.expose import read_ahead
 from kvmsnap_plugin.host import mounts
 
 METHOD = "background-snapshot"
@@ -182,6 +183,7 @@ def read_path(vm: DemoVM, workdir: Path, raw: Path) -> dict[str, Any]:
     def read_export(images: list[Path]) -> None:
         out["export_s"] = _read_all(images[0])
         with mounts.loop_attached(images[0], direct_io=True) as loop:
+            read_ahead(loop)  # as the exposure's own loop devices
             out["loop_direct_io"] = mounts.loop_direct_io(loop)
             out["loop_s"] = _read_all(loop)
 

@@ -122,7 +122,7 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
     opened through libguestfs (disks/guestfs_route.py) unless ``guestfs`` is False (image
     mode: its appliance costs 20-60 s and the images hold everything anyway).
     ``direct_io``: the loop devices read the exports with direct I/O, faster for reading
-    whole disks (image archives), slower for files mode (see :func:`_read_ahead`).
+    whole disks (image archives), slower for files mode (see :func:`read_ahead`).
     """
     record = recorder or _Nowhere()
     dirs.private_dir(root, "the mount root")
@@ -138,7 +138,7 @@ def expose(images: Sequence[Image], workdir: Path, root: Path, *,
             loop = mounts.attach_loop(export, direct_io=direct_io)
             record.append("loops", str(loop))
             handle.loops.append(loop)
-            _read_ahead(loop)
+            read_ahead(loop)
             if direct_io and not mounts.loop_direct_io(loop):
                 log.info("%s: its loop device reads without direct I/O (the kernel gave "
                          "none), image archives more slowly", name)
@@ -211,16 +211,16 @@ def unexpose(handle: Exposed) -> None:
     handle.mounts, handle.loops, handle.exports, handle.daemon = [], [], [], None
 
 
-def _read_ahead(loop: Path) -> None:
+def read_ahead(loop: Path) -> None:
     """4 MiB of read-ahead instead of 128 KiB: each read of the loop device is a round trip
     through FUSE to qemu-storage-daemon (borg's image backup of a 2 GiB disk: 4.1 s instead
     of 4.8 s; from a raw file 3.6 s). Only speed depends on it: a failure is let be.
 
-    (With ``direct_io`` the loop device's reads also skip the FUSE file's page cache, which
-    passed them to the daemon 128 KiB at a time: the whole disk read at 1.7-2.1 GiB/s
-    instead of 270-1040 MiB/s, and borg's image archive 1.4-1.8x faster. Files mode reads
-    many small blocks, which that page cache groups: its archives were ~10% slower with
-    direct I/O, so only image archives ask for it. Measured side by side, issue #15.)"""
+    With ``direct_io`` the loop device also skips the FUSE file's page cache, which passed
+    its reads on 128 KiB at a time: the whole disk read at 1.7-2.1 GiB/s instead of
+    270-1040 MiB/s, borg's image archive step 1.4-1.8x faster (measured side by side, issue
+    #15). Files mode reads many small blocks that page cache groups: its archives were ~10%
+    slower with direct I/O, so only image archives ask for it."""
     process.run(["blockdev", "--setra", str(READ_AHEAD_SECTORS), loop], timeout=30,
                 check=False)
 

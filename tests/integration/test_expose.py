@@ -112,12 +112,14 @@ def test_a_raw_disk_holding_a_qcow2_header_is_exposed_as_the_raw_bytes_it_is(tmp
 def test_loop_devices_read_the_disk_with_direct_io_when_asked(tmp_path, direct_io):
     """Image archives read whole disks from the loop devices: with direct I/O they skip the
     FUSE file's page cache (~5x faster here); files mode keeps it (issue #15). Either way
-    the device holds the disk's bytes, and its partitions mount."""
+    the device holds the disk's bytes, its partitions mount, and reads ahead 4 MiB."""
     image = partitioned_image(tmp_path)
     with exposed([("vdisk0", image, "qcow2")], tmp_path / "work", tmp_path / "mnt",
                  direct_io=direct_io) as exposure:
         [disk] = exposure.disks
         assert mounts.loop_direct_io(disk.loop) is direct_io
+        assert process.run(["blockdev", "--getra", disk.loop], timeout=30).stdout.strip() \
+            == "8192"  # 4 MiB
         assert (tmp_path / "mnt" / "vdisk0" / "p1" / "etc").is_dir()
         with open(disk.loop, "rb") as device, open(disk.image, "rb") as view:
             while chunk := device.read(4 << 20):
