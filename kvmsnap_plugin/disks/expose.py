@@ -220,7 +220,8 @@ def read_ahead(loop: Path) -> None:
     its reads on 128 KiB at a time: the whole disk read at 1.7-2.1 GiB/s instead of
     270-1040 MiB/s, borg's image archive step 1.4-1.8x faster (measured side by side, issue
     #15). Files mode reads many small blocks that page cache groups: its archives were ~10%
-    slower with direct I/O, so only image archives ask for it."""
+    slower with direct I/O, so only jobs whose image archives read the loop devices (borg's)
+    ask for it."""
     process.run(["blockdev", "--setra", str(READ_AHEAD_SECTORS), loop], timeout=30,
                 check=False)
 

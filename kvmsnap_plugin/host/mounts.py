@@ -8,17 +8,14 @@ replay no journal, and the undo of each, tolerant of what is already undone.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvmsnap_plugin.errors import HostError, KvmsnapError, ProcessError
+from kvmsnap_plugin.errors import HostError, KvmsnapError
 from kvmsnap_plugin.host import process
-
-log = logging.getLogger(__name__)
 
 #: every guest filesystem: read-only, and none of the guest's setuid binaries, device
 #: nodes or programs work on the host
@@ -85,19 +82,17 @@ def mounts_under(path: Path) -> list[str]:
 
 def attach_loop(image: Path, *, writable: bool = False, direct_io: bool = False) -> Path:
     """Attach ``image`` to a free loop device (read-only unless ``writable``), scanning its
-    partition table. ``direct_io``: the device reads ``image`` with O_DIRECT, past the
-    image's own page cache; where the kernel refuses that, it is attached without (only
-    speed differs: :func:`loop_direct_io` tells which it got)."""
+    partition table. ``direct_io``: then switch the device to reading ``image`` with
+    O_DIRECT, past the image's own page cache; a kernel that refuses leaves it reading
+    through that cache (only speed differs: :func:`loop_direct_io` tells which it got).
+    Switched after the attach, not with it: older losetup (< 2.38) attaches the device and
+    then fails on ``--direct-io``, which would leave it attached unknown to the caller."""
     mode = [] if writable else ["--read-only"]
-    argv = ["losetup", *mode, "--partscan", "--find", "--show"]
+    loop = Path(process.run(["losetup", *mode, "--partscan", "--find", "--show", image],
+                            timeout=60).stdout.strip())
     if direct_io:
-        try:
-            return Path(process.run([*argv, "--direct-io=on", image],
-                                    timeout=60).stdout.strip())
-        except ProcessError as exc:
-            log.info("%s: no direct I/O for its loop device (%s); attaching it without",
-                     image, exc.one_line())
-    return Path(process.run([*argv, image], timeout=60).stdout.strip())
+        process.run(["losetup", "--direct-io=on", loop], timeout=60, check=False)
+    return loop
 
 
 def loop_direct_io(loop: Path) -> bool:

@@ -11,12 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvmsnap_plugin.errors import ArchiveError
-from kvmsnap_plugin.model import ArchiveTarget, BackupJob, Exposure
+from kvmsnap_plugin.model import ArchiveTarget, BackupJob, Exposure, Mode
+
+#: archiver types whose image mode reads the exposure's loop devices whole (borg's
+#: ``--read-special``; restic streams from NBD instead)
+READS_LOOP_DEVICES = frozenset({"borg"})
 
 
 def targets_of(job: BackupJob, archiver_type: str) -> list[ArchiveTarget]:
     """The job's archive targets of one archiver type: what that archiver must check."""
     return [target for target in job.targets if target.type == archiver_type]
+
+
+def reads_whole_loop_devices(job: BackupJob) -> bool:
+    """Whether an image archive of this job reads the loop devices whole: then they read
+    with direct I/O (disks/expose.py :func:`~kvmsnap_plugin.disks.expose.read_ahead`)."""
+    return any(t.type in READS_LOOP_DEVICES and Mode(t.mode).image for t in job.targets)
 
 
 def mounted_trees(exposure: Exposure) -> list[str]:

@@ -62,6 +62,7 @@ from kvmsnap_plugin.model import (
     Verdict,
 )
 from kvmsnap_plugin.paths import safe_name, socket_dir
+from kvmsnap_plugin.plugin.archive import reads_whole_loop_devices
 from kvmsnap_plugin.plugin.manager import Hooks
 from kvmsnap_plugin.run import metadata
 from kvmsnap_plugin.run.journal import (
@@ -363,7 +364,7 @@ def _expose(run: Run, stopped: Stopped, cleanup: contextlib.ExitStack) -> Exposu
                      skip=run.job.fork.skip_partitions, luks_keys=run.job.fork.luks_keys,
                      flash={d.device for d in stopped.point.parent.writable_disks if d.flash},
                      guestfs=not image_only,
-                     direct_io=any(Mode(t.mode).image for t in run.job.targets))
+                     direct_io=reads_whole_loop_devices(run.job))
     cleanup.callback(unexpose, exposed)
     record = metadata.record_of(stopped.point, run.id, stopped.label, run.job.name)
     add_file(exposed.view, METADATA_FILE, record.to_json(), run.journal)

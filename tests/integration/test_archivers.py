@@ -164,29 +164,72 @@ def test_restic_leaves_no_snapshot_when_the_image_stream_breaks(tmp_path, restic
     assert json.loads(restic("-r", restic_repo, "snapshots", "--json")) == []
 
 
+def image_exposure(tmp_path: Path, *extra: str) -> Exposure:
+    """One disk (no NBD) and small files beside it, as the archivers see them."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in extra:
+        (images / name).write_text('{"vm": "demo"}')
+    disk = ExposedDisk("vdisk0", images / "vdisk0.raw", Path("/dev/null"), ())
+    return Exposure(tmp_path / "mnt", images, [disk], list(extra))
+
+
+def backup_images(restic_repo: Path, tmp_path: Path, exposure: Exposure) -> None:
+    target = ArchiveTarget("restic", "restic", "image", {"repository": str(restic_repo)})
+    restic_archiver.backup_images(restic_archiver._restic(target), target,
+                                  BackupJob("demo", tmp_path / "unused.sock"), exposure,
+                                  ["kvmsnap"])
+
+
+def wait_for_a_lock(repo: Path) -> None:
+    """Until a restic run holds a lock on ``repo``: it has opened the repository."""
+    deadline = time.monotonic() + 60
+    while not any((repo / "locks").iterdir()):
+        assert time.monotonic() < deadline, "no restic run opened the repository"
+        time.sleep(0.05)
+
+
 def test_a_failed_disk_leaves_no_vm_record_in_restic(tmp_path, restic_repo, monkeypatch):
     """The VM record's restic run starts before the disks; a disk that fails, after the
-    record's restic had time to save it, must still leave no record (restore takes a run
-    without one for incomplete), and no restic running."""
+    record's run opened the repository and read the record, must still leave no record
+    (restore takes a run without one for incomplete), and no restic running."""
     def disk_failing_late(*args, **kwargs):
-        time.sleep(3)  # restic opens the repository in ~0.7 s, then waits for EOF
+        wait_for_a_lock(restic_repo)
+        time.sleep(1)  # the record (a few bytes, in its pipe already) is read by now
         raise ArchiveError("reading disk image vdisk0.raw failed after 8 MiB")
 
     monkeypatch.setattr(restic_archiver, "backup_image", disk_failing_late)
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "kvmsnap-vm.json").write_text('{"vm": "demo"}')
-    disk = ExposedDisk("vdisk0", images / "vdisk0.raw", Path("/dev/null"), ())  # no NBD
-    exposure = Exposure(tmp_path / "mnt", images, [disk], ["kvmsnap-vm.json"])
-    target = ArchiveTarget("restic", "restic", "image", {"repository": str(restic_repo)})
     started = len(process.SPAWNED_PIDS)
     with pytest.raises(ArchiveError, match="failed after 8 MiB"):
-        restic_archiver.backup_images(restic_archiver._restic(target), target,
-                                      BackupJob("demo", tmp_path / "unused.sock"), exposure,
-                                      ["kvmsnap"])
+        backup_images(restic_repo, tmp_path, image_exposure(tmp_path, "kvmsnap-vm.json"))
     assert json.loads(restic("-r", restic_repo, "snapshots", "--json")) == []
     assert len(process.SPAWNED_PIDS) - started == 1  # the record's restic
     assert not Path(f"/proc/{process.SPAWNED_PIDS[started]}").exists()
+
+
+def test_a_failed_file_run_ends_the_vm_records_run_without_a_snapshot(tmp_path, restic_repo,
+                                                                      monkeypatch):
+    """A UEFI guest has two files beside its disks, the variable store first: its run
+    failing once the disks are saved must not leave the record's run to save the record
+    later (at kvmsnap's exit its pipe would close)."""
+    monkeypatch.setattr(restic_archiver, "backup_image", lambda *args, **kwargs: None)
+    finish = restic_archiver._finish
+
+    def vars_run_failing(restic, running, target, name, kind, started):
+        if name == "uefi-vars.fd":
+            restic.abort(running)
+            raise ArchiveError("restic backup failed: Fatal: the repository went away")
+        return finish(restic, running, target, name, kind, started)
+
+    monkeypatch.setattr(restic_archiver, "_finish", vars_run_failing)
+    started = len(process.SPAWNED_PIDS)
+    with pytest.raises(ArchiveError, match="went away"):
+        backup_images(restic_repo, tmp_path,
+                      image_exposure(tmp_path, "uefi-vars.fd", "kvmsnap-vm.json"))
+    time.sleep(2)  # a run left with an open pipe would still be waiting, not saved
+    assert json.loads(restic("-r", restic_repo, "snapshots", "--json")) == []
+    assert len(process.SPAWNED_PIDS) - started == 2
+    assert not [pid for pid in process.SPAWNED_PIDS[started:] if Path(f"/proc/{pid}").exists()]
 
 
 class CleanupSpy:

@@ -8,8 +8,9 @@ image: one snapshot per disk through ``--stdin --stdin-filename DISK.raw`` (rest
 ``--stdin-from-command``). ``nbdcopy`` streams the disk from its NBD export into restic's
 stdin (stream.py); without NBD, kvmsnap copies the disk's FUSE view itself. Either way
 restic's stdin is closed only after the last byte was read: if reading fails, restic is
-killed *before* it sees end-of-file, so it never saves a partial snapshot. The VM record's
-snapshot is started first and ended last (:func:`backup_images`).
+killed *before* it sees end-of-file, so it never saves a partial snapshot. The snapshots of
+the files beside the disks (the VM record, a UEFI variable store) are started before the
+disks and ended after them (:func:`backup_images`).
 
 The password comes only from the environment (RESTIC_PASSWORD, RESTIC_PASSWORD_FILE,
 RESTIC_PASSWORD_COMMAND, or the target's ``env`` table).
@@ -21,7 +22,9 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,21 @@ def kvmsnap_archive(job: BackupJob, target: ArchiveTarget, exposure: Exposure,
     return results
 
 
+@dataclass
+class _FileRun:
+    """A restic run of a file beside the disks, waiting for its end of file."""
+
+    name: str
+    running: Any
+    write_end: int | None  # None once closed
+
+    def close(self) -> None:
+        """Its end of file: restic saves the snapshot now (or already died)."""
+        if self.write_end is not None:
+            os.close(self.write_end)
+            self.write_end = None
+
+
 def backup_images(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob,
                   exposure: Exposure, tags: list[str]) -> list[ArchiveResult]:
     """A snapshot per disk, and one per small file beside them (the VM record).
@@ -93,28 +111,58 @@ def backup_images(restic: process.ShProgram, target: ArchiveTarget, job: BackupJ
     larger than its pipe waits for restic to read), and they open the repository while the
     disks go. Their pipes are closed (end of file) only once every disk was saved: a run
     that failed part way still leaves no VM record, which is what tells restore that it is
-    incomplete. A file's seconds are those it took after the disks."""
+    incomplete. A file's seconds are those it took after the disks; its timeout spans them."""
     program = stream.producer(exposure.disks)
-    waiting: list[tuple[str, Any, int]] = []
+    patient = _restic(target, runs=len(exposure.disks) + 1)
+    files: list[_FileRun] = []
     try:
         for name in exposure.extra_files:
-            running, write_end = _start_stdin(restic, target, job, name, tags, filename=name)
-            waiting.append((name, running, write_end))
-            with contextlib.suppress(BrokenPipeError):  # restic died: its error comes below
-                _feed(exposure.images_dir / name, write_end)
-        results = [backup_stream(restic, target, job, disk, tags, program) if program
-                   else backup_image(restic, target, job, disk.name, disk.image, tags)
-                   for disk in exposure.disks]
+            files.append(_start_file(patient, target, job, exposure, name, tags))
+        results = []
+        for disk in exposure.disks:
+            results.append(backup_stream(restic, target, job, disk, tags, program) if program
+                           else backup_image(restic, target, job, disk.name, disk.image, tags))
+            for run in files:
+                if not run.running.is_alive():  # it failed before its end of file: say now
+                    run.close()
+                    _finish(patient, run.running, target, run.name, "metadata", 0.0)
+        for run in files:
+            closed = time.monotonic()
+            run.close()
+            results.append(_finish(patient, run.running, target, run.name, "metadata",
+                                   closed))
+        return results
+    finally:
+        _kill_unended(patient, files)
+
+
+def _start_file(restic: process.ShProgram, target: ArchiveTarget, job: BackupJob,
+                exposure: Exposure, name: str, tags: list[str]) -> _FileRun:
+    running, write_end = _start_stdin(restic, target, job, name, tags, filename=name)
+    run = _FileRun(name, running, write_end)
+    try:
+        _feed(exposure.images_dir / name, write_end)
+    except BrokenPipeError:
+        pass  # restic died: its error comes at the latest after the next disk
     except BaseException:
-        for _, running, write_end in waiting:
-            restic.abort(running)  # killed before it sees EOF: no record of a partial run
-            os.close(write_end)
+        _kill_unended(restic, [run])
         raise
-    for name, running, write_end in waiting:
-        closed = time.monotonic()
-        os.close(write_end)
-        results.append(_finish(restic, running, target, name, "metadata", closed))
-    return results
+    return run
+
+
+def _kill_unended(restic: process.ShProgram, files: list[_FileRun]) -> None:
+    """Every run not given its end of file is killed before it could see one (no snapshot
+    of a partial backup): all of them first, then their pipes closed and they are reaped."""
+    unended = [run for run in files if run.write_end is not None]
+    try:
+        for run in unended:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(run.running.pid, signal.SIGKILL)
+    finally:
+        for run in unended:
+            run.close()
+        for run in unended:
+            restic.abort(run.running)
 
 
 def _run_tag(exposure: Exposure) -> list[str]:
@@ -125,7 +173,9 @@ def _run_tag(exposure: Exposure) -> list[str]:
     return [f"run:{VmRecord.from_json(path.read_bytes()).run}"]
 
 
-def _restic(target: ArchiveTarget) -> process.ShProgram:
+def _restic(target: ArchiveTarget, runs: int = 1) -> process.ShProgram:
+    """restic for ``target``; its timeout is the target's times ``runs`` (a run that waits
+    through others)."""
     env = dict(target.option("env", {}))
     if not any(os.environ.get(k) or env.get(k) for k in PASSWORD_ENV):
         raise ArchiveError("restic needs the repository password",
@@ -134,7 +184,7 @@ def _restic(target: ArchiveTarget) -> process.ShProgram:
         raise ArchiveError(f"archiver {target.name} has no repository",
                            "set repository = \"/path/or/sftp:...\" (or --restic REPO)")
     return process.ShProgram("restic", "restic", env=env,
-                             timeout=float(target.option("timeout", DEFAULT_TIMEOUT)))
+                             timeout=runs * float(target.option("timeout", DEFAULT_TIMEOUT)))
 
 
 def _repository_args(target: ArchiveTarget) -> list[str]:
