@@ -181,8 +181,10 @@ def read_path(vm: DemoVM, workdir: Path, raw: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"bytes": size, "raw_s": _read_all(raw)}
 
     def read_export(images: list[Path]) -> None:
-        # The loop device first: once the FUSE file's page cache holds the disk, direct
-        # reads of it were 2-3x slower here (the archivers never read that file first).
+        # Note: the first whole read after the export starts ran at 264-289 MiB/s here
+        # whatever read it (this loop device, or the FUSE file when it went first), later
+        # reads 4-8x faster; not explained (issue #15's note). The archivers' own seconds
+        # are the end-to-end figure.
         with mounts.loop_attached(images[0], direct_io=True) as loop:
             read_ahead(loop)  # as the exposure's own loop devices
             out["loop_direct_io"] = mounts.loop_direct_io(loop)
